@@ -1,0 +1,474 @@
+"""The one typed config: a pydantic schema, loaded from a YAML recipe plus ``key=value`` overrides.
+
+A recipe is a YAML file (or a built-in name: ``quickstart``, ``imdb``, ``codealpaca``, ``alpaca``)
+whose sections mirror :class:`SFTConfig`. Overrides use dotted keys, for example
+``data.max_length=256 train.lr=1e-4``. Values are parsed as YAML scalars (``true``, ``3``,
+``[a, b]``). An unknown key is an error that names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from sftune.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = "distilgpt2"
+    """Hub id (``distilgpt2``), a local model directory, or ``builtin:quickstart`` (the tiny model
+    shipped with sftune)."""
+
+    tokenizer: str | None = None
+    """Tokenizer to load, when it differs from ``model.path``."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the loaded weights. ``auto`` is float32 for full fine-tuning, and bfloat16 for a
+    LoRA base model on a GPU that supports it. Train in float32 on CPU."""
+
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
+    ``None`` keeps the transformers default (SDPA)."""
+
+    from_scratch: bool = False
+    """Initialise the weights from the model config with ``train.seed`` instead of loading
+    pretrained weights (used by the quickstart and the benchmarks)."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run."""
+
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
+    """Recompute activations in the backward pass to save memory. ``auto`` turns it on only when
+    the estimated activation memory of one micro-batch does not fit the device."""
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    """Train LoRA adapters (through peft) instead of all weights."""
+
+    r: int = 16
+    """LoRA rank."""
+
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by ``alpha / r``)."""
+
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+
+    target_modules: Union[str, list[str]] = "all-linear"
+    """Modules that get adapters: ``all-linear`` (every linear layer except the output head) or a
+    list of module names such as ``[c_attn, c_proj]``."""
+
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (for example ``[lm_head]``)."""
+
+    load_in_4bit: bool = False
+    """QLoRA: load the base model in 4-bit NF4 (needs bitsandbytes and a CUDA GPU)."""
+
+    merge: bool = False
+    """At the final save, merge the adapter into the base weights and save a plain model."""
+
+
+class DataConfig(_Section):
+    path: str = "imdb"
+    """Hub dataset id, a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a directory of
+    them, or ``builtin:quickstart`` (the generated quickstart tasks)."""
+
+    name: str | None = None
+    """Hub dataset configuration name, when the dataset has several."""
+
+    split: str = "train"
+    """Split to train on."""
+
+    eval_split: Union[float, str, None] = None
+    """Held-out evaluation data: a fraction of the training rows (``0.05``) or a split name
+    (``test``)."""
+
+    limit: int | None = None
+    """Use only the first N rows of the training split (after shuffling, when ``shuffle``)."""
+
+    eval_limit: int | None = None
+    """Use only the first N rows of the evaluation data."""
+
+    remove_columns: list[str] = []
+    """Columns to drop right after loading."""
+
+    shuffle: bool = False
+    """Shuffle the rows (with ``data.seed``) before ``limit`` and the eval split."""
+
+    seed: int = 42
+    """Seed for ``shuffle`` and a fractional ``eval_split``."""
+
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    """How rows become training text. ``auto`` picks ``messages`` when a ``messages`` or
+    ``conversations`` column exists, ``prompt_completion`` when ``template``, ``prompt`` or
+    ``completion`` is set, and ``text`` otherwise."""
+
+    text_column: str = "text"
+    """Column trained on by the ``text`` format."""
+
+    template: str | None = None
+    """Named prompt/completion template: ``qa``, ``alpaca`` or ``alpaca_h4``."""
+
+    prompt: str | None = None
+    """Prompt for ``prompt_completion``: a column name, or a template over columns such as
+    ``"### Question: {instruction}\\n ### Answer:"``. Write ``{{`` and ``}}`` for literal braces."""
+
+    completion: str | None = None
+    """Completion for ``prompt_completion``: a column name or a template such as ``" {output}"``."""
+
+    train_on_prompt: bool = False
+    """Put the loss on the prompt too (the whole text), as the tutorial's third mode does."""
+
+    messages_column: str | None = None
+    """Column of chat messages. ``None`` finds ``messages`` or ``conversations`` (ShareGPT)."""
+
+    chat_template: str | None = None
+    """Chat template for ``messages`` when the tokenizer has none: a named template (``chatml``)
+    or a Jinja string. When the tokenizer has its own, this replaces it."""
+
+    max_length: int | None = None
+    """Longest training sequence in tokens. ``None`` is ``min(model max positions, 1024)``.
+    Longer examples lose the tail of their completion; an example whose prompt alone does not fit
+    is skipped. Both are counted and reported."""
+
+    packing: bool = False
+    """Pack several examples into each sequence of ``max_length`` (best-fit-decreasing over the
+    whole dataset). Examples never attend to each other: positions restart at each example."""
+
+    add_eos: bool = True
+    """Append the tokenizer's EOS to text and completions, with a label, so the model learns to
+    stop. (Chat data ends each assistant turn with the template's end-of-turn token instead.)"""
+
+    on_bad_row: Literal["error", "skip"] = "error"
+    """What a malformed row does (a non-string field, a conversation without an assistant turn):
+    stop with an error naming the row, or skip it and count it. Rows with an empty or null
+    completion are always skipped and counted."""
+
+    num_proc: int | None = None
+    """Processes for tokenisation. ``None`` uses one process for small data and up to the CPU
+    count for large data."""
+
+    @field_validator("eval_split")
+    @classmethod
+    def _check_eval_split(cls, v):
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError("a fractional eval_split must be between 0 and 1, for example 0.05")
+        return v
+
+
+class TrainConfig(_Section):
+    output_dir: str | None = None
+    """Where checkpoints, metrics and the final model go. ``None`` is ``runs/<recipe name>``."""
+
+    epochs: float = 3.0
+    """Passes over the training data (ignored when ``max_steps`` is set)."""
+
+    max_steps: int | None = None
+    """Number of optimizer steps; overrides ``epochs``."""
+
+    batch_size: int = 8
+    """Sequences per micro-batch on each device (packed sequences when ``data.packing``)."""
+
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+
+    lr: float = 5e-5
+    """Peak learning rate."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay; never applied to biases and norm weights."""
+
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warmup."""
+
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming up linearly from 0 (used when ``warmup_steps`` is 0)."""
+
+    warmup_steps: int = 0
+    """Warmup steps; overrides ``warmup_ratio``."""
+
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; ``None`` turns clipping off."""
+
+    seed: int = 42
+    """Seed for weight initialisation, dropout and the data order."""
+
+    log_every: int = 10
+    """Log train loss, learning rate and tokens/s every N steps."""
+
+    eval_every: int | None = None
+    """Evaluate on the eval split every N steps (and at the end). ``None``: only at the end."""
+
+    save_every: int | None = None
+    """Save a checkpoint every N steps. ``None``: no intermediate checkpoints."""
+
+    keep_checkpoints: int = 2
+    """Keep only the newest K checkpoints."""
+
+    resume: bool = False
+    """Continue from the newest checkpoint in ``output_dir``."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    """Extra metric loggers. Metrics always go to ``output_dir/metrics.jsonl``."""
+
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision. ``auto`` is bf16 on a GPU that supports it and off on CPU."""
+
+    compile: bool = False
+    """Run the model through ``torch.compile``."""
+
+    num_threads: int | None = None
+    """CPU threads for torch. ``None`` keeps torch's default."""
+
+
+class EvalConfig(_Section):
+    exact_match: bool = False
+    """Generate greedily for the eval prompts and report exact-match accuracy before and after
+    training (prompt/completion data)."""
+
+    limit: int | None = 200
+    """Eval examples used for generation metrics."""
+
+    max_new_tokens: int = 64
+    """Longest generation."""
+
+    batch_size: int = 32
+    """Prompts per generation batch."""
+
+    samples: int = 3
+    """Sample generations shown and logged at each evaluation."""
+
+
+class SFTConfig(_Section):
+    """The whole configuration of a run. YAML recipes mirror these sections."""
+
+    recipe: str | None = None
+    """Name of the recipe this config came from (set by the loader)."""
+
+    model: ModelConfig = ModelConfig()
+    """The model and tokenizer."""
+
+    lora: LoraConfig = LoraConfig()
+    """LoRA / QLoRA adapters."""
+
+    data: DataConfig = DataConfig()
+    """Data source, format and sequence building."""
+
+    train: TrainConfig = TrainConfig()
+    """The training loop."""
+
+    eval: EvalConfig = EvalConfig()
+    """Generation-based evaluation."""
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        if self.train.output_dir is None:
+            self.train.output_dir = f"runs/{self.recipe or 'sftune'}"
+        return self
+
+
+# ----------------------------------------------------------------------------- key helpers
+
+
+def _section_models() -> dict[str, type[BaseModel]]:
+    return {
+        name: field.annotation
+        for name, field in SFTConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+
+
+def valid_keys() -> list[str]:
+    """All dotted keys of the schema, e.g. ``data.max_length``."""
+    keys = [k for k, f in SFTConfig.model_fields.items() if k not in _section_models()]
+    for section, model in _section_models().items():
+        keys += [f"{section}.{k}" for k in model.model_fields]
+    return keys
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """``(key, default, description)`` for every config key (used by docs and ``--help``)."""
+    rows = []
+    for section, model in _section_models().items():
+        for name, field in model.model_fields.items():
+            default = field.default
+            rows.append((f"{section}.{name}", repr(default), (field.description or "").replace("\n", " ")))
+    return rows
+
+
+# Names users bring from transformers / TRL / Axolotl, mapped to sftune's keys.
+ALIASES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "lr_scheduler_type": "train.scheduler",
+    "lr_scheduler": "train.scheduler", "max_seq_length": "data.max_length", "sequence_len": "data.max_length",
+    "max_seq_len": "data.max_length", "dataset_text_field": "data.text_column", "logging_steps": "train.log_every",
+    "save_steps": "train.save_every", "eval_steps": "train.eval_every", "save_total_limit": "train.keep_checkpoints",
+    "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules", "model_name_or_path": "model.path", "base_model": "model.path",
+    "dataset_name": "data.path", "dataset": "data.path", "completion_only_loss": "data.train_on_prompt",
+    "resume_from_checkpoint": "train.resume", "torch_dtype": "model.dtype", "bf16": "train.mixed_precision",
+    "fp16": "train.mixed_precision", "warmup": "train.warmup_ratio",
+}
+
+
+def _closest(key: str) -> str:
+    options = valid_keys()
+    leaf = key.split(".")[-1]
+    if leaf in ALIASES:
+        return f" Did you mean '{ALIASES[leaf]}'?"
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    if not match:  # compare the leaf name alone ("max_len" -> "data.max_length")
+        leaves = {k.split(".")[-1]: k for k in options}
+        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.5)
+        match = [leaves[m[0]]] if m else []
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    return ConfigError(f"unknown config key '{key}' in {source}.{_closest(key)} "
+                       f"Run 'sftune config' to list every key.")
+
+
+def _check_keys(raw: dict, source: str) -> None:
+    sections = _section_models()
+    for key, value in raw.items():
+        if key in sections:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' in {source} must be a mapping of keys, got {value!r}.")
+            for sub in value:
+                if sub not in sections[key].model_fields:
+                    raise _unknown_key_error(f"{key}.{sub}", source)
+        elif key not in SFTConfig.model_fields:
+            raise _unknown_key_error(key, source)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'data.max_length=256'`` -> ``('data.max_length', 256)``; values are YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (for example data.max_length=256).")
+    key, _, text = item.partition("=")
+    return key.strip(), parse_value(text)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value: numbers, ``true``/``false``, ``null``, ``[a, b]`` lists and
+    quoted strings as YAML; anything else (templates such as ``### Answer: {output}``) verbatim."""
+    s = text.strip()
+    if s in ("null", "None", "none", "~"):
+        return None
+    if s.lower() in ("true", "false"):
+        return s.lower() == "true"
+    if s.startswith(("'", '"', "[")):
+        try:
+            return yaml.safe_load(s)
+        except yaml.YAMLError:
+            return text
+    try:
+        value = yaml.safe_load(s)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return text
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) > 2:
+        raise _unknown_key_error(key, "the command line")
+    if len(parts) == 1:
+        raw[key] = value
+        return
+    section, name = parts
+    if section not in _section_models():
+        raise _unknown_key_error(key, "the command line")
+    node = raw.setdefault(section, {}) or {}
+    raw[section] = node
+    node[name] = value
+
+
+def resolve_recipe(recipe: str | Path) -> tuple[Path, str]:
+    """Return the YAML path and the recipe name for a path or a built-in name."""
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"recipe file '{p}' does not exist.")
+        return p, p.stem
+    builtin = RECIPES_DIR / f"{recipe}.yaml"
+    if builtin.exists():
+        return builtin, str(recipe)
+    names = builtin_recipes()
+    match = difflib.get_close_matches(str(recipe), names, n=1)
+    hint = f" Did you mean '{match[0]}'?" if match else ""
+    raise ConfigError(f"'{recipe}' is neither a YAML file nor a built-in recipe ({', '.join(names)}).{hint}")
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | None = None) -> SFTConfig:
+    """Load a recipe (a YAML path or built-in name) and apply overrides.
+
+    ``overrides`` is a list of ``key=value`` strings or a dict of dotted keys to values.
+    """
+    raw: dict = {}
+    source = "the config"
+    name = None
+    if recipe is not None:
+        path, name = resolve_recipe(recipe)
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections (model, data, train, ...).")
+        _check_keys(raw, source)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        _set_dotted(raw, key, value)
+    _check_keys(raw, "the overrides")
+    if name and not raw.get("recipe"):
+        raw["recipe"] = name
+    return validate_config(raw, source)
+
+
+def validate_config(raw: dict, source: str = "the config") -> SFTConfig:
+    try:
+        return SFTConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                raise _unknown_key_error(key, source) from None
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"invalid config in {source}:\n" + "\n".join(lines)) from None
+
+
+def config_to_yaml(cfg: SFTConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

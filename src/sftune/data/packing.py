@@ -1,0 +1,203 @@
+"""Packing and batching: tokenized examples -> rows -> optimizer steps -> micro-batch tensors.
+
+* A *unit* is one example, or (``packing``) one sequence of examples packed best-fit-decreasing
+  over the whole dataset into at most ``max_length`` tokens.
+* A *step* is the units of one optimizer step over all ranks (``batch_size * grad_accum * world``).
+  Which units form a step depends only on that product and the seed, so ``8 x 1``, ``2 x 4`` and
+  ``2 ranks x 2 x 2`` train on exactly the same examples in each step.
+* A micro-batch is laid out in rows (without packing, its examples are packed into as few rows as
+  fit: padding-free) and collated padding-right with ``position_ids`` that restart at every example and
+  ``targets``: labels shifted left by one *within* each example (-100 at each example's last
+  token and on padding). No 2-D attention mask is built: without packing, right padding is
+  harmless under a causal mask; with packing, transformers derives per-example masks from
+  ``position_ids`` (SDPA/eager on CPU, flash-attention varlen on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
+    """Pack item indices into bins of ``capacity`` tokens, longest first, each into the fullest bin
+    that still fits it. O(n log capacity) with a segment tree over remaining capacities."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        raise ValueError(f"an item of length {int(lengths.max())} exceeds the bin capacity {capacity}")
+    size = 1
+    while size < capacity + 1:
+        size *= 2
+    # tree[node] = largest remaining capacity with an open bin in that node's range (-1: none)
+    tree = np.full(2 * size, -1, dtype=np.int64)
+    open_bins: list[list[int]] = [[] for _ in range(capacity + 1)]  # remaining capacity -> bin ids
+    bins: list[list[int]] = []
+
+    def update(cap: int) -> None:
+        node = cap + size
+        tree[node] = cap if open_bins[cap] else -1
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+
+    def smallest_at_least(need: int) -> int:
+        """Smallest remaining capacity >= need that has an open bin, or -1."""
+        if tree[1] < need:
+            return -1
+        node, lo, hi = 1, 0, size - 1
+        while node < size:
+            mid = (lo + hi) // 2
+            left = 2 * node
+            # the left child's range [lo, mid] may hold a capacity >= need only if need <= mid
+            if need <= mid and tree[left] >= need:
+                node, hi = left, mid
+            else:
+                node, lo = left + 1, mid + 1
+        return node - size
+
+    for idx in np.argsort(-lengths, kind="stable"):
+        length = int(lengths[idx])
+        cap = smallest_at_least(length)
+        if cap < 0:  # no open bin fits: open a new one
+            bins.append([])
+            b, cap = len(bins) - 1, capacity
+        else:
+            b = open_bins[cap].pop()
+            update(cap)
+        bins[b].append(int(idx))
+        if cap - length > 0:
+            open_bins[cap - length].append(b)
+            update(cap - length)
+    return bins
+
+
+@dataclass
+class BatchPlan:
+    """The order of optimizer steps, and how each micro-batch is laid out in rows.
+
+    A *unit* is what the data order shuffles: one example, or with ``packing`` one sequence of
+    examples packed best-fit-decreasing over the whole dataset. ``units`` lists example indices.
+    Without packing, a micro-batch holds ``batch_size`` randomly drawn examples (the usual
+    semantics) but is laid out padding-free: its examples are packed into as few rows of at most
+    ``max_length`` tokens as fit, with positions restarting at each example.
+    """
+
+    lengths: np.ndarray
+    units: list[list[int]]
+    step_units: int  # units per optimizer step, over all ranks
+    micro_units: int  # units per micro-batch, over all ranks
+    max_length: int
+    seed: int
+    packing: bool
+
+    @classmethod
+    def build(cls, lengths, *, batch_size: int, grad_accum: int, world_size: int = 1, packing: bool,
+              max_length: int, seed: int) -> "BatchPlan":
+        lengths = np.asarray(lengths, dtype=np.int64)
+        units = best_fit_decreasing(lengths, max_length) if packing else [[i] for i in range(len(lengths))]
+        return cls(lengths, units, batch_size * grad_accum * world_size, batch_size * world_size, max_length, seed,
+                   packing)
+
+    def __post_init__(self):
+        self.unit_lengths = np.array([int(self.lengths[u].sum()) for u in self.units], dtype=np.int64)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.units) / self.step_units)
+
+    def epoch_steps(self, epoch: int) -> list[list[int]]:
+        """Unit indices of each optimizer step of ``epoch``: a fresh permutation per epoch."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        n = self.step_units
+        return [order[i:i + n].tolist() for i in range(0, len(order), n)]
+
+    def micro_batches(self, step: list[int], rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        """Split a step's units into this rank's ``grad_accum`` micro-batches.
+
+        Units are sorted by length first and ranks take them round-robin, so ranks get close token
+        counts. The split never changes the step's gradient. A partial last step can leave a
+        micro-batch empty.
+        """
+        ordered = sorted(step, key=lambda u: -self.unit_lengths[u])
+        n_micro = self.step_units // self.micro_units
+        return [ordered[m * self.micro_units:(m + 1) * self.micro_units][rank::world_size] for m in range(n_micro)]
+
+    def layout(self, units: list[int]) -> list[list[int]]:
+        """Rows (lists of example indices) for a micro-batch of units.
+
+        Without packing, the examples are packed into rows when that saves compute; when they are
+        of similar length, one example per row pads little and keeps the plain causal mask.
+        Both layouts give the same loss (tested), so this is only a speed choice.
+        """
+        if self.packing:
+            return [self.units[u] for u in units]
+        examples = [self.units[u][0] for u in units]
+        if not examples:
+            return []
+        lengths = self.lengths[examples]
+        packed = best_fit_decreasing(lengths, self.max_length)
+        packed_cost = len(packed) * max(int(lengths[r].sum()) for r in packed)
+        if len(examples) * int(lengths.max()) <= 1.15 * packed_cost:
+            return [[i] for i in examples]
+        return [[examples[j] for j in row] for row in packed]
+
+    def batch(self, units: list[int], data, pad_id: int) -> dict:
+        """Collated tensors for a micro-batch (``data.example(i)`` gives ids and labels)."""
+        return collate([[data.example(i) for i in row] for row in self.layout(units)], pad_id)
+
+    def fill(self, epoch: int = 0) -> float:
+        """Real tokens / (rows x row width) over an epoch's micro-batches: 1 - padding waste."""
+        real = padded = 0
+        for step in self.epoch_steps(epoch):
+            for mb in self.micro_batches(step):
+                rows = self.layout(mb)
+                if rows:
+                    widths = [int(self.lengths[r].sum()) for r in rows]
+                    real += sum(widths)
+                    padded += len(rows) * max(widths)
+        return real / padded if padded else 1.0
+
+
+def collate(examples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of ``(input_ids, labels)`` examples -> padded tensors.
+
+    Returns ``input_ids``, ``position_ids``, ``targets`` (shifted labels, per example) of shape
+    ``[rows, T]``; ``loss_index`` and ``loss_targets``, the flat positions that carry loss and
+    their targets (computed here, on the CPU, so the model never syncs to find them);
+    ``n_loss``, their number, and ``real_tokens``, the non-padding tokens, as Python ints.
+    """
+    width = max((sum(len(ids) for ids, _ in row) for row in examples), default=1) or 1
+    n = max(len(examples), 1)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    targets = torch.full((n, width), IGNORE, dtype=torch.long)
+    for r, row in enumerate(examples):
+        pos = 0
+        for ids, labels in row:
+            k = len(ids)
+            input_ids[r, pos:pos + k] = torch.from_numpy(np.array(ids, dtype=np.int64))
+            position_ids[r, pos:pos + k] = torch.arange(k)
+            if k > 1:
+                targets[r, pos:pos + k - 1] = torch.from_numpy(np.array(labels[1:], dtype=np.int64))
+            pos += k
+        # padding continues the last example's positions: no new "document" starts in the padding
+        if pos < width:
+            start = int(position_ids[r, pos - 1]) + 1 if pos > 0 else 0
+            position_ids[r, pos:] = torch.arange(start, start + width - pos)
+    flat = targets.view(-1)
+    loss_index = (flat != IGNORE).nonzero().squeeze(1)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "targets": targets,
+        "loss_index": loss_index,
+        "loss_targets": flat.index_select(0, loss_index),
+        "n_loss": int(loss_index.numel()),
+        "real_tokens": sum(len(ids) for row in examples for ids, _ in row),
+    }

@@ -1,0 +1,173 @@
+"""The data pipeline end to end: source rows -> formatted segments -> ids + labels -> a report.
+
+``prepare_data`` runs every stage and returns the tokenized train and eval sets as
+:class:`TokenizedSet` (flat, memory-mapped token arrays) plus the :class:`DataReport`.
+Tokenization is a cached ``datasets.map`` with an explicit fingerprint over the source data, the
+tokenizer and the data config, so a re-run with unchanged inputs loads the cached result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+
+from sftune import __version__
+from sftune.config import DataConfig
+from sftune.data.formats import Format, choose_format
+from sftune.data.packing import BatchPlan
+from sftune.data.report import DataReport
+from sftune.data.sources import Source, check_columns, load_source
+from sftune.data.tokenize import Tokenizer
+from sftune.errors import DataError
+
+_FEATURES = datasets.Features({
+    "input_ids": datasets.List(datasets.Value("int32")),
+    "labels": datasets.List(datasets.Value("int32")),
+    "length": datasets.Value("int32"),
+    "n_loss": datasets.Value("int32"),
+    "truncated": datasets.Value("bool"),
+    "eos_trained": datasets.Value("bool"),
+    "skip": datasets.Value("string"),
+    "row": datasets.Value("int64"),
+})
+
+
+class TokenizedSet:
+    """Kept examples as flat token arrays (zero-copy from the Arrow cache) plus offsets."""
+
+    def __init__(self, ds: datasets.Dataset, kept: np.ndarray):
+        table = ds.with_format("arrow")[:]
+        ids_col = table.column("input_ids").combine_chunks()
+        lab_col = table.column("labels").combine_chunks()
+        self.ids = ids_col.values.to_numpy(zero_copy_only=False)
+        self.labels = lab_col.values.to_numpy(zero_copy_only=False)
+        offsets = ids_col.offsets.to_numpy()
+        kept = np.asarray(kept, dtype=np.int64)
+        self.starts = offsets[:-1][kept]
+        self.ends = offsets[1:][kept]
+        self.rows = np.asarray(table.column("row").to_numpy())[kept]
+        self.n_loss = np.asarray(table.column("n_loss").to_numpy())[kept]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return (self.ends - self.starts).astype(np.int64)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s, e = self.starts[i], self.ends[i]
+        return self.ids[s:e], self.labels[s:e]
+
+
+@dataclass
+class PreparedData:
+    train: TokenizedSet
+    eval: TokenizedSet | None
+    report: DataReport
+    eval_report: DataReport | None
+    fmt: Format
+    source: Source
+    max_length: int
+
+
+def tokenizer_signature(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizers: the vocabulary is the identity
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr((type(tokenizer).__name__, tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token,
+                   getattr(tokenizer, "chat_template", None), tokenizer.all_special_tokens)).encode())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(ds: datasets.Dataset, tok_sig: str, cfg: DataConfig, max_length: int) -> str:
+    keys = ("format", "text_column", "template", "prompt", "completion", "train_on_prompt", "messages_column",
+            "chat_template", "add_eos", "on_bad_row")
+    payload = json.dumps([ds._fingerprint, tok_sig, {k: getattr(cfg, k) for k in keys}, max_length, __version__,
+                          "v1"], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:
+    if cfg.num_proc is not None:
+        return cfg.num_proc if cfg.num_proc > 1 else None
+    return min(4, os.cpu_count() or 1) if n_rows >= 50_000 else None
+
+
+def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig, max_length: int,
+                   source: str) -> datasets.Dataset:
+    fn = Tokenizer(fmt, tokenizer, max_length, on_bad_row=cfg.on_bad_row, source=source)
+    fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length)
+    quiet = len(ds) < 20_000
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
+                      new_fingerprint=fp, num_proc=_num_proc(cfg, len(ds)), desc="Tokenizing",
+                      load_from_cache_file=True)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _report(tok: datasets.Dataset, source: Source, fmt: Format, split: str, max_length: int,
+            rows_read: int) -> tuple[DataReport, np.ndarray]:
+    t = tok.with_format("arrow")[:]
+    skip = np.asarray(t.column("skip").to_pylist(), dtype=object)
+    rep = DataReport.from_columns(
+        source=source.name, fmt=fmt.name, split=split, max_length=max_length, rows_read=rows_read,
+        lengths=t.column("length").to_numpy(), n_loss=t.column("n_loss").to_numpy(),
+        truncated=t.column("truncated").to_numpy(zero_copy_only=False),
+        eos_trained=t.column("eos_trained").to_numpy(zero_copy_only=False), skip=skip,
+        rows=t.column("row").to_numpy(),
+    )
+    return rep, np.flatnonzero(skip == "")
+
+
+def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source | None = None) -> PreparedData:
+    """Run the data stages for the train and eval splits."""
+    source = source or load_source(cfg)
+    columns = [c for c in source.train.column_names if c != "__row__"]
+    fmt = choose_format(cfg, columns, tokenizer)
+    what = {"text": "data.text_column", "prompt_completion": "the prompt/completion template",
+            "messages": "the messages format"}[fmt.name]
+    check_columns(source.train, fmt.columns, source.name, what)
+    if len(source.train) == 0:
+        raise DataError("the training split has no rows", source=source.name)
+
+    tok = tokenize_split(source.train, fmt, tokenizer, cfg, max_length, source.name)
+    report, kept = _report(tok, source, fmt, cfg.split, max_length, source.rows_read)
+    if report.kept == 0:
+        reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.items())
+        raise DataError(f"every training example was skipped ({reasons})", source=source.name,
+                        hint="check the format settings with 'sftune preview', or raise data.max_length")
+    train = TokenizedSet(tok, kept)
+
+    eval_set = eval_report = None
+    if source.eval is not None and len(source.eval):
+        check_columns(source.eval, fmt.columns, source.name, what)
+        etok = tokenize_split(source.eval, fmt, tokenizer, cfg, max_length, source.name)
+        split = cfg.eval_split if isinstance(cfg.eval_split, str) else f"{cfg.split} (held out {cfg.eval_split})"
+        eval_report, ekept = _report(etok, source, fmt, split, max_length, len(source.eval))
+        if len(ekept):
+            eval_set = TokenizedSet(etok, ekept)
+    return PreparedData(train, eval_set, report, eval_report, fmt, source, max_length)
+
+
+def describe_plan(report: DataReport, plan: BatchPlan) -> None:
+    """Fill the report's packing / padding figures from a batch plan."""
+    report.packing = plan.packing
+    report.sequences = len(plan.units)
+    if plan.packing:
+        real = int(plan.lengths.sum())
+        report.fill = real / (len(plan.units) * report.max_length) if len(plan.units) else 0.0
+    else:
+        report.fill = plan.fill(0)

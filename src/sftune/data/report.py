@@ -1,0 +1,112 @@
+"""The dataset report: what was read, kept, skipped and truncated, and what the batches look like.
+
+Nothing is dropped silently: every skipped or truncated example is counted here, with its reason
+and the first few row numbers, and the report is printed by ``sftune preview`` and ``sftune train``
+and saved in the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class DataReport:
+    source: str
+    format: str
+    split: str
+    max_length: int
+    rows_read: int = 0
+    """Rows in the split as loaded."""
+    rows_used: int = 0
+    """Rows formatted (after limit and the eval split)."""
+    kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_rows: dict[str, list[int]] = field(default_factory=dict)
+    truncated: int = 0
+    truncated_rows: list[int] = field(default_factory=list)
+    length_percentiles: dict[str, int] = field(default_factory=dict)
+    total_tokens: int = 0
+    loss_tokens: int = 0
+    eos_not_trained: int = 0
+    sequences: int = 0
+    """Training sequences after packing (equal to ``kept`` without packing)."""
+    packing: bool = False
+    fill: float = 0.0
+    """Real tokens / (sequences x max_length) when packing; real / padded batch tokens otherwise."""
+
+    @property
+    def loss_fraction(self) -> float:
+        return self.loss_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["loss_fraction"] = round(self.loss_fraction, 4)
+        d["eos_trained_everywhere"] = self.eos_not_trained == 0
+        return d
+
+    @classmethod
+    def from_columns(cls, *, source, fmt, split, max_length, rows_read, lengths, n_loss, truncated,
+                     eos_trained, skip, rows) -> "DataReport":
+        rep = cls(source=source, format=fmt, split=split, max_length=max_length, rows_read=rows_read,
+                  rows_used=len(skip))
+        skip = np.asarray(skip, dtype=object)
+        kept = skip == ""
+        rows = np.asarray(rows)
+        for reason in sorted(set(skip[~kept].tolist())):
+            sel = skip == reason
+            rep.skipped[reason] = int(sel.sum())
+            rep.skipped_rows[reason] = rows[sel][:5].tolist()
+        lengths = np.asarray(lengths)[kept]
+        truncated = np.asarray(truncated, dtype=bool)[kept]
+        rep.kept = int(kept.sum())
+        rep.truncated = int(truncated.sum())
+        rep.truncated_rows = rows[kept][truncated][:5].tolist()
+        rep.total_tokens = int(lengths.sum())
+        rep.loss_tokens = int(np.asarray(n_loss)[kept].sum())
+        eos = np.asarray(eos_trained, dtype=bool)[kept]
+        rep.eos_not_trained = int((~eos & ~truncated).sum())  # a truncated example has no end to learn
+        if len(lengths):
+            for q in (50, 90, 99):
+                rep.length_percentiles[f"p{q}"] = int(np.percentile(lengths, q))
+            rep.length_percentiles["max"] = int(lengths.max())
+            rep.length_percentiles["min"] = int(lengths.min())
+        return rep
+
+    def render(self, console, title: str = "Dataset report") -> None:
+        from rich.markup import escape
+        from rich.table import Table
+
+        t = Table(title=title, show_header=False, title_justify="left")
+        t.add_column(style="bold")
+        t.add_column()
+        t.add_row("source", escape(f"{self.source} [{self.split}] as {self.format}"))
+        t.add_row("rows", f"{self.rows_read} read, {self.rows_used} used, {self.kept} kept")
+        if self.skipped:
+            for reason, n in self.skipped.items():
+                t.add_row("skipped", f"[yellow]{n}[/] {escape(reason)} (rows {', '.join(map(str, self.skipped_rows[reason]))}"
+                          f"{', …' if n > 5 else ''})")
+        else:
+            t.add_row("skipped", "0")
+        trunc = f"{self.truncated} (tail cut at max_length={self.max_length})"
+        if self.truncated:
+            trunc = f"[yellow]{self.truncated}[/] cut at max_length={self.max_length} (rows " \
+                    f"{', '.join(map(str, self.truncated_rows))}{', …' if self.truncated > 5 else ''})"
+        t.add_row("truncated", trunc)
+        if self.length_percentiles:
+            p = self.length_percentiles
+            t.add_row("tokens/example", f"p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}")
+        t.add_row("tokens", f"{self.total_tokens:,} total, {self.loss_tokens:,} with loss "
+                  f"({100 * self.loss_fraction:.1f}%)")
+        eos = "[green]yes[/], every example" if self.eos_not_trained == 0 else \
+            f"[red]no[/]: {self.eos_not_trained} untruncated examples end without a trained EOS/end-of-turn"
+        t.add_row("EOS trained", eos)
+        if self.packing:
+            t.add_row("packing", f"{self.kept} examples in {self.sequences} sequences, "
+                      f"{100 * self.fill:.1f}% of tokens are real")
+        elif self.sequences:
+            t.add_row("padding", f"{100 * (1 - self.fill):.1f}% of batch tokens are padding "
+                      "(each micro-batch is packed into rows, padding-free)")
+        console.print(t)

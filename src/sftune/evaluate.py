@@ -1,0 +1,175 @@
+"""Evaluation: loss and perplexity over completion tokens, and generation metrics.
+
+* :func:`eval_loss` sums the token losses of the eval set and divides by the number of loss tokens
+  (the same normalisation as training), so the number does not depend on batch size or packing.
+* :func:`generate` runs batched greedy or sampled generation with left padding, from prompts built
+  exactly as in training (same template, same BOS handling), and stops at EOS / end-of-turn.
+* :func:`generation_metrics` compares generations with the reference completions: exact match and
+  a normalised contains-match.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sftune.data.formats import Format, MessagesFormat, PromptCompletionFormat, normalize_messages
+from sftune.data.packing import BatchPlan
+from sftune.data.tokenize import end_of_turn_ids, special_prefix
+
+
+@torch.no_grad()
+def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, device, packing: bool = False,
+              accelerator=None) -> dict[str, float]:
+    """Loss and perplexity of ``model`` (a :class:`~sftune.loss.CausalLMWithLoss`) on a TokenizedSet.
+
+    Under several processes each rank evaluates a share of the rows and the sums are all-reduced.
+    """
+    plan = BatchPlan.build(data.lengths, batch_size=batch_size, grad_accum=1, packing=packing,
+                           max_length=max_length, seed=0)
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    order = np.argsort(-plan.unit_lengths, kind="stable").tolist()
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for start in range(rank * batch_size, len(order), batch_size * world):
+        batch = plan.batch(order[start:start + batch_size], data, pad_id)
+        if batch["n_loss"] == 0:
+            continue
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "loss_index", "loss_targets")}
+        ctx = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
+        with ctx:
+            loss_sum = model(**inputs)
+        total[0] += loss_sum.double()
+        total[1] += batch["n_loss"]
+    if accelerator is not None and world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(total[1].item())}
+
+
+@dataclass
+class GenerationExample:
+    prompt: str
+    reference: str | None
+
+
+def prompt_and_reference(fmt: Format, row: dict) -> GenerationExample:
+    """The inference prompt for a row (as trained) and the reference completion, if any."""
+    if isinstance(fmt, PromptCompletionFormat):
+        ex = fmt(row)
+        return GenerationExample(ex.meta["prompt"], ex.meta["completion"])
+    if isinstance(fmt, MessagesFormat):
+        messages = normalize_messages(row.get(fmt.column), fmt.column)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return GenerationExample(fmt.render(messages[:last], add_generation_prompt=True),
+                                 messages[last]["content"])
+    text = row.get(getattr(fmt, "column", "text")) or ""
+    return GenerationExample(text[: max(1, len(text) // 2)], None)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    return sorted(end_of_turn_ids(tokenizer))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+             temperature: float = 0.0, top_p: float = 1.0, add_bos: bool = True, streamer=None) -> list[str]:
+    """Generate a completion for each prompt (batched, left-padded), cut at the first stop token."""
+    device = next(model.parameters()).device
+    prefix = special_prefix(tokenizer) if add_bos else []
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        encoded = tokenizer([prompts[i] for i in idx], add_special_tokens=False)["input_ids"]
+        encoded = [prefix + e for e in encoded]
+        width = max(len(e) for e in encoded)
+        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, e in enumerate(encoded):
+            input_ids[r, width - len(e):] = torch.as_tensor(e)
+            attention[r, width - len(e):] = 1
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             streamer=streamer, **kwargs)
+        for r, i in enumerate(idx):
+            new = out[r, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+            outputs[i] = tokenizer.decode(new[:cut], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    model.train(was_training)
+    return outputs
+
+
+def normalize(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(text.split())
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match (whitespace-stripped) and normalised contains-match, as fractions."""
+    n = max(len(references), 1)
+    exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    contains = sum(normalize(r) in normalize(p) for p, r in zip(predictions, references) if normalize(r))
+    return {"exact_match": exact / n, "contains_match": contains / n, "n": len(references)}
+
+
+def generation_examples(fmt: Format, rows, limit: int | None) -> list[GenerationExample]:
+    """Prompts and references for up to ``limit`` rows that format cleanly."""
+    from sftune.data.formats import BadRow
+    from sftune.errors import RowSkip
+
+    out = []
+    for row in rows:
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            ex = prompt_and_reference(fmt, row)
+        except (RowSkip, BadRow):
+            continue
+        if ex.reference is not None:
+            out.append(ex)
+    return out
+
+
+def generation_eval(cfg, model, tokenizer, data, label: str = "", console=None) -> dict:
+    """Greedy generation on the eval rows: exact match / contains match, plus a few samples."""
+    from sftune.ui import console as default_console
+
+    console = console or default_console
+    examples = generation_examples(data.fmt, data.source.eval, cfg.eval.limit)
+    if not examples:
+        return {"exact_match": 0.0, "contains_match": 0.0, "n": 0, "samples": []}
+    preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.eval.max_new_tokens,
+                     batch_size=cfg.eval.batch_size, add_bos=data.fmt.name != "messages")
+    metrics = generation_metrics(preds, [e.reference for e in examples])
+    metrics["samples"] = [{"prompt": e.prompt, "reference": e.reference, "generated": p}
+                          for e, p in zip(examples[:cfg.eval.samples], preds)]
+    if cfg.eval.samples:
+        from rich.table import Table
+
+        t = Table(title=f"Sample generations ({label})" if label else "Sample generations", title_justify="left")
+        t.add_column("prompt", overflow="fold", max_width=48)
+        t.add_column("generated (stops at EOS by itself)", overflow="fold")
+        t.add_column("expected", overflow="fold")
+        for s in metrics["samples"]:
+            ok = "[green]✓[/]" if s["generated"].strip() == s["reference"].strip() else "[red]✗[/]"
+            t.add_row(s["prompt"][-120:], f"{ok} {s['generated']!r}", repr(s["reference"]))
+        console.print(t)
+    return metrics

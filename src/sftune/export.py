@@ -1,0 +1,80 @@
+"""Saving the trained model in standard Hugging Face form.
+
+The output directory loads with ``AutoModelForCausalLM.from_pretrained`` (full fine-tuning or
+``lora.merge``) or ``AutoPeftModelForCausalLM.from_pretrained`` (an adapter). Next to the weights:
+the tokenizer, with a chat template that reproduces the training prompt format, a generation
+config whose EOS list includes the end-of-turn token, and ``sftune_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sftune.config import SFTConfig, config_to_yaml
+from sftune.data.formats import PromptCompletionFormat
+from sftune.data.templates import parse_fields
+from sftune.data.tokenize import end_of_turn_ids
+
+
+def prompt_chat_template(fmt: PromptCompletionFormat) -> str | None:
+    """A Jinja chat template that renders the last user message into the training prompt.
+
+    The user's message fills the template's first field (``{instruction}`` for ``qa``/``alpaca``);
+    other fields are left empty. ``transformers.pipeline`` then prompts exactly as in training.
+    """
+    tpl = fmt.template
+    prompt = tpl.prompt_no_input if tpl.prompt_no_input is not None else tpl.prompt
+    fields = parse_fields(prompt)
+    if not fields:
+        return None
+    first = fields[0]
+    rendered = prompt.format_map({f: ("\x00" if f == first else "") for f in fields})
+    before, _, after = rendered.partition("\x00")
+
+    def lit(s: str) -> str:
+        return json.dumps(s)  # a JSON string is a valid Jinja string literal
+
+    return ("{% set ns = namespace(content='') %}{% for m in messages %}{% if m['role'] == 'user' %}"
+            "{% set ns.content = m['content'] %}{% endif %}{% endfor %}"
+            "{{ " + lit(before) + " + ns.content + " + lit(after) + " }}")
+
+
+def save_tokenizer_and_templates(cfg: SFTConfig, tokenizer, fmt, out_dir: Path) -> None:
+    if isinstance(fmt, PromptCompletionFormat) and not getattr(tokenizer, "chat_template", None):
+        template = prompt_chat_template(fmt)
+        if template:
+            tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / "sftune_config.yaml").write_text(config_to_yaml(cfg))
+
+
+def set_generation_stops(model, tokenizer) -> None:
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    stops = sorted(end_of_turn_ids(tokenizer))
+    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+    gen.pad_token_id = tokenizer.pad_token_id
+
+
+def save_final(cfg: SFTConfig, accelerator, lm, tokenizer, out_dir: Path, data) -> None:
+    """Save the trained model (rank 0 writes; under FSDP the full state dict is gathered first)."""
+    accelerator.wait_for_everyone()
+    wrapper = accelerator.unwrap_model(lm)
+    model = wrapper.model
+    state_dict = accelerator.get_state_dict(lm)  # gathers shards under FSDP / ZeRO-3
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prefix = "model."
+        state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+        set_generation_stops(model, tokenizer)
+        if cfg.lora.enabled and cfg.lora.merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(str(out_dir), safe_serialization=True)
+        elif cfg.lora.enabled:
+            model.save_pretrained(str(out_dir), safe_serialization=True)
+        else:
+            model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+        save_tokenizer_and_templates(cfg, tokenizer, data.fmt, out_dir)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,123 @@
+"""The loss: summed cross-entropy over loss positions only, with a chunked, fused lm_head.
+
+``CausalLMWithLoss`` wraps a causal LM (plain or peft). Its forward runs the transformer body,
+gathers the hidden states at the positions that carry a target, and computes
+``sum(cross_entropy)`` over them with :class:`ChunkedLinearCrossEntropy`: the vocabulary
+projection and the loss run chunk by chunk, and the gradients for the hidden states and the head
+weight are produced in the same pass. ``[tokens, vocab]`` logits are never materialised and
+nothing is recomputed in the backward pass.
+
+The forward returns the *sum*; the training loop divides by the number of loss tokens of the
+whole optimizer step (see ``train.py``), so gradient accumulation and data parallelism give the
+same gradients as one big batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * vocab))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``sum_i CE(hidden_i @ weight.T + bias, target_i)`` computed in row chunks.
+
+    Forward computes the loss and, when gradients are needed, the gradients with respect to
+    ``hidden``, ``weight`` and ``bias`` for an upstream gradient of 1; backward scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        n = hidden.shape[0]
+        acc = torch.promote_types(torch.float32, hidden.dtype)  # fp32 for fp32/bf16/fp16 models
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        for s in range(0, n, chunk_rows):
+            h = hidden[s:s + chunk_rows]
+            t = targets[s:s + chunk_rows]
+            logits = F.linear(h, weight, bias).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                # d(sum CE)/d(logits) = softmax - onehot, computed in place
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(len(t), device=g.device), t] -= 1.0
+                if need_b:
+                    grad_b += g.sum(0)
+                g = g.to(hidden.dtype)
+                if need_h:
+                    torch.matmul(g, weight.to(g.dtype), out=grad_h[s:s + chunk_rows])
+                if need_w:  # accumulate the weight gradient in fp32 (or fp64)
+                    grad_w.addmm_(g.t().to(acc), h.to(acc))
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
+        ctx.has = (need_h, need_w, need_b)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w, need_b = ctx.has
+        gh = next(saved) * grad_out if need_h else None
+        gw = (next(saved) * grad_out).to(ctx.weight_dtype) if need_w else None
+        gb = (next(saved) * grad_out).to(ctx.weight_dtype) if need_b else None
+        return gh, gw, gb, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             bias: torch.Tensor | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, chunked."""
+    if hidden.shape[0] == 0:
+        zero = hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps every parameter in the graph (DDP)
+        return zero.float()
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows or _chunk_rows(weight.shape[0]))
+
+
+def reference_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Plain summed cross-entropy over targets != -100 (the reference the fused loss must match)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+class CausalLMWithLoss(nn.Module):
+    """A causal LM whose forward returns the summed token loss of a batch.
+
+    Inputs come from :func:`sftune.data.packing.collate` (plus ``loss_index``/``loss_targets``):
+    ``position_ids`` restart at every packed example and no 2-D attention mask is passed.
+    """
+
+    def __init__(self, model: nn.Module, fused: bool = True):
+        super().__init__()
+        self.model = model
+        lm = self.causal_lm
+        cfg = getattr(lm, "config", None)
+        special = any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        self.fused = fused and not special and isinstance(head, nn.Linear) and hasattr(lm, "base_model")
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    def forward(self, input_ids, position_ids, loss_index, loss_targets):
+        lm = self.causal_lm
+        if self.fused:
+            out = lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            hidden = out.last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
+            head = lm.get_output_embeddings()
+            return linear_cross_entropy_sum(hidden, head.weight, loss_targets, head.bias)
+        logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, loss_index)
+        return F.cross_entropy(logits.float(), loss_targets, reduction="sum")

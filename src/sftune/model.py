@@ -1,0 +1,192 @@
+"""Load the tokenizer and model: pad token, chat template, dtype, from-scratch init and LoRA.
+
+The pad token: when the tokenizer has none, EOS doubles as pad. That is safe here because labels
+are built from segments, never from ``input_ids == pad_id``, so EOS labels are never masked, and
+no token is added, so the embeddings are not resized. Embeddings are resized only when a token is
+really added (for example the ``<|im_start|>``/``<|im_end|>`` of ``data.chat_template=chatml``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from sftune.config import SFTConfig
+from sftune.errors import ConfigError, SftuneError
+
+ASSETS = Path(__file__).parent / "assets"
+log = logging.getLogger("sftune")
+
+
+def resolve_path(path: str) -> str:
+    """``builtin:NAME`` -> the asset directory shipped with sftune; anything else unchanged."""
+    if path.startswith("builtin:"):
+        d = ASSETS / path.split(":", 1)[1]
+        if not d.is_dir():
+            names = sorted(p.name for p in ASSETS.iterdir() if p.is_dir())
+            raise ConfigError(f"unknown built-in model '{path}'; built-in models: {', '.join(names)}")
+        return str(d)
+    return path
+
+
+def _from_pretrained_error(what: str, path: str, e: Exception) -> SftuneError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return SftuneError(
+        f"could not load the {what} '{path}': {first}\n  → check model.path; a hub id needs the network "
+        "(or a filled cache), a local path must be a model directory with config.json"
+    )
+
+
+def load_tokenizer(cfg: SFTConfig):
+    """Load the tokenizer and make it ready for training: pad token and chat template.
+
+    Returns ``(tokenizer, n_added)``: ``n_added`` tokens were added to the vocabulary.
+    """
+    from transformers import AutoTokenizer
+
+    from sftune.data.templates import resolve_chat_template
+
+    path = resolve_path(cfg.model.tokenizer or cfg.model.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:
+        raise _from_pretrained_error("tokenizer", path, e) from None
+    n_added = 0
+    if tok.eos_token is None:
+        raise SftuneError(f"the tokenizer '{path}' has no EOS token, so the model could not learn to stop; "
+                          "use a tokenizer with an eos_token")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # safe: labels never come from pad ids (see module docstring)
+    if cfg.data.chat_template:
+        template, needed = resolve_chat_template(cfg.data.chat_template)
+        missing = [t for t in needed if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+        if missing:
+            n_added += tok.add_special_tokens({"additional_special_tokens": missing},
+                                              replace_extra_special_tokens=False)
+        tok.chat_template = template
+    tok.padding_side = "right"
+    return tok, n_added
+
+
+def model_max_positions(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def resolve_max_length(cfg: SFTConfig, tokenizer, model_config=None) -> int:
+    """``data.max_length``, or ``min(model max positions, tokenizer max length, 1024)``."""
+    limits = [1024]
+    tml = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tml, int) and 0 < tml < 1_000_000:
+        limits.append(tml)
+    mp = model_max_positions(model_config) if model_config is not None else None
+    if mp:
+        limits.append(mp)
+    if cfg.data.max_length is None:
+        return min(limits)
+    if mp and cfg.data.max_length > mp:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's {mp} positions; "
+                          f"set data.max_length to at most {mp}")
+    return cfg.data.max_length
+
+
+def load_model_config(cfg: SFTConfig):
+    from transformers import AutoConfig
+
+    path = resolve_path(cfg.model.path)
+    try:
+        return AutoConfig.from_pretrained(path, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:
+        raise _from_pretrained_error("model config", path, e) from None
+
+
+def _dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype:
+    name = cfg.model.dtype
+    if name == "auto":
+        if cfg.lora.enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_model(cfg: SFTConfig, tokenizer, n_added: int = 0, device: torch.device | None = None):
+    """Load (or initialise) the causal LM, resize embeddings for added tokens, and add LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or torch.device("cpu")
+    path = resolve_path(cfg.model.path)
+    dtype = _dtype(cfg, device)
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.lora.load_in_4bit:
+        kwargs["quantization_config"] = _bnb_config(cfg, device)
+    if cfg.model.from_scratch:
+        config = load_model_config(cfg)
+        torch.manual_seed(cfg.train.seed)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.model.revision, **kwargs)
+        except Exception as e:
+            raise _from_pretrained_error("model", path, e) from None
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if n_added or len(tokenizer) > vocab:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.lora.enabled:
+        model = add_lora(cfg, model)
+    return model
+
+
+def _bnb_config(cfg: SFTConfig, device: torch.device):
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ConfigError("lora.load_in_4bit (QLoRA) needs bitsandbytes: pip install 'sftune[qlora]'") from None
+    if device.type != "cuda":
+        raise ConfigError("lora.load_in_4bit (QLoRA) needs a CUDA GPU; on CPU, use plain LoRA (lora.enabled=true)")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def add_lora(cfg: SFTConfig, model):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if not cfg.lora.enabled and cfg.lora.load_in_4bit:
+        raise ConfigError("lora.load_in_4bit needs lora.enabled=true")
+    if cfg.lora.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    from transformers.pytorch_utils import Conv1D
+
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, modules_to_save=cfg.lora.modules_to_save,
+                      fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 style layers
+                      task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as e:
+        raise ConfigError(f"LoRA could not be applied: {e}\n  → check lora.target_modules") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def unwrap_causal_lm(model):
+    """The transformers ``*ForCausalLM`` inside a peft wrapper (LoRA layers stay injected)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

@@ -1,0 +1,66 @@
+"""``sftune preview``: training sequences as the model sees them, and the dataset report.
+
+Trained tokens (labels != -100) are shown in green, masked tokens dimmed. ``--json`` prints one
+object per training sequence, ``{"input_ids", "labels", "position_ids", "text"}``, on stdout; this
+shape is stable so other tools can check masks against it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich.text import Text
+
+from sftune.config import SFTConfig
+from sftune.data.packing import BatchPlan
+from sftune.data.pipeline import describe_plan, prepare_data
+from sftune.data.tokenize import IGNORE
+from sftune.errors import SftuneError
+from sftune.model import load_model_config, load_tokenizer, resolve_max_length
+from sftune.ui import console, out
+
+
+def colored(tokenizer, ids, labels) -> Text:
+    text = Text()
+    for tid, lab in zip(ids, labels):
+        piece = tokenizer.decode([int(tid)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        piece = piece.replace("\n", "↵\n")
+        text.append(piece, style="bold green" if lab != IGNORE else "dim")
+    return text
+
+
+def preview(cfg: SFTConfig, n: int = 3, as_json: bool = False) -> None:
+    tokenizer, _ = load_tokenizer(cfg)
+    try:
+        model_config = load_model_config(cfg)
+    except SftuneError:
+        model_config = None  # preview works without the model; max_length then comes from the tokenizer
+    max_length = resolve_max_length(cfg, tokenizer, model_config)
+    data = prepare_data(cfg.data, tokenizer, max_length)
+    plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                           packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed)
+    describe_plan(data.report, plan)
+
+    rows_shown = plan.units[:n] if plan.packing else [[i] for i in range(min(n, len(data.train)))]
+    for r, row in enumerate(rows_shown):
+        ids, labels, positions, rows = [], [], [], []
+        for i in row:
+            e_ids, e_labels = data.train.example(i)
+            ids += e_ids.tolist()
+            labels += e_labels.tolist()
+            positions += list(range(len(e_ids)))
+            rows.append(int(data.train.rows[i]))
+        if as_json:
+            out.print(json.dumps({"input_ids": ids, "labels": labels, "position_ids": positions,
+                                  "text": tokenizer.decode(ids, skip_special_tokens=False,
+                                                           clean_up_tokenization_spaces=False),
+                                  "rows": rows}), markup=False, highlight=False)
+        else:
+            trained = sum(lab != IGNORE for lab in labels)
+            console.rule(f"sequence {r}: rows {rows}, {len(ids)} tokens, {trained} trained")
+            console.print(colored(tokenizer, ids, labels))
+    if not as_json:
+        console.print("[dim]legend:[/] [bold green]trained tokens[/] [dim]masked tokens (no loss)[/]")
+    data.report.render(console, title="Training data")
+    if data.eval_report is not None:
+        data.eval_report.render(console, title="Eval data")

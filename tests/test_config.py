@@ -1,0 +1,66 @@
+import pytest
+
+from sftune.config import builtin_recipes, load_config, parse_value, valid_keys
+from sftune.errors import ConfigError
+
+
+def test_builtin_recipes_load():
+    assert {"quickstart", "imdb", "codealpaca", "alpaca"} <= set(builtin_recipes())
+    for name in builtin_recipes():
+        cfg = load_config(name)
+        assert cfg.recipe == name
+        assert cfg.train.output_dir == f"runs/{name}"
+
+
+def test_overrides_are_typed():
+    cfg = load_config("codealpaca", ["data.max_length=256", "train.lr=1e-4", "lora.enabled=true",
+                                     "data.remove_columns=[a, b]", "train.mixed_precision=no"])
+    assert cfg.data.max_length == 256
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.lora.enabled is True
+    assert cfg.data.remove_columns == ["a", "b"]
+    assert cfg.train.mixed_precision == "no"
+
+
+def test_template_values_stay_verbatim():
+    assert parse_value("### Question: {instruction}\\n ### Answer:") == "### Question: {instruction}\\n ### Answer:"
+    assert parse_value(" {output}") == " {output}"
+    assert parse_value("null") is None
+    assert parse_value("5e-5") == "5e-5"  # pydantic turns it into a float for float fields
+
+
+@pytest.mark.parametrize("bad,suggestion", [
+    ("data.pth=x", "data.path"),
+    ("train.learning_rate=1", "train.lr"),
+    ("data.max_len=5", "data.max_length"),
+    ("trian.lr=1", "train.lr"),
+])
+def test_unknown_key_names_closest(bad, suggestion):
+    with pytest.raises(ConfigError) as e:
+        load_config("quickstart", [bad])
+    assert suggestion in str(e.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("data:\n  pathh: x\n")
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(p)
+
+
+def test_bad_value_is_short_error():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config("quickstart", ["train.batch_size=lots"])
+
+
+def test_unknown_recipe_suggests():
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_config("quickstar")
+
+
+def test_every_field_has_a_docstring():
+    from sftune.config import describe_keys
+
+    missing = [k for k, _, d in describe_keys() if not d.strip()]
+    assert not missing, missing
+    assert "data.max_length" in valid_keys()
