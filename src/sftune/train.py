@@ -137,8 +137,13 @@ class Batches:
 # ----------------------------------------------------------------------------- train
 
 
-def train(cfg: SFTConfig) -> TrainResult:
-    """Fine-tune as configured; returns where the model went and the final metrics."""
+def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) -> TrainResult:
+    """Fine-tune as configured; returns where the model went and the final metrics.
+
+    ``model``, ``tokenizer`` (both already loaded), ``source`` (a :class:`~sftune.data.sources.Source`
+    of rows) and ``fmt`` (a custom :class:`~sftune.data.formats.Format`) replace what the config
+    would load; the Python front-ends (``sftune.SFTTrainer``) pass them.
+    """
     from accelerate.utils import set_seed
 
     if cfg.train.num_threads:
@@ -152,11 +157,13 @@ def train(cfg: SFTConfig) -> TrainResult:
     set_seed(cfg.train.seed)
 
     # ---- data: rows -> segments -> ids + labels -> a batch plan
-    tokenizer, n_added = load_tokenizer(cfg)
-    model_config = load_model_config(cfg)
+    n_added = 0
+    if tokenizer is None:
+        tokenizer, n_added = load_tokenizer(cfg)
+    model_config = model.config if model is not None else load_model_config(cfg)
     max_length = resolve_max_length(cfg, tokenizer, model_config)
     with accelerator.main_process_first():
-        data: PreparedData = prepare_data(cfg.data, tokenizer, max_length)
+        data: PreparedData = prepare_data(cfg.data, tokenizer, max_length, source=source, fmt=fmt)
     plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                            world_size=world, packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed)
     describe_plan(data.report, plan)
@@ -164,7 +171,12 @@ def train(cfg: SFTConfig) -> TrainResult:
         data.report.render(console, title="Training data")
 
     # ---- model, loss, optimizer, schedule
-    model = load_model(cfg, tokenizer, n_added, device)
+    if model is None:
+        model = load_model(cfg, tokenizer, n_added, device)
+    elif cfg.lora.enabled and not hasattr(model, "peft_config"):
+        from sftune.model import add_lora
+
+        model = add_lora(cfg, model)
     if want_checkpointing(cfg, model_config, max_length, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if main:

@@ -73,9 +73,15 @@ class Format:
 
     name = "base"
     columns: list[str] = []
+    train_on_prompt = False
 
     def __call__(self, row: dict) -> FormattedExample:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def cache_key(self) -> str:
+        """Extra identity for the tokenization cache. Built-in formats are fully described by the data
+        config; a custom format (a user function, say) returns a hash of what defines it."""
+        return ""
 
 
 class TextFormat(Format):

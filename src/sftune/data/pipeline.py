@@ -88,11 +88,11 @@ def tokenizer_signature(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(ds: datasets.Dataset, tok_sig: str, cfg: DataConfig, max_length: int) -> str:
+def _fingerprint(ds: datasets.Dataset, tok_sig: str, cfg: DataConfig, max_length: int, fmt: Format) -> str:
     keys = ("format", "text_column", "template", "prompt", "completion", "train_on_prompt", "messages_column",
             "chat_template", "add_eos", "on_bad_row")
     payload = json.dumps([ds._fingerprint, tok_sig, {k: getattr(cfg, k) for k in keys}, max_length, __version__,
-                          "v1"], default=str)
+                          type(fmt).__name__, fmt.cache_key(), "v1"], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -105,7 +105,7 @@ def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:
 def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig, max_length: int,
                    source: str) -> datasets.Dataset:
     fn = Tokenizer(fmt, tokenizer, max_length, on_bad_row=cfg.on_bad_row, source=source)
-    fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length)
+    fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length, fmt)
     quiet = len(ds) < 20_000
     if quiet:
         datasets.disable_progress_bars()
@@ -132,13 +132,18 @@ def _report(tok: datasets.Dataset, source: Source, fmt: Format, split: str, max_
     return rep, np.flatnonzero(skip == "")
 
 
-def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source | None = None) -> PreparedData:
-    """Run the data stages for the train and eval splits."""
+def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source | None = None,
+                 fmt: Format | None = None) -> PreparedData:
+    """Run the data stages for the train and eval splits.
+
+    ``source`` (rows already loaded) and ``fmt`` (a custom :class:`Format`) replace what
+    ``cfg`` would otherwise build; the Python front-ends use them.
+    """
     source = source or load_source(cfg)
     columns = [c for c in source.train.column_names if c != "__row__"]
-    fmt = choose_format(cfg, columns, tokenizer)
+    fmt = fmt or choose_format(cfg, columns, tokenizer)
     what = {"text": "data.text_column", "prompt_completion": "the prompt/completion template",
-            "messages": "the messages format"}[fmt.name]
+            "messages": "the messages format"}.get(fmt.name, f"the {fmt.name} format")
     check_columns(source.train, fmt.columns, source.name, what)
     if len(source.train) == 0:
         raise DataError("the training split has no rows", source=source.name)

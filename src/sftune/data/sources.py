@@ -124,7 +124,7 @@ def _split(dd, split: str, source: str) -> datasets.Dataset:
     return dd[split]
 
 
-def _with_row_index(ds: datasets.Dataset) -> datasets.Dataset:
+def with_row_index(ds: datasets.Dataset) -> datasets.Dataset:
     if "__row__" in ds.column_names:
         return ds
     return ds.add_column("__row__", np.arange(len(ds), dtype=np.int64),
@@ -141,7 +141,7 @@ def load_source(cfg: DataConfig) -> Source:
     rows_read = len(train)
     eval_ds = None
     if isinstance(cfg.eval_split, str):
-        eval_ds = _with_row_index(_split(dd, cfg.eval_split, name))
+        eval_ds = with_row_index(_split(dd, cfg.eval_split, name))
     for col in cfg.remove_columns:
         if col not in train.column_names:
             match = difflib.get_close_matches(col, train.column_names, n=1)
@@ -153,7 +153,7 @@ def load_source(cfg: DataConfig) -> Source:
         train = train.remove_columns(cfg.remove_columns)
         if eval_ds is not None:
             eval_ds = eval_ds.remove_columns([c for c in cfg.remove_columns if c in eval_ds.column_names])
-    train = _with_row_index(train)
+    train = with_row_index(train)
     if cfg.shuffle:
         train = train.shuffle(seed=cfg.seed)
     if isinstance(cfg.eval_split, float):
