@@ -1,7 +1,13 @@
-"""The quickstart: deterministic generated data, and a shortened end-to-end run."""
+"""The quickstart end to end (shortened), then every after-training command on its run:
+generate, chat through a pipe, eval with a baseline, export + a plain transformers pipeline, report."""
 
 import json
+import subprocess
+import sys
 
+import pytest
+
+from sftune.cli import main
 from sftune.quickstart import TASKS, make_dataset
 
 
@@ -13,15 +19,87 @@ def test_generated_data_is_deterministic_and_held_out():
         assert row["output"] == TASKS[row["task"]](row["word"])
 
 
-def test_shortened_quickstart_learns_and_stops_at_eos(tmp_path):
-    from sftune.cli import main
-
-    out = tmp_path / "qs"
-    code = main(["train", "quickstart", "train.max_steps=500", "eval.limit=60", f"train.output_dir={out}"])
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "run"
+    code = main(["train", "quickstart", "train.max_steps=500", "eval.limit=60", "train.eval_every=250",
+                 f"train.output_dir={out}"])
     assert code == 0
-    metrics = json.loads((out / "final_metrics.json").read_text())
+    return out
+
+
+def test_shortened_quickstart_learns(run):
+    metrics = json.loads((run / "final_metrics.json").read_text())
     assert metrics["exact_match_before"] <= 0.05
     assert metrics["exact_match_after"] >= 0.15  # the full 2,000-step run reaches over 90%
-    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [m["loss"] for m in final if "loss" in m]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in records if "loss" in m]
     assert losses[-1] < 0.5 * losses[0]
+    labels = [m["label"] for m in records if "samples" in m]
+    assert labels == ["step 250", "step 500", "before training", "after training"]
+
+
+def test_generate_prompt_and_file(run, tmp_path, capsys):
+    assert main(["generate", str(run), "--prompt", "upper abc", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip()  # some completion, cut at EOS
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"instruction": "upper abc", "output": "ABC"}\n{"instruction": "reverse dog", "output": "god"}\n')
+    dest = tmp_path / "out.jsonl"
+    assert main(["generate", str(run), "--file", str(rows), "--out", str(dest)]) == 0
+    got = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert [g["prompt"] for g in got] == ["Q: upper abc\nA:", "Q: reverse dog\nA:"]  # the training template
+    assert all("generated" in g for g in got)
+
+
+def test_chat_through_a_pipe(run):
+    proc = subprocess.run([sys.executable, "-m", "sftune", "chat", str(run), "--max-new-tokens", "8"],
+                          input="upper abc\n/reset\nreverse dog\n/exit\nnever read\n", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    replies = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(replies) == 2  # two answers, then /exit stopped the loop
+    assert "history cleared" in proc.stderr
+
+
+def test_eval_with_baseline(run, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(run))).save_pretrained(str(base))
+    AutoTokenizer.from_pretrained(str(run)).save_pretrained(str(base))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--data", "builtin:quickstart", "--split", "test", "--limit", "40",
+                 "--baseline", str(base), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    tuned, untuned = res[str(run)], res[str(base)]
+    assert tuned["loss"] < untuned["loss"]
+    assert tuned["exact_match"] >= untuned["exact_match"]
+    assert {"perplexity", "contains_match", "exact_match"} <= set(tuned)
+    assert "exact match" in capsys.readouterr().err
+
+
+def test_export_loads_with_plain_pipeline(run, tmp_path):
+    from transformers import pipeline
+
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    pipe = pipeline("text-generation", str(out))
+    result = pipe([{"role": "user", "content": "upper abc"}], max_new_tokens=8, do_sample=False)
+    reply = result[0]["generated_text"][-1]["content"]
+    # the same text sftune generate gives: the pipeline applied the training prompt template
+    from sftune.evaluate import generate
+    from sftune.inference import load_for_inference
+
+    loaded = load_for_inference(str(run))
+    ours = generate(loaded.model, loaded.tokenizer, [loaded.prompt_from_text("upper abc")], max_new_tokens=8)[0]
+    assert reply.strip() == ours.strip()
+
+
+def test_report_has_plots(run, capsys):
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    for part in ("Final metrics", "Training data", "loss.png", "Sample generations", "kept"):
+        assert part in text
+    for png in ("loss.png", "lr.png", "throughput.png"):
+        assert (run / png).stat().st_size > 5000

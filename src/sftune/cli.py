@@ -1,7 +1,8 @@
-"""The command line: ``sftune train | preview | config`` (and the after-training commands).
+"""The command line: ``sftune train | preview | eval | generate | chat | export | report | config``.
 
-Every command takes a RECIPE (a YAML path or a built-in name) followed by ``key=value``
-overrides. User errors print one short message and exit with status 2; no traceback.
+``train`` and ``preview`` take a RECIPE (a YAML path or a built-in name) followed by ``key=value``
+overrides; the after-training commands take a run directory (or any model). User errors print one
+short message and exit with status 2; no traceback.
 """
 
 from __future__ import annotations
@@ -47,6 +48,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per sequence: input_ids, labels, position_ids, text")
 
+    p = sub.add_parser("generate", help="generate with a trained run (its prompt template is applied)",
+                       description="Generate completions. MODEL_OR_RUN is a training output directory (the "
+                                   "training prompt template or chat template is applied automatically), a model "
+                                   "directory or a hub id.")
+    p.add_argument("model", metavar="MODEL_OR_RUN")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one user message / instruction")
+    src.add_argument("--file", help="JSONL rows with the training data's columns; writes JSONL with 'generated'")
+    p.add_argument("--out", help="where to write the JSONL outputs of --file (default: stdout)")
+    _add_generation_args(p)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (left-padded), default 16")
+    p.add_argument("--raw", action="store_true", help="send --prompt as is, without the training template")
+
+    p = sub.add_parser("chat", help="interactive chat with a trained run (works with a pipe too)",
+                       description="A multi-turn REPL for chat-format models; single-turn for prompt/completion "
+                                   "models. Tokens stream as they are generated. /reset clears the history, /exit "
+                                   "quits. Reads stdin, so `echo hi | sftune chat RUN` works.")
+    p.add_argument("model", metavar="MODEL_OR_RUN")
+    _add_generation_args(p, default_tokens=256)
+
+    p = sub.add_parser("eval", help="loss, perplexity and exact match on held-out data (optionally vs a baseline)",
+                       description="Evaluate on held-out data: loss and perplexity over the completion tokens, and "
+                                   "for prompt/completion or chat data exact match and a normalised contains-match "
+                                   "of greedy generations. --baseline evaluates a second model on the same data "
+                                   "and prompts, to show what SFT changed. Prints a table and writes JSON.")
+    p.add_argument("model", metavar="MODEL_OR_RUN")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="data settings when MODEL is not a run, e.g. data.template=qa")
+    p.add_argument("--data", required=True, help="held-out data: a file, directory or hub dataset id")
+    p.add_argument("--split", default=None, help="split of --data (default: the run's data.split)")
+    p.add_argument("--baseline", help="a second model (e.g. the base model) evaluated the same way")
+    p.add_argument("--limit", type=int, default=200, help="rows used (default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="JSON results path (default: RUN/eval.json, or ./eval.json)")
+
+    p = sub.add_parser("export", help="merge LoRA and save a standalone Hugging Face model",
+                       description="Merge a LoRA adapter into its base weights (if the run has one) and save "
+                                   "safetensors, the tokenizer and its chat / prompt template, so "
+                                   "transformers.pipeline('text-generation', OUT) behaves as trained.")
+    p.add_argument("model", metavar="RUN")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to the Hugging Face hub (needs network "
+                                                            "and a token)")
+
+    p = sub.add_parser("report", help="rebuild a run's report.md and plots",
+                       description="Rebuild output_dir/report.md and its PNG plots from metrics.jsonl, "
+                                   "data_report.json and final_metrics.json.")
+    p.add_argument("model", metavar="RUN")
+
     p = sub.add_parser("config", help="print the resolved config, or every config key",
                        description="Print a recipe's resolved config as YAML, or with --keys every key with its "
                                    "default and meaning.")
@@ -54,6 +106,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--keys", action="store_true", help="list every config key with its default and description")
     return parser
+
+
+def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int = 128) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=default_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+
+
+def cmd_generate(args) -> int:
+    from sftune.evaluate import generate
+    from sftune.inference import load_for_inference, read_rows
+    from sftune.ui import out
+
+    loaded = load_for_inference(args.model)
+    if args.prompt is not None:
+        prompts = [args.prompt if args.raw else loaded.prompt_from_text(args.prompt)]
+        rows = None
+    else:
+        rows = read_rows(args.file)
+        prompts = [loaded.prompt_from_row(r) for r in rows]
+    outputs = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                       add_bos=loaded.add_bos)
+    if rows is None:
+        out.print(outputs[0], markup=False, highlight=False)
+        return 0
+    lines = [json.dumps({**r, "prompt": p, "generated": g}, ensure_ascii=False) for r, p, g in zip(rows, prompts, outputs)]
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    else:
+        for line in lines:
+            out.print(line, markup=False, highlight=False)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from sftune.inference import chat, load_for_inference
+
+    chat(load_for_inference(args.model), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+         top_p=args.top_p)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from sftune.evaluate import run_eval
+
+    run_eval(args.model, args.data, split=args.split, baseline=args.baseline, overrides=args.overrides,
+             limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from sftune.export import export_run
+    from sftune.ui import console
+
+    out = export_run(args.model, args.out, dtype=args.dtype, push_to_hub=args.push_to_hub)
+    console.print(f"exported to [bold]{out}[/]: load it with transformers.pipeline('text-generation', '{out}')")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from sftune.report import build_report
+    from sftune.ui import console
+
+    console.print(f"wrote {build_report(args.model)}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -86,7 +206,8 @@ def cmd_config(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "preview": cmd_preview, "config": cmd_config}
+COMMANDS = {"train": cmd_train, "preview": cmd_preview, "config": cmd_config, "generate": cmd_generate,
+            "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     prefix = special_prefix(tokenizer) if add_bos else []
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    from sftune.model import model_max_positions
+
+    max_positions = model_max_positions(model.config)
     was_training = model.training
     model.eval()
     outputs: list[str] = [""] * len(prompts)
@@ -101,7 +104,10 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
         for r, e in enumerate(encoded):
             input_ids[r, width - len(e):] = torch.as_tensor(e)
             attention[r, width - len(e):] = 1
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad)
+        budget = max_new_tokens if max_positions is None else min(max_new_tokens, max_positions - width)
+        if budget <= 0:
+            continue  # the prompt alone fills the model's context
+        kwargs = dict(max_new_tokens=budget, eos_token_id=stops, pad_token_id=pad)
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
@@ -130,7 +136,7 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
     return {"exact_match": exact / n, "contains_match": contains / n, "n": len(references)}
 
 
-def generation_examples(fmt: Format, rows, limit: int | None) -> list[GenerationExample]:
+def generation_examples(fmt: Format, rows, limit: int | None, need_reference: bool = True) -> list[GenerationExample]:
     """Prompts and references for up to ``limit`` rows that format cleanly."""
     from sftune.data.formats import BadRow
     from sftune.errors import RowSkip
@@ -143,9 +149,20 @@ def generation_examples(fmt: Format, rows, limit: int | None) -> list[Generation
             ex = prompt_and_reference(fmt, row)
         except (RowSkip, BadRow):
             continue
-        if ex.reference is not None:
+        if ex.reference is not None or not need_reference:
             out.append(ex)
     return out
+
+
+def sample_generations(cfg, model, tokenizer, data) -> list[dict]:
+    """Greedy generations for the first ``eval.samples`` eval prompts (logged at each evaluation)."""
+    rows = data.source.eval if data.source.eval is not None else data.source.train
+    examples = generation_examples(data.fmt, rows, cfg.eval.samples, need_reference=False)
+    if not examples:
+        return []
+    preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.eval.max_new_tokens,
+                     batch_size=cfg.eval.batch_size, add_bos=data.fmt.name != "messages")
+    return [{"prompt": e.prompt, "reference": e.reference, "generated": p} for e, p in zip(examples, preds)]
 
 
 def generation_eval(cfg, model, tokenizer, data, label: str = "", console=None) -> dict:
@@ -173,3 +190,88 @@ def generation_eval(cfg, model, tokenizer, data, label: str = "", console=None) 
             t.add_row(s["prompt"][-120:], f"{ok} {s['generated']!r}", repr(s["reference"]))
         console.print(t)
     return metrics
+
+
+def evaluate_loaded(loaded, data_cfg, *, limit: int | None, max_new_tokens: int, batch_size: int,
+                    tokenizer=None) -> dict:
+    """Loss / perplexity over the completion tokens of ``data_cfg``'s rows, plus generation metrics
+    (exact and contains match) for prompt/completion and chat data."""
+    from sftune.data.pipeline import prepare_data
+    from sftune.loss import CausalLMWithLoss
+    from sftune.model import model_max_positions
+
+    tokenizer = tokenizer or loaded.tokenizer
+    limits = [1024, model_max_positions(loaded.model.config) or 1024]
+    max_length = data_cfg.max_length or min(limits)
+    data = prepare_data(data_cfg, tokenizer, max_length, fmt=loaded.fmt)
+    device = next(loaded.model.parameters()).device
+    lm = CausalLMWithLoss(loaded.model)
+    result = eval_loss(lm, data.train, batch_size=8, max_length=max_length, pad_id=tokenizer.pad_token_id,
+                       device=device)
+    result = {"loss": result["eval_loss"], "perplexity": result["eval_ppl"], "loss_tokens": result["eval_tokens"]}
+    if isinstance(data.fmt, (PromptCompletionFormat, MessagesFormat)):
+        examples = generation_examples(data.fmt, data.source.train, limit)
+        preds = generate(loaded.model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, add_bos=data.fmt.name != "messages")
+        gm = generation_metrics(preds, [e.reference for e in examples])
+        result.update({"exact_match": gm["exact_match"], "contains_match": gm["contains_match"],
+                       "generated": gm["n"]})
+        result["samples"] = [{"prompt": e.prompt, "reference": e.reference, "generated": p}
+                             for e, p in zip(examples[:3], preds)]
+    result["examples"] = data.report.kept
+    return result
+
+
+def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: str | None = None,
+             overrides: list[str] | None = None, limit: int | None = 200, max_new_tokens: int = 128,
+             batch_size: int = 16, out: str | None = None) -> dict:
+    """``sftune eval``: evaluate a run (and optionally a baseline) on held-out data; table + JSON."""
+    import json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from sftune.config import load_config, parse_override
+    from sftune.inference import load_for_inference
+    from sftune.ui import console, out as stdout
+
+    loaded = load_for_inference(model)
+    base_cfg = loaded.cfg.model_dump() if loaded.cfg is not None else {}
+    data = {**base_cfg.get("data", {}), "path": data_path, "eval_split": None, "limit": limit, "eval_limit": None,
+            "shuffle": False, "remove_columns": []}
+    if split:
+        data["split"] = split
+    cfg = load_config(None, {**{f"data.{k}": v for k, v in data.items()},
+                             **dict(parse_override(o) for o in overrides or [])})
+    results = {model: evaluate_loaded(loaded, cfg.data, limit=limit, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size)}
+    if baseline:
+        base = load_for_inference(baseline)
+        # prompt the baseline exactly as the fine-tuned model: same format, same tokenizer when compatible
+        base.fmt = loaded.fmt
+        same_vocab = len(loaded.tokenizer) <= base.model.get_input_embeddings().weight.shape[0]
+        results[baseline] = evaluate_loaded(base, cfg.data, limit=limit, max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size, tokenizer=loaded.tokenizer if same_vocab else None)
+
+    t = Table(title=f"Evaluation on {data_path}", title_justify="left")
+    t.add_column("metric")
+    for name in results:
+        t.add_column(name if len(name) < 40 else "…" + name[-39:], justify="right")
+    for key, label in (("loss", "loss (completion tokens)"), ("perplexity", "perplexity"),
+                       ("exact_match", "exact match"), ("contains_match", "contains match"),
+                       ("examples", "examples (loss)"), ("generated", "examples (generation)")):
+        if any(key in r for r in results.values()):
+            cells = []
+            for r in results.values():
+                v = r.get(key)
+                cells.append("-" if v is None else f"{100 * v:.1f}%" if "match" in key else
+                             f"{v:.4f}" if isinstance(v, float) else str(v))
+            t.add_row(label, *cells)
+    console.print(t)
+    path = Path(out) if out else (Path(model) / "eval.json" if (Path(model) / "sftune_config.yaml").exists()
+                                  else Path("eval.json"))
+    path.write_text(json.dumps({"data": data_path, "results": results}, indent=2, ensure_ascii=False))
+    console.print(f"wrote {path}")
+    stdout.print(json.dumps({k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}),
+                 markup=False, highlight=False)
+    return results

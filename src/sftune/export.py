@@ -13,7 +13,6 @@ from pathlib import Path
 
 from sftune.config import SFTConfig, config_to_yaml
 from sftune.data.formats import PromptCompletionFormat
-from sftune.data.templates import parse_fields
 from sftune.data.tokenize import end_of_turn_ids
 
 
@@ -23,14 +22,9 @@ def prompt_chat_template(fmt: PromptCompletionFormat) -> str | None:
     The user's message fills the template's first field (``{instruction}`` for ``qa``/``alpaca``);
     other fields are left empty. ``transformers.pipeline`` then prompts exactly as in training.
     """
-    tpl = fmt.template
-    prompt = tpl.prompt_no_input if tpl.prompt_no_input is not None else tpl.prompt
-    fields = parse_fields(prompt)
-    if not fields:
+    if not fmt.template.fields:
         return None
-    first = fields[0]
-    rendered = prompt.format_map({f: ("\x00" if f == first else "") for f in fields})
-    before, _, after = rendered.partition("\x00")
+    before, _, after = fmt.prompt_from_text("\x00").partition("\x00")
 
     def lit(s: str) -> str:
         return json.dumps(s)  # a JSON string is a valid Jinja string literal
@@ -40,13 +34,18 @@ def prompt_chat_template(fmt: PromptCompletionFormat) -> str | None:
             "{{ " + lit(before) + " + ns.content + " + lit(after) + " }}")
 
 
+def resolved_config(cfg: SFTConfig, fmt) -> SFTConfig:
+    """The config with the data format spelled out, so inference rebuilds the training prompt."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=fmt.config_updates())})
+
+
 def save_tokenizer_and_templates(cfg: SFTConfig, tokenizer, fmt, out_dir: Path) -> None:
     if isinstance(fmt, PromptCompletionFormat) and not getattr(tokenizer, "chat_template", None):
         template = prompt_chat_template(fmt)
         if template:
             tokenizer.chat_template = template
     tokenizer.save_pretrained(str(out_dir))
-    (out_dir / "sftune_config.yaml").write_text(config_to_yaml(cfg))
+    (out_dir / "sftune_config.yaml").write_text(config_to_yaml(resolved_config(cfg, fmt)))
 
 
 def set_generation_stops(model, tokenizer) -> None:
@@ -78,3 +77,29 @@ def save_final(cfg: SFTConfig, accelerator, lm, tokenizer, out_dir: Path, data) 
             model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
         save_tokenizer_and_templates(cfg, tokenizer, data.fmt, out_dir)
     accelerator.wait_for_everyone()
+
+
+def export_run(run: str, out: str, *, dtype: str = "auto", push_to_hub: str | None = None) -> Path:
+    """``sftune export``: merge LoRA into the base weights (when there is an adapter) and save
+    safetensors, the tokenizer and its chat/prompt template, so ``transformers.pipeline`` works."""
+    import torch
+
+    from sftune.inference import load_for_inference
+
+    loaded = load_for_inference(run, dtype=dtype if dtype != "auto" else "float32", device="cpu")
+    model = loaded.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if dtype != "auto":
+        model = model.to(getattr(torch, dtype))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_generation_stops(model, loaded.tokenizer)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    loaded.tokenizer.save_pretrained(str(out_dir))
+    if loaded.cfg is not None:
+        (out_dir / "sftune_config.yaml").write_text(config_to_yaml(loaded.cfg))
+    if push_to_hub:
+        model.push_to_hub(push_to_hub)
+        loaded.tokenizer.push_to_hub(push_to_hub)
+    return out_dir

@@ -14,11 +14,25 @@ same gradients as one big batch.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
+
+
+class _DropPaddingWarning(logging.Filter):
+    """transformers warns about padded inputs without an attention mask. Our batches are padded on
+    the right with no loss there (harmless under a causal mask) or packed with restarting
+    ``position_ids`` (per-example masks are derived from them), so the warning does not apply."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_DropPaddingWarning())
 
 
 def _chunk_rows(vocab: int) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import time
@@ -25,8 +24,11 @@ from sftune.config import SFTConfig, config_to_yaml
 from sftune.data.packing import BatchPlan
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
 from sftune.errors import ConfigError
+from sftune.evaluate import eval_loss, generation_eval, sample_generations
+from sftune.export import save_final
 from sftune.loss import CausalLMWithLoss
 from sftune.model import count_parameters, load_model, load_model_config, load_tokenizer, resolve_max_length
+from sftune.report import build_report
 from sftune.ui import MetricsLogger, console, training_progress
 
 BATCH_KEYS = ("input_ids", "position_ids", "loss_index", "loss_targets")
@@ -42,18 +44,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- setup helpers
-
-
-class _DropPaddingWarning(logging.Filter):
-    """transformers warns about padded inputs without an attention mask. Our batches are padded on
-    the right with targets -100 (harmless under a causal mask) or packed with restarting
-    position_ids (per-example masks are derived from them), so the warning does not apply."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
-
-
-logging.getLogger("transformers.modeling_utils").addFilter(_DropPaddingWarning())
 
 
 def make_accelerator(cfg: SFTConfig):
@@ -197,9 +187,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
 
     # ---- optional: exact match before training (the quickstart's "before")
     before = None
-    if cfg.eval.exact_match and data.source.eval is not None and not cfg.train.resume:
-        from sftune.evaluate import generation_eval
-
+    if main and cfg.eval.exact_match and data.source.eval is not None and not cfg.train.resume:
         before = generation_eval(cfg, accelerator.unwrap_model(lm).model, tokenizer, data, label="before")
 
     # ---- resume
@@ -222,16 +210,20 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
                                                       "total_steps": total_steps}, cfg.train.keep_checkpoints)
 
     def evaluate(step: int) -> dict:
+        """Eval loss / perplexity, and a few fixed sample prompts generated, logged with the metrics."""
         if data.eval is None:
             return {}
-        from sftune.evaluate import eval_loss
-
         m = eval_loss(lm, data.eval, batch_size=cfg.train.batch_size, max_length=max_length,
                       pad_id=tokenizer.pad_token_id, device=device, packing=cfg.data.packing,
                       accelerator=accelerator)
         logger.log({"step": step, **m})
         if main:
             console.print(f"step {step}: eval loss {m['eval_loss']:.4f}, perplexity {m['eval_ppl']:.2f}")
+            if cfg.eval.samples:
+                samples = sample_generations(cfg, accelerator.unwrap_model(lm).model, tokenizer, data)
+                logger.log({"step": step, "label": f"step {step}", "samples": samples})
+                for smp in samples[:2]:
+                    console.print(f"  [dim]{smp['prompt'][-60:]!r}[/] → {smp['generated'][:80]!r}", markup=True)
         return m
 
     # ---- the loop
@@ -308,22 +300,21 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     eval_metrics = evaluate(total_steps)
     if cfg.train.save_every:
         save(total_steps)
-    from sftune.export import save_final
-
     save_final(cfg, accelerator, lm, tokenizer, out_dir, data)
     metrics = {"train_loss": last_loss, **eval_metrics}
     if before is not None:
-        from sftune.evaluate import generation_eval
-
         after = generation_eval(cfg, accelerator.unwrap_model(lm).model, tokenizer, data, label="after")
-        metrics.update({"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"]})
-        if main:
-            console.print(f"[bold]held-out exact match: before {100 * before['exact_match']:.1f}% → "
-                          f"after {100 * after['exact_match']:.1f}%[/] ({after['n']} examples)")
+        metrics.update({"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
+                        "contains_match_after": after["contains_match"]})
+        for label, res in (("before training", before), ("after training", after)):
+            logger.log({"step": total_steps, "label": label, "samples": res["samples"]})
+        console.print(f"[bold]held-out exact match: before {100 * before['exact_match']:.1f}% → "
+                      f"after {100 * after['exact_match']:.1f}%[/] ({after['n']} examples)")
     logger.log({"step": total_steps, "final": True, **{k: v for k, v in metrics.items() if v is not None}})
     logger.close()
     if main:
         (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
-        console.print(f"saved to [bold]{out_dir}[/]")
+        report = build_report(out_dir)
+        console.print(f"saved to [bold]{out_dir}[/] (report: {report})")
     accelerator.end_training()
     return TrainResult(str(out_dir), total_steps, last_loss, metrics, interrupted)

@@ -83,6 +83,11 @@ class Format:
         config; a custom format (a user function, say) returns a hash of what defines it."""
         return ""
 
+    def config_updates(self) -> dict:
+        """Data-config values that rebuild this format without seeing the data (saved with a run,
+        so generation and evaluation prompt exactly as training did)."""
+        return {}
+
 
 class TextFormat(Format):
     name = "text"
@@ -91,6 +96,9 @@ class TextFormat(Format):
         self.column = cfg.text_column
         self.columns = [self.column]
         self.add_eos = cfg.add_eos
+
+    def config_updates(self) -> dict:
+        return {"format": "text", "text_column": self.column}
 
     def __call__(self, row: dict) -> FormattedExample:
         if row.get(self.column) is None:
@@ -125,6 +133,17 @@ class PromptCompletionFormat(Format):
         self.completion_columns = self.template.completion_fields
         self.train_on_prompt = cfg.train_on_prompt
         self.add_eos = cfg.add_eos
+        self._named = cfg.template
+
+    def config_updates(self) -> dict:
+        if self._named:
+            return {"format": "prompt_completion", "template": self._named}
+        return {"format": "prompt_completion", "prompt": self.template.prompt, "completion": self.template.completion}
+
+    def prompt_from_text(self, text: str) -> str:
+        """A prompt whose first field is ``text`` and whose other fields are empty."""
+        fields = self.template.fields
+        return self.prompt({f: (text if i == 0 else "") for i, f in enumerate(fields)})
 
     def values(self, row: dict) -> dict[str, str]:
         values = {}
@@ -196,6 +215,9 @@ class MessagesFormat(Format):
             )
         specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
         self._specials = sorted(set(specials), key=len, reverse=True)
+
+    def config_updates(self) -> dict:
+        return {"format": "messages", "messages_column": self.column}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if not messages:
