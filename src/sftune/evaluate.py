@@ -28,20 +28,22 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
               accelerator=None) -> dict[str, float]:
     """Loss and perplexity of ``model`` (a :class:`~sftune.loss.CausalLMWithLoss`) on a TokenizedSet.
 
-    Under several processes each rank evaluates a share of the rows and the sums are all-reduced.
+    Under several processes each rank evaluates a share of the batches and the sums are
+    all-reduced. Every rank runs the same number of forwards (an empty batch where it has none
+    left), as sharded models (FSDP, ZeRO-3) need.
     """
     plan = BatchPlan.build(data.lengths, batch_size=batch_size, grad_accum=1, packing=packing,
                            max_length=max_length, seed=0)
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     order = np.argsort(-plan.unit_lengths, kind="stable").tolist()
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches += [[]] * (-len(batches) % world)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(rank * batch_size, len(order), batch_size * world):
-        batch = plan.batch(order[start:start + batch_size], data, pad_id)
-        if batch["n_loss"] == 0:
-            continue
+    for units in batches[rank::world]:
+        batch = plan.batch(units, data, pad_id)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "loss_index", "loss_targets")}
         ctx = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
         with ctx:
@@ -81,8 +83,12 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
-             temperature: float = 0.0, top_p: float = 1.0, add_bos: bool = True, streamer=None) -> list[str]:
-    """Generate a completion for each prompt (batched, left-padded), cut at the first stop token."""
+             temperature: float = 0.0, top_p: float = 1.0, add_bos: bool = True, streamer=None,
+             synced: bool = False) -> list[str]:
+    """Generate a completion for each prompt (batched, left-padded), cut at the first stop token.
+
+    ``synced`` keeps every rank generating until all are done (sharded models: FSDP, ZeRO-3).
+    """
     device = next(model.parameters()).device
     prefix = special_prefix(tokenizer) if add_bos else []
     stops = stop_token_ids(tokenizer)
@@ -112,6 +118,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if synced:
+            kwargs["synced_gpus"] = True
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              streamer=streamer, **kwargs)
         for r, i in enumerate(idx):
@@ -154,31 +162,30 @@ def generation_examples(fmt: Format, rows, limit: int | None, need_reference: bo
     return out
 
 
-def sample_generations(cfg, model, tokenizer, data) -> list[dict]:
+def sample_generations(cfg, model, tokenizer, data, synced: bool = False) -> list[dict]:
     """Greedy generations for the first ``eval.samples`` eval prompts (logged at each evaluation)."""
     rows = data.source.eval if data.source.eval is not None else data.source.train
     examples = generation_examples(data.fmt, rows, cfg.eval.samples, need_reference=False)
     if not examples:
         return []
     preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.eval.max_new_tokens,
-                     batch_size=cfg.eval.batch_size, add_bos=data.fmt.name != "messages")
+                     batch_size=cfg.eval.batch_size, add_bos=data.fmt.name != "messages", synced=synced)
     return [{"prompt": e.prompt, "reference": e.reference, "generated": p} for e, p in zip(examples, preds)]
 
 
-def generation_eval(cfg, model, tokenizer, data, label: str = "", console=None) -> dict:
+def generation_eval(cfg, model, tokenizer, data, label: str = "", show: bool = True, synced: bool = False) -> dict:
     """Greedy generation on the eval rows: exact match / contains match, plus a few samples."""
-    from sftune.ui import console as default_console
+    from sftune.ui import console
 
-    console = console or default_console
     examples = generation_examples(data.fmt, data.source.eval, cfg.eval.limit)
     if not examples:
         return {"exact_match": 0.0, "contains_match": 0.0, "n": 0, "samples": []}
     preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.eval.max_new_tokens,
-                     batch_size=cfg.eval.batch_size, add_bos=data.fmt.name != "messages")
+                     batch_size=cfg.eval.batch_size, add_bos=data.fmt.name != "messages", synced=synced)
     metrics = generation_metrics(preds, [e.reference for e in examples])
     metrics["samples"] = [{"prompt": e.prompt, "reference": e.reference, "generated": p}
                           for e, p in zip(examples[:cfg.eval.samples], preds)]
-    if cfg.eval.samples:
+    if cfg.eval.samples and show:
         from rich.table import Table
 
         t = Table(title=f"Sample generations ({label})" if label else "Sample generations", title_justify="left")

@@ -120,6 +120,11 @@ class CausalLMWithLoss(nn.Module):
         self.fused = fused and not special and isinstance(head, nn.Linear) and hasattr(lm, "base_model")
 
     @property
+    def _no_split_modules(self):
+        """The transformer block classes, for FSDP's transformer-layer auto wrap."""
+        return getattr(self.causal_lm, "_no_split_modules", None)
+
+    @property
     def causal_lm(self) -> nn.Module:
         get_base = getattr(self.model, "get_base_model", None)
         return get_base() if callable(get_base) else self.model

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
+from rich.markup import escape
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import SFTConfig, config_to_yaml
@@ -47,13 +49,46 @@ class TrainResult:
 
 
 def make_accelerator(cfg: SFTConfig):
+    """The accelerate state: devices, mixed precision, and the engine chosen at launch (DDP, FSDP,
+    DeepSpeed). Refuses set-ups that cannot work, with the fix."""
+    import importlib.util
+
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if use_ds and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("this launch uses a DeepSpeed config, but DeepSpeed is not installed: "
+                          "pip install 'sftune[deepspeed]' (or launch with configs/accelerate/ddp.yaml or fsdp.yaml)")
+    if cfg.lora.load_in_4bit and (use_fsdp or use_ds):
+        raise ConfigError("QLoRA (lora.load_in_4bit) is not supported under FSDP or DeepSpeed in sftune; "
+                          "launch it with DDP (configs/accelerate/ddp.yaml), or use plain LoRA under FSDP/ZeRO-3")
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    # launched by torchrun / accelerate on a machine without GPUs: several CPU processes over gloo
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # DeepSpeed runs its own accumulation and clipping: tell it the step structure
+    extra = {}
+    if use_ds:
+        extra = {"gradient_accumulation_steps": cfg.train.grad_accum}
+        for key, value in (("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", cfg.train.grad_accum),
+                           ("ACCELERATE_GRADIENT_CLIPPING", cfg.train.max_grad_norm or 0.0)):
+            if os.environ.get(key, "auto") == "auto":
+                os.environ[key] = str(value)
+    return Accelerator(mixed_precision=mp, cpu=multi_cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **extra)
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP or ZeRO-3: every rank must take part in every forward (generation included)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -185,10 +220,21 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     accelerator.register_for_checkpointing(scheduler)
     batches = Batches(plan, data.train, tokenizer.pad_token_id, rank, world)
 
+    # Generation runs on rank 0; sharded models (FSDP, ZeRO-3) need every rank in every forward.
+    sharded = is_sharded(accelerator)
+    generates = main or sharded
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def generation(kind: str, label: str = ""):
+        model = accelerator.unwrap_model(lm).model
+        if kind == "samples":
+            return sample_generations(cfg, model, tokenizer, data, synced=sharded)
+        return generation_eval(cfg, model, tokenizer, data, label=label, show=main, synced=sharded)
+
     # ---- optional: exact match before training (the quickstart's "before")
     before = None
-    if main and cfg.eval.exact_match and data.source.eval is not None and not cfg.train.resume:
-        before = generation_eval(cfg, accelerator.unwrap_model(lm).model, tokenizer, data, label="before")
+    if generates and cfg.eval.exact_match and data.source.eval is not None and not cfg.train.resume:
+        before = generation("exact_match", "before")
 
     # ---- resume
     start_step = 0
@@ -219,11 +265,12 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
         logger.log({"step": step, **m})
         if main:
             console.print(f"step {step}: eval loss {m['eval_loss']:.4f}, perplexity {m['eval_ppl']:.2f}")
-            if cfg.eval.samples:
-                samples = sample_generations(cfg, accelerator.unwrap_model(lm).model, tokenizer, data)
-                logger.log({"step": step, "label": f"step {step}", "samples": samples})
+        if generates and cfg.eval.samples:
+            samples = generation("samples")
+            logger.log({"step": step, "label": f"step {step}", "samples": samples})
+            if main:
                 for smp in samples[:2]:
-                    console.print(f"  [dim]{smp['prompt'][-60:]!r}[/] → {smp['generated'][:80]!r}", markup=True)
+                    console.print(f"  [dim]{escape(repr(smp['prompt'][-60:]))}[/] → {escape(repr(smp['generated'][:80]))}")
         return m
 
     # ---- the loop
@@ -245,10 +292,14 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
                 if world > 1:
                     step_tokens = accelerator.reduce(step_tokens, reduction="sum")
                 normaliser = step_tokens.clamp(min=1).to(torch.float32) / world
+                if deepspeed:  # DeepSpeed divides each backward by grad_accum itself: undo that
+                    normaliser = normaliser / cfg.train.grad_accum
                 for i, mb in enumerate(micro_batches):
                     inputs = {k: mb[k].to(device, non_blocking=True) for k in BATCH_KEYS}
                     sync = i == len(micro_batches) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(lm):
+                    if deepspeed:  # DeepSpeed reduces and steps inside backward at the step boundary
+                        accelerator.gradient_state._set_sync_gradients(sync)
+                    with contextlib.nullcontext() if sync or deepspeed else accelerator.no_sync(lm):
                         with accelerator.autocast():
                             loss_sum = lm(**inputs)  # forward: summed token loss of this micro-batch
                         accelerator.backward(loss_sum / normaliser)  # backward: its share of the step's mean
@@ -303,13 +354,14 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     save_final(cfg, accelerator, lm, tokenizer, out_dir, data)
     metrics = {"train_loss": last_loss, **eval_metrics}
     if before is not None:
-        after = generation_eval(cfg, accelerator.unwrap_model(lm).model, tokenizer, data, label="after")
+        after = generation("exact_match", "after")
         metrics.update({"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
                         "contains_match_after": after["contains_match"]})
         for label, res in (("before training", before), ("after training", after)):
             logger.log({"step": total_steps, "label": label, "samples": res["samples"]})
-        console.print(f"[bold]held-out exact match: before {100 * before['exact_match']:.1f}% → "
-                      f"after {100 * after['exact_match']:.1f}%[/] ({after['n']} examples)")
+        if main:
+            console.print(f"[bold]held-out exact match: before {100 * before['exact_match']:.1f}% → "
+                          f"after {100 * after['exact_match']:.1f}%[/] ({after['n']} examples)")
     logger.log({"step": total_steps, "final": True, **{k: v for k, v in metrics.items() if v is not None}})
     logger.close()
     if main:
