@@ -73,7 +73,16 @@ def prompt_and_reference(fmt: Format, row: dict) -> GenerationExample:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         return GenerationExample(fmt.render(messages[:last], add_generation_prompt=True),
                                  messages[last]["content"])
-    text = row.get(getattr(fmt, "column", "text")) or ""
+    # text, or a custom format: the leading untrained segments are the prompt, the rest the reference;
+    # a fully trained text is continued from its first half
+    ex = fmt(row)
+    lead = 0
+    while lead < len(ex.segments) and not ex.segments[lead][1]:
+        lead += 1
+    if 0 < lead < len(ex.segments):
+        return GenerationExample("".join(t for t, _ in ex.segments[:lead]),
+                                 "".join(t for t, _ in ex.segments[lead:]))
+    text = ex.text
     return GenerationExample(text[: max(1, len(text) // 2)], None)
 
 

@@ -83,6 +83,10 @@ class Format:
         config; a custom format (a user function, say) returns a hash of what defines it."""
         return ""
 
+    def review(self, report) -> None:
+        """Called with each split's :class:`~sftune.data.report.DataReport` after tokenization, so a
+        custom format can warn about what it skipped. Built-in formats leave that to the report."""
+
     def config_updates(self) -> dict:
         """Data-config values that rebuild this format without seeing the data (saved with a run,
         so generation and evaluation prompt exactly as training did)."""

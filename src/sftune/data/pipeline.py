@@ -150,6 +150,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source 
 
     tok = tokenize_split(source.train, fmt, tokenizer, cfg, max_length, source.name)
     report, kept = _report(tok, source, fmt, cfg.split, max_length, source.rows_read)
+    fmt.review(report)
     if report.kept == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.items())
         raise DataError(f"every training example was skipped ({reasons})", source=source.name,
@@ -162,6 +163,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source 
         etok = tokenize_split(source.eval, fmt, tokenizer, cfg, max_length, source.name)
         split = cfg.eval_split if isinstance(cfg.eval_split, str) else f"{cfg.split} (held out {cfg.eval_split})"
         eval_report, ekept = _report(etok, source, fmt, split, max_length, len(source.eval))
+        fmt.review(eval_report)
         if len(ekept):
             eval_set = TokenizedSet(etok, ekept)
     return PreparedData(train, eval_set, report, eval_report, fmt, source, max_length)

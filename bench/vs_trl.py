@@ -1,0 +1,331 @@
+"""sftune vs TRL's SFTTrainer, side by side, on the tutorials' workloads.
+
+    pip install -e ".[bench]"            # adds the newest TRL and psutil
+    python bench/vs_trl.py               # W1-W3, about 10 minutes on 2 CPU cores
+    python bench/vs_trl.py --quick       # fewer examples per workload
+    python bench/vs_trl.py --workloads W1 --contenders sftune,trl_best
+
+Every contender trains the same model (distilgpt2's exact shape, initialised from one seed, fp32 on
+CPU, the real GPT-2 tokenizer from ../shared) on the same examples, for one epoch, with the same
+learning rate and schedule. Each runs in its own process, so its peak resident memory is its own.
+
+Workloads (data from ../shared/data):
+  W1  CodeAlpaca, "### Question: …\\n ### Answer: …", loss on the answer (+EOS) only, max_length 512
+  W2  IMDb reviews, plain text, max_length 512
+  W3  W1 with LoRA r=16 on all linear layers
+
+Contenders:
+  trl_default  TRL as a user runs it: no packing, its default gradient checkpointing
+  trl_best     TRL at its best: packing=True (bfd), padding_free, no gradient checkpointing
+  sftune       sftune with its defaults
+
+Reported per contender: trained tokens/s (non-padding tokens per second of training, after the
+warm-up steps), peak resident memory, final training loss (mean over the epoch's steps); for sftune,
+ratios against both TRL columns and MFU (FLOP formula printed). The table is printed and written as
+JSON; the last line is a one-line summary per workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
+CODEALPACA = SHARED / "data" / "codealpaca_2k.json"
+IMDB = SHARED / "data" / "imdb_5000.jsonl"
+MAX_LENGTH = 512
+BATCH = 8
+LR = 5e-5
+WARMUP_STEPS = 1  # optimizer steps excluded from the throughput
+CONTENDERS = ("trl_default", "trl_best", "sftune")
+
+
+# ----------------------------------------------------------------------------- shared set-up
+
+
+def build_model(path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=6, n_head=12,
+                        bos_token_id=50256, eos_token_id=50256)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(str(path))
+    AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(str(path))
+
+
+def matmul_flops(n: int = 2048, reps: int = 10) -> float:
+    """Measured fp32 matmul FLOP/s on this machine (the MFU denominator)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def rows_for(workload: str, n: int) -> list[dict]:
+    if workload in ("W1", "W3"):
+        rows = json.loads(CODEALPACA.read_text())
+        return [{"instruction": r["instruction"], "output": r["output"]} for r in rows if r["output"].strip()][:n]
+    rows = [json.loads(line) for line in IMDB.read_text().splitlines()[:n]]
+    return [{"text": r["text"]} for r in rows]
+
+
+def token_stats(workload: str, rows: list[dict]) -> dict:
+    """Real tokens, loss tokens and attention pairs of the epoch, as every contender sees it
+    (prompt and completion tokenized separately, EOS appended, truncated at MAX_LENGTH)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    real = loss = pairs = 0
+    for r in rows:
+        if "text" in r:
+            p, c = [], tok(r["text"])["input_ids"] + [tok.eos_token_id]
+        else:
+            p = tok(f"### Question: {r['instruction']}\n ### Answer:")["input_ids"]
+            c = tok(f" {r['output']}")["input_ids"] + [tok.eos_token_id]
+        n = min(len(p) + len(c), MAX_LENGTH)
+        real += n
+        loss += max(0, n - max(len(p), 1))
+        pairs += n * (n + 1) // 2
+    return {"real_tokens": real, "loss_tokens": loss, "attn_pairs": pairs, "examples": len(rows)}
+
+
+def model_flops(stats: dict, lora: bool) -> tuple[float, str]:
+    """Training FLOPs the task needs, identical for every contender."""
+    d, layers, vocab = 768, 6, 50257
+    n_block = layers * 12 * d * d  # attention (4 d^2) + MLP (8 d^2) weights per layer
+    fwd = 2 * n_block * stats["real_tokens"] + 2 * vocab * d * stats["loss_tokens"] \
+        + layers * 4 * d * stats["attn_pairs"]
+    factor = 2 if lora else 3  # LoRA: no weight gradients for the frozen base (adapters are ~1%)
+    formula = (f"FLOPs = {factor} x [2*N_blocks*T_real + 2*V*d*T_loss + 4*L*d*sum(len*(len+1)/2)], "
+               f"N_blocks = 12*L*d^2 = {n_block / 1e6:.1f}M, V*d = {vocab * d / 1e6:.1f}M "
+               f"({'forward + input gradients (LoRA)' if lora else 'forward + backward'}; lm_head counted on "
+               "loss positions only, the work the loss needs)")
+    return factor * fwd, formula
+
+
+# ----------------------------------------------------------------------------- contenders (child processes)
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_sftune(workload: str, rows: list[dict], model_dir: str, work: str) -> dict:
+    import torch
+
+    from sftune.config import load_config
+    from sftune.train import train
+    from sftune.ui import read_metrics
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    data = Path(work) / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = {"model.path": model_dir, "data.path": str(data), "data.max_length": MAX_LENGTH,
+            "train.output_dir": str(Path(work) / "out"), "train.epochs": 1, "train.batch_size": BATCH,
+            "train.lr": LR, "train.log_every": 1, "train.seed": 0, "eval.exact_match": False}
+    if workload in ("W1", "W3"):
+        over["data.template"] = "qa"
+    else:
+        over["data.format"] = "text"
+    if workload == "W3":
+        over.update({"lora.enabled": True, "lora.r": 16, "lora.alpha": 32, "lora.target_modules": "all-linear"})
+    train(load_config(None, over))
+    steps = [m for m in read_metrics(Path(work) / "out") if "loss" in m and "step" in m]
+    return {"step_times": [m["time"] for m in steps], "losses": [m["loss"] for m in steps]}
+
+
+class _Timer:
+    """A TrainerCallback recording the time at every optimizer step and the logged losses."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Timer(TrainerCallback):
+            def __init__(self):
+                self.times, self.losses = [], []
+
+            def on_step_end(self, args, state, control, **kw):
+                self.times.append(time.time())
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    self.losses.append(logs["loss"])
+
+        return Timer()
+
+
+def run_trl(workload: str, rows: list[dict], model_dir: str, work: str, best: bool) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.eos_token
+    if workload in ("W1", "W3"):
+        ds = datasets.Dataset.from_list([{"prompt": f"### Question: {r['instruction']}\n ### Answer:",
+                                          "completion": f" {r['output']}"} for r in rows])
+    else:
+        ds = datasets.Dataset.from_list(rows)
+    kw = dict(output_dir=str(Path(work) / "out"), num_train_epochs=1, per_device_train_batch_size=BATCH,
+              learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, logging_steps=1, save_strategy="no",
+              report_to=[], seed=0, bf16=False, fp16=False, max_length=MAX_LENGTH, dataloader_num_workers=0,
+              use_cpu=True)
+    if best:
+        kw.update(packing=True, packing_strategy="bfd", padding_free=True, gradient_checkpointing=False)
+    args = SFTConfig(**kw)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_config = None
+    if workload == "W3":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                 task_type="CAUSAL_LM", fan_in_fan_out=True)
+    timer = _Timer()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                         callbacks=[timer])
+    trainer.train()
+    return {"step_times": timer.times, "losses": timer.losses}
+
+
+def child(contender: str, workload: str, rows: list[dict], model_dir: str, queue) -> None:
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            start = time.time()
+            if contender == "sftune":
+                res = run_sftune(workload, rows, model_dir, work)
+            else:
+                res = run_trl(workload, rows, model_dir, work, best=contender == "trl_best")
+            res["wall"] = time.time() - start
+            res["peak_rss"] = _peak_rss()
+            queue.put(res)
+    except Exception as e:  # report, don't hang the parent
+        import traceback
+
+        queue.put({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
+
+
+def measure(contender: str, workload: str, rows: list[dict], model_dir: str, stats: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=child, args=(contender, workload, rows, model_dir, queue))
+    p.start()
+    res = queue.get()
+    p.join()
+    if "error" in res:
+        return res
+    times = res["step_times"]
+    steps = len(times)
+    if steps <= WARMUP_STEPS + 1:
+        return {"error": f"only {steps} optimizer steps; use more examples"}
+    # throughput after the warm-up steps; tokens are spread evenly over steps in expectation
+    elapsed = times[-1] - times[WARMUP_STEPS - 1] if WARMUP_STEPS else times[-1] - times[0]
+    tokens = stats["real_tokens"] * (steps - WARMUP_STEPS) / steps
+    losses = res["losses"]
+    return {"tokens_per_s": tokens / elapsed, "peak_rss_gb": res["peak_rss"] / 2**30, "steps": steps,
+            "final_loss": sum(losses) / len(losses) if losses else float("nan"),
+            "last_loss": losses[-1] if losses else float("nan"), "train_seconds": elapsed, "wall": res["wall"]}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer examples per workload (a smoke run)")
+    parser.add_argument("--workloads", default="W1,W2,W3")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--examples", type=int, help="examples per workload (default 48, quick 24)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args(argv)
+    if not TOKENIZER.exists() or not CODEALPACA.exists():
+        print(f"needs ../shared (the GPT-2 tokenizer and data) beside the repository: {SHARED} is missing")
+        return 2
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    n = args.examples or (24 if args.quick else 48)
+    workloads = [w.strip() for w in args.workloads.split(",")]
+    contenders = [c.strip() for c in args.contenders.split(",")]
+    peak = matmul_flops()
+    console.print(f"fp32 matmul peak (2048x2048): {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} cores "
+                  f"({platform.processor() or platform.machine()})")
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
+               "matmul_gflops": peak / 1e9, "examples": n, "batch_size": BATCH, "max_length": MAX_LENGTH,
+               "workloads": {}}
+    summaries = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "distilgpt2-shaped"
+        build_model(model_dir)
+        for w in workloads:
+            rows = rows_for(w, n)
+            stats = token_stats(w, rows)
+            flops, formula = model_flops(stats, lora=w == "W3")
+            per = {}
+            for c in contenders:
+                console.print(f"[bold]{w}[/] {c} …")
+                per[c] = measure(c, w, rows, str(model_dir), stats)
+                if "error" in per[c]:
+                    console.print(f"[red]{c} failed: {per[c]['error']}[/]\n{per[c].get('trace', '')}")
+            ok = {c: r for c, r in per.items() if "error" not in r}
+            if "sftune" in ok:
+                s = ok["sftune"]
+                s["mfu"] = flops / stats["real_tokens"] * s["tokens_per_s"] / peak
+                for c in ("trl_default", "trl_best"):
+                    if c in ok:
+                        s[f"speed_vs_{c}"] = s["tokens_per_s"] / ok[c]["tokens_per_s"]
+                        s[f"mem_vs_{c}"] = s["peak_rss_gb"] / ok[c]["peak_rss_gb"]
+            results["workloads"][w] = {"stats": stats, "flops_formula": formula, "results": per}
+            t = Table(title=f"{w}: {stats['examples']} examples, {stats['real_tokens']:,} tokens "
+                            f"({stats['loss_tokens']:,} with loss), 1 epoch, batch {BATCH}", title_justify="left")
+            for col in ("contender", "tokens/s", "peak RSS", "final loss", "steps", "vs TRL default", "vs TRL best",
+                        "MFU"):
+                t.add_column(col, justify="right")
+            for c, r in per.items():
+                if "error" in r:
+                    t.add_row(c, "failed", "", "", "", "", "", "")
+                    continue
+                t.add_row(c, f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_gb']:.2f} GB", f"{r['final_loss']:.4f}",
+                          str(r["steps"]), f"{r.get('speed_vs_trl_default', float('nan')):.2f}x" if c == "sftune" else "",
+                          f"{r.get('speed_vs_trl_best', float('nan')):.2f}x" if c == "sftune" else "",
+                          f"{r['mfu']:.2f}" if "mfu" in r else "")
+            console.print(t)
+            console.print(f"[dim]{formula}[/]")
+            if "sftune" in ok:
+                s = ok["sftune"]
+                summaries.append(f"{w} sftune/trl_default={s.get('speed_vs_trl_default', float('nan')):.2f}x "
+                                 f"sftune/trl_best={s.get('speed_vs_trl_best', float('nan')):.2f}x "
+                                 f"mem/trl_default={s.get('mem_vs_trl_default', float('nan')):.2f} mfu={s['mfu']:.2f}")
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    console.print(f"wrote {args.out}")
+    print(" | ".join(summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
