@@ -20,7 +20,9 @@ Contenders:
   sftune       sftune with its defaults
 
 Reported per contender: trained tokens/s (non-padding tokens per second of training, after the
-warm-up steps), peak resident memory, final training loss (mean over the epoch's steps); for sftune,
+warm-up steps), peak resident memory, training loss (mean over the epoch's steps) and the loss of
+the final model on 16 held-out rows (one measurement for all, so "learned the same" is checked on
+equal terms); for sftune,
 ratios against both TRL columns and MFU (FLOP formula printed). The table is printed and written as
 JSON; the last line is a one-line summary per workload.
 """
@@ -87,6 +89,37 @@ def rows_for(workload: str, n: int) -> list[dict]:
     return [{"text": r["text"]} for r in rows]
 
 
+HELDOUT = 16  # rows after the training rows, for the final held-out loss
+
+
+def encode(tok, row: dict) -> tuple[list[int], list[int]]:
+    """Prompt ids and completion ids (+EOS), the way every contender builds them."""
+    if "text" in row:
+        return [], tok(row["text"])["input_ids"] + [tok.eos_token_id]
+    return (tok(f"### Question: {row['instruction']}\n ### Answer:")["input_ids"],
+            tok(f" {row['output']}")["input_ids"] + [tok.eos_token_id])
+
+
+def heldout_loss(model, workload: str, rows: list[dict]) -> float:
+    """Mean loss per trained token on held-out rows: the same measurement for every contender."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for r in rows:
+            p, c = encode(tok, r)
+            ids = (p + c)[:MAX_LENGTH]
+            labels = ([-100] * len(p) + c)[:MAX_LENGTH]
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            target = torch.tensor(labels[1:])
+            total += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+            count += int((target != -100).sum())
+    return total / max(count, 1)
+
+
 def token_stats(workload: str, rows: list[dict]) -> dict:
     """Real tokens, loss tokens and attention pairs of the epoch, as every contender sees it
     (prompt and completion tokenized separately, EOS appended, truncated at MAX_LENGTH)."""
@@ -95,11 +128,7 @@ def token_stats(workload: str, rows: list[dict]) -> dict:
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     real = loss = pairs = 0
     for r in rows:
-        if "text" in r:
-            p, c = [], tok(r["text"])["input_ids"] + [tok.eos_token_id]
-        else:
-            p = tok(f"### Question: {r['instruction']}\n ### Answer:")["input_ids"]
-            c = tok(f" {r['output']}")["input_ids"] + [tok.eos_token_id]
+        p, c = encode(tok, r)
         n = min(len(p) + len(c), MAX_LENGTH)
         real += n
         loss += max(0, n - max(len(p), 1))
@@ -133,7 +162,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_sftune(workload: str, rows: list[dict], model_dir: str, work: str) -> dict:
+def run_sftune(workload: str, rows: list[dict], heldout: list[dict], model_dir: str, work: str) -> dict:
     import torch
 
     from sftune.config import load_config
@@ -154,7 +183,14 @@ def run_sftune(workload: str, rows: list[dict], model_dir: str, work: str) -> di
         over.update({"lora.enabled": True, "lora.r": 16, "lora.alpha": 32, "lora.target_modules": "all-linear"})
     train(load_config(None, over))
     steps = [m for m in read_metrics(Path(work) / "out") if "loss" in m and "step" in m]
-    return {"step_times": [m["time"] for m in steps], "losses": [m["loss"] for m in steps]}
+    res = {"step_times": [m["time"] for m in steps], "losses": [m["loss"] for m in steps],
+           "peak_rss": _peak_rss()}
+    if workload == "W3":
+        from peft import AutoPeftModelForCausalLM as Auto
+    else:
+        from transformers import AutoModelForCausalLM as Auto
+    res["heldout_loss"] = heldout_loss(Auto.from_pretrained(str(Path(work) / "out")), workload, heldout)
+    return res
 
 
 class _Timer:
@@ -177,7 +213,7 @@ class _Timer:
         return Timer()
 
 
-def run_trl(workload: str, rows: list[dict], model_dir: str, work: str, best: bool) -> dict:
+def run_trl(workload: str, rows: list[dict], heldout: list[dict], model_dir: str, work: str, best: bool) -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -196,7 +232,10 @@ def run_trl(workload: str, rows: list[dict], model_dir: str, work: str, best: bo
               report_to=[], seed=0, bf16=False, fp16=False, max_length=MAX_LENGTH, dataloader_num_workers=0,
               use_cpu=True)
     if best:
-        kw.update(packing=True, packing_strategy="bfd", padding_free=True, gradient_checkpointing=False)
+        # packed rows of MAX_LENGTH tokens; as many per step as the unpacked contenders' tokens per step
+        mean_len = sum(len(encode(tok, r)[0]) + len(encode(tok, r)[1]) for r in rows) / len(rows)
+        kw.update(packing=True, packing_strategy="bfd", padding_free=True, gradient_checkpointing=False,
+                  per_device_train_batch_size=max(1, round(BATCH * min(mean_len, MAX_LENGTH) / MAX_LENGTH)))
     args = SFTConfig(**kw)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_config = None
@@ -209,19 +248,20 @@ def run_trl(workload: str, rows: list[dict], model_dir: str, work: str, best: bo
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                          callbacks=[timer])
     trainer.train()
-    return {"step_times": timer.times, "losses": timer.losses}
+    res = {"step_times": timer.times, "losses": timer.losses, "peak_rss": _peak_rss()}
+    res["heldout_loss"] = heldout_loss(trainer.model, workload, heldout)
+    return res
 
 
-def child(contender: str, workload: str, rows: list[dict], model_dir: str, queue) -> None:
+def child(contender: str, workload: str, rows: list[dict], heldout: list[dict], model_dir: str, queue) -> None:
     try:
         with tempfile.TemporaryDirectory() as work:
             start = time.time()
             if contender == "sftune":
-                res = run_sftune(workload, rows, model_dir, work)
+                res = run_sftune(workload, rows, heldout, model_dir, work)
             else:
-                res = run_trl(workload, rows, model_dir, work, best=contender == "trl_best")
+                res = run_trl(workload, rows, heldout, model_dir, work, best=contender == "trl_best")
             res["wall"] = time.time() - start
-            res["peak_rss"] = _peak_rss()
             queue.put(res)
     except Exception as e:  # report, don't hang the parent
         import traceback
@@ -229,10 +269,10 @@ def child(contender: str, workload: str, rows: list[dict], model_dir: str, queue
         queue.put({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
 
 
-def measure(contender: str, workload: str, rows: list[dict], model_dir: str, stats: dict) -> dict:
+def measure(contender: str, workload: str, rows: list[dict], heldout: list[dict], model_dir: str, stats: dict) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=child, args=(contender, workload, rows, model_dir, queue))
+    p = ctx.Process(target=child, args=(contender, workload, rows, heldout, model_dir, queue))
     p.start()
     res = queue.get()
     p.join()
@@ -247,8 +287,8 @@ def measure(contender: str, workload: str, rows: list[dict], model_dir: str, sta
     tokens = stats["real_tokens"] * (steps - WARMUP_STEPS) / steps
     losses = res["losses"]
     return {"tokens_per_s": tokens / elapsed, "peak_rss_gb": res["peak_rss"] / 2**30, "steps": steps,
-            "final_loss": sum(losses) / len(losses) if losses else float("nan"),
-            "last_loss": losses[-1] if losses else float("nan"), "train_seconds": elapsed, "wall": res["wall"]}
+            "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+            "heldout_loss": res["heldout_loss"], "train_seconds": elapsed, "wall": res["wall"]}
 
 
 # ----------------------------------------------------------------------------- main
@@ -268,7 +308,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=150)
     n = args.examples or (24 if args.quick else 48)
     workloads = [w.strip() for w in args.workloads.split(",")]
     contenders = [c.strip() for c in args.contenders.split(",")]
@@ -283,13 +323,14 @@ def main(argv=None) -> int:
         model_dir = Path(tmp) / "distilgpt2-shaped"
         build_model(model_dir)
         for w in workloads:
-            rows = rows_for(w, n)
+            everything = rows_for(w, n + HELDOUT)
+            rows, heldout = everything[:n], everything[n:]
             stats = token_stats(w, rows)
             flops, formula = model_flops(stats, lora=w == "W3")
             per = {}
             for c in contenders:
                 console.print(f"[bold]{w}[/] {c} …")
-                per[c] = measure(c, w, rows, str(model_dir), stats)
+                per[c] = measure(c, w, rows, heldout, str(model_dir), stats)
                 if "error" in per[c]:
                     console.print(f"[red]{c} failed: {per[c]['error']}[/]\n{per[c].get('trace', '')}")
             ok = {c: r for c, r in per.items() if "error" not in r}
@@ -303,15 +344,15 @@ def main(argv=None) -> int:
             results["workloads"][w] = {"stats": stats, "flops_formula": formula, "results": per}
             t = Table(title=f"{w}: {stats['examples']} examples, {stats['real_tokens']:,} tokens "
                             f"({stats['loss_tokens']:,} with loss), 1 epoch, batch {BATCH}", title_justify="left")
-            for col in ("contender", "tokens/s", "peak RSS", "final loss", "steps", "vs TRL default", "vs TRL best",
-                        "MFU"):
+            for col in ("contender", "tokens/s", "peak RSS", "train loss", "held-out loss", "steps", "vs TRL default",
+                        "vs TRL best", "MFU"):
                 t.add_column(col, justify="right")
             for c, r in per.items():
                 if "error" in r:
-                    t.add_row(c, "failed", "", "", "", "", "", "")
+                    t.add_row(c, "failed", "", "", "", "", "", "", "")
                     continue
-                t.add_row(c, f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_gb']:.2f} GB", f"{r['final_loss']:.4f}",
-                          str(r["steps"]), f"{r.get('speed_vs_trl_default', float('nan')):.2f}x" if c == "sftune" else "",
+                t.add_row(c, f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_gb']:.2f} GB", f"{r['train_loss']:.4f}",
+                          f"{r['heldout_loss']:.4f}", str(r["steps"]), f"{r.get('speed_vs_trl_default', float('nan')):.2f}x" if c == "sftune" else "",
                           f"{r.get('speed_vs_trl_best', float('nan')):.2f}x" if c == "sftune" else "",
                           f"{r['mfu']:.2f}" if "mfu" in r else "")
             console.print(t)

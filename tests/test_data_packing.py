@@ -95,24 +95,30 @@ def test_unpacked_micro_batches_are_laid_out_padding_free():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 500, size=400)
     plan = BatchPlan.build(lengths, batch_size=8, grad_accum=1, packing=False, max_length=512, seed=0)
+    flat = BatchPlan.build(lengths, batch_size=8, grad_accum=1, packing=False, max_length=512, seed=0, flat=True)
     for step in plan.epoch_steps(0)[:10]:
         (mb,) = plan.micro_batches(step)
         rows = plan.layout(mb)
         assert sorted(i for r in rows for i in r) == sorted(mb)  # the same 8 examples
-        assert all(lengths[r].sum() <= 512 for r in rows)
+        assert flat.layout(mb) == [[u for u in mb]]  # per-example attention: one flat row, no padding
     assert plan.fill() > 0.8  # a padded batch of random lengths would be about half padding
+    assert flat.fill() == 1.0
 
 
 # ----------------------------------------------------------------------------- packed == unpacked
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sftune_varlen"])
 def test_packed_loss_equals_unpacked(tiny_model_dir, attn):
     from transformers import AutoModelForCausalLM
 
+    from sftune.attention import enable_varlen
     from sftune.loss import CausalLMWithLoss
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation=attn, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="eager" if attn == "eager"
+                                                 else "sdpa", dtype=torch.float32)
+    if attn == "sftune_varlen":
+        assert enable_varlen(model)
     lm = CausalLMWithLoss(model).eval()
     g = torch.Generator().manual_seed(0)
     examples = []
@@ -123,7 +129,7 @@ def test_packed_loss_equals_unpacked(tiny_model_dir, attn):
 
     def loss(rows):
         b = collate(rows, pad_id=0)
-        return lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"]), b["n_loss"]
+        return lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"], b["doc_bounds"]), b["n_loss"]
 
     with torch.no_grad():
         one_by_one = [loss([[e]]) for e in examples]
@@ -135,6 +141,30 @@ def test_packed_loss_equals_unpacked(tiny_model_dir, attn):
     torch.testing.assert_close(packed_sum, total, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two_rows_sum, total, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padded_sum, total, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_gradients_match_per_example(tiny_model_dir):
+    """Per-example attention in one flat row: loss and every parameter gradient equal the sum over
+    the examples run one at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from sftune.attention import enable_varlen
+    from sftune.loss import CausalLMWithLoss
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    assert enable_varlen(model)
+    lm = CausalLMWithLoss(model)
+    examples = [(list(range(3, 3 + n)), list(range(3, 3 + n))) for n in (9, 4, 15)]
+    flat = collate([examples], pad_id=0)
+    assert flat["doc_bounds"] == (0, 9, 13, 28)
+    lm(flat["input_ids"], flat["position_ids"], flat["loss_index"], flat["loss_targets"], flat["doc_bounds"]).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for e in examples:
+        b = collate([[e]], pad_id=0)
+        lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"]).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(packed[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_packed_per_example_logits_match(tiny_model_dir):

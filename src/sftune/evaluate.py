@@ -33,7 +33,8 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
     left), as sharded models (FSDP, ZeRO-3) need.
     """
     plan = BatchPlan.build(data.lengths, batch_size=batch_size, grad_accum=1, packing=packing,
-                           max_length=max_length, seed=0)
+                           max_length=max_length, seed=0,
+                           flat=getattr(accelerator.unwrap_model(model) if accelerator else model, "varlen", False))
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     order = np.argsort(-plan.unit_lengths, kind="stable").tolist()
@@ -45,6 +46,7 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
     for units in batches[rank::world]:
         batch = plan.batch(units, data, pad_id)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "loss_index", "loss_targets")}
+        inputs["doc_bounds"] = batch["doc_bounds"]
         ctx = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
         with ctx:
             loss_sum = model(**inputs)
@@ -220,7 +222,11 @@ def evaluate_loaded(loaded, data_cfg, *, limit: int | None, max_new_tokens: int,
     limits = [1024, model_max_positions(loaded.model.config) or 1024]
     max_length = data_cfg.max_length or min(limits)
     data = prepare_data(data_cfg, tokenizer, max_length, fmt=loaded.fmt)
+    from sftune.attention import enable_varlen
+    from sftune.model import unwrap_causal_lm
+
     device = next(loaded.model.parameters()).device
+    enable_varlen(unwrap_causal_lm(loaded.model))
     lm = CausalLMWithLoss(loaded.model)
     result = eval_loss(lm, data.train, batch_size=8, max_length=max_length, pad_id=tokenizer.pad_token_id,
                        device=device)

@@ -129,14 +129,22 @@ class CausalLMWithLoss(nn.Module):
         get_base = getattr(self.model, "get_base_model", None)
         return get_base() if callable(get_base) else self.model
 
-    def forward(self, input_ids, position_ids, loss_index, loss_targets):
+    @property
+    def varlen(self) -> bool:
+        """Whether the model attends per example within a flat row (see ``sftune.attention``)."""
+        from sftune.attention import NAME
+
+        return getattr(self.causal_lm.config, "_attn_implementation", None) == NAME
+
+    def forward(self, input_ids, position_ids, loss_index, loss_targets, doc_bounds=None):
         lm = self.causal_lm
+        extra = {"doc_bounds": doc_bounds} if doc_bounds is not None and self.varlen else {}
         if self.fused:
-            out = lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            out = lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
             hidden = out.last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
             head = lm.get_output_embeddings()
             return linear_cross_entropy_sum(hidden, head.weight, loss_targets, head.bias)
-        logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, loss_index)
         return F.cross_entropy(logits.float(), loss_targets, reduction="sum")

@@ -148,6 +148,21 @@ def load_model(cfg: SFTConfig, tokenizer, n_added: int = 0, device: torch.device
     return model
 
 
+def fast_activations(model) -> int:
+    """Swap transformers' Python tanh-GELU (``gelu_new``: pow, mul, tanh, each kept for backward)
+    for the same function as one fused torch kernel (``GELUTanh``). Faster, far less activation
+    memory, same values to float rounding; the saved config is unchanged. Returns the count."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 def _bnb_config(cfg: SFTConfig, device: torch.device):
     try:
         import bitsandbytes  # noqa: F401

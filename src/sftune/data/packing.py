@@ -95,14 +95,20 @@ class BatchPlan:
     max_length: int
     seed: int
     packing: bool
+    flat: bool = False
+    """The model attends per example within a row (``sftune.attention``): lay every micro-batch
+    out as one flat row, which needs no padding and no block mask."""
+    attn_weight: float = 1 / (6 * 768)
+    """Cost of attending to one more context token, relative to a token's linear-layer cost
+    (about 1 / (6 * hidden size)); used to choose micro-batch layouts when not ``flat``."""
 
     @classmethod
     def build(cls, lengths, *, batch_size: int, grad_accum: int, world_size: int = 1, packing: bool,
-              max_length: int, seed: int) -> "BatchPlan":
+              max_length: int, seed: int, flat: bool = False, hidden_size: int = 768) -> "BatchPlan":
         lengths = np.asarray(lengths, dtype=np.int64)
         units = best_fit_decreasing(lengths, max_length) if packing else [[i] for i in range(len(lengths))]
         return cls(lengths, units, batch_size * grad_accum * world_size, batch_size * world_size, max_length, seed,
-                   packing)
+                   packing, flat, 1 / (6 * hidden_size))
 
     def __post_init__(self):
         self.unit_lengths = np.array([int(self.lengths[u].sum()) for u in self.units], dtype=np.int64)
@@ -131,21 +137,39 @@ class BatchPlan:
     def layout(self, units: list[int]) -> list[list[int]]:
         """Rows (lists of example indices) for a micro-batch of units.
 
-        Without packing, the examples are packed into rows when that saves compute; when they are
-        of similar length, one example per row pads little and keeps the plain causal mask.
-        Both layouts give the same loss (tested), so this is only a speed choice.
+        ``flat``: one row holding every example. Otherwise, with packing, one row per packed unit;
+        without, the cheapest layout by :meth:`layout_cost`: one example per row (plain causal
+        attention; best for similar lengths), or packed best-fit-decreasing into rows of
+        ``max_length`` or longer (no padding; a block mask over a longer row costs more).
+        All layouts give the same loss (tested).
         """
+        if self.flat:
+            row = [i for u in units for i in self.units[u]]
+            return [row] if row else []
         if self.packing:
             return [self.units[u] for u in units]
         examples = [self.units[u][0] for u in units]
         if not examples:
             return []
         lengths = self.lengths[examples]
-        packed = best_fit_decreasing(lengths, self.max_length)
-        packed_cost = len(packed) * max(int(lengths[r].sum()) for r in packed)
-        if len(examples) * int(lengths.max()) <= 1.15 * packed_cost:
-            return [[i] for i in examples]
-        return [[examples[j] for j in row] for row in packed]
+        best = [[i] for i in examples]
+        best_cost = self.layout_cost([int(n) for n in lengths], causal=True)
+        total = int(lengths.sum())
+        capacity = self.max_length
+        while True:
+            rows = best_fit_decreasing(lengths, capacity)
+            cost = self.layout_cost([int(lengths[r].sum()) for r in rows], causal=False)
+            if cost < best_cost:
+                best, best_cost = [[examples[j] for j in row] for row in rows], cost
+            if capacity >= total:
+                return best
+            capacity = min(2 * capacity, total)
+
+    def layout_cost(self, widths: list[int], causal: bool) -> float:
+        """Relative compute of rows padded to the widest: linear layers plus attention (half of
+        it when the plain causal kernel can skip the masked triangle)."""
+        w = max(widths)
+        return len(widths) * w * (1 + (0.5 if causal else 1.0) * self.attn_weight * w)
 
     def batch(self, units: list[int], data, pad_id: int) -> dict:
         """Collated tensors for a micro-batch (``data.example(i)`` gives ids and labels)."""
@@ -170,7 +194,8 @@ def collate(examples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> d
     Returns ``input_ids``, ``position_ids``, ``targets`` (shifted labels, per example) of shape
     ``[rows, T]``; ``loss_index`` and ``loss_targets``, the flat positions that carry loss and
     their targets (computed here, on the CPU, so the model never syncs to find them);
-    ``n_loss``, their number, and ``real_tokens``, the non-padding tokens, as Python ints.
+    ``n_loss``, their number, and ``real_tokens``, the non-padding tokens, as Python ints; and
+    ``doc_bounds``, the examples' cumulative offsets when the batch is a single row (else None).
     """
     width = max((sum(len(ids) for ids, _ in row) for row in examples), default=1) or 1
     n = max(len(examples), 1)
@@ -200,4 +225,6 @@ def collate(examples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> d
         "loss_targets": flat.index_select(0, loss_index),
         "n_loss": int(loss_index.numel()),
         "real_tokens": sum(len(ids) for row in examples for ids, _ in row),
+        "doc_bounds": tuple(np.cumsum([0] + [len(ids) for ids, _ in examples[0]]).tolist())
+        if len(examples) == 1 and examples[0] else None,
     }
