@@ -5,7 +5,7 @@
 The model is distilgpt2-shaped (see vs_trl.py). Each component is timed forward + backward on the
 exact tensors of real micro-batches: the attention sub-blocks (ln_1 + attention), the MLP
 sub-blocks (ln_2 + MLP), the lm_head + chunked loss, the AdamW step, and data (the batch plan
-and collation). The rest of a full step (embeddings, residual adds, autograd bookkeeping) is the
+and collation), with sftune's defaults (one flat row per micro-batch, per-example attention). The rest of a full step (embeddings, residual adds, autograd bookkeeping) is the
 remainder. Prints a table and the share of the measured step time.
 """
 
@@ -45,6 +45,7 @@ def main() -> int:
 
     from sftune.data.packing import BatchPlan, collate
     from sftune.loss import CausalLMWithLoss, linear_cross_entropy_sum
+    from sftune.attention import enable_varlen
     from sftune.model import fast_activations
 
     torch.manual_seed(0)
@@ -52,6 +53,7 @@ def main() -> int:
         vs_trl.build_model(Path(tmp))
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     fast_activations(model)
+    enable_varlen(model)
     tok = AutoTokenizer.from_pretrained(str(vs_trl.TOKENIZER))
     rows = vs_trl.rows_for(args.workload, 8 * args.steps)
     examples = []
@@ -66,7 +68,7 @@ def main() -> int:
 
     data = Data()
     plan = BatchPlan.build([len(e[0]) for e in examples], batch_size=8, grad_accum=1, packing=False,
-                           max_length=vs_trl.MAX_LENGTH, seed=0)
+                           max_length=vs_trl.MAX_LENGTH, seed=0, flat=True)
     steps = plan.epoch_steps(0)
     lm = CausalLMWithLoss(model)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
@@ -79,7 +81,8 @@ def main() -> int:
         batch = plan.batch(plan.micro_batches(step)[0], data, tok.eos_token_id)
         parts["data (plan + collate)"] += time.perf_counter() - t
         tokens += batch["real_tokens"]
-        inputs = (batch["input_ids"], batch["position_ids"], batch["loss_index"], batch["loss_targets"])
+        inputs = (batch["input_ids"], batch["position_ids"], batch["loss_index"], batch["loss_targets"],
+                  batch["doc_bounds"])
 
         def full():
             lm(*inputs).backward()
@@ -89,10 +92,11 @@ def main() -> int:
         parts["full step"] += timed(full, reps=1)
         # the inputs each sub-block sees, captured from one forward
         captured = {}
-        hooks = [body.h[0].attn.register_forward_pre_hook(lambda m, a, k: captured.setdefault("attn_kw", k),
+        hooks = [body.h[0].attn.register_forward_pre_hook(lambda m, a, k: captured.setdefault("attn_kw", k) and None,
                                                           with_kwargs=True)]
         with torch.no_grad():
-            out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       doc_bounds=batch["doc_bounds"], attention_mask=torch.ones_like(batch["input_ids"]))
         for h in hooks:
             h.remove()
         x = torch.randn(*batch["input_ids"].shape, model.config.n_embd, requires_grad=True)

@@ -195,3 +195,15 @@ def test_loss_decreases(tiny_model_dir, qa_file, tmp_path):
     train(cfg_for(tiny_model_dir, qa_file, out, **{"train.max_steps": 30, "train.lr": 3e-3, "train.batch_size": 8}))
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_loss(tiny_model_dir, qa_file, tmp_path):
+    """train.compile=true (torch.compile) trains to the same losses as eager mode."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    over = {"train.max_steps": 2, "train.batch_size": 4, "data.limit": 8}
+    train(cfg_for(tiny_model_dir, qa_file, eager, **over))
+    train(cfg_for(tiny_model_dir, qa_file, compiled, **over, **{"train.compile": True}))
+    a, b = train_losses(eager), train_losses(compiled)
+    for step in (1, 2):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4)

@@ -138,7 +138,11 @@ class CausalLMWithLoss(nn.Module):
 
     def forward(self, input_ids, position_ids, loss_index, loss_targets, doc_bounds=None):
         lm = self.causal_lm
-        extra = {"doc_bounds": doc_bounds} if doc_bounds is not None and self.varlen else {}
+        extra = {}
+        if doc_bounds is not None and self.varlen:
+            # per-example attention from the boundaries; an all-ones mask tells transformers not to
+            # build the [T, T] block mask it would otherwise derive from the restarting positions
+            extra = {"doc_bounds": doc_bounds, "attention_mask": torch.ones_like(input_ids)}
         if self.fused:
             out = lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
             hidden = out.last_hidden_state

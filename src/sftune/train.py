@@ -198,8 +198,9 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     max_length = resolve_max_length(cfg, tokenizer, model_config)
     with accelerator.main_process_first():
         data: PreparedData = prepare_data(cfg.data, tokenizer, max_length, source=source, fmt=fmt)
-    # one flat row per micro-batch with per-example attention, unless the user picked a kernel
-    flat = cfg.model.attn_implementation in (None, "sdpa")
+    # one flat row per micro-batch with per-example attention, unless the user picked a kernel (or
+    # torch.compile, which would recompile for every new set of example boundaries)
+    flat = cfg.model.attn_implementation in (None, "sdpa") and not cfg.train.compile
     plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                            world_size=world, packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed,
                            flat=flat, hidden_size=getattr(model_config, "hidden_size", 768))
@@ -226,7 +227,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
         console.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
     lm = CausalLMWithLoss(model)
     if cfg.train.compile:
-        lm.compile()
+        lm.compile(dynamic=True)
     optimizer = make_optimizer(cfg, lm, device)
     steps_per_epoch = plan.steps_per_epoch
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
