@@ -295,9 +295,8 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     window_tokens = 0  # loss tokens since last log (this rank)
     window_real = 0  # non-padding tokens since last log (this rank)
     window_start = time.perf_counter()
-    last_loss, eval_metrics, step = None, {}, start_step
+    last_loss, step = None, start_step
     progress = training_progress(main)
-    interrupted = False
     try:
         with progress:
             task = progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-")
@@ -331,9 +330,8 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
                 done = step + 1
 
                 if done % cfg.train.log_every == 0 or done == total_steps:
-                    stats = torch.stack([window_loss, torch.tensor(float(window_tokens), dtype=torch.float64,
-                                                                   device=device),
-                                         torch.tensor(float(window_real), dtype=torch.float64, device=device)])
+                    stats = torch.stack([window_loss, window_loss.new_tensor(window_tokens),
+                                         window_loss.new_tensor(window_real)])
                     if world > 1:
                         stats = accelerator.reduce(stats, reduction="sum")
                     elapsed = time.perf_counter() - window_start
@@ -356,7 +354,6 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
                     save(done)
             step = total_steps
     except KeyboardInterrupt:
-        interrupted = True
         if main:
             console.print(f"\n[yellow]interrupted: saving a checkpoint at step {step}[/]")
         save(step)
@@ -385,4 +382,4 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
         report = build_report(out_dir)
         console.print(f"saved to [bold]{out_dir}[/] (report: {report})")
     accelerator.end_training()
-    return TrainResult(str(out_dir), total_steps, last_loss, metrics, interrupted)
+    return TrainResult(str(out_dir), total_steps, last_loss, metrics)
