@@ -43,7 +43,7 @@ def main() -> int:
     from rich.table import Table
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftune.data.packing import BatchPlan, collate
+    from sftune.data.packing import BatchPlan
     from sftune.loss import CausalLMWithLoss, linear_cross_entropy_sum
     from sftune.attention import enable_varlen
     from sftune.model import fast_activations

@@ -116,7 +116,8 @@ def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int = 128) 
 
 def cmd_generate(args) -> int:
     from sftune.evaluate import generate
-    from sftune.inference import load_for_inference, read_rows
+    from sftune.data.sources import read_json_rows
+    from sftune.inference import load_for_inference
     from sftune.ui import out
 
     loaded = load_for_inference(args.model)
@@ -124,7 +125,7 @@ def cmd_generate(args) -> int:
         prompts = [args.prompt if args.raw else loaded.prompt_from_text(args.prompt)]
         rows = None
     else:
-        rows = read_rows(args.file)
+        rows = read_json_rows(args.file)
         prompts = [loaded.prompt_from_row(r) for r in rows]
     outputs = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sftune.data.formats import Format, MessagesFormat, PromptCompletionFormat, normalize_messages
-from sftune.data.packing import BatchPlan
+from sftune.data.packing import BatchPlan, model_inputs
 from sftune.data.tokenize import end_of_turn_ids, special_prefix
 
 
@@ -45,8 +45,7 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for units in batches[rank::world]:
         batch = plan.batch(units, data, pad_id)
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "loss_index", "loss_targets")}
-        inputs["doc_bounds"] = batch["doc_bounds"]
+        inputs = model_inputs(batch, device)
         ctx = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
         with ctx:
             loss_sum = model(**inputs)
@@ -210,18 +209,17 @@ def generation_eval(cfg, model, tokenizer, data, label: str = "", show: bool = T
     return metrics
 
 
-def evaluate_loaded(loaded, data_cfg, *, limit: int | None, max_new_tokens: int, batch_size: int,
+def evaluate_loaded(loaded, cfg, *, limit: int | None, max_new_tokens: int, batch_size: int,
                     tokenizer=None) -> dict:
-    """Loss / perplexity over the completion tokens of ``data_cfg``'s rows, plus generation metrics
+    """Loss / perplexity over the completion tokens of ``cfg.data``'s rows, plus generation metrics
     (exact and contains match) for prompt/completion and chat data."""
     from sftune.data.pipeline import prepare_data
     from sftune.loss import CausalLMWithLoss
-    from sftune.model import model_max_positions
+    from sftune.model import resolve_max_length
 
     tokenizer = tokenizer or loaded.tokenizer
-    limits = [1024, model_max_positions(loaded.model.config) or 1024]
-    max_length = data_cfg.max_length or min(limits)
-    data = prepare_data(data_cfg, tokenizer, max_length, fmt=loaded.fmt)
+    max_length = resolve_max_length(cfg, tokenizer, loaded.model.config)
+    data = prepare_data(cfg.data, tokenizer, max_length, fmt=loaded.fmt)
     from sftune.attention import enable_varlen
     from sftune.model import unwrap_causal_lm
 
@@ -265,14 +263,14 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
         data["split"] = split
     cfg = load_config(None, {**{f"data.{k}": v for k, v in data.items()},
                              **dict(parse_override(o) for o in overrides or [])})
-    results = {model: evaluate_loaded(loaded, cfg.data, limit=limit, max_new_tokens=max_new_tokens,
+    results = {model: evaluate_loaded(loaded, cfg, limit=limit, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size)}
     if baseline:
         base = load_for_inference(baseline)
         # prompt the baseline exactly as the fine-tuned model: same format, same tokenizer when compatible
         base.fmt = loaded.fmt
         same_vocab = len(loaded.tokenizer) <= base.model.get_input_embeddings().weight.shape[0]
-        results[baseline] = evaluate_loaded(base, cfg.data, limit=limit, max_new_tokens=max_new_tokens,
+        results[baseline] = evaluate_loaded(base, cfg, limit=limit, max_new_tokens=max_new_tokens,
                                             batch_size=batch_size, tokenizer=loaded.tokenizer if same_vocab else None)
 
     t = Table(title=f"Evaluation on {data_path}", title_justify="left")

@@ -8,7 +8,6 @@ has one, and the raw text otherwise.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,32 +108,6 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
     model.to(dev).eval()
     fmt = _format_for(cfg, tokenizer) if cfg is not None else None
     return Loaded(model, tokenizer, cfg, fmt, path)
-
-
-def read_rows(path: str) -> list[dict]:
-    """Rows of a ``.jsonl`` (or ``.json`` list) file, with the file and line named on errors."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError("file not found", source=path)
-    text = p.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON at line {e.lineno}: {e.msg}", source=path) from None
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"line {n} is not valid JSON ({e.msg})", source=path,
-                                    hint="each line must be one JSON object") from None
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise DataError(f"row {i} is a JSON {type(r).__name__}, expected an object", source=path)
-    return rows
 
 
 class _Streamer:

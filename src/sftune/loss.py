@@ -126,8 +126,9 @@ class CausalLMWithLoss(nn.Module):
 
     @property
     def causal_lm(self) -> nn.Module:
-        get_base = getattr(self.model, "get_base_model", None)
-        return get_base() if callable(get_base) else self.model
+        from sftune.model import unwrap_causal_lm
+
+        return unwrap_causal_lm(self.model)
 
     @property
     def varlen(self) -> bool:

@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import SFTConfig, config_to_yaml
-from sftune.data.packing import BatchPlan
+from sftune.data.packing import BatchPlan, model_inputs
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
@@ -35,13 +35,6 @@ from sftune.model import (count_parameters, fast_activations, load_model, load_m
 from sftune.report import build_report
 from sftune.ui import MetricsLogger, console, training_progress
 
-BATCH_KEYS = ("input_ids", "position_ids", "loss_index", "loss_targets")
-
-
-def to_device(mb: dict, device) -> dict:
-    inputs = {k: mb[k].to(device, non_blocking=True) for k in BATCH_KEYS}
-    inputs["doc_bounds"] = mb["doc_bounds"]
-    return inputs
 
 
 @dataclass
@@ -310,7 +303,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
                 if deepspeed:  # DeepSpeed divides each backward by grad_accum itself: undo that
                     normaliser = normaliser / cfg.train.grad_accum
                 for i, mb in enumerate(micro_batches):
-                    inputs = to_device(mb, device)
+                    inputs = model_inputs(mb, device)
                     sync = i == len(micro_batches) - 1
                     if deepspeed:  # DeepSpeed reduces and steps inside backward at the step boundary
                         accelerator.gradient_state._set_sync_gradients(sync)

@@ -188,6 +188,16 @@ class BatchPlan:
         return real / padded if padded else 1.0
 
 
+MODEL_INPUTS = ("input_ids", "position_ids", "loss_index", "loss_targets")
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """The keyword arguments of :class:`~sftune.loss.CausalLMWithLoss` for a collated batch, on ``device``."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+    inputs["doc_bounds"] = batch["doc_bounds"]
+    return inputs
+
+
 def collate(examples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Rows of ``(input_ids, labels)`` examples -> padded tensors.
 

@@ -58,30 +58,36 @@ def _local_files(path: Path) -> tuple[str, dict[str, list[str]]]:
     return kinds.pop(), splits
 
 
-def _find_bad_json(files: list[str]) -> DataError | None:
-    """Locate the first malformed JSON line or document, to name it in the error."""
-    for f in files:
-        text = Path(f).read_text(encoding="utf-8", errors="replace")
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                json.loads(text)
-            except json.JSONDecodeError as e:
-                return DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", source=f,
-                                 hint="fix the file (a JSON list of objects, or one object per line)")
-            continue
+def read_json_rows(path: str) -> list[dict]:
+    """Rows of a JSON-lines file or a JSON list, naming the file and line of the first malformed one."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError("file not found", source=path)
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", source=path,
+                            hint="fix the file (a JSON list of objects, or one object per line)") from None
+        lines = [None] * len(rows)
+    else:
+        rows, lines = [], []
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                return DataError(f"line {n} is not valid JSON ({e.msg} at column {e.colno})", source=f,
-                                 hint="fix or delete that line; each line must be one JSON object")
-            if not isinstance(obj, dict):
-                return DataError(f"line {n} is a JSON {type(obj).__name__}, expected an object", source=f,
-                                 hint="each line must be one JSON object such as {\"text\": \"...\"}")
-    return None
+                raise DataError(f"line {n} is not valid JSON ({e.msg} at column {e.colno})", source=path,
+                                hint="fix or delete that line; each line must be one JSON object") from None
+            lines.append(n)
+    for i, (row, n) in enumerate(zip(rows, lines)):
+        if not isinstance(row, dict):
+            where = f"line {n}" if n else f"row {i}"
+            raise DataError(f"{where} is a JSON {type(row).__name__}, expected an object", source=path,
+                            hint="each row must be one JSON object such as {\"text\": \"...\"}")
+    return rows
 
 
 def _load(cfg: DataConfig) -> tuple[datasets.DatasetDict | dict, str]:
@@ -98,10 +104,9 @@ def _load(cfg: DataConfig) -> tuple[datasets.DatasetDict | dict, str]:
         try:
             return datasets.load_dataset(builder, data_files=files), str(path)
         except Exception as e:  # pyarrow / datasets parse errors
-            if builder == "json":
-                bad = _find_bad_json([f for fs in files.values() for f in fs])
-                if bad is not None:
-                    raise bad from None
+            if builder == "json":  # name the malformed line, if that is what failed
+                for f in (f for fs in files.values() for f in fs):
+                    read_json_rows(f)
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise DataError(f"could not read the data: {msg}", source=str(path),
                             hint="check that every row has the same columns with the same types") from None
