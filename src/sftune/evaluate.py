@@ -51,11 +51,11 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
         with ctx:
             loss_sum = model(**inputs)
         total[0] += loss_sum.double()
-        total[1] += batch["n_loss"]
+        total[1] += batch["w_loss"]
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
-    loss = (total[0] / total[1].clamp(min=1)).item()
+    loss = (total[0] / total[1].clamp(min=1e-12)).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(total[1].item())}
 
 
