@@ -73,6 +73,8 @@ class Rendered:
     sequences: list[Sequence]
     expanded: int = 0
     why: str = ""
+    note: str = ""
+    """Something about the row the data report should count (not a skip)."""
 
 
 @dataclass
@@ -243,6 +245,13 @@ class TextFormat(Format):
         segments = split_at_response(text, self.response_template, self.instruction_template)
         return FormattedExample(segments, add_eos=self.add_eos and bool(segments[-1][1]))
 
+    def render(self, row: dict) -> Rendered:
+        rendered = super().render(row)
+        if self.response_template is not None and self.instruction_template is None and \
+                rendered.sequences[0].text.count(self.response_template) > 1:
+            rendered.note = TEMPLATE_REPEATED
+        return rendered
+
     def prompt(self, row: dict) -> str:
         text = self.text_of(row)
         if self.response_template is None:
@@ -319,10 +328,6 @@ def split_at_response(text: str, response: str, instruction: str | None = None) 
     if not "".join(t for t, trained in segments if trained).strip():
         raise RowSkip(EMPTY)
     return [(t, trained) for t, trained in segments if t]
-
-
-def response_template_repeats(text: str, response: str | None, instruction: str | None) -> bool:
-    return response is not None and instruction is None and text.count(response) > 1
 
 
 class PromptCompletionFormat(Format):

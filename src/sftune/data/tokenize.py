@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sftune.data.formats import TEMPLATE_REPEATED, BadRow, Format, Sequence, TextFormat, response_template_repeats
+from sftune.data.formats import BadRow, Format, Sequence
 from sftune.errors import DataError, RowSkip
 
 IGNORE = -100
@@ -45,12 +45,6 @@ def special_prefix(tokenizer) -> list[int]:
         if with_special[start:start + len(plain)] == plain:
             return list(with_special[:start])
     return []
-
-
-def encode_prompt(fmt: Format, tokenizer, prompt: str) -> list[int]:
-    """The ids of an inference prompt, exactly as the training contexts were built."""
-    prefix = special_prefix(tokenizer) if fmt.add_bos else []
-    return prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 @dataclass
@@ -230,9 +224,8 @@ class Tokenizer:
                         if k > 0:
                             ex.extra, ex.note = True, ex.note or r.why or "expanded"
                         examples.append(ex)
-                if isinstance(self.fmt, TextFormat) and examples and response_template_repeats(
-                        r.sequences[0].text, self.fmt.response_template, self.fmt.instruction_template):
-                    examples[0].note = TEMPLATE_REPEATED
+                if r.note and examples:
+                    examples[0].note = r.note
             kept = []
             for ex in examples:
                 try:
