@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="YAML recipe path or built-in name")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--keys", action="store_true", help="list every config key with its default and description")
+
+    p = sub.add_parser("ui", help="a local web dashboard: runs, live charts, compare, data preview, chat",
+                       description="Serve a dashboard over the runs under RUNS_DIR (default: runs) on 127.0.0.1. "
+                                   "--host exposes it to other machines, always behind a token. Needs "
+                                   "pip install 'sftune[ui]'.")
+    p.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR")
+    p.add_argument("--port", type=int, default=None, help="port (default 7860, or a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine "
+                                                       "only); any other host requires a token")
+    p.add_argument("--token", default=os.environ.get("SFTUNE_UI_TOKEN"),
+                   help="access token (default $SFTUNE_UI_TOKEN; generated when --host is not local)")
     return parser
 
 
@@ -205,8 +216,16 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from sftune.dashboard import serve
+
+    serve(args.runs_dir, host=args.host, port=args.port, token=args.token)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "preview": cmd_preview, "config": cmd_config, "generate": cmd_generate,
-            "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export, "report": cmd_report}
+            "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export, "report": cmd_report,
+            "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

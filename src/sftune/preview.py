@@ -20,19 +20,25 @@ from sftune.model import load_model_config, load_tokenizer, resolve_max_length
 from sftune.ui import console, out
 
 
+def token_pieces(tokenizer, ids) -> list[str]:
+    """Each token decoded on its own, as the preview shows it."""
+    return [tokenizer.decode([int(t)], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in ids]
+
+
 def colored(tokenizer, ids, labels, weights=None) -> Text:
     """Trained tokens green (yellow where a message's weight is not 1), masked tokens dim."""
     text = Text()
     weights = [1.0] * len(ids) if weights is None else weights
-    for tid, lab, w in zip(ids, labels, weights):
-        piece = tokenizer.decode([int(tid)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    for piece, lab, w in zip(token_pieces(tokenizer, ids), labels, weights):
         piece = piece.replace("\n", "↵\n")
         style = "dim" if lab == IGNORE else "bold green" if w == 1 else "bold yellow"
         text.append(piece, style=style)
     return text
 
 
-def preview(cfg: SFTConfig, n: int = 3, as_json: bool = False) -> None:
+def preview_sequences(cfg: SFTConfig, n: int = 3):
+    """The data (with its report) and the first ``n`` training sequences, exactly as training builds
+    them: one dict per sequence with ``input_ids``, ``labels``, ``weights``, ``position_ids``, ``rows``."""
     tokenizer, _ = load_tokenizer(cfg)
     try:
         model_config = load_model_config(cfg)
@@ -45,7 +51,8 @@ def preview(cfg: SFTConfig, n: int = 3, as_json: bool = False) -> None:
     describe_plan(data.report, plan)
 
     rows_shown = plan.units[:n] if plan.packing else [[i] for i in range(min(n, len(data.train)))]
-    for r, row in enumerate(rows_shown):
+    sequences = []
+    for row in rows_shown:
         ids, labels, weights, positions, rows = [], [], [], [], []
         for i in row:
             e_ids, e_labels = data.train.example(i)
@@ -54,6 +61,16 @@ def preview(cfg: SFTConfig, n: int = 3, as_json: bool = False) -> None:
             weights += [round(float(w), 4) for w in data.train.example_weights(i)]
             positions += list(range(len(e_ids)))
             rows.append(int(data.train.rows[i]))
+        sequences.append({"input_ids": ids, "labels": labels, "weights": weights, "position_ids": positions,
+                          "rows": rows})
+    return tokenizer, data, sequences
+
+
+def preview(cfg: SFTConfig, n: int = 3, as_json: bool = False) -> None:
+    tokenizer, data, sequences = preview_sequences(cfg, n)
+    for r, seq in enumerate(sequences):
+        ids, labels, weights, positions, rows = (seq[k] for k in ("input_ids", "labels", "weights", "position_ids",
+                                                                  "rows"))
         if as_json:
             extra = {"weights": weights} if data.train.weighted else {}
             out.print(json.dumps({"input_ids": ids, "labels": labels, "position_ids": positions, **extra,

@@ -1,0 +1,220 @@
+"""Runs on disk: find them under RUNS_DIR, read their files, tell their state.
+
+A run is a directory that ``sftune train`` wrote: ``metrics.jsonl``, ``sftune_config.yaml``,
+``data_report.json``, ``final_metrics.json``, ``checkpoints/step-N/`` and the final model. Nothing
+here writes; names are paths relative to RUNS_DIR and never leave it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from sftune.checkpoint import list_checkpoints
+
+# A running trainer may hold a lock file with its PID in the output directory (the name is not final:
+# any of these is read). Without one, a run is "running" while its files keep changing.
+LOCK_NAMES = ("sftune.lock", "run.lock", "train.lock", ".lock", "train.pid")
+RECENT_S = 120.0
+RUN_FILES = ("metrics.jsonl", "sftune_config.yaml")
+
+
+class NotARun(LookupError):
+    """The name is not a run under RUNS_DIR (missing, or outside it)."""
+
+
+def inside(root: Path, relative: str) -> Path:
+    """``root / relative`` resolved, refusing anything outside ``root`` (``..``, absolute paths, links)."""
+    root = root.resolve()
+    if not relative or "\x00" in relative:
+        raise NotARun(relative)
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise NotARun(relative)
+    return path
+
+
+def is_run(path: Path) -> bool:
+    return any((path / f).is_file() for f in RUN_FILES)
+
+
+def find_runs(root: Path, depth: int = 3) -> list[str]:
+    """Names (paths relative to ``root``, ``.`` for root itself) of the runs under ``root``."""
+    root = root.resolve()
+    found = []
+
+    def walk(d: Path, level: int) -> None:
+        if is_run(d):
+            found.append(d.relative_to(root).as_posix() if d != root else ".")
+            return  # a run's own subdirectories (checkpoints, plots) are not runs
+        if level >= depth:
+            return
+        try:
+            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        for child in children:
+            walk(child, level + 1)
+
+    if root.is_dir():
+        walk(root, 0)
+    return found
+
+
+def run_dir(root: Path, name: str) -> Path:
+    path = inside(root, name)
+    if not path.is_dir() or not is_run(path):
+        raise NotARun(name)
+    return path
+
+
+def read_metrics(run: Path, since: int = 0) -> list[dict]:
+    """``metrics.jsonl`` records from line ``since`` on; a line still being written is left for later."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if i < since:
+                continue
+            if not line.endswith("\n"):
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                records.append({})  # keep line numbers aligned with ``since``
+    return records
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_config(run: Path) -> dict:
+    try:
+        return yaml.safe_load((run / "sftune_config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def has_final_model(run: Path) -> bool:
+    return (run / "config.json").is_file() or (run / "adapter_config.json").is_file()
+
+
+def _lock_pid(run: Path) -> int | None:
+    for name in LOCK_NAMES:
+        try:
+            text = (run / name).read_text().strip()
+        except OSError:
+            continue
+        digits = text.split()[0] if text.split() else ""
+        if digits.isdigit():
+            return int(digits)
+        try:  # a JSON lock file: {"pid": ...}
+            return int(json.loads(text)["pid"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def state(run: Path, now: float | None = None) -> str:
+    """``finished`` (final metrics written), ``running`` (a live lock PID, or files changed in the last
+    two minutes), ``interrupted`` (a checkpoint to resume from), else ``failed``."""
+    if (run / "final_metrics.json").exists():
+        return "finished"
+    pid = _lock_pid(run)
+    if pid is not None:
+        if _alive(pid):
+            return "running"
+    else:
+        now = time.time() if now is None else now
+        mtimes = [(run / f).stat().st_mtime for f in RUN_FILES if (run / f).exists()]
+        if mtimes and now - max(mtimes) < RECENT_S:
+            return "running"
+    return "interrupted" if list_checkpoints(run) else "failed"
+
+
+def summary(root: Path, name: str) -> dict:
+    run = run_dir(root, name)
+    records = read_metrics(run)
+    cfg = read_config(run)
+    train = [r for r in records if "loss" in r and "step" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    final = read_json(run / "final_metrics.json") or {}
+    steps = max((r.get("step", 0) for r in records), default=0)
+    start = records[0].get("time") if records else None
+    if start is None and (run / "sftune_config.yaml").exists():
+        start = (run / "sftune_config.yaml").stat().st_mtime
+    t = cfg.get("train") or {}
+    return {
+        "name": name,
+        "state": state(run),
+        "recipe": cfg.get("recipe"),
+        "model": (cfg.get("model") or {}).get("path"),
+        "step": steps,
+        "max_steps": t.get("max_steps"),
+        "loss": train[-1]["loss"] if train else final.get("train_loss"),
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "tokens_per_s": train[-1].get("tokens_per_s") if train else None,
+        "start_time": start,
+        "chat": has_final_model(run),
+    }
+
+
+def details(root: Path, name: str) -> dict:
+    run = run_dir(root, name)
+    config_text = (run / "sftune_config.yaml").read_text() if (run / "sftune_config.yaml").exists() else ""
+    checkpoints = []
+    for ck in list_checkpoints(run):
+        st = read_json(ck / "trainer_state.json") or {}
+        checkpoints.append({"name": ck.name, "step": st.get("step"), "path": ck.relative_to(run).as_posix()})
+    return {
+        **summary(root, name),
+        "data_report": read_json(run / "data_report.json"),
+        "final_metrics": read_json(run / "final_metrics.json"),
+        "config": read_config(run),
+        "config_yaml": config_text,
+        "checkpoints": checkpoints,
+        "files": sorted(p.name for p in run.iterdir() if p.is_file()),
+    }
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(configs: dict[str, dict]) -> list[dict]:
+    """Keys whose values differ between runs: ``[{"key", "values": {run: value}}]``."""
+    flat = {name: flatten(c) for name, c in configs.items()}
+    keys = sorted(set().union(*[f.keys() for f in flat.values()])) if flat else []
+    diff = []
+    for key in keys:
+        values = {name: f.get(key) for name, f in flat.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            diff.append({"key": key, "values": values})
+    return diff

@@ -1,0 +1,273 @@
+// sftune dashboard: a hash-routed page over the JSON API. Charts are drawn by plotly.js (served from the
+// plotly Python package). Text from runs is always inserted as text, never as HTML.
+"use strict";
+
+const view = document.getElementById("view");
+let timers = [];  // polling of the current view, cleared on navigation
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null && v !== false) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
+  return node;
+}
+
+async function api(path, options) {
+  const res = await fetch(path, options);
+  if (!res.ok) {
+    let detail = res.statusText;
+    try { detail = (await res.json()).detail || detail; } catch (e) { /* not JSON */ }
+    throw new Error(detail);
+  }
+  return res.json();
+}
+
+const fmt = (v, digits = 4) => v === null || v === undefined ? "–" : typeof v === "number" ? (Number.isInteger(v) ? v.toLocaleString() : v.toFixed(digits)) : String(v);
+const when = (t) => t ? new Date(t * 1000).toLocaleString() : "–";
+const runLink = (name) => "#/run/" + encodeURIComponent(name);
+const q = (name) => "name=" + encodeURIComponent(name);
+const badge = (state) => el("span", {class: "state " + state, "data-state": state}, state);
+const every = (ms, fn) => timers.push(setInterval(fn, ms));
+
+function table(rows, header) {
+  return el("table", {}, header ? el("tr", {}, header.map((h) => el("th", {}, h))) : null,
+    rows.map((r) => el("tr", {}, r.map((c) => el("td", {class: typeof c === "number" ? "num" : ""}, c instanceof Node ? c : fmt(c))))));
+}
+
+function kvTable(obj) {
+  return table(Object.entries(obj || {}).filter(([, v]) => typeof v !== "object" || v === null).map(([k, v]) => [k, v]));
+}
+
+// ------------------------------------------------------------------ charts (plotly)
+
+const CHARTS = [
+  {id: "loss", title: "Loss", series: [["train loss", "loss", (r) => "loss" in r && "step" in r], ["eval loss", "eval_loss", (r) => "eval_loss" in r && !r.final]]},
+  {id: "lr", title: "Learning rate", yaxis: {exponentformat: "e"}, series: [["lr", "lr", (r) => "lr" in r]]},
+  {id: "tps", title: "Throughput (tokens/s)", series: [["tokens/s", "tokens_per_s", (r) => "tokens_per_s" in r]]},
+];
+
+function traces(chart, records, prefix) {
+  return chart.series.map(([label, key, keep]) => {
+    const rs = records.filter(keep);
+    return {x: rs.map((r) => r.step), y: rs.map((r) => r[key]), name: prefix ? `${prefix} ${label}` : label,
+            mode: "lines+markers", marker: {size: 4}, type: "scatter"};
+  });
+}
+
+function drawChart(div, chart, data) {
+  Plotly.react(div, data, {title: {text: chart.title, font: {size: 14}}, margin: {l: 60, r: 10, t: 36, b: 40}, yaxis: chart.yaxis || {},
+    xaxis: {title: {text: "optimizer step"}}, legend: {orientation: "h", y: -0.25}, showlegend: data.length > 1},
+    {displaylogo: false, responsive: true});
+}
+
+function chartGrid(prefix) {
+  return el("div", {class: "charts"}, CHARTS.map((c) => el("div", {class: "chart", id: `${prefix}-${c.id}`})));
+}
+
+// ------------------------------------------------------------------ runs
+
+async function runsView() {
+  const box = el("div");
+  const compare = el("button", {onclick: () => {
+    const names = [...box.querySelectorAll("input:checked")].map((i) => i.value);
+    if (names.length >= 2) location.hash = "#/compare/" + names.map(encodeURIComponent).join("|");
+  }}, "Compare selected");
+  view.replaceChildren(el("h1", {}, "Runs"), el("p", {class: "muted", id: "root"}), box, el("p", {}, compare));
+  async function refresh() {
+    const data = await api("/api/runs");
+    const checked = new Set([...box.querySelectorAll("input:checked")].map((i) => i.value));
+    document.getElementById("root").textContent = `under ${data.root}`;
+    box.replaceChildren(data.runs.length ? table(data.runs.map((r) => [
+      el("input", {type: "checkbox", value: r.name, checked: checked.has(r.name)}),
+      el("a", {href: runLink(r.name), class: "run-link"}, r.name), badge(r.state), r.recipe || "–",
+      r.max_steps ? `${r.step} / ${r.max_steps}` : r.step, r.loss, r.eval_loss, r.tokens_per_s, when(r.start_time),
+      r.chat ? el("a", {href: "#/chat/" + encodeURIComponent(r.name)}, "chat") : "–",
+    ]), ["", "run", "state", "recipe", "step", "loss", "eval loss", "tokens/s", "started", ""])
+      : el("p", {}, "No runs yet. Train one: sftune train quickstart train.max_steps=200 train.output_dir=" + data.root + "/quickstart"));
+  }
+  await refresh();
+  every(3000, refresh);
+}
+
+// ------------------------------------------------------------------ one run
+
+function reportRows(d) {
+  if (!d) return [];
+  const p = d.length_percentiles || {};
+  return [["source", `${d.source} [${d.split}] as ${d.format}`], ["rows", `${d.rows_read} read, ${d.rows_used} used, ${d.kept} kept`],
+    ["skipped", Object.entries(d.skipped || {}).map(([k, n]) => `${n} ${k}`).join(", ") || "0"],
+    ["truncated", `${d.truncated} (max_length ${d.max_length})`],
+    ["tokens / example", `p50 ${p.p50}, p90 ${p.p90}, p99 ${p.p99}, max ${p.max}`],
+    ["tokens with loss", `${fmt(d.loss_tokens)} of ${fmt(d.total_tokens)} (${(100 * d.loss_fraction).toFixed(1)}%)`],
+    ["EOS trained everywhere", d.eos_trained_everywhere ? "yes" : "no"],
+    [d.packing ? "packing" : "padding", d.packing ? `${(100 * d.fill).toFixed(1)}% real tokens` : `${(100 * (1 - d.fill)).toFixed(1)}% padding`]];
+}
+
+function samplesBlock(records) {
+  const recs = records.filter((r) => r.samples);
+  if (!recs.length) return el("p", {class: "muted"}, "No sample generations yet (logged at each evaluation).");
+  return recs.map((r, i) => el("details", {open: i === recs.length - 1, class: "samples"},
+    el("summary", {}, r.label || `step ${r.step}`),
+    table(r.samples.map((s) => {
+      const ok = s.reference !== undefined && s.reference !== null ? (s.generated.trim() === String(s.reference).trim()) : null;
+      return [el("span", {class: "pre"}, s.prompt), el("span", {class: "pre " + (ok === null ? "" : ok ? "ok" : "bad")}, JSON.stringify(s.generated)),
+        el("span", {class: "pre"}, s.reference ?? "–")];
+    }), ["prompt", "generated", "expected"])));
+}
+
+async function runView(name) {
+  const d = await api("/api/run?" + q(name));
+  const head = el("h1", {}, name, " ", badge(d.state));
+  const steps = el("span", {id: "steps"});
+  const samples = el("div", {id: "samples"});
+  const finalBox = el("div", {id: "final"});
+  view.replaceChildren(head,
+    el("p", {}, "recipe ", el("b", {}, d.recipe || "–"), " · model ", d.model || "–", " · started ", when(d.start_time), " · ", steps,
+      d.chat ? el("span", {}, " · ", el("a", {href: "#/chat/" + encodeURIComponent(name)}, "chat with this run")) : null),
+    chartGrid("chart"),
+    el("h2", {}, "Final metrics"), finalBox,
+    el("h2", {}, "Sample generations, evaluation by evaluation"), samples,
+    el("h2", {}, "Training data"), d.data_report ? table(reportRows(d.data_report)) : el("p", {class: "muted"}, "no data_report.json"),
+    el("h2", {}, "Checkpoints"), d.checkpoints.length ? table(d.checkpoints.map((c) => [c.name, c.step])) : el("p", {class: "muted"}, "none"),
+    el("h2", {}, "Files"), el("p", {}, d.files.map((f) => [el("a", {href: `/api/file?${q(name)}&path=${encodeURIComponent(f)}`, target: "_blank"}, f), " "])),
+    el("h2", {}, "Resolved config"), el("pre", {}, d.config_yaml || "(none)"));
+  let records = [], next = 0, state = d.state;
+  function render() {
+    for (const c of CHARTS) drawChart(`chart-${c.id}`, c, traces(c, records));
+    const last = records.filter((r) => "step" in r).pop();
+    steps.textContent = `step ${last ? last.step : 0}${d.max_steps ? " / " + d.max_steps : ""}`;
+    samples.replaceChildren(...[samplesBlock(records)].flat());
+    const fin = records.find((r) => r.final);
+    finalBox.replaceChildren(fin || d.final_metrics ? kvTable(d.final_metrics || fin) : el("p", {class: "muted"}, "not finished"));
+  }
+  async function poll() {
+    const m = await api(`/api/metrics?${q(name)}&since=${next}`);
+    if (m.records.length) { records = records.concat(m.records); next = m.next; render(); }
+    if (m.state !== state) { state = m.state; head.querySelector(".state").replaceWith(badge(state)); if (state === "finished") d.final_metrics = null; }
+  }
+  await poll();
+  render();
+  every(1000, () => { if (state === "running" || state === "failed") poll(); });
+}
+
+// ------------------------------------------------------------------ compare
+
+async function compareView(names) {
+  const data = await api("/api/compare?" + names.map(q).join("&"));
+  view.replaceChildren(el("h1", {}, "Compare: ", names.join(" vs ")), chartGrid("cmp"),
+    el("h2", {}, "Config differences"),
+    data.config_diff.length ? table(data.config_diff.map((r) => [r.key, ...names.map((n) => JSON.stringify(r.values[n]))]), ["key", ...names])
+      : el("p", {}, "The configs are identical."));
+  for (const c of CHARTS) drawChart(`cmp-${c.id}`, c, data.runs.flatMap((r) => traces(c, r.records, r.name)));
+}
+
+// ------------------------------------------------------------------ data preview
+
+async function previewView() {
+  const rec = await api("/api/recipes");
+  const recipe = el("select", {id: "recipe"},
+    el("optgroup", {label: "built-in"}, rec.builtin.map((r) => el("option", {value: "recipe:" + r, selected: r === "quickstart"}, r))),
+    rec.files.length ? el("optgroup", {label: "files"}, rec.files.map((r) => el("option", {value: "recipe:" + r}, r))) : null,
+    rec.runs.length ? el("optgroup", {label: "runs (their config)"}, rec.runs.map((r) => el("option", {value: "run:" + r}, r))) : null);
+  const overrides = el("input", {id: "overrides", size: 60, placeholder: "data.max_length=256 data.path=...  (key=value, space separated)"});
+  const n = el("input", {id: "n", type: "number", value: 3, min: 1, max: 50, style: "width:5em"});
+  const out = el("div", {id: "preview-out"});
+  const go = el("button", {id: "preview-go", type: "submit"}, "Preview");
+  const form = el("form", {class: "inline", onsubmit: async (e) => {
+    e.preventDefault();
+    go.disabled = true;
+    out.replaceChildren(el("p", {class: "muted"}, "tokenizing…"));
+    const [kind, value] = recipe.value.split(/:(.*)/s);
+    const body = {n: Number(n.value), overrides: overrides.value.split(/\s+/).filter(Boolean)};
+    body[kind] = value;
+    try {
+      const r = await api("/api/preview", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+      out.replaceChildren(
+        el("p", {}, el("span", {class: "tok trained"}, "trained tokens"), " ", r.weighted ? el("span", {class: "tok weighted"}, "trained with a message weight ≠ 1") : null, " ",
+          el("span", {class: "tok masked"}, "masked tokens (no loss)")),
+        r.sequences.map((s, i) => [el("h2", {}, `sequence ${i}: rows ${s.rows.join(", ")}, ${s.tokens.length} tokens, ${s.tokens.filter((t) => t.trained).length} trained`),
+          el("div", {class: "tokens"}, s.tokens.map((t) => el("span", {class: "tok " + (!t.trained ? "masked" : t.weight === 1 ? "trained" : "weighted"), title: t.trained ? `weight ${t.weight}` : "masked"}, t.text.replace(/\n/g, "↵\n"))))]),
+        el("h2", {}, "Training data"), table(reportRows(r.data_report)),
+        r.eval_report ? [el("h2", {}, "Eval data"), table(reportRows(r.eval_report))] : null);
+    } catch (err) {
+      out.replaceChildren(el("p", {class: "error"}, err.message));
+    } finally { go.disabled = false; }
+  }}, el("label", {}, "recipe", recipe), el("label", {}, "overrides", overrides), el("label", {}, "sequences", n), go);
+  view.replaceChildren(el("h1", {}, "Data preview"), el("p", {class: "muted"}, "The first training sequences exactly as `sftune preview` builds them, and the dataset report."), form, out);
+}
+
+// ------------------------------------------------------------------ chat
+
+async function streamInto(node, body) {
+  const res = await fetch("/api/chat", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  if (!res.ok) { let m = res.statusText; try { m = (await res.json()).detail; } catch (e) { /* */ } node.classList.add("error"); node.textContent = m; return ""; }
+  const reader = res.body.getReader(), decoder = new TextDecoder();
+  let text = "", chunks = 0;
+  for (;;) {
+    const {done, value} = await reader.read();
+    if (done) break;
+    text += decoder.decode(value, {stream: true});
+    node.textContent = text;
+    node.dataset.chunks = ++chunks;
+  }
+  node.dataset.done = "1";
+  return text.replace(/\n$/, "");
+}
+
+async function chatView(name) {
+  const d = await api("/api/run?" + q(name));
+  const side = el("input", {type: "checkbox", id: "side"});
+  const input = el("input", {id: "message", size: 70, placeholder: "a message, e.g. reverse abcd", autocomplete: "off"});
+  const tokens = el("input", {id: "max-tokens", type: "number", value: 64, min: 1, max: 1024, style: "width:5em"});
+  const panels = {run: el("div", {class: "panel", id: "panel-run"}, el("b", {}, name)), base: el("div", {class: "panel", id: "panel-base", hidden: true}, el("b", {}, "base model"))};
+  const history = {run: [], base: []};
+  side.addEventListener("change", () => { panels.base.hidden = !side.checked; });
+  const send = el("button", {id: "send", type: "submit"}, "Send");
+  const form = el("form", {class: "inline", onsubmit: async (e) => {
+    e.preventDefault();
+    const message = input.value.trim();
+    if (!message) return;
+    input.value = "";
+    send.disabled = true;
+    const which = side.checked ? ["run", "base"] : ["run"];
+    await Promise.all(which.map(async (k) => {
+      panels[k].append(el("div", {class: "msg user"}, message));
+      const reply = el("div", {class: "msg assistant"});
+      panels[k].append(reply);
+      const text = await streamInto(reply, {run: name, message, history: history[k], base: k === "base", max_new_tokens: Number(tokens.value)});
+      history[k].push({role: "user", content: message}, {role: "assistant", content: text});
+    }));
+    send.disabled = false;
+    input.focus();
+  }}, el("label", {}, "message", input), el("label", {}, "max new tokens", tokens), el("label", {}, "side by side with the base model", side), send,
+    el("button", {type: "button", onclick: () => { history.run = []; history.base = []; for (const p of Object.values(panels)) p.replaceChildren(p.firstChild); }}, "Reset"));
+  view.replaceChildren(el("h1", {}, "Chat with ", el("a", {href: runLink(name)}, name), " ", badge(d.state)),
+    el("p", {class: "muted"}, "Prompts use the run's training format (template or chat template); replies stream as they are generated."),
+    d.chat ? form : el("p", {class: "error"}, "This run has no final model yet."), el("div", {class: "panels"}, panels.run, panels.base));
+  input.focus();
+}
+
+// ------------------------------------------------------------------ router
+
+async function route() {
+  timers.forEach(clearInterval);
+  timers = [];
+  const hash = location.hash.slice(1) || "/";
+  const [, page, arg] = hash.match(/^\/([^/]*)\/?(.*)$/) || [];
+  try {
+    if (page === "run") await runView(decodeURIComponent(arg));
+    else if (page === "compare") await compareView(arg.split("|").map(decodeURIComponent));
+    else if (page === "preview") await previewView();
+    else if (page === "chat") await chatView(decodeURIComponent(arg));
+    else await runsView();
+  } catch (err) {
+    view.replaceChildren(el("p", {class: "error"}, String(err.message || err)));
+  }
+}
+
+window.addEventListener("hashchange", route);
+route();
