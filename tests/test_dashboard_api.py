@@ -71,6 +71,15 @@ def test_compare_overlays_and_diffs_configs(client):
     diff = {d["key"]: d["values"] for d in c["config_diff"]}
     assert diff == {"train.max_steps": {"done": 12, "sweep/a": 6}, "train.lr": {"done": 0.001, "sweep/a": 0.002}}
 
+def test_compare_fills_in_defaults(client, root):
+    from sftune.config import SFTConfig
+
+    default = SFTConfig().train.batch_size
+    with (root / "done" / "sftune_config.yaml").open("a") as f:
+        f.write(f"  batch_size: {default}\n")  # written in one config only, with the default value
+    c = client.get("/api/compare", params=[("name", "done"), ("name", "sweep/a")]).json()
+    assert "train.batch_size" not in {d["key"] for d in c["config_diff"]}
+
 
 @pytest.mark.parametrize("params", [
     {"name": "../secret.txt"}, {"name": ".."}, {"name": "/etc"}, {"name": "done/../../"}, {"name": "nope"}])

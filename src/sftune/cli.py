@@ -1,4 +1,4 @@
-"""The command line: ``sftune train | preview | eval | generate | chat | export | report | config``.
+"""The command line: ``sftune train | preview | eval | generate | chat | export | report | config | ui``.
 
 ``train`` and ``preview`` take a RECIPE (a YAML path or a built-in name) followed by ``key=value``
 overrides; the after-training commands take a run directory (or any model). User errors print one

@@ -182,7 +182,7 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
     def compare(name: list[str] = Query(...)):
         runs = {n: run_or_404(n) for n in name}
         return {"runs": [{"name": n, "state": R.state(p), "records": R.read_metrics(p)} for n, p in runs.items()],
-                "config_diff": R.config_diff({n: R.read_config(p) for n, p in runs.items()})}
+                "config_diff": R.config_diff({n: _resolved(R.read_config(p)) for n, p in runs.items()})}
 
     # ------------------------------------------------------------------ data preview
     @app.get("/api/recipes")
@@ -266,6 +266,17 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
                                  headers={"X-Prompt": json.dumps(prompt[-200:]), "Cache-Control": "no-store"})
 
     return app
+
+
+def _resolved(raw: dict) -> dict:
+    """A run's config with every default filled in (as saved by a different sftune version, it may not
+    validate: then as written)."""
+    from sftune.config import validate_config
+
+    try:
+        return validate_config(raw).model_dump(mode="json")
+    except SftuneError:
+        return raw
 
 
 def _check_override(root: Path, item: str) -> None:

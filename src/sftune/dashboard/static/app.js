@@ -16,6 +16,10 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+function put(node, ...children) {  // replaceChildren, flattening nested arrays
+  node.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+}
+
 async function api(path, options) {
   const res = await fetch(path, options);
   if (!res.ok) {
@@ -39,7 +43,8 @@ function table(rows, header) {
 }
 
 function kvTable(obj) {
-  return table(Object.entries(obj || {}).filter(([, v]) => typeof v !== "object" || v === null).map(([k, v]) => [k, v]));
+  const skip = new Set(["time", "step", "final", "label"]);
+  return table(Object.entries(obj || {}).filter(([k, v]) => !skip.has(k) && (typeof v !== "object" || v === null)).map(([k, v]) => [k, v]));
 }
 
 // ------------------------------------------------------------------ charts (plotly)
@@ -50,11 +55,14 @@ const CHARTS = [
   {id: "tps", title: "Throughput (tokens/s)", series: [["tokens/s", "tokens_per_s", (r) => "tokens_per_s" in r]]},
 ];
 
-function traces(chart, records, prefix) {
-  return chart.series.map(([label, key, keep]) => {
+const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+
+function traces(chart, records, prefix, index) {
+  return chart.series.map(([label, key, keep], i) => {
     const rs = records.filter(keep);
-    return {x: rs.map((r) => r.step), y: rs.map((r) => r[key]), name: prefix ? `${prefix} ${label}` : label,
-            mode: "lines+markers", marker: {size: 4}, type: "scatter"};
+    const color = COLORS[(index === undefined ? i : index) % COLORS.length];
+    return {x: rs.map((r) => r.step), y: rs.map((r) => r[key]), name: prefix ? `${prefix} ${label}` : label, type: "scatter",
+            mode: "lines+markers", marker: {size: 4, color}, line: {color, dash: i > 0 && index !== undefined ? "dash" : "solid"}};
   });
 }
 
@@ -76,15 +84,15 @@ async function runsView() {
     const names = [...box.querySelectorAll("input:checked")].map((i) => i.value);
     if (names.length >= 2) location.hash = "#/compare/" + names.map(encodeURIComponent).join("|");
   }}, "Compare selected");
-  view.replaceChildren(el("h1", {}, "Runs"), el("p", {class: "muted", id: "root"}), box, el("p", {}, compare));
+  put(view, el("h1", {}, "Runs"), el("p", {class: "muted", id: "root"}), box, el("p", {}, compare));
   async function refresh() {
     const data = await api("/api/runs");
     const checked = new Set([...box.querySelectorAll("input:checked")].map((i) => i.value));
     document.getElementById("root").textContent = `under ${data.root}`;
-    box.replaceChildren(data.runs.length ? table(data.runs.map((r) => [
+    put(box, data.runs.length ? table(data.runs.map((r) => [
       el("input", {type: "checkbox", value: r.name, checked: checked.has(r.name)}),
       el("a", {href: runLink(r.name), class: "run-link"}, r.name), badge(r.state), r.recipe || "–",
-      r.max_steps ? `${r.step} / ${r.max_steps}` : r.step, r.loss, r.eval_loss, r.tokens_per_s, when(r.start_time),
+      r.max_steps ? `${r.step} / ${r.max_steps}` : r.step, r.loss, r.eval_loss, r.tokens_per_s === null ? null : Math.round(r.tokens_per_s), when(r.start_time),
       r.chat ? el("a", {href: "#/chat/" + encodeURIComponent(r.name)}, "chat") : "–",
     ]), ["", "run", "state", "recipe", "step", "loss", "eval loss", "tokens/s", "started", ""])
       : el("p", {}, "No runs yet. Train one: sftune train quickstart train.max_steps=200 train.output_dir=" + data.root + "/quickstart"));
@@ -125,7 +133,7 @@ async function runView(name) {
   const steps = el("span", {id: "steps"});
   const samples = el("div", {id: "samples"});
   const finalBox = el("div", {id: "final"});
-  view.replaceChildren(head,
+  put(view, head,
     el("p", {}, "recipe ", el("b", {}, d.recipe || "–"), " · model ", d.model || "–", " · started ", when(d.start_time), " · ", steps,
       d.chat ? el("span", {}, " · ", el("a", {href: "#/chat/" + encodeURIComponent(name)}, "chat with this run")) : null),
     chartGrid("chart"),
@@ -140,29 +148,37 @@ async function runView(name) {
     for (const c of CHARTS) drawChart(`chart-${c.id}`, c, traces(c, records));
     const last = records.filter((r) => "step" in r).pop();
     steps.textContent = `step ${last ? last.step : 0}${d.max_steps ? " / " + d.max_steps : ""}`;
-    samples.replaceChildren(...[samplesBlock(records)].flat());
+    put(samples, samplesBlock(records));
     const fin = records.find((r) => r.final);
-    finalBox.replaceChildren(fin || d.final_metrics ? kvTable(d.final_metrics || fin) : el("p", {class: "muted"}, "not finished"));
+    put(finalBox, fin || d.final_metrics ? kvTable(d.final_metrics || fin) : el("p", {class: "muted"}, "not finished"));
   }
+  let busy = false;
   async function poll() {
-    const m = await api(`/api/metrics?${q(name)}&since=${next}`);
+    if (busy) return;  // one request at a time: records are appended once
+    busy = true;
+    let m;
+    try { m = await api(`/api/metrics?${q(name)}&since=${next}`); } finally { busy = false; }
     if (m.records.length) { records = records.concat(m.records); next = m.next; render(); }
-    if (m.state !== state) { state = m.state; head.querySelector(".state").replaceWith(badge(state)); if (state === "finished") d.final_metrics = null; }
+    if (m.state !== state) {
+      if (m.state === "finished") return route();  // reload final metrics, files, checkpoints, chat link
+      state = m.state;
+      head.querySelector(".state").replaceWith(badge(state));
+    }
   }
   await poll();
   render();
-  every(1000, () => { if (state === "running" || state === "failed") poll(); });
+  every(500, () => { if (state !== "finished") poll(); });
 }
 
 // ------------------------------------------------------------------ compare
 
 async function compareView(names) {
   const data = await api("/api/compare?" + names.map(q).join("&"));
-  view.replaceChildren(el("h1", {}, "Compare: ", names.join(" vs ")), chartGrid("cmp"),
+  put(view, el("h1", {}, "Compare: ", names.join(" vs ")), chartGrid("cmp"),
     el("h2", {}, "Config differences"),
     data.config_diff.length ? table(data.config_diff.map((r) => [r.key, ...names.map((n) => JSON.stringify(r.values[n]))]), ["key", ...names])
       : el("p", {}, "The configs are identical."));
-  for (const c of CHARTS) drawChart(`cmp-${c.id}`, c, data.runs.flatMap((r) => traces(c, r.records, r.name)));
+  for (const c of CHARTS) drawChart(`cmp-${c.id}`, c, data.runs.flatMap((r, i) => traces(c, r.records, r.name, i)));
 }
 
 // ------------------------------------------------------------------ data preview
@@ -180,13 +196,13 @@ async function previewView() {
   const form = el("form", {class: "inline", onsubmit: async (e) => {
     e.preventDefault();
     go.disabled = true;
-    out.replaceChildren(el("p", {class: "muted"}, "tokenizing…"));
+    put(out, el("p", {class: "muted"}, "tokenizing…"));
     const [kind, value] = recipe.value.split(/:(.*)/s);
     const body = {n: Number(n.value), overrides: overrides.value.split(/\s+/).filter(Boolean)};
     body[kind] = value;
     try {
       const r = await api("/api/preview", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
-      out.replaceChildren(
+      put(out, 
         el("p", {}, el("span", {class: "tok trained"}, "trained tokens"), " ", r.weighted ? el("span", {class: "tok weighted"}, "trained with a message weight ≠ 1") : null, " ",
           el("span", {class: "tok masked"}, "masked tokens (no loss)")),
         r.sequences.map((s, i) => [el("h2", {}, `sequence ${i}: rows ${s.rows.join(", ")}, ${s.tokens.length} tokens, ${s.tokens.filter((t) => t.trained).length} trained`),
@@ -194,10 +210,10 @@ async function previewView() {
         el("h2", {}, "Training data"), table(reportRows(r.data_report)),
         r.eval_report ? [el("h2", {}, "Eval data"), table(reportRows(r.eval_report))] : null);
     } catch (err) {
-      out.replaceChildren(el("p", {class: "error"}, err.message));
+      put(out, el("p", {class: "error"}, err.message));
     } finally { go.disabled = false; }
   }}, el("label", {}, "recipe", recipe), el("label", {}, "overrides", overrides), el("label", {}, "sequences", n), go);
-  view.replaceChildren(el("h1", {}, "Data preview"), el("p", {class: "muted"}, "The first training sequences exactly as `sftune preview` builds them, and the dataset report."), form, out);
+  put(view, el("h1", {}, "Data preview"), el("p", {class: "muted"}, "The first training sequences exactly as `sftune preview` builds them, and the dataset report."), form, out);
 }
 
 // ------------------------------------------------------------------ chat
@@ -244,8 +260,8 @@ async function chatView(name) {
     send.disabled = false;
     input.focus();
   }}, el("label", {}, "message", input), el("label", {}, "max new tokens", tokens), el("label", {}, "side by side with the base model", side), send,
-    el("button", {type: "button", onclick: () => { history.run = []; history.base = []; for (const p of Object.values(panels)) p.replaceChildren(p.firstChild); }}, "Reset"));
-  view.replaceChildren(el("h1", {}, "Chat with ", el("a", {href: runLink(name)}, name), " ", badge(d.state)),
+    el("button", {type: "button", onclick: () => { history.run = []; history.base = []; for (const p of Object.values(panels)) put(p, p.firstChild); }}, "Reset"));
+  put(view, el("h1", {}, "Chat with ", el("a", {href: runLink(name)}, name), " ", badge(d.state)),
     el("p", {class: "muted"}, "Prompts use the run's training format (template or chat template); replies stream as they are generated."),
     d.chat ? form : el("p", {class: "error"}, "This run has no final model yet."), el("div", {class: "panels"}, panels.run, panels.base));
   input.focus();
@@ -265,7 +281,7 @@ async function route() {
     else if (page === "chat") await chatView(decodeURIComponent(arg));
     else await runsView();
   } catch (err) {
-    view.replaceChildren(el("p", {class: "error"}, String(err.message || err)));
+    put(view, el("p", {class: "error"}, String(err.message || err)));
   }
 }
 

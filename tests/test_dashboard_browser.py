@@ -1,0 +1,172 @@
+"""``sftune ui`` end to end in headless Chromium (Debian's ``chromium``, driven by playwright without
+downloading a browser): a quickstart run trains while the page watches its loss chart grow; the
+finished run's chart has one point per metrics.jsonl record; the data preview highlights trained
+tokens; chat streams a reply (with the base model side by side); runs list and compare render.
+Screenshots go to pytest's tmp dir (printed at the end); look at them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the dashboard needs its extra: pip install 'sftune[ui]'")
+pytest.importorskip("playwright", reason="the browser test drives chromium with playwright (in the test extra)")
+
+from dashboard_helpers import fake_run  # noqa: E402
+
+CHROMIUM = os.environ.get("SFTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+LIVE_STEPS = 40
+
+
+@pytest.fixture
+def server(tmp_path):
+    import uvicorn
+
+    from sftune.dashboard import free_port
+    from sftune.dashboard.app import create_app
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    port = free_port("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(create_app(root), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the dashboard did not start"
+    yield root, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def page():
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary on PATH (.ci/run installs Debian's chromium with apt-get)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        except Exception as e:  # noqa: BLE001 - a browser that cannot start on this machine
+            pytest.skip(f"chromium at {CHROMIUM} does not start headless here: {str(e).splitlines()[0]}")
+        pg = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        yield pg
+        browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def points(page, chart: str = "chart-loss", trace: int = 0) -> int:
+    """Markers plotly drew for a trace (SVG paths), checked against the data it was given."""
+    drawn = page.locator(f"#{chart} .scatterlayer .trace:nth-child({trace + 1}) .points path").count()
+    given = page.evaluate(f"(document.getElementById('{chart}').data || [])[{trace}]?.x.length ?? 0")
+    assert drawn == given
+    return drawn
+
+
+def test_dashboard_in_a_browser(server, page, tmp_path):
+    root, url = server
+    t0, times = time.time(), []
+
+    def mark(what: str) -> None:
+        times.append(f"{what} {time.time() - t0:.1f}s")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    live = root / "quickstart"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = subprocess.Popen(
+        [sys.executable, "-m", "sftune", "train", "quickstart", f"train.max_steps={LIVE_STEPS}", "train.log_every=1",
+         "train.eval_every=15", "data.limit=960", "data.eval_limit=20", "eval.limit=10", "eval.samples=3",
+         "eval.exact_match=false", f"train.output_dir={live}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # ---- data preview (while the run starts): trained tokens highlighted, and the data report
+        page.goto(f"{url}/#/preview")
+        page.fill("#overrides", "data.limit=20")
+        page.click("#preview-go")
+        page.wait_for_selector("#preview-out .tokens, #preview-out .error", timeout=60_000)
+        assert not page.locator("#preview-out .error").count(), page.inner_text("#preview-out")
+        trained = page.locator("#preview-out .tokens").first.locator(".tok.trained")
+        assert trained.count() > 0 and page.locator("#preview-out .tok.masked").count() > trained.count()
+        assert "<|endoftext|>" in "".join(trained.all_text_contents())  # the EOS is trained
+        assert "20 used" in page.inner_text("#preview-out")
+        page.screenshot(path=str(shots / "1-preview.png"), full_page=True)
+        mark('preview')
+
+        # ---- a run page while the run trains: the loss chart grows
+        deadline = time.time() + 120
+        while not (live / "metrics.jsonl").exists():
+            assert train.poll() is None, train.stderr.read()[-3000:]
+            assert time.time() < deadline, "the training run did not start logging"
+            time.sleep(0.2)
+        mark('run started')
+        page.goto(f"{url}/#/run/quickstart")
+        page.wait_for_selector("#chart-loss .scatterlayer .trace", timeout=30_000)
+        first = points(page)
+        page.wait_for_function(f"(document.getElementById('chart-loss').data[0]?.x.length ?? 0) > {first}",
+                               timeout=60_000)
+        assert points(page) > first
+        page.screenshot(path=str(shots / "2-run-training.png"), full_page=True)
+        mark('chart grew')
+        assert train.wait(timeout=180) == 0, train.stderr.read()[-3000:]
+
+        # ---- the finished run: one point per train record of metrics.jsonl, samples, final metrics
+        page.wait_for_selector(".state[data-state=finished]", timeout=20_000)
+        records = [json.loads(line) for line in (live / "metrics.jsonl").read_text().splitlines()]
+        page.wait_for_function(f"document.getElementById('chart-loss').data[0].x.length === {LIVE_STEPS}")
+        assert points(page) == sum("loss" in r for r in records) == LIVE_STEPS
+        assert points(page, trace=1) == sum("eval_loss" in r and not r.get("final") for r in records) == 3
+        assert points(page, "chart-lr") == points(page, "chart-tps") == LIVE_STEPS
+        assert page.locator("details.samples").count() == sum("samples" in r for r in records) == 3
+        assert "eval_loss" in page.inner_text("#final")
+        page.screenshot(path=str(shots / "3-run-finished.png"), full_page=True)
+        mark('run finished')
+
+        # ---- chat with the finished run, side by side with its base model: streamed replies
+        page.goto(f"{url}/#/chat/quickstart")
+        page.check("#side")
+        page.fill("#max-tokens", "24")
+        page.fill("#message", "reverse abcd")
+        page.click("#send")
+        page.wait_for_selector("#panel-run .msg.assistant[data-done]", timeout=60_000)
+        page.wait_for_selector("#panel-base .msg.assistant[data-done]", timeout=60_000)
+        assert page.inner_text("#panel-run .msg.user") == "reverse abcd"
+        base = page.locator("#panel-base .msg.assistant")
+        assert base.inner_text().strip() and int(base.get_attribute("data-chunks")) >= 2  # arrived in pieces
+        assert page.locator("#panel-run .msg.assistant").get_attribute("data-chunks")  # the run replied
+        page.screenshot(path=str(shots / "4-chat.png"), full_page=True)
+        mark('chat')
+
+        # ---- runs list and compare
+        fake_run(root, "other", steps=30, lr=3e-4)
+        page.goto(f"{url}/#/")
+        page.wait_for_selector("a.run-link >> text=other")
+        assert page.locator(".state[data-state=finished]").count() == 2
+        page.screenshot(path=str(shots / "5-runs.png"), full_page=True)
+        page.goto(f"{url}/#/compare/quickstart|other")
+        page.wait_for_selector("#cmp-loss .scatterlayer .trace")
+        assert page.locator("#cmp-loss .scatterlayer .trace").count() == 4  # train + eval loss of each run
+        assert "train.lr" in page.inner_text("main")
+        page.screenshot(path=str(shots / "6-compare.png"), full_page=True)
+        mark('runs and compare')
+    finally:
+        page.screenshot(path=str(shots / "last.png"), full_page=True)
+        if train.poll() is None:
+            train.send_signal(signal.SIGINT)
+            try:
+                train.wait(30)
+            except subprocess.TimeoutExpired:
+                train.kill()
+        print(f"screenshots: {shots}; timeline: {', '.join(times)}")
