@@ -181,3 +181,30 @@ def test_cli_ui_command(tmp_path, monkeypatch, capsys):
     assert main(["ui", str(tmp_path), "--host", "0.0.0.0", "--port", "8124"]) == 0
     assert "?token=" in capsys.readouterr().err.replace("\n", "")  # exposing it always takes a token
     assert TestClient(seen["app"]).get("/api/runs").status_code == 401
+
+
+def test_new_run_form_schema_and_validation(client, root, monkeypatch):
+    import subprocess
+
+    fields = {f["key"]: f for f in client.get("/api/schema", params={"recipe": "quickstart"}).json()["fields"]}
+    assert fields["train.max_steps"]["value"] == 2000 and fields["train.max_steps"]["kind"] == "int"
+    assert fields["data.packing"]["kind"] == "bool" and fields["train.scheduler"]["kind"] == "choice"
+    assert fields["data.prompt"]["value"] == "Q: {instruction}\nA:" and fields["train.lr"]["description"]
+    assert client.get("/api/schema", params={"recipe": "../x.yaml"}).status_code == 400
+
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or type("P", (), {"pid": 1})())
+    bad = client.post("/api/train", json={"recipe": "quickstart", "name": "x", "overrides": {"train.max_steps": "many"}})
+    assert bad.status_code == 400 and "train.max_steps" in bad.json()["detail"]  # pydantic's message, as the CLI
+    bad = client.post("/api/train", json={"recipe": "quickstart", "name": "x", "overrides": {"train.nope": 1}})
+    assert bad.status_code == 400 and "train.nope" in bad.json()["detail"]
+    for name in ("../escape", "/tmp/abs", "done", "", ".hidden"):
+        r = client.post("/api/train", json={"recipe": "quickstart", "name": name, "overrides": {}})
+        assert r.status_code == 400, name
+    r = client.post("/api/train", json={"recipe": "quickstart", "name": "new/one",
+                                        "overrides": {"train.max_steps": 5, "train.output_dir": "/elsewhere"}})
+    assert r.status_code == 200, r.text
+    assert started == [[started[0][0], "-m", "sftune", "train", str(root.resolve() / "new/one/sftune_config.yaml")]]
+    saved = (root / "new" / "one" / "sftune_config.yaml").read_text()
+    assert "max_steps: 5" in saved and f"output_dir: {root.resolve() / 'new/one'}" in saved
+    assert {r["name"]: r["state"] for r in client.get("/api/runs").json()["runs"]}["new/one"] == "running"

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -69,30 +68,56 @@ def page():
 
 
 def points(page, chart: str = "chart-loss", trace: int = 0) -> int:
-    """Markers plotly drew for a trace (SVG paths), checked against the data it was given."""
-    drawn = page.locator(f"#{chart} .scatterlayer .trace:nth-child({trace + 1}) .points path").count()
-    given = page.evaluate(f"(document.getElementById('{chart}').data || [])[{trace}]?.x.length ?? 0")
+    """Markers plotly drew for a trace (SVG paths), checked against the data it was given (read in one
+    go, so a poll landing in between cannot skew them)."""
+    drawn, given = page.evaluate(f"""() => {{
+        const div = document.getElementById('{chart}');
+        const trace = div.querySelectorAll('.scatterlayer .trace')[{trace}];
+        return [trace ? trace.querySelectorAll('.points path').length : 0, div.data?.[{trace}]?.x.length ?? 0];
+    }}""")
     assert drawn == given
     return drawn
 
 
 def test_dashboard_in_a_browser(server, page, tmp_path):
+    from sftune.dashboard import newrun
+
     root, url = server
     t0, times = time.time(), []
-
-    def mark(what: str) -> None:
-        times.append(f"{what} {time.time() - t0:.1f}s")
     shots = tmp_path / "screenshots"
     shots.mkdir()
     live = root / "quickstart"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    train = subprocess.Popen(
-        [sys.executable, "-m", "sftune", "train", "quickstart", f"train.max_steps={LIVE_STEPS}", "train.log_every=1",
-         "train.eval_every=15", "data.limit=960", "data.eval_limit=20", "eval.limit=10", "eval.samples=3",
-         "eval.exact_match=false", f"train.output_dir={live}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def mark(what: str) -> None:
+        times.append(f"{what} {time.time() - t0:.0f}s")
+
+    def log() -> str:
+        return (live / "train.log").read_text()[-3000:] if (live / "train.log").exists() else ""
+
     try:
-        # ---- data preview (while the run starts): trained tokens highlighted, and the data report
+        # ---- a quickstart run started from the form generated from the config schema
+        page.goto(f"{url}/#/new")
+        page.wait_for_selector("#f-train-max_steps")
+        for key, value in {"train-max_steps": LIVE_STEPS, "train-log_every": 1, "train-eval_every": 15,
+                           "data-limit": 960, "data-eval_limit": 20, "eval-limit": 10, "eval-samples": 3}.items():
+            page.fill(f"#f-{key}", str(value))
+        page.uncheck("#f-eval-exact_match")
+        page.fill("#new-name", "quickstart")
+        page.screenshot(path=str(shots / "0-new-run.png"), full_page=True)
+        page.click("#new-go")
+
+        # ---- its page while it trains: the loss chart grows
+        page.wait_for_url("**/#/run/quickstart")
+        page.wait_for_function("(document.getElementById('chart-loss')?.data?.[0]?.x.length ?? 0) > 0",
+                               timeout=120_000)
+        mark("first step")
+        first = points(page)
+        page.wait_for_function(f"document.getElementById('chart-loss').data[0].x.length > {first}", timeout=60_000)
+        assert points(page) > first and page.locator(".state[data-state=running]").count() == 1, log()
+        page.screenshot(path=str(shots / "1-run-training.png"), full_page=True)
+        mark("chart grew")
+
+        # ---- data preview (while the run trains): trained tokens highlighted, and the data report
         page.goto(f"{url}/#/preview")
         page.fill("#overrides", "data.limit=20")
         page.click("#preview-go")
@@ -102,37 +127,22 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
         assert trained.count() > 0 and page.locator("#preview-out .tok.masked").count() > trained.count()
         assert "<|endoftext|>" in "".join(trained.all_text_contents())  # the EOS is trained
         assert "20 used" in page.inner_text("#preview-out")
-        page.screenshot(path=str(shots / "1-preview.png"), full_page=True)
-        mark('preview')
-
-        # ---- a run page while the run trains: the loss chart grows
-        deadline = time.time() + 120
-        while not (live / "metrics.jsonl").exists():
-            assert train.poll() is None, train.stderr.read()[-3000:]
-            assert time.time() < deadline, "the training run did not start logging"
-            time.sleep(0.2)
-        mark('run started')
-        page.goto(f"{url}/#/run/quickstart")
-        page.wait_for_selector("#chart-loss .scatterlayer .trace", timeout=30_000)
-        first = points(page)
-        page.wait_for_function(f"(document.getElementById('chart-loss').data[0]?.x.length ?? 0) > {first}",
-                               timeout=60_000)
-        assert points(page) > first
-        page.screenshot(path=str(shots / "2-run-training.png"), full_page=True)
-        mark('chart grew')
-        assert train.wait(timeout=180) == 0, train.stderr.read()[-3000:]
+        page.screenshot(path=str(shots / "2-preview.png"), full_page=True)
+        mark("preview")
 
         # ---- the finished run: one point per train record of metrics.jsonl, samples, final metrics
-        page.wait_for_selector(".state[data-state=finished]", timeout=20_000)
+        page.goto(f"{url}/#/run/quickstart")
+        page.wait_for_selector(".state[data-state=finished], .state[data-state=failed]", timeout=180_000)
+        assert page.locator(".state[data-state=finished]").count() == 1, log()
+        page.wait_for_function(f"document.getElementById('chart-loss')?.data?.[0]?.x.length === {LIVE_STEPS}")
         records = [json.loads(line) for line in (live / "metrics.jsonl").read_text().splitlines()]
-        page.wait_for_function(f"document.getElementById('chart-loss').data[0].x.length === {LIVE_STEPS}")
         assert points(page) == sum("loss" in r for r in records) == LIVE_STEPS
         assert points(page, trace=1) == sum("eval_loss" in r and not r.get("final") for r in records) == 3
         assert points(page, "chart-lr") == points(page, "chart-tps") == LIVE_STEPS
         assert page.locator("details.samples").count() == sum("samples" in r for r in records) == 3
         assert "eval_loss" in page.inner_text("#final")
         page.screenshot(path=str(shots / "3-run-finished.png"), full_page=True)
-        mark('run finished')
+        mark("run finished")
 
         # ---- chat with the finished run, side by side with its base model: streamed replies
         page.goto(f"{url}/#/chat/quickstart")
@@ -143,11 +153,11 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
         page.wait_for_selector("#panel-run .msg.assistant[data-done]", timeout=60_000)
         page.wait_for_selector("#panel-base .msg.assistant[data-done]", timeout=60_000)
         assert page.inner_text("#panel-run .msg.user") == "reverse abcd"
+        assert not page.locator(".msg.assistant.error").count(), page.inner_text("main")
         base = page.locator("#panel-base .msg.assistant")
         assert base.inner_text().strip() and int(base.get_attribute("data-chunks")) >= 2  # arrived in pieces
-        assert page.locator("#panel-run .msg.assistant").get_attribute("data-chunks")  # the run replied
         page.screenshot(path=str(shots / "4-chat.png"), full_page=True)
-        mark('chat')
+        mark("chat")
 
         # ---- runs list and compare
         fake_run(root, "other", steps=30, lr=3e-4)
@@ -160,13 +170,14 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
         assert page.locator("#cmp-loss .scatterlayer .trace").count() == 4  # train + eval loss of each run
         assert "train.lr" in page.inner_text("main")
         page.screenshot(path=str(shots / "6-compare.png"), full_page=True)
-        mark('runs and compare')
+        mark("runs and compare")
     finally:
         page.screenshot(path=str(shots / "last.png"), full_page=True)
-        if train.poll() is None:
-            train.send_signal(signal.SIGINT)
-            try:
-                train.wait(30)
-            except subprocess.TimeoutExpired:
-                train.kill()
+        for child in newrun._children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)  # Ctrl-C: sftune saves a checkpoint and stops
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
         print(f"screenshots: {shots}; timeline: {', '.join(times)}")

@@ -34,23 +34,23 @@ def plotly_js() -> Path:
 
 
 class Models:
-    """Loaded models for chat, the two most recent kept; one generation per model at a time."""
+    """Loaded models for chat, the two most recent kept; one generation per model at a time. Loading is
+    serialised: transformers' loading (meta-device initialisation) is not thread-safe."""
 
     def __init__(self, keep: int = 2):
-        self.keep, self.cache, self.lock = keep, OrderedDict(), threading.Lock()
+        self.keep, self.cache, self.lock = keep, OrderedDict(), threading.RLock()
 
     def get(self, run: Path, base: bool):
         key = (str(run), base)
         with self.lock:
-            if key in self.cache:
-                self.cache.move_to_end(key)
-                return self.cache[key]
-        loaded = _load_base(self.get(run, False)[0]) if base else _load_run(run)
-        with self.lock:
-            self.cache[key] = (loaded, threading.Lock())
+            if key not in self.cache:
+                loaded = _load_base(self.get(run, False)[0]) if base else _load_run(run)
+                self.cache[key] = (loaded, threading.Lock())
+            self.cache.move_to_end(key)
+            entry = self.cache[key]
             while len(self.cache) > self.keep:
                 self.cache.popitem(last=False)
-            return self.cache[key]
+            return entry
 
 
 def _check_no_remote_code(cfg) -> None:
@@ -224,6 +224,27 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
         return {"sequences": out, "data_report": data.report.to_dict(),
                 "eval_report": data.eval_report.to_dict() if data.eval_report is not None else None,
                 "weighted": bool(data.train.weighted)}
+
+    # ------------------------------------------------------------------ a new run from a form
+    @app.get("/api/schema")
+    def config_schema(recipe: str = "quickstart"):
+        from sftune.dashboard.newrun import schema
+
+        return {"recipe": recipe, "fields": schema(_recipe_path(root, recipe))}
+
+    @app.post("/api/train")
+    def start_run(body: dict = Body(...)):
+        from sftune.config import load_config
+        from sftune.dashboard.newrun import start
+
+        overrides = body.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise HTTPException(400, "overrides: an object of dotted keys to values")
+        for key, value in overrides.items():
+            _check_override(root, f"{key}={value}")
+        recipe = _recipe_path(root, str(body.get("recipe") or ""))
+        _check_no_remote_code(load_config(recipe, overrides))
+        return start(root, recipe, overrides, str(body.get("name") or "").strip())
 
     # ------------------------------------------------------------------ chat
     @app.post("/api/chat")

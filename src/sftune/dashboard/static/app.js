@@ -267,6 +267,63 @@ async function chatView(name) {
   input.focus();
 }
 
+// ------------------------------------------------------------------ a new run (form generated from the config schema)
+
+function fieldInput(f) {
+  const id = "f-" + f.key.replace(".", "-");
+  let input;
+  if (f.kind === "bool") input = el("input", {type: "checkbox", id, checked: !!f.value});
+  else if (f.kind === "choice") input = el("select", {id}, (f.nullable ? [null] : []).concat(f.choices).map((c) => el("option", {value: JSON.stringify(c), selected: c === f.value}, c === null ? "(none)" : String(c))));
+  else if (f.kind === "json" || (typeof f.value === "string" && f.value.includes("\n"))) input = el("textarea", {id, rows: 1, cols: 28}, JSON.stringify(f.value));
+  else input = el("input", {id, size: 18, value: f.value === null ? "" : String(f.value), type: f.kind === "int" || f.kind === "float" ? "text" : "text"});
+  input.dataset.key = f.key;
+  const read = () => {
+    if (f.kind === "bool") return input.checked;
+    if (f.kind === "choice") return JSON.parse(input.value);
+    if (input.tagName === "TEXTAREA") { try { return JSON.parse(input.value); } catch (e) { return input.value; } }
+    const v = input.value;
+    if (v === "" && f.nullable) return null;
+    if ((f.kind === "int" || f.kind === "float") && v.trim() !== "" && !isNaN(Number(v))) return Number(v);
+    return v;
+  };
+  return {f, input, read, node: el("label", {title: f.description}, f.key.split(".")[1], input)};
+}
+
+async function newRunView() {
+  const rec = await api("/api/recipes");
+  const recipe = el("select", {id: "new-recipe"}, rec.builtin.map((r) => el("option", {value: r, selected: r === "quickstart"}, r)),
+    rec.files.map((r) => el("option", {value: r}, r)));
+  const name = el("input", {id: "new-name", value: "quickstart-ui", size: 24});
+  const fieldsBox = el("div"), status = el("p", {id: "new-status"});
+  let inputs = [];
+  async function load() {
+    const s = await api("/api/schema?recipe=" + encodeURIComponent(recipe.value));
+    inputs = s.fields.map(fieldInput);
+    const sections = [...new Set(s.fields.map((f) => f.section))];
+    put(fieldsBox, sections.map((sec) => el("fieldset", {class: "section"}, el("legend", {}, sec),
+      inputs.filter((i) => i.f.section === sec && i.f.key !== "train.output_dir").map((i) => i.node))));
+  }
+  recipe.addEventListener("change", load);
+  const form = el("form", {onsubmit: async (e) => {
+    e.preventDefault();
+    const overrides = {};
+    for (const i of inputs) {
+      const v = i.read();
+      if (JSON.stringify(v) !== JSON.stringify(i.f.value)) overrides[i.f.key] = v;
+    }
+    status.className = "muted";
+    status.textContent = "starting… overrides: " + (Object.entries(overrides).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(" ") || "none");
+    try {
+      const r = await api("/api/train", {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({recipe: recipe.value, name: name.value, overrides})});
+      location.hash = runLink(r.name);
+    } catch (err) { status.className = "error"; status.textContent = err.message; }
+  }}, el("div", {class: "inline"}, el("label", {}, "recipe", recipe), el("label", {}, "run name (under the runs directory)", name),
+    el("button", {type: "submit", id: "new-go"}, "Start training")), status, fieldsBox);
+  put(view, el("h1", {}, "New run"), el("p", {class: "muted"}, "Every config key, with the recipe's values; changed ones are passed as overrides and validated as on the command line. Hover a field for its meaning."), form);
+  await load();
+}
+
 // ------------------------------------------------------------------ router
 
 async function route() {
@@ -278,6 +335,7 @@ async function route() {
     if (page === "run") await runView(decodeURIComponent(arg));
     else if (page === "compare") await compareView(arg.split("|").map(decodeURIComponent));
     else if (page === "preview") await previewView();
+    else if (page === "new") await newRunView();
     else if (page === "chat") await chatView(decodeURIComponent(arg));
     else await runsView();
   } catch (err) {
