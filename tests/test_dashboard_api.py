@@ -118,6 +118,11 @@ def test_token_and_host_checks(root):
     assert guarded.get("/api/runs").status_code == 200  # the cookie from the first visit
     local = TestClient(create_app(root))
     assert local.get("/api/runs", headers={"Host": "evil.example"}).status_code == 400  # DNS rebinding
+    # cross-site request forgery: a foreign Origin, or a form / text body that skips the CORS preflight
+    body = {"run": "done", "message": "hi"}
+    assert local.post("/api/chat", json=body, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert local.post("/api/chat", content=json.dumps(body), headers={"Content-Type": "text/plain"}).status_code == 415
+    assert local.post("/api/chat", json=body, headers={"Origin": "http://testserver"}).status_code == 409
 
 
 def test_preview_refuses_files_outside_runs_dir(client, tmp_path):

@@ -99,7 +99,8 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
         page.goto(f"{url}/#/new")
         page.wait_for_selector("#f-train-max_steps")
         for key, value in {"train-max_steps": LIVE_STEPS, "train-log_every": 1, "train-eval_every": 15,
-                           "data-limit": 960, "data-eval_limit": 20, "eval-limit": 10, "eval-samples": 3}.items():
+                           "data-limit": 960, "data-eval_limit": 20, "eval-limit": 10, "eval-samples": 3,
+                           "train-lr": 3e-3, "train-warmup_steps": 5}.items():
             page.fill(f"#f-{key}", str(value))
         page.uncheck("#f-eval-exact_match")
         page.fill("#new-name", "quickstart")
@@ -148,11 +149,11 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
         page.goto(f"{url}/#/chat/quickstart")
         page.check("#side")
         page.fill("#max-tokens", "24")
-        page.fill("#message", "reverse abcd")
+        page.fill("#message", "upper abcd")
         page.click("#send")
         page.wait_for_selector("#panel-run .msg.assistant[data-done]", timeout=60_000)
         page.wait_for_selector("#panel-base .msg.assistant[data-done]", timeout=60_000)
-        assert page.inner_text("#panel-run .msg.user") == "reverse abcd"
+        assert page.inner_text("#panel-run .msg.user") == "upper abcd"
         assert not page.locator(".msg.assistant.error").count(), page.inner_text("main")
         base = page.locator("#panel-base .msg.assistant")
         assert base.inner_text().strip() and int(base.get_attribute("data-chunks")) >= 2  # arrived in pieces

@@ -15,6 +15,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import Body, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -104,6 +105,18 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
     models = Models()
     if local_only:  # a page on another site cannot reach the dashboard through DNS rebinding
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS)
+
+    @app.middleware("http")
+    async def same_origin_json(request: Request, call_next):
+        """POSTs must be JSON from this page: a JSON body makes another site's request preflighted (and
+        refused), and a foreign Origin is refused outright (cross-site request forgery)."""
+        if request.method not in ("GET", "HEAD"):
+            origin = request.headers.get("origin")
+            if origin and urlsplit(origin).netloc != request.headers.get("host"):
+                return PlainTextResponse("cross-origin request refused", 403)
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                return PlainTextResponse("send JSON (Content-Type: application/json)", 415)
+        return await call_next(request)
 
     if token:
         @app.middleware("http")

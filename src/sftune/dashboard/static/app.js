@@ -231,6 +231,7 @@ async function streamInto(node, body) {
     node.dataset.chunks = ++chunks;
   }
   node.dataset.done = "1";
+  if (!text.trim()) node.append(el("span", {class: "muted"}, JSON.stringify(text) + " (the model stopped at once)"));
   return text.replace(/\n$/, "");
 }
 
