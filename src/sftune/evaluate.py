@@ -10,18 +10,30 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from rich.table import Table
+
+from sftune.attention import enable_varlen
+from sftune.config import load_config, parse_override
 
 from sftune.data.formats import BadRow, Format, TextFormat
 from sftune.data.packing import BatchPlan, model_inputs
 from sftune.errors import RowSkip
+from sftune.data.pipeline import prepare_data
 from sftune.generation import generate_with
+from sftune.inference import load_for_inference
+from sftune.loss import CausalLMWithLoss
+from sftune.model import resolve_max_length, unwrap_causal_lm
+from sftune.ui import console
+from sftune.ui import out as stdout
 
 
 @torch.no_grad()
@@ -117,7 +129,6 @@ def sample_generations(cfg, model, tokenizer, data, synced: bool = False) -> lis
 
 def generation_eval(cfg, model, tokenizer, data, label: str = "", show: bool = True, synced: bool = False) -> dict:
     """Greedy generation on the eval rows: exact match / contains match, plus a few samples."""
-    from sftune.ui import console
 
     examples = generation_examples(data.fmt, data.source.eval, cfg.eval.limit)
     if not examples:
@@ -128,8 +139,6 @@ def generation_eval(cfg, model, tokenizer, data, label: str = "", show: bool = T
     metrics["samples"] = [{"prompt": e.prompt, "reference": e.reference, "generated": p}
                           for e, p in zip(examples[:cfg.eval.samples], preds)]
     if cfg.eval.samples and show:
-        from rich.table import Table
-
         t = Table(title=f"Sample generations ({label})" if label else "Sample generations", title_justify="left")
         t.add_column("prompt", overflow="fold", max_width=48)
         t.add_column("generated (stops at EOS by itself)", overflow="fold")
@@ -145,15 +154,10 @@ def evaluate_loaded(loaded, cfg, *, limit: int | None, max_new_tokens: int, batc
                     tokenizer=None) -> dict:
     """Loss / perplexity over the completion tokens of ``cfg.data``'s rows, plus generation metrics
     (exact and contains match) for prompt/completion and chat data."""
-    from sftune.data.pipeline import prepare_data
-    from sftune.loss import CausalLMWithLoss
-    from sftune.model import resolve_max_length
 
     tokenizer = tokenizer or loaded.tokenizer
     max_length = resolve_max_length(cfg, tokenizer, loaded.model.config)
     data = prepare_data(cfg.data, tokenizer, max_length, fmt=loaded.fmt)
-    from sftune.attention import enable_varlen
-    from sftune.model import unwrap_causal_lm
 
     device = next(loaded.model.parameters()).device
     enable_varlen(unwrap_causal_lm(loaded.model))
@@ -178,14 +182,8 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
              overrides: list[str] | None = None, limit: int | None = 200, max_new_tokens: int = 128,
              batch_size: int = 16, out: str | None = None) -> dict:
     """``sftune eval``: evaluate a run (and optionally a baseline) on held-out data; table + JSON."""
-    import json
-    from pathlib import Path
 
-    from rich.table import Table
 
-    from sftune.config import load_config, parse_override
-    from sftune.inference import load_for_inference
-    from sftune.ui import console, out as stdout
 
     loaded = load_for_inference(model)
     base_cfg = loaded.cfg.model_dump() if loaded.cfg is not None else {}

@@ -13,11 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftune.config import SFTConfig, validate_config
 from sftune.data.formats import BadRow, Format, format_from_identity
 from sftune.errors import DataError, RowSkip, SftuneError
 from sftune.generation import Streamer, generate_with
+from sftune.model import resolve_path
+from sftune.ui import console
 
 
 @dataclass
@@ -58,10 +63,7 @@ class Loaded:
 
 def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = None) -> Loaded:
     """Load a run directory, a model directory or a hub id, with its tokenizer and training format."""
-    import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftune.model import resolve_path
 
     path = resolve_path(path)
     p = Path(path)
@@ -76,8 +78,6 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (p / "adapter_config.json").exists():
-            from peft import AutoPeftModelForCausalLM
-
             model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
@@ -96,7 +96,6 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
 def chat(loaded: Loaded, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
          stdin=None, stdout=None) -> int:
     """A multi-turn REPL (single-turn for prompt/completion models). ``/reset`` and ``/exit``."""
-    from sftune.ui import console
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
