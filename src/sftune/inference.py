@@ -145,6 +145,8 @@ class _Streamer:
 def chat(loaded: Loaded, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
          stdin=None, stdout=None) -> int:
     """A multi-turn REPL (single-turn for prompt/completion models). ``/reset`` and ``/exit``."""
+    from rich.markup import escape
+
     from sftune.evaluate import generate, stop_token_ids
     from sftune.ui import console
 
@@ -153,7 +155,7 @@ def chat(loaded: Loaded, *, max_new_tokens: int = 256, temperature: float = 0.0,
     interactive = stdin.isatty()
     multi_turn = loaded.is_chat
     mode = "multi-turn chat" if multi_turn else "single-turn (each message is a new prompt)"
-    console.print(f"[bold]sftune chat[/] with {loaded.path}: {mode}. /reset clears history, /exit quits.")
+    console.print(f"[bold]sftune chat[/] with {escape(str(loaded.path))}: {mode}. /reset clears history, /exit quits.")
     history: list[dict] = []
     turns = 0
     while True:

@@ -251,7 +251,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
         state = load_checkpoint(accelerator, out_dir)
         start_step = state["step"]
         if main:
-            console.print(f"resumed from {state['path']} at step {start_step}")
+            console.print(f"resumed from {state['path']} at step {start_step}", markup=False)
     elif main and (out_dir / "metrics.jsonl").exists():
         (out_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
@@ -373,6 +373,6 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     if main:
         (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         report = build_report(out_dir)
-        console.print(f"saved to [bold]{out_dir}[/] (report: {report})")
+        console.print(f"saved to [bold]{escape(str(out_dir))}[/] (report: {escape(str(report))})")
     accelerator.end_training()
     return TrainResult(str(out_dir), total_steps, last_loss, metrics)

@@ -47,14 +47,14 @@ class MetricsLogger:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:
-                    console.print("[yellow]report_to tensorboard needs: pip install 'sftune[tensorboard]'[/]")
+                    console.print(r"[yellow]report_to tensorboard needs: pip install 'sftune\[tensorboard]'[/]")
                     continue
                 self.backends.append(("tensorboard", SummaryWriter(str(Path(output_dir) / "tensorboard"))))
             elif name == "wandb":
                 try:
                     import wandb
                 except ImportError:
-                    console.print("[yellow]report_to wandb needs: pip install 'sftune[wandb]'[/]")
+                    console.print(r"[yellow]report_to wandb needs: pip install 'sftune\[wandb]'[/]")
                     continue
                 self.backends.append(("wandb", wandb.init(project="sftune", config=config or {})))
 
