@@ -117,8 +117,10 @@ def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int = 128) 
 
 
 def cmd_generate(args) -> int:
-    from sftune.evaluate import generate
+    from sftune.data.formats import BadRow
     from sftune.data.sources import read_json_rows
+    from sftune.errors import DataError, RowSkip
+    from sftune.evaluate import generate
     from sftune.inference import load_for_inference
     from sftune.ui import out
 
@@ -128,7 +130,14 @@ def cmd_generate(args) -> int:
         rows = None
     else:
         rows = read_json_rows(args.file)
-        prompts = [loaded.prompt_from_row(r) for r in rows]
+        prompts = []
+        for i, r in enumerate(rows):
+            try:
+                prompts.append(loaded.prompt_from_row(r))
+            except (RowSkip, BadRow, DataError) as e:
+                reason = getattr(e, "reason", None) or getattr(e, "message", None) or str(e)
+                raise DataError(f"cannot build a prompt: {reason}", source=args.file, row=i,
+                                column=getattr(e, "column", None), hint=getattr(e, "hint", None)) from None
     outputs = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
                        add_bos=loaded.add_bos)
@@ -202,6 +211,15 @@ def cmd_train(args) -> int:
         return 2
     cfg = load_config(args.recipe, args.overrides)
     result = train(cfg)
+    if result.interrupted:
+        import shlex
+
+        from sftune.ui import console
+
+        again = [o for o in args.overrides if o.partition("=")[0].strip() != "train.resume"]
+        command = " ".join(shlex.quote(a) for a in ["sftune", "train", args.recipe, *again, "train.resume=true"])
+        console.print(f"to resume from step {result.steps}: {command}", markup=False, highlight=False,
+                      soft_wrap=True)
     return 130 if result.interrupted else 0
 
 
@@ -247,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    from sftune.ui import console
+    from sftune.ui import console, quiet_third_party
 
+    quiet_third_party()
     try:
         return COMMANDS[args.command](args)
     except SftuneError as e:

@@ -58,6 +58,24 @@ class Loaded:
             return self.prompt_from_text(text)
         if isinstance(self.fmt, TextFormat):
             return row.get(self.fmt.column) or ""
+        if isinstance(self.fmt, PromptCompletionFormat):
+            # a prompts file needs only the prompt's columns; the completion's may be absent or empty
+            tmpl = self.fmt.template
+            needed = [c for c in tmpl.fields if c not in tmpl.completion_fields and c not in tmpl.optional_fields]
+            missing = [c for c in needed if row.get(c) is None]
+            if missing:
+                raise DataError(f"no value for the prompt column(s) {', '.join(map(repr, missing))}",
+                                hint=f"each row needs the training prompt's columns: {', '.join(needed)}")
+            return self.fmt.prompt(row)
+        if isinstance(self.fmt, MessagesFormat):
+            value = row.get(self.fmt.column)
+            if isinstance(value, list) and value and isinstance(value[-1], dict) and \
+                    str(value[-1].get("role") or value[-1].get("from")).lower() not in ("assistant", "gpt"):
+                from sftune.data.formats import normalize_messages
+
+                # a conversation that ends with the user's turn: generate the next assistant turn
+                messages = normalize_messages(value + [{"role": "assistant", "content": ""}], self.fmt.column)
+                return self.fmt.render(messages[:-1], add_generation_prompt=True)
         return prompt_and_reference(self.fmt, row).prompt
 
 

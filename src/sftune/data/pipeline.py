@@ -106,7 +106,7 @@ def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig
                    source: str) -> datasets.Dataset:
     fn = Tokenizer(fmt, tokenizer, max_length, on_bad_row=cfg.on_bad_row, source=source)
     fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length, fmt)
-    quiet = len(ds) < 20_000
+    quiet = len(ds) < 20_000 and datasets.is_progress_bar_enabled()  # leave a caller's setting as it was
     if quiet:
         datasets.disable_progress_bars()
     try:
