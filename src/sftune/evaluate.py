@@ -267,7 +267,11 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
     results = {model: evaluate_loaded(loaded, cfg, limit=limit, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size)}
     if baseline:
-        base = load_for_inference(baseline)
+        seed = loaded.cfg.train.seed if loaded.cfg is not None else 42
+        base = load_for_inference(baseline, init_seed=seed)  # builtin:quickstart: the run's untrained init
+        if baseline.startswith("builtin:"):
+            console.print(f"baseline {baseline}: the built-in model's initial weights (seed {seed}), i.e. the "
+                          "from-scratch run before training", markup=False)
         # prompt the baseline exactly as the fine-tuned model: same format, same tokenizer when compatible
         base.fmt = loaded.fmt
         same_vocab = len(loaded.tokenizer) <= base.model.get_input_embeddings().weight.shape[0]

@@ -91,13 +91,22 @@ def _format_for(cfg: SFTConfig, tokenizer) -> Format | None:
         return None
 
 
-def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = None) -> Loaded:
-    """Load a run directory, a model directory or a hub id, with its tokenizer and training format."""
+def _has_weights(p: Path) -> bool:
+    return any(p.glob("*.safetensors")) or any(p.glob("*.bin")) or any(p.glob("*.safetensors.index.json"))
+
+
+def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = None, init_seed: int = 42) -> Loaded:
+    """Load a run directory, a model directory or a hub id, with its tokenizer and training format.
+
+    A built-in model without weights (``builtin:quickstart``) is initialised from its config with
+    ``init_seed``, exactly as a from-scratch run with that ``train.seed`` starts: the untrained
+    baseline of such a run."""
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftune.model import resolve_path
 
+    builtin = path.startswith("builtin:")
     path = resolve_path(path)
     p = Path(path)
     cfg = None
@@ -114,6 +123,11 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
             from peft import AutoPeftModelForCausalLM
 
             model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        elif builtin and not _has_weights(p):
+            from transformers import AutoConfig
+
+            torch.manual_seed(init_seed)  # as sftune.model.load_model does for model.from_scratch
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except Exception as e:

@@ -1,6 +1,7 @@
 """``sftune preview``: training sequences as the model sees them, and the dataset report.
 
-Trained tokens (labels != -100) are shown in green, masked tokens dimmed. ``--json`` prints one
+Trained tokens (labels != -100) are shown in green, masked tokens dimmed; without colour (output not
+a terminal, or ``NO_COLOR``) each run of trained tokens is marked ``«…»`` instead. ``--json`` prints one
 object per training sequence, ``{"input_ids", "labels", "position_ids", "text"}``, on stdout; this
 shape is stable so other tools can check masks against it.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from rich.markup import escape
 from rich.text import Text
 
 from sftune.config import SFTConfig
@@ -20,12 +22,27 @@ from sftune.model import load_model_config, load_tokenizer, resolve_max_length
 from sftune.ui import console, out
 
 
-def colored(tokenizer, ids, labels) -> Text:
+OPEN, CLOSE = "«", "»"  # trained-token marks when there is no colour
+
+
+def plain_output(console) -> bool:
+    """No colour reaches the reader: marks instead of styles."""
+    return not console.is_terminal or console.no_color or console.color_system is None
+
+
+def colored(tokenizer, ids, labels, plain: bool = False) -> Text:
     text = Text()
+    trained_run = False
     for tid, lab in zip(ids, labels):
         piece = tokenizer.decode([int(tid)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         piece = piece.replace("\n", "↵\n")
-        text.append(piece, style="bold green" if lab != IGNORE else "dim")
+        trained = lab != IGNORE
+        if plain and trained != trained_run:
+            text.append(OPEN if trained else CLOSE)
+            trained_run = trained
+        text.append(piece, style="bold green" if trained else "dim")
+    if plain and trained_run:
+        text.append(CLOSE)
     return text
 
 
@@ -57,10 +74,13 @@ def preview(cfg: SFTConfig, n: int = 3, as_json: bool = False) -> None:
                                   "rows": rows}), markup=False, highlight=False)
         else:
             trained = sum(lab != IGNORE for lab in labels)
-            console.rule(f"sequence {r}: rows {rows}, {len(ids)} tokens, {trained} trained")
-            console.print(colored(tokenizer, ids, labels))
+            console.rule(f"sequence {r}: rows {escape(str(rows))}, {len(ids)} tokens, {trained} trained")
+            console.print(colored(tokenizer, ids, labels, plain=plain_output(console)))
     if not as_json:
-        console.print("[dim]legend:[/] [bold green]trained tokens[/] [dim]masked tokens (no loss)[/]")
+        if plain_output(console):
+            console.print(f"legend: {OPEN}trained tokens{CLOSE}, unmarked: masked tokens (no loss)", markup=False)
+        else:
+            console.print("[dim]legend:[/] [bold green]trained tokens[/] [dim]masked tokens (no loss)[/]")
     data.report.render(console, title="Training data")
     if data.eval_report is not None:
         data.eval_report.render(console, title="Eval data")

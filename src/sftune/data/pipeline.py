@@ -149,7 +149,8 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source 
         raise DataError("the training split has no rows", source=source.name)
 
     tok = tokenize_split(source.train, fmt, tokenizer, cfg, max_length, source.name)
-    report, kept = _report(tok, source, fmt, cfg.split, max_length, source.rows_read)
+    train_split = getattr(source, "split", None) or cfg.split
+    report, kept = _report(tok, source, fmt, train_split, max_length, source.rows_read)
     fmt.review(report)
     if report.kept == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.items())
@@ -161,7 +162,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source 
     if source.eval is not None and len(source.eval):
         check_columns(source.eval, fmt.columns, source.name, what)
         etok = tokenize_split(source.eval, fmt, tokenizer, cfg, max_length, source.name)
-        split = cfg.eval_split if isinstance(cfg.eval_split, str) else f"{cfg.split} (held out {cfg.eval_split})"
+        split = cfg.eval_split if isinstance(cfg.eval_split, str) else f"{train_split} (held out {cfg.eval_split})"
         eval_report, ekept = _report(etok, source, fmt, split, max_length, len(source.eval))
         fmt.review(eval_report)
         if len(ekept):
