@@ -110,7 +110,7 @@ def test_plain_progress_lines():
     with contextlib.redirect_stderr(buf):
         p = PlainProgress(True, every_s=0)
         t = p.add_task("train", total=100, completed=0, loss="-", lr="-", tps="-")
-        p.update(t, completed=1)  # no new metrics: no line
+        p.update(t, completed=1)
         p.update(t, loss="1.2345", lr="1.00e-03", tps="5,000")
         p.update(t, completed=50)
         quiet = PlainProgress(True, every_s=3600)
@@ -119,9 +119,10 @@ def test_plain_progress_lines():
             quiet.update(t, loss="0.5", lr="1e-3", tps="1")
             quiet.update(t, completed=step)
     lines = buf.getvalue().splitlines()
-    assert len(lines) == 2 and "\r" not in buf.getvalue() and console.file is not None
-    assert re.match(r"step 50/100 \(50%\)  loss 1\.2345  lr 1\.00e-03  5,000 tok/s  elapsed \S+  ETA \S+", lines[0])
-    assert lines[1].startswith("step 100/100")  # the last step always, however often lines may come
+    assert len(lines) == 3 and "\r" not in buf.getvalue() and console.file is not None
+    assert lines[0].startswith("step 1/100 (1%)  loss -")
+    assert re.match(r"step 50/100 \(50%\)  loss 1\.2345  lr 1\.00e-03  5,000 tok/s  elapsed \S+  ETA \S+", lines[1])
+    assert lines[2].startswith("step 100/100")  # the last step always, however rarely lines come
 
 
 def test_third_party_noise_is_silenced(caplog):

@@ -22,9 +22,10 @@ out = Console(highlight=False, soft_wrap=True)
 
 
 class PlainProgress:
-    """The progress bar's stand-in when stderr is not a terminal (a log file, CI): a plain line when
-    new metrics arrive, at most every ``every_s`` seconds (env ``SFTUNE_PROGRESS_SECONDS``, default
-    30), and always for the last step, so a log shows the run moving without ``\\r`` redraws::
+    """The progress bar's stand-in when stderr is not a terminal (a log file, CI): a plain line every
+    ``every_s`` seconds (env ``SFTUNE_PROGRESS_SECONDS``, default 30) with the step and the latest
+    logged loss, and always one for the last step, so a log shows the run moving without ``\\r``
+    redraws::
 
         step 150/2000 (7%)  loss 1.2345  lr 1.00e-03  12,345 tok/s  elapsed 0:00:15  ETA 0:03:05
     """
@@ -48,21 +49,19 @@ class PlainProgress:
     def add_task(self, description: str, total: int, completed: int = 0, **fields) -> int:
         now = time.monotonic()
         self.tasks[0] = {"total": total, "completed": completed, "start": completed, "t0": now, "last": now,
-                         "fresh": False, **fields}
+                         "printed": completed, **fields}
         return 0
 
     def update(self, task: int, completed: int | None = None, **fields) -> None:
         t = self.tasks[task]
-        if fields:  # new metrics: printed with the step count that follows them
-            t.update(fields)
-            t["fresh"] = True
+        t.update(fields)  # new metrics: printed with the step count that follows them
         if completed is None:
             return
         t["completed"] = completed
         now = time.monotonic()
         done = t["completed"] >= t["total"]
-        if self.enabled and t["fresh"] and (done or now - t["last"] >= self.every_s):
-            t["last"], t["fresh"] = now, False
+        if self.enabled and completed > t["printed"] and (done or now - t["last"] >= self.every_s):
+            t["last"], t["printed"] = now, completed
             console.print(self.line(t, now), markup=False, highlight=False, soft_wrap=True)
 
     @staticmethod
