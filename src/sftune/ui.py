@@ -115,7 +115,7 @@ def quiet_third_party() -> None:
 
     * datasets' and transformers' ``\\r`` progress bars when stderr is not a terminal;
     * accelerate's ``Removed shared tensor {...} while saving`` at every checkpoint (tied
-      embeddings: expected, and the reload is checked by the tests);
+      embeddings, saved once and tied again on load: expected);
     * transformers' ``is_gradient_checkpointing is deprecated`` FutureWarning (raised inside peft);
     * "Token indices sequence length is longer than ..." (sftune truncates and reports it itself).
     """
@@ -123,9 +123,8 @@ def quiet_third_party() -> None:
     if _quieted:
         return
     _quieted = True
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() and "ipykernel" not in sys.modules:  # notebooks draw widgets, not \r lines
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")
         try:
             import datasets
 
