@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 from rich.table import Table
 
 from sftune.attention import enable_varlen
@@ -145,7 +146,7 @@ def generation_eval(cfg, model, tokenizer, data, label: str = "", show: bool = T
         t.add_column("expected", overflow="fold")
         for s in metrics["samples"]:
             ok = "[green]✓[/]" if s["generated"].strip() == s["reference"].strip() else "[red]✗[/]"
-            t.add_row(s["prompt"][-120:], f"{ok} {s['generated']!r}", repr(s["reference"]))
+            t.add_row(escape(s["prompt"][-120:]), f"{ok} {escape(repr(s['generated']))}", escape(repr(s["reference"])))
         console.print(t)
     return metrics
 
@@ -196,17 +197,23 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
     results = {model: evaluate_loaded(loaded, cfg, limit=limit, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size)}
     if baseline:
-        base = load_for_inference(baseline)
+        seed = loaded.cfg.train.seed if loaded.cfg is not None else 42
+        base = load_for_inference(baseline, init_seed=seed)  # builtin:quickstart: the run's untrained init
+        if baseline.startswith("builtin:"):
+            console.print(f"baseline {baseline}: the built-in model's initial weights (seed {seed}), i.e. the "
+                          "from-scratch run before training", markup=False)
         # prompt the baseline exactly as the fine-tuned model: same format, same tokenizer when compatible
         base.fmt = loaded.fmt
         same_vocab = len(loaded.tokenizer) <= base.model.get_input_embeddings().weight.shape[0]
         results[baseline] = evaluate_loaded(base, cfg, limit=limit, max_new_tokens=max_new_tokens,
                                             batch_size=batch_size, tokenizer=loaded.tokenizer if same_vocab else None)
 
-    t = Table(title=f"Evaluation on {data_path}", title_justify="left")
+    from rich.markup import escape
+
+    t = Table(title=f"Evaluation on {escape(data_path)}", title_justify="left")
     t.add_column("metric")
     for name in results:
-        t.add_column(name if len(name) < 40 else "…" + name[-39:], justify="right")
+        t.add_column(escape(name if len(name) < 40 else "…" + name[-39:]), justify="right")
     for key, label in (("loss", "loss (completion tokens)"), ("perplexity", "perplexity"),
                        ("exact_match", "exact match"), ("contains_match", "contains match"),
                        ("examples", "examples (loss)"), ("generated", "examples (generation)")):
@@ -221,7 +228,7 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
     path = Path(out) if out else (Path(model) / "eval.json" if (Path(model) / "sftune_config.yaml").exists()
                                   else Path("eval.json"))
     path.write_text(json.dumps({"data": data_path, "results": results}, indent=2, ensure_ascii=False))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
     stdout.print(json.dumps({k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}),
                  markup=False, highlight=False)
     return results

@@ -31,7 +31,18 @@ def resolve_path(path: str) -> str:
     return path
 
 
+def _looks_local(path: str) -> bool:
+    """A path a hub id cannot be: ``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``, ``C:\\x``."""
+    import os
+
+    return (path.startswith((".", "/", "~", os.sep)) or path.count("/") > 1 or "\\" in path
+            or (len(path) > 1 and path[1] == ":"))
+
+
 def _from_pretrained_error(what: str, path: str, e: Exception) -> SftuneError:
+    if _looks_local(path) and not Path(path).expanduser().exists():
+        return ConfigError(f"could not load the {what} '{path}': no such directory\n  → model.path must be an "
+                           "existing model directory (with config.json) or a hub id such as distilgpt2")
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return SftuneError(
         f"could not load the {what} '{path}': {first}\n  → check model.path; a hub id needs the network "

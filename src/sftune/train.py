@@ -33,7 +33,7 @@ from sftune.attention import enable_varlen
 from sftune.model import (count_parameters, fast_activations, load_model, load_model_config, load_tokenizer,
                           resolve_max_length, unwrap_causal_lm)
 from sftune.report import build_report
-from sftune.ui import MetricsLogger, console, training_progress
+from sftune.ui import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
 
 
 
@@ -173,6 +173,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     """
     from accelerate.utils import set_seed
 
+    quiet_third_party()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     accelerator = make_accelerator(cfg)
@@ -200,6 +201,9 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     describe_plan(data.report, plan)
     if main:
         data.report.render(console, title="Training data")
+        if cfg.train.eval_every and data.eval is None:
+            console.print(f"note: train.eval_every={cfg.train.eval_every} is ignored: the data has no eval split "
+                          "(set data.eval_split, e.g. data.eval_split=0.05)")
 
     # ---- model, loss, optimizer, schedule
     if model is None:
@@ -251,7 +255,9 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
         state = load_checkpoint(accelerator, out_dir)
         start_step = state["step"]
         if main:
-            console.print(f"resumed from {state['path']} at step {start_step}")
+            console.print(f"resumed from {state['path']} at step {start_step}", markup=False)
+            if truncate_metrics(out_dir, start_step):  # steps after the checkpoint were abandoned
+                console.print(f"metrics.jsonl: dropped the records after step {start_step}")
     elif main and (out_dir / "metrics.jsonl").exists():
         (out_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
@@ -375,6 +381,6 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     if main:
         (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         report = build_report(out_dir)
-        console.print(f"saved to [bold]{out_dir}[/] (report: {report})")
+        console.print(f"saved to [bold]{escape(str(out_dir))}[/] (report: {escape(str(report))})")
     accelerator.end_training()
     return TrainResult(str(out_dir), total_steps, last_loss, metrics)

@@ -378,6 +378,9 @@ class PromptCompletionFormat(Format):
         for c in self.template.fields:
             if c in self.completion_columns:
                 values[c] = ""
+            elif row.get(c) is None and c not in self.template.optional_fields:
+                raise BadRow(f"no value for the prompt column {c!r}", c,
+                             f"each row needs the training prompt's columns: {', '.join(self.prompt_columns)}")
             else:
                 values[c] = _string_field(row, c, optional=True)
         return self.template.render(values)[0]

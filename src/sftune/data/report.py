@@ -147,7 +147,8 @@ class DataReport:
             t.add_row("tokens/example", f"p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}")
         t.add_row("tokens", f"{self.total_tokens:,} total, {self.loss_tokens:,} with loss "
                   f"({100 * self.loss_fraction:.1f}%)")
-        eos = "[green]yes[/], every example" if self.eos_not_trained == 0 else \
+        every = "every untruncated example (a cut example has no end)" if self.truncated else "every example"
+        eos = f"[green]yes[/], {every}" if self.eos_not_trained == 0 else \
             f"[red]no[/]: {self.eos_not_trained} untruncated examples end without a trained EOS/end-of-turn"
         t.add_row("EOS trained", eos)
         if self.packing:
