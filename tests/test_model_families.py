@@ -152,13 +152,16 @@ def check_family(name: str):
         logits, loss, grads = run_layout(model, layout, exs, caps.fused_loss)
         assert max_logit_diff(logits, ref_logits) < 2e-4, (name, layout, max_logit_diff(logits, ref_logits))
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4, msg=f"{name} {layout}")
-        for n, g in ref_grads.items():
-            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=2e-5, msg=f"{name} {layout} {n}")
+        scale = max(float(g.abs().max()) for g in ref_grads.values())
+        for n, g in ref_grads.items():  # fp32 rounding, relative to the gradient's scale (zero for key biases)
+            err = float((grads[n] - g).abs().max()) / max(float(g.abs().max()), 1e-2 * scale)
+            assert err < 2e-5, (name, layout, n, err)
     # what capabilities leaves out is really wrong for the family (a leak shows in the loss)
     for layout in ("flat", "rows"):
         if layout not in caps.layouts:
-            _, loss, _ = run_layout(model, layout, exs, caps.fused_loss)
-            assert abs(float(loss - ref_loss)) > 1e-3 * abs(float(ref_loss)), (name, layout, caps.why_not)
+            logits, loss, _ = run_layout(model, layout, exs, caps.fused_loss)
+            assert max_logit_diff(logits, ref_logits) > 1e-2, (name, layout, caps.why_not)
+            assert abs(float(loss - ref_loss)) > 1e-4 * abs(float(ref_loss)), (name, layout, caps.why_not)
     return model, caps
 
 
@@ -207,7 +210,7 @@ def lora_two_steps(model, layout: str, fused: bool):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0], losses
 
 
