@@ -25,10 +25,10 @@ BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_laye
 W = 8  # attention window, shorter than the examples
 
 
-def _cfg(name: str):
+def _cfg(name: str, vocab: int = V):
     import transformers as T
 
-    b = dict(BASE)
+    b = dict(BASE, vocab_size=vocab)
     if name == "llama":
         return T.LlamaConfig(**b)
     if name == "qwen2":  # layer 0 full, layer 1 sliding (transformers 5: sliding from max_window_layers on)
@@ -46,11 +46,11 @@ def _cfg(name: str):
     if name == "phi3":
         return T.Phi3Config(**b, sliding_window=W)
     if name == "gpt_neox":
-        return T.GPTNeoXConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        return T.GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=128, initializer_range=0.2,
                                hidden_dropout=0.0, attention_dropout=0.0)
     if name == "opt":
-        return T.OPTConfig(vocab_size=V, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        return T.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=128, word_embed_proj_dim=64, init_std=0.2, dropout=0.0,
                            pad_token_id=0)
     if name == "gpt_oss":
@@ -227,3 +227,32 @@ def test_family_exact_probe_and_lora(name):
 @pytest.mark.parametrize("name", SLOW)
 def test_family_exact_probe_and_lora_wide(name):
     test_family_exact_probe_and_lora(name)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "lfm2"])
+def test_train_prints_and_reports_the_model_check(tiny_tokenizer, tmp_path, capsys, name):
+    """A real run: the probe's line is in the output, data_report.json and report.md; a hybrid
+    trains one example per row, a window model in one flat row."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_jsonl
+    from sftune.config import load_config
+    from sftune.train import train
+
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_cfg(name, vocab=len(tiny_tokenizer))).save_pretrained(str(model_dir))
+    tiny_tokenizer.save_pretrained(str(model_dir))
+    rows = [{"instruction": "word " * (3 + i % 9), "output": "answer " * (2 + i % 5)} for i in range(16)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    out = tmp_path / "run"
+    train(load_config(None, {"model.path": str(model_dir), "data.path": str(data), "data.template": "qa",
+                             "data.max_length": 64, "train.output_dir": str(out), "train.max_steps": 2,
+                             "train.batch_size": 4, "eval.samples": 0}))
+    printed = capsys.readouterr().err
+    check = json.loads((out / "data_report.json").read_text())["model_check"]
+    assert check["status"] == "exact" and check["layout"] == ("per_example" if name == "lfm2" else "flat")
+    assert "model check:" in printed and check["ms"] > 0
+    assert "model check" in (out / "report.md").read_text()
