@@ -151,7 +151,10 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         model.to(device)
     device = next(model.parameters()).device
     lm = CausalLMWithLoss(model, fused=caps.fused_loss)
-    left_out = "; ".join(f"{k}: {v}" for k, v in why_not.items() if k in LAYOUTS[:LAYOUTS.index(candidates[0])])
+    reasons: dict[str, list[str]] = {}
+    for k, v in why_not.items():
+        reasons.setdefault(v, []).append(k)
+    left_out = "; ".join(f"{', '.join(ks)}: {v}" for v, ks in reasons.items())
     record = {"check": mode, "layout": candidates[0], "fused_loss": lm.fused, "left_out": why_not}
     start = time.perf_counter()
     examples = probe_examples(data.train) if mode != "off" and not sharded else []
