@@ -65,6 +65,21 @@ def _cfg(name: str, vocab: int = V):
     if name == "falcon_h1":
         return T.FalconH1Config(**b, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
                                 mamba_n_groups=1, mamba_chunk_size=16, lm_head_multiplier=0.5)
+    if name == "granitemoehybrid":
+        return T.GraniteMoeHybridConfig(**b, layer_types=["mamba", "attention"], mamba_d_state=8, mamba_n_heads=8,
+                                        mamba_d_head=16, mamba_n_groups=1, mamba_chunk_size=16, num_local_experts=2,
+                                        num_experts_per_tok=1, shared_intermediate_size=64)
+    if name == "gpt2":
+        return T.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if name == "phi":
+        return T.PhiConfig(**b, resid_pdrop=0.0, embd_pdrop=0.0)
+    if name == "olmo2":
+        return T.Olmo2Config(**b)
+    if name == "smollm3":
+        return T.SmolLM3Config(**b)
+    if name == "gemma3_long_window":
+        return T.Gemma3TextConfig(**b, head_dim=16, sliding_window=64)
     if name == "cohere":
         return T.CohereConfig(**b, logit_scale=0.5)
     if name == "granite":
@@ -137,8 +152,9 @@ def max_logit_diff(a, b):
 
 FAST = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt_neox", "opt", "gpt_oss", "mixtral",
         "lfm2"]
-SLOW = ["qwen3_moe", "falcon_h1", "cohere", "granite"]
-EXPECTED = {"lfm2": ("per_example",), "falcon_h1": ("per_example",), "gpt_oss": ("flat", "per_example"),
+SLOW = ["qwen3_moe", "falcon_h1", "granitemoehybrid", "cohere", "granite", "gpt2", "phi", "olmo2", "smollm3",
+        "gemma3_long_window"]
+EXPECTED = {"lfm2": ("per_example",), "falcon_h1": ("per_example",), "granitemoehybrid": ("per_example",), "gpt_oss": ("flat", "per_example"),
             "opt": ("flat", "per_example")}
 
 

@@ -144,6 +144,8 @@ def mask_reads_positions(model) -> bool:
             depth += {"(": 1, ")": -1}.get(src[i], 0)
             i += 1
         args = src[m.end():i]
+        if "bidirectional" in m.group() or "encoder" in args:
+            continue  # cross-attention over an encoder: not the causal mask
         if ("config=" in args and "embeds" in args and "(" not in args) or re.search(r"^\s*\*\*\w*mask_kwargs", args):
             calls.append(args)  # a mask-creation call
     dicts = [src[m.start():src.find("}", m.start())] for m in re.finditer(r"\w*mask_kwargs = \{", src)]
