@@ -30,7 +30,7 @@ from sftune.data.packing import collate
 from sftune.errors import ConfigError
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
-"""Relative tolerance (of the largest reference value) per dtype; half precision gets 3e-2."""
+"""Relative tolerance per dtype (fp32 rounding gives ~1e-6); half precision gets 5e-2."""
 
 
 @dataclass
@@ -68,6 +68,13 @@ def _per_example(hidden: torch.Tensor, rows) -> list[torch.Tensor]:
     return out
 
 
+def _rel_diff(h: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest per-position relative L2 difference: robust to outlier features (one large
+    hidden dimension would hide differences in a max-abs metric), and a leak into any single
+    position of an example shows."""
+    return float(((h - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-6)).max())
+
+
 def _layout_rows(layout: str, examples):
     return [[e] for e in examples] if layout == "per_example" else [list(examples)]
 
@@ -84,7 +91,7 @@ def compare(lm, examples, candidates, fused: bool, device) -> dict:
     """Run the probe; returns ``{"layout", "fused", "diffs": {layout: max rel diff}, "loss_diff"}``
     (``layout`` None: no candidate matched)."""
     dtype = next(lm.parameters()).dtype
-    tol = TOLERANCE.get(dtype, 3e-2)
+    tol = TOLERANCE.get(dtype, 5e-2)
     with torch.no_grad():
         ref_hidden, ref_loss = [], 0.0
         for e in examples:
@@ -92,14 +99,13 @@ def compare(lm, examples, candidates, fused: bool, device) -> dict:
             ref_hidden.append(lm.hidden_states(b["input_ids"], b["position_ids"])[0].float())
             logits = lm.logits(b["input_ids"], b["position_ids"])[0].index_select(0, b["loss_index"])
             ref_loss += float(F.cross_entropy(logits.float(), b["loss_targets"], reduction="sum"))
-        scale = max(max(float(h.abs().max()) for h in ref_hidden), 1e-6)
         result = {"layout": None, "fused": fused, "diffs": {}, "loss_diff": None}
         for layout in candidates:
             rows = _layout_rows(layout, examples)
             b = _batch(rows, device)
             doc_bounds = b["doc_bounds"] if layout == "flat" else None
             hidden = lm.hidden_states(b["input_ids"], b["position_ids"], doc_bounds).float()
-            diff = max(float((h - r).abs().max()) for h, r in zip(_per_example(hidden, rows), ref_hidden)) / scale
+            diff = max(_rel_diff(h, r) for h, r in zip(_per_example(hidden, rows), ref_hidden))
             result["diffs"][layout] = diff
             if diff > tol:
                 continue
@@ -192,9 +198,12 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
                 f"model.check=auto would use the {layout} layout{'' if fused else ' and the unfused loss'}")
         what = f"{layout} layout{'' if fused else ', unfused loss'}"
         if changed:
-            bad = [k for k, v in res["diffs"].items() if v > TOLERANCE.get(next(lm.parameters()).dtype, 3e-2)]
-            line = (f"model check: [yellow]{', '.join(bad) or 'the fused loss'} differed[/] from the model run one "
-                    f"example at a time ({_fmt(res['diffs'])}) → {what} (exact)")
+            tol = TOLERANCE.get(next(lm.parameters()).dtype, 5e-2)
+            bad = {k: v for k, v in res["diffs"].items() if v > tol}
+            if fused != lm.fused:
+                bad["fused loss"] = res.get("fused_diff", float("nan"))
+            line = (f"model check: [yellow]{', '.join(bad) or 'another rank'} differed[/] from the model run one "
+                    f"example at a time ({_fmt(bad)}) → {what} (exact)")
             record["status"] = "fallback"
         else:
             line = f"model check: {what} matches the model run one example at a time"
