@@ -42,6 +42,11 @@ _NEUTRAL = {"position_ids", "output_attentions", "use_cache", "cache_position", 
             "position_embeddings", "target_dtype", "sliding_window", "doc_bounds"}
 
 
+class BoundsLost(RuntimeError):
+    """A flat row reached attention without ``doc_bounds``: the model's layers do not pass extra
+    keyword arguments on to attention (StableLM, for example), so it cannot use the flat layout."""
+
+
 @contextlib.contextmanager
 def flat_rows():
     """Within this context the model runs one flat row with ``doc_bounds``: masks are not built
@@ -99,6 +104,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              sliding_window: int | None = None, *, _eager: bool = False, **kwargs):
     """``doc_bounds`` (cumulative example offsets of a single flat row) selects per-example
     attention; without it this is transformers' SDPA (or the family's eager) attention."""
+    if doc_bounds is None and _flat.get():
+        raise BoundsLost(f"{type(module).__name__} did not pass the example boundaries on to attention, so this "
+                         "model cannot train in one flat row; set model.check=auto (it picks another layout)")
     if doc_bounds is None or query.shape[0] != 1:
         if _eager:
             return family_eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
