@@ -166,9 +166,9 @@ def capabilities(model, *, kernel: str | None = None, compile: bool = False) -> 
     implementation the user chose (None: the transformers default); ``compile`` rules out ``flat``
     (each new set of example boundaries would recompile)."""
     from sftune.attention import NAMES
-    from sftune.model import unwrap_causal_lm
 
-    lm = unwrap_causal_lm(model)
+    get_base = getattr(model, "get_base_model", None)  # peft wrapper -> the transformers model
+    lm = get_base() if callable(get_base) else model
     cfg = _config(lm)
     text = _text_config(cfg)
     model_type = getattr(text, "model_type", None) or getattr(cfg, "model_type", "?")
