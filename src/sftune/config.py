@@ -54,6 +54,12 @@ class ModelConfig(_Section):
     """Recompute activations in the backward pass to save memory. ``auto`` turns it on only when
     the estimated activation memory of one micro-batch does not fit the device."""
 
+    check: Literal["auto", "strict", "off"] = "auto"
+    """Start-up equivalence check: before the first step, a few of the run's own examples go through
+    the chosen row layout and loss and are compared with the model run one example at a time.
+    ``auto`` falls back to a safer layout (or the unfused loss) on a mismatch and says so;
+    ``strict`` refuses to train instead; ``off`` skips the check (a few forwards)."""
+
 
 class LoraConfig(_Section):
     enabled: bool = False

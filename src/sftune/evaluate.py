@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sftune.attention import enable_varlen
+from sftune.capabilities import capabilities
 from sftune.config import load_config, parse_override
 
 from sftune.data.formats import BadRow, Format, TextFormat
@@ -46,9 +47,10 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
     all-reduced. Every rank runs the same number of forwards (an empty batch where it has none
     left), as sharded models (FSDP, ZeRO-3) need.
     """
+    inner = accelerator.unwrap_model(model) if accelerator else model
+    layout = getattr(inner, "layout", None) or ("flat" if getattr(inner, "varlen", False) else "rows")
     plan = BatchPlan.build(data.lengths, batch_size=batch_size, grad_accum=1, packing=packing,
-                           max_length=max_length, seed=0,
-                           flat=getattr(accelerator.unwrap_model(model) if accelerator else model, "varlen", False))
+                           max_length=max_length, seed=0, layout=layout)
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     order = np.argsort(-plan.unit_lengths, kind="stable").tolist()
@@ -161,8 +163,9 @@ def evaluate_loaded(loaded, cfg, *, limit: int | None, max_new_tokens: int, batc
     data = prepare_data(cfg.data, tokenizer, max_length, fmt=loaded.fmt)
 
     device = next(loaded.model.parameters()).device
-    enable_varlen(unwrap_causal_lm(loaded.model))
-    lm = CausalLMWithLoss(loaded.model)
+    caps = capabilities(loaded.model)  # the fastest exact layout this model takes (see sftune.capabilities)
+    layout = caps.layout if caps.layout != "flat" or enable_varlen(unwrap_causal_lm(loaded.model)) else caps.layouts[1]
+    lm = CausalLMWithLoss(loaded.model, fused=caps.fused_loss, layout=layout)
     result = eval_loss(lm, data.train, batch_size=8, max_length=max_length, pad_id=tokenizer.pad_token_id,
                        device=device)
     result = {"loss": result["eval_loss"], "perplexity": result["eval_ppl"], "loss_tokens": result["eval_tokens"]}

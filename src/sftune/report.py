@@ -91,6 +91,8 @@ def build_report(run_dir: str | Path) -> Path:
                  if d.get("eos_trained_everywhere") else f"no: {d.get('eos_not_trained')} untruncated examples"),
                 ("packing" if d.get("packing") else "padding",
                  f"{100 * d['fill']:.1f}% real tokens" if d.get("packing") else f"{100 * (1 - d['fill']):.1f}% padding")]
+        if d.get("model_check", {}).get("line"):
+            rows.append(("model check", d["model_check"]["line"].removeprefix("model check: ")))
         lines += ["## Training data", "", _table(rows), ""]
     lines += ["## Plots", ""] + [f"![{t}]({f})" for t, f in plots] + [""]
     if samples:

@@ -29,7 +29,7 @@ from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
 from sftune.export import save_final
 from sftune.loss import CausalLMWithLoss
-from sftune.attention import enable_varlen
+from sftune.probe import choose_layout
 from sftune.model import (count_parameters, fast_activations, load_model, load_model_config, load_tokenizer,
                           resolve_max_length, unwrap_causal_lm)
 from sftune.report import build_report
@@ -192,18 +192,6 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     max_length = resolve_max_length(cfg, tokenizer, model_config)
     with accelerator.main_process_first():
         data: PreparedData = prepare_data(cfg.data, tokenizer, max_length, source=source, fmt=fmt)
-    # one flat row per micro-batch with per-example attention, unless the user picked a kernel (or
-    # torch.compile, which would recompile for every new set of example boundaries)
-    flat = cfg.model.attn_implementation in (None, "sdpa") and not cfg.train.compile
-    plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                           world_size=world, packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed,
-                           flat=flat, hidden_size=getattr(model_config, "hidden_size", 768))
-    describe_plan(data.report, plan)
-    if main:
-        data.report.render(console, title="Training data")
-        if cfg.train.eval_every and data.eval is None:
-            console.print(f"note: train.eval_every={cfg.train.eval_every} is ignored: the data has no eval split "
-                          "(set data.eval_split, e.g. data.eval_split=0.05)")
 
     # ---- model, loss, optimizer, schedule
     if model is None:
@@ -213,8 +201,17 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
 
         model = add_lora(cfg, model)
     fast_activations(model)
-    if flat and not enable_varlen(unwrap_causal_lm(model)):
-        plan.flat = False  # a model without the attention interface: rows with block masks instead
+    # the row layout and loss the model can take, checked on a few of this run's examples: chosen once
+    choice = choose_layout(cfg, model, data, data.report, console if main else None, device, is_sharded(accelerator))
+    plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                           world_size=world, packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed,
+                           layout=choice.layout, hidden_size=getattr(model_config, "hidden_size", 768))
+    describe_plan(data.report, plan)
+    if main:
+        data.report.render(console, title="Training data")
+        if cfg.train.eval_every and data.eval is None:
+            console.print(f"note: train.eval_every={cfg.train.eval_every} is ignored: the data has no eval split "
+                          "(set data.eval_split, e.g. data.eval_split=0.05)")
     if want_checkpointing(cfg, model_config, max_length, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if main:
@@ -222,7 +219,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     trainable, total = count_parameters(model)
     if main:
         console.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
-    lm = CausalLMWithLoss(model)
+    lm = CausalLMWithLoss(model, fused=choice.fused, layout=choice.layout)
     if cfg.train.compile:
         lm.compile(dynamic=True)
     optimizer = make_optimizer(cfg, lm, device)
