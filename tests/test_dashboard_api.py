@@ -197,7 +197,10 @@ def test_new_run_form_schema_and_validation(client, root, monkeypatch):
     assert fields["data.prompt"]["value"] == "Q: {instruction}\nA:" and fields["train.lr"]["description"]
     assert client.get("/api/schema", params={"recipe": "../x.yaml"}).status_code == 400
 
+    from sftune.dashboard import newrun
+
     started = []
+    monkeypatch.setattr(newrun, "_children", [])
     monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or type("P", (), {"pid": 1})())
     bad = client.post("/api/train", json={"recipe": "quickstart", "name": "x", "overrides": {"train.max_steps": "many"}})
     assert bad.status_code == 400 and "train.max_steps" in bad.json()["detail"]  # pydantic's message, as the CLI

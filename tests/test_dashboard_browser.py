@@ -108,7 +108,9 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
         page.click("#new-go")
 
         # ---- its page while it trains: the loss chart grows
-        page.wait_for_url("**/#/run/quickstart")
+        page.wait_for_selector("#new-status.error, #chart-loss", timeout=30_000)
+        assert not page.locator("#new-status.error").count(), page.inner_text("#new-status")
+        assert page.url.endswith("#/run/quickstart")
         page.wait_for_function("(document.getElementById('chart-loss')?.data?.[0]?.x.length ?? 0) > 0",
                                timeout=120_000)
         mark("first step")
