@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -31,8 +32,9 @@ def fake_run(root: Path, name: str, *, steps: int = 10, final: bool = True, chec
         ck = run / "checkpoints" / f"step-{steps:07d}"
         ck.mkdir(parents=True)
         (ck / "trainer_state.json").write_text(json.dumps({"step": steps}))
-    if lock_pid is not None:
-        (run / "sftune.lock").write_text(str(lock_pid))
+    if lock_pid is not None:  # as sftune.runlock writes it
+        (run / ".sftune.lock").write_text(json.dumps({"pid": lock_pid, "host": socket.gethostname(),
+                                                      "started": "2026-01-01 00:00:00"}))
     if age_s:
         for f in run.rglob("*"):
             os.utime(f, (time.time() - age_s, time.time() - age_s))

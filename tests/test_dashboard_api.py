@@ -46,9 +46,12 @@ def test_runs_list_states_and_summaries(client):
 
 
 def test_lock_with_a_dead_pid_is_not_running(root, client):
-    (root / "locked" / "sftune.lock").write_text("999999999")
+    lock = root / "locked" / ".sftune.lock"
+    lock.write_text(lock.read_text().replace(str(os.getpid()), "999999999"))
     runs = {r["name"]: r for r in client.get("/api/runs").json()["runs"]}
     assert runs["locked"]["state"] == "failed"
+    lock.write_text(json.dumps({"pid": 999999999, "host": "another-machine"}))  # cannot be checked from here
+    assert {r["name"]: r for r in client.get("/api/runs").json()["runs"]}["locked"]["state"] == "running"
 
 
 def test_run_details_and_incremental_metrics(client, root):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -16,9 +17,9 @@ import yaml
 
 from sftune.checkpoint import list_checkpoints
 
-# A running trainer may hold a lock file with its PID in the output directory (the name is not final:
-# any of these is read). Without one, a run is "running" while its files keep changing.
-LOCK_NAMES = ("sftune.lock", "run.lock", "train.lock", ".lock", "train.pid")
+# A running trainer holds ``.sftune.lock`` ({"pid", "host", "started"}) in its output directory; the
+# other names are read too. Without a lock, a run is "running" while its files keep changing.
+LOCK_NAMES = (".sftune.lock", "sftune.lock", "run.lock", "train.lock")
 RECENT_S = 120.0
 RUN_FILES = ("metrics.jsonl", "sftune_config.yaml")
 
@@ -109,17 +110,18 @@ def has_final_model(run: Path) -> bool:
     return (run / "config.json").is_file() or (run / "adapter_config.json").is_file()
 
 
-def _lock_pid(run: Path) -> int | None:
+def _lock_owner(run: Path) -> tuple[int, str | None] | None:
+    """``(pid, host)`` of the lock file's owner (host None when the lock holds a bare PID)."""
     for name in LOCK_NAMES:
         try:
             text = (run / name).read_text().strip()
         except OSError:
             continue
-        digits = text.split()[0] if text.split() else ""
-        if digits.isdigit():
-            return int(digits)
-        try:  # a JSON lock file: {"pid": ...}
-            return int(json.loads(text)["pid"])
+        if text.isdigit():
+            return int(text), None
+        try:
+            owner = json.loads(text)
+            return int(owner["pid"]), owner.get("host")
         except (ValueError, KeyError, TypeError):
             continue
     return None
@@ -136,13 +138,14 @@ def _alive(pid: int) -> bool:
 
 
 def state(run: Path, now: float | None = None) -> str:
-    """``finished`` (final metrics written), ``running`` (a live lock PID, or files changed in the last
-    two minutes), ``interrupted`` (a checkpoint to resume from), else ``failed``."""
+    """``finished`` (final metrics written), ``running`` (the lock's process is alive, or without a lock,
+    files changed in the last two minutes), ``interrupted`` (a checkpoint to resume from), else ``failed``."""
     if (run / "final_metrics.json").exists():
         return "finished"
-    pid = _lock_pid(run)
-    if pid is not None:
-        if _alive(pid):
+    owner = _lock_owner(run)
+    if owner is not None:
+        pid, host = owner
+        if (host not in (None, socket.gethostname())) or _alive(pid):  # another host's PID cannot be checked
             return "running"
     else:
         now = time.time() if now is None else now
