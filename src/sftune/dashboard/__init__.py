@@ -1,7 +1,9 @@
 """``sftune ui``: a local web dashboard over a directory of runs (``pip install 'sftune[ui]'``).
 
 List runs and their state, watch a run's charts while it trains, read its data report and sample
-generations, compare runs, preview a recipe's training sequences, and chat with a finished run.
+generations, compare runs, preview a recipe's training sequences, chat with a finished run, and start a run from a
+form generated from the config schema. ``app`` holds the API, ``runs`` reads run directories,
+``newrun`` starts training, ``static/`` is the page.
 """
 
 from __future__ import annotations

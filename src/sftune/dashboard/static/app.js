@@ -276,7 +276,7 @@ function fieldInput(f) {
   if (f.kind === "bool") input = el("input", {type: "checkbox", id, checked: !!f.value});
   else if (f.kind === "choice") input = el("select", {id}, (f.nullable ? [null] : []).concat(f.choices).map((c) => el("option", {value: JSON.stringify(c), selected: c === f.value}, c === null ? "(none)" : String(c))));
   else if (f.kind === "json" || (typeof f.value === "string" && f.value.includes("\n"))) input = el("textarea", {id, rows: 1, cols: 28}, JSON.stringify(f.value));
-  else input = el("input", {id, size: 18, value: f.value === null ? "" : String(f.value), type: f.kind === "int" || f.kind === "float" ? "text" : "text"});
+  else input = el("input", {id, size: 18, value: f.value === null ? "" : String(f.value)});
   input.dataset.key = f.key;
   const read = () => {
     if (f.kind === "bool") return input.checked;
