@@ -73,11 +73,26 @@ def run_dir(root: Path, name: str) -> Path:
     return path
 
 
+_parsed: dict[str, tuple[tuple[int, int], list[dict]]] = {}  # path -> ((size, mtime), records): the runs list polls
+
+
 def read_metrics(run: Path, since: int = 0) -> list[dict]:
     """``metrics.jsonl`` records from line ``since`` on; a line still being written is left for later."""
     path = run / "metrics.jsonl"
-    if not path.exists():
+    try:
+        st = path.stat()
+    except OSError:
         return []
+    if since == 0:
+        key = (st.st_size, st.st_mtime_ns)
+        cached = _parsed.get(str(path))
+        if cached is None or cached[0] != key:
+            cached = _parsed[str(path)] = (key, _read_lines(path, 0))
+        return list(cached[1])
+    return _read_lines(path, since)
+
+
+def _read_lines(path: Path, since: int) -> list[dict]:
     records = []
     with path.open() as f:
         for i, line in enumerate(f):
