@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+
+from sftune.faults import dumps
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
@@ -63,7 +65,7 @@ class MetricsLogger:
             return
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps(record) + "\n")
         step = record.get("step", 0)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         for kind, backend in self.backends:
