@@ -7,8 +7,8 @@ The training loop calls these helpers with a line or two each:
   and counts it, up to ``train.max_skipped_steps``.
 * :class:`StepBoundary` remembers the RNG states at the start of the current step, so a Ctrl-C in
   the middle of a step saves the state of the step boundary (the interrupted step's dropout draws
-  are undone), and resume is bit-exact with the uninterrupted run. The optimizer update itself is
-  shielded from Ctrl-C, so a step is either wholly done or not begun.
+  are undone), and resume is bit-exact with the uninterrupted run. The optimizer update and the
+  step's log record are shielded from Ctrl-C, so a step is either wholly done or not begun.
 * :func:`disk_errors` turns "no space left on device" (which torch reports as ``unexpected pos``)
   into one clear line naming the directory.
 * :func:`json_safe` / :func:`dumps` write NaN and infinity as ``null``: every JSON file a run
@@ -138,25 +138,38 @@ def set_rng_states(states: dict) -> None:
 class StepBoundary:
     """The last step boundary: the number of completed steps and the RNG states at that point.
 
-    Call :meth:`begin` at the start of each step and run the optimizer update inside
-    :meth:`commit`. After a Ctrl-C, :meth:`rewind` restores the RNG states of the boundary and
-    discards the partial step's gradients, and returns the step to save a checkpoint at.
+    Call :meth:`begin` at the start of each step, run the optimizer update inside :meth:`commit`
+    and call :meth:`settle` once the step's record is logged: a Ctrl-C from the start of the update
+    to ``settle`` is held back until then, so a step is either wholly done (and logged) or not
+    begun. After a Ctrl-C, :meth:`rewind` restores the RNG states of the boundary, discards the
+    partial step's gradients, and returns the step to save a checkpoint at. A second Ctrl-C while
+    one is held back interrupts at once.
     """
 
     def __init__(self, step: int):
-        self.step, self._rng, self._pending = step, None, False
+        self.step, self._rng, self._held, self._previous = step, None, [], None
 
     def begin(self, step: int) -> None:
+        self.settle()
         self.step, self._rng = step, rng_states()
 
     @contextlib.contextmanager
     def commit(self, done: int):
-        """The optimizer update of a step: Ctrl-C is held back until the step counts as done."""
-        with defer_interrupt():
+        self._hold()
+        try:
             yield
-            self.step, self._rng = done, None
+        except BaseException:
+            self._release()
+            raise
+        self.step, self._rng = done, None
+
+    def settle(self) -> None:
+        """Let a held-back Ctrl-C through (as :class:`KeyboardInterrupt`)."""
+        if self._release():
+            raise KeyboardInterrupt
 
     def rewind(self, optimizer=None) -> int:
+        self._release()
         if self._rng is not None:
             set_rng_states(self._rng)
             self._rng = None
@@ -164,22 +177,26 @@ class StepBoundary:
             optimizer.zero_grad(set_to_none=True)
         return self.step
 
+    def _hold(self) -> None:
+        if self._previous is not None or threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return  # not the main thread, or someone else handles Ctrl-C: leave it alone
+        self._held = []
 
-@contextlib.contextmanager
-def defer_interrupt():
-    """Hold back SIGINT inside the block and raise :class:`KeyboardInterrupt` right after it."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        def hold(signum, frame):
+            if self._held:  # a second Ctrl-C: now
+                self._release()
+                raise KeyboardInterrupt
+            self._held.append(signum)
+
+        self._previous = signal.signal(signal.SIGINT, hold)
+
+    def _release(self) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        held, self._held = bool(self._held), []
+        return held
 
 
 # ----------------------------------------------------------------------------- disk full

@@ -343,7 +343,7 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
 
-                if done % cfg.train.log_every == 0 or done == total_steps:
+                if (done % cfg.train.log_every == 0 or done == total_steps) and not skip:
                     stats = torch.stack([window_loss, window_loss.new_tensor(window_tokens),
                                          window_loss.new_tensor(window_real)])
                     if world > 1:
@@ -364,6 +364,7 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
                     window_tokens = window_real = 0
                     window_start = time.perf_counter()
                 progress.update(task, completed=done)
+                boundary.settle()  # a Ctrl-C held back during the update and the log goes through here
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
                     evaluate(done)
                 if cfg.train.save_every and done % cfg.train.save_every == 0 and done != total_steps:
