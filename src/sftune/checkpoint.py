@@ -65,8 +65,6 @@ class CheckpointDamaged(SftuneError):
 
 def damaged_file(path: Path) -> tuple[Path, str] | None:
     """The first file of checkpoint ``path`` that does not load, and why (``None``: all load)."""
-    import pickle
-
     import torch
 
     def first_line(e: Exception) -> str:
@@ -82,7 +80,7 @@ def damaged_file(path: Path) -> tuple[Path, str] | None:
                 load_file(str(f))
             elif f.suffix in (".bin", ".pt", ".pth", ".pkl"):
                 torch.load(str(f), map_location="cpu", weights_only=False)
-        except (Exception, pickle.UnpicklingError) as e:  # noqa: BLE001 - any failure means damaged
+        except Exception as e:  # noqa: BLE001 - any failure to load means damaged
             return f, f"{type(e).__name__}: {first_line(e)}"
     return None
 
@@ -104,7 +102,9 @@ def _load_one(accelerator, path: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - name the file that failed, whatever the loader raised
         found = damaged_file(path)
         if found is None:
-            raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SftuneError(f"the checkpoint {path} does not fit this run ({type(e).__name__}: {first})\n"
+                              "  → resume with the model, LoRA and optimizer settings it was saved with") from None
         f, why = found
         raise CheckpointDamaged(f"{f} does not load ({why})") from None
     return state

@@ -133,7 +133,9 @@ def cmd_generate(args) -> int:
     if rows is None:
         out.print(outputs[0], markup=False, highlight=False)
         return 0
-    lines = [json.dumps({**r, "prompt": p, "generated": g}, ensure_ascii=False) for r, p, g in zip(rows, prompts, outputs)]
+    from sftune.faults import dumps
+
+    lines = [dumps({**r, "prompt": p, "generated": g}, ensure_ascii=False) for r, p, g in zip(rows, prompts, outputs)]
     if args.out:
         from pathlib import Path
 

@@ -21,6 +21,7 @@ import torch
 from sftune.data.formats import Format, MessagesFormat, PromptCompletionFormat, normalize_messages
 from sftune.data.packing import BatchPlan, model_inputs
 from sftune.data.tokenize import end_of_turn_ids, special_prefix
+from sftune.faults import dumps
 
 
 @torch.no_grad()
@@ -246,7 +247,6 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
              overrides: list[str] | None = None, limit: int | None = 200, max_new_tokens: int = 128,
              batch_size: int = 16, out: str | None = None) -> dict:
     """``sftune eval``: evaluate a run (and optionally a baseline) on held-out data; table + JSON."""
-    import json
     from pathlib import Path
 
     from rich.table import Table
@@ -290,8 +290,8 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
     console.print(t)
     path = Path(out) if out else (Path(model) / "eval.json" if (Path(model) / "sftune_config.yaml").exists()
                                   else Path("eval.json"))
-    path.write_text(json.dumps({"data": data_path, "results": results}, indent=2, ensure_ascii=False))
+    path.write_text(dumps({"data": data_path, "results": results}, indent=2, ensure_ascii=False))
     console.print(f"wrote {path}")
-    stdout.print(json.dumps({k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}),
+    stdout.print(dumps({k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}),
                  markup=False, highlight=False)
     return results

@@ -5,7 +5,7 @@ host of the run that owns the directory. A second run refuses and names that pro
 left by a process that no longer exists (on this host) is taken over, with a note.
 
 A fresh run (not ``train.resume``) into a directory that holds an earlier run's ``metrics.jsonl``
-moves it aside to ``metrics.previous-N.jsonl`` and says so in one line; nothing is deleted.
+(or its checkpoints) moves them aside to ``previous-N/`` and says so in one line; nothing is deleted.
 """
 
 from __future__ import annotations
@@ -117,18 +117,24 @@ class RunLock:
         self.release()
 
 
-def set_aside_old_log(out_dir: Path) -> Path | None:
-    """Move an earlier run's ``metrics.jsonl`` to ``metrics.previous-N.jsonl``; return the new path."""
-    log = out_dir / "metrics.jsonl"
-    if not log.exists():
+EARLIER_RUN = ("metrics.jsonl", "final_metrics.json", "checkpoints")
+
+
+def set_aside_earlier_run(out_dir: Path) -> Path | None:
+    """Move an earlier run's log, final metrics and checkpoints into ``previous-N/`` (never delete
+    them), so a fresh run neither appends to its log nor mixes with, or prunes, its checkpoints."""
+    found = [name for name in EARLIER_RUN if (out_dir / name).exists()]
+    if not found:
         return None
     n = 1
-    while (out_dir / f"metrics.previous-{n}.jsonl").exists():
+    while (out_dir / f"previous-{n}").exists():
         n += 1
-    target = out_dir / f"metrics.previous-{n}.jsonl"
-    log.rename(target)
+    target = out_dir / f"previous-{n}"
+    target.mkdir()
+    for name in found:
+        (out_dir / name).rename(target / name)
     from sftune.ui import console
 
-    console.print(f"an earlier run's metrics.jsonl in {out_dir} was moved to {target.name} (this is a fresh run; "
-                  "train.resume=true continues the earlier one)")
+    console.print(f"this is a fresh run: the earlier run's {', '.join(found)} in {out_dir} were moved to "
+                  f"{target.name}/ (train.resume=true continues a run instead)", soft_wrap=True)
     return target

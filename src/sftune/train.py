@@ -33,7 +33,7 @@ from sftune.attention import enable_varlen
 from sftune.model import (count_parameters, fast_activations, load_model, load_model_config, load_tokenizer,
                           resolve_max_length, unwrap_causal_lm)
 from sftune.report import build_report
-from sftune.runlock import RunLock, check_output_dir, set_aside_old_log
+from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
 from sftune.ui import MetricsLogger, console, training_progress
 
 
@@ -264,7 +264,7 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
         if main:
             console.print(f"resumed from {state['path']} at step {start_step}")
     elif main:
-        set_aside_old_log(out_dir)  # a fresh run starts a fresh log; the earlier one is kept
+        set_aside_earlier_run(out_dir)  # a fresh run starts fresh; the earlier run is kept
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
