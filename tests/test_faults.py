@@ -375,3 +375,14 @@ def test_max_length_that_leaves_nothing_to_learn(tiny_model_dir, tmp_path, capsy
         "data.max_length": 8})], capsys)
     assert code == 2 and "Traceback" not in err
     assert "data.max_length=8 leaves no trained token" in err and "5 of 5" in err and "data.max_length >= " in err
+
+
+def test_generate_on_a_run_without_final_model(tmp_path, capsys):
+    """A run stopped by Ctrl-C or a NaN has checkpoints but no final model: say so, and how to finish."""
+    run = tmp_path / "stopped"
+    (run / "checkpoints" / "step-0000003").mkdir(parents=True)
+    (run / "sftune_config.yaml").write_text("train:\n  output_dir: x\n")
+    code, _, err = run_cli(["generate", str(run), "--prompt", "hi"], capsys)
+    assert code == 2 and "Traceback" not in err and "has no final model" in err and "step-0000003" in err
+    code, _, err = run_cli(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "e")], capsys)
+    assert code == 2 and "Traceback" not in err and "does not exist" in err
