@@ -160,11 +160,11 @@ def test_section3_h4_alpaca_whole_text(gpt2_model_dir, tmp_path, monkeypatch, gp
 @settings(max_examples=150, deadline=None)
 @given(instruction=st.text(max_size=40), output=st.text(max_size=40).filter(str.strip))
 def test_split_never_misses_the_template(tiny_tokenizer, instruction, output):
-    """Any text built with the template is split after its first occurrence; prompt and completion
-    are tokenized as separate segments, so the trained tokens are exactly the completion + EOS."""
+    """Any text built with the template is split after its last occurrence (as TRL 0.7's collator);
+    the trained tokens are exactly the completion + EOS."""
     fmt = FunctionFormat(qa_func, " ### Answer:")
     text = qa_func({"instruction": [instruction], "output": [output]})[0]
-    cut = text.index(" ### Answer:") + len(" ### Answer:")
+    cut = text.rindex(" ### Answer:") + len(" ### Answer:")
     assert fmt({"instruction": instruction, "output": output}).segments == [(text[:cut], False), (text[cut:], True)]
     out = Tokenizer(fmt, tiny_tokenizer, 10_000, on_bad_row="error", source="t")(
         {"instruction": [instruction], "output": [output], "__row__": [0]})
@@ -172,6 +172,24 @@ def test_split_never_misses_the_template(tiny_tokenizer, instruction, output):
     labels = [t for t in out["labels"][0] if t != IGNORE]
     assert labels[-1] == tiny_tokenizer.eos_token_id
     assert decode(tiny_tokenizer, labels[:-1]) == text[cut:]
+
+
+def test_template_inside_the_question_splits_at_the_last_occurrence(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                    capsys):
+    """TRL 0.7 keeps the last match: a question that itself contains the template is not trained."""
+    text = "### Question: what does ' ### Answer:' mean?\n ### Answer: a header"
+    assert split_at_response(text, " ### Answer:") == [(text[:-len(" a header")], False), (" a header", True)]
+    rows = Dataset.from_list([{"instruction": "what does ' ### Answer:' mean?" if i == 2 else f"q{i}",
+                               "output": f"a{i}"} for i in range(5)])
+    trainer = SFTTrainer(str(tiny_model_dir), args=TrainingArguments(output_dir=str(tmp_path)), train_dataset=rows,
+                         formatting_func=qa_func,
+                         data_collator=DataCollatorForCompletionOnlyLM(" ### Answer:", tokenizer=tiny_tokenizer))
+    capsys.readouterr()
+    data = prepared(trainer)
+    assert data.report.notes == {"response template occurs more than once": 1}
+    assert data.report.note_rows["response template occurs more than once"] == [2]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "occurs more than once" in err and "rows 2" in err
 
 
 def test_multi_turn_split_with_instruction_template():

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from sftune.config import DataConfig
 from sftune.data.formats import MessagesFormat, PromptCompletionFormat, TextFormat
 from sftune.data.templates import CHATML
-from sftune.data.tokenize import IGNORE, Tokenizer, assemble, special_prefix
+from sftune.data.tokenize import IGNORE, Example, Tokenizer, special_prefix, truncate
 from sftune.errors import RowSkip
 
 from conftest import shared_file
@@ -81,9 +81,9 @@ def test_prompt_that_does_not_fit_is_skipped(tiny_tokenizer):
     assert out["skip"] == ["prompt longer than max_length"]
 
 
-def test_assemble_skips_without_trained_tokens():
+def test_truncate_skips_without_trained_tokens():
     with pytest.raises(RowSkip):
-        assemble([[1, 2]], [False], prefix=[], eos_id=None, max_length=10)
+        truncate(Example([1, 2], [IGNORE, IGNORE], [0.0, 0.0]), max_length=10)
 
 
 def test_bad_rows_skip_or_error(tiny_tokenizer):

@@ -137,3 +137,21 @@ def test_qlora_with_fsdp_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="QLoRA"):
         make_accelerator(load_config("quickstart", ["lora.enabled=true", "lora.load_in_4bit=true"]))
+
+
+def test_two_ranks_equal_one_process_with_message_weights(tiny_model_dir, tmp_path):
+    """Per-message loss weights: the normaliser is the summed weight over ranks and micro-batches."""
+    rows = [{"messages": [{"role": "user", "content": "word " * (1 + i % 5)},
+                          {"role": "assistant", "content": "answer " * (1 + i % 4), "weight": 0.5 + (i % 3)}]}
+            for i in range(16)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    chat = {"data.chat_template": "chatml", "train.grad_accum": 2, "data.max_length": 64}
+    one = tmp_path / "one"
+    train(load_config("codealpaca", overrides(tiny_model_dir, data, one, **chat, **{"data.template": None,
+                                                                                     "train.batch_size": 4})))
+    two = tmp_path / "two"
+    torchrun(overrides(tiny_model_dir, data, two, **chat, **{"data.template": "null", "train.batch_size": 2}))
+    a, b = losses(one), losses(two)
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+    assert_same(weights(one), weights(two), 1e-5)

@@ -88,11 +88,10 @@ def test_export_loads_with_plain_pipeline(run, tmp_path):
     result = pipe([{"role": "user", "content": "upper abc"}], max_new_tokens=8, do_sample=False)
     reply = result[0]["generated_text"][-1]["content"]
     # the same text sftune generate gives: the pipeline applied the training prompt template
-    from sftune.evaluate import generate
     from sftune.inference import load_for_inference
 
     loaded = load_for_inference(str(run))
-    ours = generate(loaded.model, loaded.tokenizer, [loaded.prompt_from_text("upper abc")], max_new_tokens=8)[0]
+    ours = loaded.generate([loaded.prompt_from_text("upper abc")], max_new_tokens=8)[0]
     assert reply.strip() == ours.strip()
 
 

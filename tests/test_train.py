@@ -207,3 +207,27 @@ def test_compile_gives_the_same_loss(tiny_model_dir, qa_file, tmp_path):
     a, b = train_losses(eager), train_losses(compiled)
     for step in (1, 2):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4)
+
+
+CHAT_ROWS = [{"messages": [{"role": "user", "content": "word " * (1 + i % 5)},
+                           {"role": "assistant", "content": "answer " * (1 + i % 4), "weight": 0.25 + (i % 3)},
+                           {"role": "user", "content": "more"},
+                           {"role": "assistant", "content": "fine " * (1 + i % 2), "train": i % 4 != 0}]}
+             for i in range(24)]
+
+
+def test_message_weights_keep_grad_accumulation_invariance(tiny_model_dir, tmp_path):
+    """With per-message weights the normaliser is the step's summed weight: 8x1 == 2x4 == 1x8."""
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+    runs = {}
+    for bs, ga in [(8, 1), (2, 4), (1, 8)]:
+        out = tmp_path / f"{bs}x{ga}"
+        train(cfg_for(tiny_model_dir, data, out, **{"data.template": None, "data.chat_template": "chatml",
+                                                    "train.batch_size": bs, "train.grad_accum": ga,
+                                                    "train.max_steps": 2}))
+        runs[(bs, ga)] = (train_losses(out), weights(out))
+    ref_losses, ref_w = runs[(8, 1)]
+    for key, (losses, w) in runs.items():
+        for step in (1, 2):
+            assert losses[step]["loss"] == pytest.approx(ref_losses[step]["loss"], rel=1e-5), key
+        assert_same_weights(ref_w, w)

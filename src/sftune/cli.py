@@ -115,7 +115,6 @@ def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int = 128) 
 
 
 def cmd_generate(args) -> int:
-    from sftune.evaluate import generate
     from sftune.data.sources import read_json_rows
     from sftune.inference import load_for_inference
     from sftune.ui import out
@@ -127,9 +126,8 @@ def cmd_generate(args) -> int:
     else:
         rows = read_json_rows(args.file)
         prompts = [loaded.prompt_from_row(r) for r in rows]
-    outputs = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
-                       add_bos=loaded.add_bos)
+    outputs = loaded.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              temperature=args.temperature, top_p=args.top_p)
     if rows is None:
         out.print(outputs[0], markup=False, highlight=False)
         return 0

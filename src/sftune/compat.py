@@ -36,15 +36,13 @@ import datasets
 import torch
 from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
-from sftune.config import SFTConfig, load_config
-from sftune.data.formats import Format, FormattedExample
+from sftune.config import DataConfig, SFTConfig, load_config
+from sftune.data.formats import EMPTY, NOT_FOUND, Format, TextFormat, split_at_response  # noqa: F401 (re-exported)
 from sftune.data.sources import Source, with_row_index
 from sftune.data.templates import NAMED_TEMPLATES
 from sftune.errors import ConfigError, DataError, RowSkip, SftuneError
-from sftune.ui import console
+from sftune.ui import console, is_main_process
 
-NOT_FOUND = "response template not found"
-EMPTY = "empty or null completion"  # the built-in formats' reason, so reports read the same
 
 # ----------------------------------------------------------------------------- completion-only loss
 
@@ -93,73 +91,7 @@ class DataCollatorForCompletionOnlyLM:
         return f"DataCollatorForCompletionOnlyLM({self.response_template!r}{extra})"
 
 
-def _is_main_process() -> bool:
-    """Rank 0 of a torchrun / accelerate launch (which set RANK), or a plain process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def split_at_response(text: str, response: str, instruction: str | None = None) -> list[tuple[str, bool]]:
-    """``(text, trained)`` segments: trained after the first ``response`` template, or, with an
-    ``instruction`` template (multi-turn), after every response up to the next instruction.
-
-    Raises :class:`RowSkip` when the template is missing or nothing non-blank follows it.
-    """
-    start = text.find(response)
-    if start < 0:
-        raise RowSkip(NOT_FOUND)
-    if instruction is None:
-        cut = start + len(response)
-        segments = [(text[:cut], False), (text[cut:], True)]
-    else:
-        segments, pos = [], 0
-        while start >= 0:
-            cut = start + len(response)
-            end = text.find(instruction, cut)
-            end = len(text) if end < 0 else end
-            segments += [(text[pos:cut], False), (text[cut:end], True)]
-            pos, start = end, text.find(response, end)
-        segments.append((text[pos:], False))
-    if not "".join(t for t, trained in segments if trained).strip():
-        raise RowSkip(EMPTY)
-    return [(t, trained) for t, trained in segments if t]
-
-
-class _SplitFormat(Format):
-    """One text per row: trained whole (plus EOS), or split at a response template."""
-
-    def __init__(self, response_template: str | None = None, instruction_template: str | None = None,
-                 add_eos: bool = True):
-        self.response_template = response_template
-        self.instruction_template = instruction_template
-        self.add_eos = add_eos
-
-    def text(self, row: dict) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def __call__(self, row: dict) -> FormattedExample:
-        text = self.text({k: v for k, v in row.items() if k != "__row__"})
-        if not text:
-            raise RowSkip("empty or null text")
-        if self.response_template is None:
-            return FormattedExample([(text, True)], add_eos=self.add_eos)
-        segments = split_at_response(text, self.response_template, self.instruction_template)
-        return FormattedExample(segments, add_eos=self.add_eos and segments[-1][1])
-
-    def review(self, report) -> None:
-        n = report.skipped.get(NOT_FOUND, 0)
-        if not n:
-            return
-        from rich.markup import escape
-
-        if _is_main_process():
-            rows = ", ".join(map(str, report.skipped_rows[NOT_FOUND])) + (", …" if n > 5 else "")
-            console.print(f"[yellow]warning:[/] {n:,} of {report.rows_used:,} texts in {escape(report.split)} do not "
-                          f"contain the response template {escape(repr(self.response_template))} and were skipped, "
-                          f"since the loss goes after it (rows {rows}). Check that the text writes the template "
-                          "exactly, spaces and newlines included.")
-
-
-class FunctionFormat(_SplitFormat):
+class FunctionFormat(TextFormat):
     """The text of TRL's ``formatting_func``.
 
     TRL 0.7 called it with a batch (a dict of lists) and expected a list of texts; with
@@ -172,15 +104,28 @@ class FunctionFormat(_SplitFormat):
 
     def __init__(self, func: Callable, response_template: str | None = None, instruction_template: str | None = None,
                  add_eos: bool = True):
-        super().__init__(response_template, instruction_template, add_eos)
+        super().__init__(DataConfig(format="text", text_column="text", response_template=response_template,
+                                    instruction_template=instruction_template, add_eos=add_eos))
+        self.columns = []
         self.func = func
         self.batched: bool | None = None
+        self.named: str | None = None
+        """The built-in template that gives the same texts (see :func:`named_equivalent`), if any."""
+
+    def identity(self) -> dict:
+        """The function itself cannot be saved: a run reloads with the equivalent built-in template,
+        or as text split at the response template."""
+        if self.named:
+            return {"format": "prompt_completion", "template": self.named, "prompt": None, "completion": None,
+                    "train_on_prompt": self.response_template is None}
+        return super().identity()
 
     def _failure(self, error: Exception, kind: str, row: dict) -> DataError:
         return DataError(f"formatting_func raised {type(error).__name__}: {error} (called with {kind})",
                          hint=f"check the columns it reads; the rows have {sorted(row)}")
 
-    def text(self, row: dict) -> str:
+    def text_of(self, row: dict) -> str:
+        row = {k: v for k, v in row.items() if k != "__row__"}
         batch_error = None
         if self.batched is not False:
             try:
@@ -216,27 +161,6 @@ class FunctionFormat(_SplitFormat):
             return Hasher.hash((self.func, self.response_template, self.instruction_template))
         except Exception:  # a function that cannot be pickled: never reuse a cached tokenization
             return uuid.uuid4().hex
-
-
-class TextFieldFormat(_SplitFormat):
-    """``dataset_text_field`` together with the completion-only collator: the column's text, split."""
-
-    name = "text"
-
-    def __init__(self, column: str, response_template: str, instruction_template: str | None = None,
-                 add_eos: bool = True):
-        super().__init__(response_template, instruction_template, add_eos)
-        self.column = column
-        self.columns = [column]
-
-    def text(self, row: dict) -> str:
-        value = row.get(self.column)
-        if value is not None and not isinstance(value, str):
-            raise DataError(f"expected a string, got {type(value).__name__}", column=self.column)
-        return value or ""
-
-    def cache_key(self) -> str:
-        return repr((self.column, self.response_template, self.instruction_template))
 
 
 def named_equivalent(fmt: FunctionFormat, ds: datasets.Dataset, n: int = 20) -> str | None:
@@ -528,7 +452,7 @@ def _map_data(g: Guidance, train_ds: datasets.Dataset, eval_ds: datasets.Dataset
             raise ConfigError(f"formatting_func must be a function, got {type(formatting_func).__name__}")
         fmt = FunctionFormat(formatting_func, response, instruction)
         legacy = f"formatting_func={getattr(formatting_func, '__name__', 'function')}"
-        named = named_equivalent(fmt, train_ds)
+        named = fmt.named = named_equivalent(fmt, train_ds)
         if named:
             keys = {"data.template": named} if response else {"data.template": named, "data.train_on_prompt": True}
             g.add(legacy, keys, "(gives the same text)")
@@ -543,10 +467,11 @@ def _map_data(g: Guidance, train_ds: datasets.Dataset, eval_ds: datasets.Dataset
               {"data.format": "text", "data.text_column": dataset_text_field})
         return None
     if dataset_text_field is not None:
-        g.add(f"dataset_text_field={dataset_text_field!r}", None,
-              "no key for splitting a column: give prompt and completion columns (data.prompt, data.completion)")
-        g.not_expressible.append("a text column split at a template has no config equivalent")
-        return TextFieldFormat(dataset_text_field, response, instruction)
+        keys = {"data.format": "text", "data.text_column": dataset_text_field, "data.response_template": response}
+        if instruction is not None:
+            keys["data.instruction_template"] = instruction
+        g.add(f"dataset_text_field={dataset_text_field!r}", keys, "(with the collator's templates)")
+        return None
     if response is not None:
         raise ConfigError("DataCollatorForCompletionOnlyLM needs the text to split: pass formatting_func= or "
                           "dataset_text_field=")
@@ -630,7 +555,7 @@ class SFTTrainer:
         self.source = Source(train=with_row_index(train_ds), eval=None if eval_ds is None else with_row_index(eval_ds),
                              name="train_dataset", rows_read=len(train_ds))
         self.result = None
-        if _is_main_process():
+        if is_main_process():
             g.print(self.config.train.output_dir)
 
     @property

@@ -134,7 +134,21 @@ class DataConfig(_Section):
     """Put the loss on the prompt too (the whole text), as the tutorial's third mode does."""
 
     messages_column: str | None = None
-    """Column of chat messages. ``None`` finds ``messages`` or ``conversations`` (ShareGPT)."""
+    """Column of chat messages. ``None`` finds ``messages`` or ``conversations`` (ShareGPT).
+    A message may carry ``reasoning_content`` (trained where the chat template writes it),
+    ``"train": false`` (context only) or a float ``"weight"`` (its tokens' share of the loss)."""
+
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """Which assistant turns of a conversation carry loss: every one, or only the last."""
+
+    response_template: str | None = None
+    """For the ``text`` format: put the loss only after the last occurrence of this string in
+    each text (TRL's completion-only collator, ``" ### Answer:"``). A text without it is a
+    counted skip."""
+
+    instruction_template: str | None = None
+    """With ``response_template``, multi-turn text: the loss goes on every span from a response
+    template up to the next instruction template (``"### Human:"``)."""
 
     chat_template: str | None = None
     """Chat template for ``messages`` when the tokenizer has none: a named template (``chatml``)

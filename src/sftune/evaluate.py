@@ -2,25 +2,38 @@
 
 * :func:`eval_loss` sums the token losses of the eval set and divides by the number of loss tokens
   (the same normalisation as training), so the number does not depend on batch size or packing.
-* :func:`generate` runs batched greedy or sampled generation with left padding, from prompts built
-  exactly as in training (same template, same BOS handling), and stops at EOS / end-of-turn.
+* generation itself lives in :mod:`sftune.generation`; prompts and references come from the run's
+  format (:mod:`sftune.data.formats`), so they are built exactly as in training.
 * :func:`generation_metrics` compares generations with the reference completions: exact match and
   a normalised contains-match.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from rich.table import Table
 
-from sftune.data.formats import Format, MessagesFormat, PromptCompletionFormat, normalize_messages
+from sftune.attention import enable_varlen
+from sftune.config import load_config, parse_override
+
+from sftune.data.formats import BadRow, Format, TextFormat
 from sftune.data.packing import BatchPlan, model_inputs
-from sftune.data.tokenize import end_of_turn_ids, special_prefix
+from sftune.errors import RowSkip
+from sftune.data.pipeline import prepare_data
+from sftune.generation import generate_with
+from sftune.inference import load_for_inference
+from sftune.loss import CausalLMWithLoss
+from sftune.model import resolve_max_length, unwrap_causal_lm
+from sftune.ui import console
+from sftune.ui import out as stdout
 from sftune.faults import dumps
 
 
@@ -51,11 +64,11 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
         with ctx:
             loss_sum = model(**inputs)
         total[0] += loss_sum.double()
-        total[1] += batch["n_loss"]
+        total[1] += batch["w_loss"]
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
-    loss = (total[0] / total[1].clamp(min=1)).item()
+    loss = (total[0] / total[1].clamp(min=1e-12)).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(total[1].item())}
 
 
@@ -66,79 +79,13 @@ class GenerationExample:
 
 
 def prompt_and_reference(fmt: Format, row: dict) -> GenerationExample:
-    """The inference prompt for a row (as trained) and the reference completion, if any."""
-    if isinstance(fmt, PromptCompletionFormat):
-        ex = fmt(row)
-        return GenerationExample(ex.meta["prompt"], ex.meta["completion"])
-    if isinstance(fmt, MessagesFormat):
-        messages = normalize_messages(row.get(fmt.column), fmt.column)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return GenerationExample(fmt.render(messages[:last], add_generation_prompt=True),
-                                 messages[last]["content"])
-    # text, or a custom format: the leading untrained segments are the prompt, the rest the reference;
-    # a fully trained text is continued from its first half
-    ex = fmt(row)
-    lead = 0
-    while lead < len(ex.segments) and not ex.segments[lead][1]:
-        lead += 1
-    if 0 < lead < len(ex.segments):
-        return GenerationExample("".join(t for t, _ in ex.segments[:lead]),
-                                 "".join(t for t, _ in ex.segments[lead:]))
-    text = ex.text
-    return GenerationExample(text[: max(1, len(text) // 2)], None)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    return sorted(end_of_turn_ids(tokenizer))
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
-             temperature: float = 0.0, top_p: float = 1.0, add_bos: bool = True, streamer=None,
-             synced: bool = False) -> list[str]:
-    """Generate a completion for each prompt (batched, left-padded), cut at the first stop token.
-
-    ``synced`` keeps every rank generating until all are done (sharded models: FSDP, ZeRO-3).
-    """
-    device = next(model.parameters()).device
-    prefix = special_prefix(tokenizer) if add_bos else []
-    stops = stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    from sftune.model import model_max_positions
-
-    max_positions = model_max_positions(model.config)
-    was_training = model.training
-    model.eval()
-    outputs: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        encoded = tokenizer([prompts[i] for i in idx], add_special_tokens=False)["input_ids"]
-        encoded = [prefix + e for e in encoded]
-        width = max(len(e) for e in encoded)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, e in enumerate(encoded):
-            input_ids[r, width - len(e):] = torch.as_tensor(e)
-            attention[r, width - len(e):] = 1
-        budget = max_new_tokens if max_positions is None else min(max_new_tokens, max_positions - width)
-        if budget <= 0:
-            continue  # the prompt alone fills the model's context
-        kwargs = dict(max_new_tokens=budget, eos_token_id=stops, pad_token_id=pad)
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if synced:
-            kwargs["synced_gpus"] = True
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             streamer=streamer, **kwargs)
-        for r, i in enumerate(idx):
-            new = out[r, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-            outputs[i] = tokenizer.decode(new[:cut], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    model.train(was_training)
-    return outputs
+    """The inference prompt for a row (as trained) and the reference completion, if any; a text
+    format without a response template is continued from the first half of its text."""
+    reference = fmt.reference(row)
+    prompt = fmt.prompt(row)
+    if reference is None and isinstance(fmt, TextFormat) and fmt.response_template is None:
+        return GenerationExample(prompt[: max(1, len(prompt) // 2)], None)
+    return GenerationExample(prompt, reference)
 
 
 def normalize(text: str) -> str:
@@ -157,9 +104,6 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
 
 def generation_examples(fmt: Format, rows, limit: int | None, need_reference: bool = True) -> list[GenerationExample]:
     """Prompts and references for up to ``limit`` rows that format cleanly."""
-    from sftune.data.formats import BadRow
-    from sftune.errors import RowSkip
-
     out = []
     for row in rows:
         if limit is not None and len(out) >= limit:
@@ -179,26 +123,23 @@ def sample_generations(cfg, model, tokenizer, data, synced: bool = False) -> lis
     examples = generation_examples(data.fmt, rows, cfg.eval.samples, need_reference=False)
     if not examples:
         return []
-    preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.eval.max_new_tokens,
-                     batch_size=cfg.eval.batch_size, add_bos=data.fmt.name != "messages", synced=synced)
+    preds = generate_with(data.fmt, model, tokenizer, [e.prompt for e in examples],
+                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, synced=synced)
     return [{"prompt": e.prompt, "reference": e.reference, "generated": p} for e, p in zip(examples, preds)]
 
 
 def generation_eval(cfg, model, tokenizer, data, label: str = "", show: bool = True, synced: bool = False) -> dict:
     """Greedy generation on the eval rows: exact match / contains match, plus a few samples."""
-    from sftune.ui import console
 
     examples = generation_examples(data.fmt, data.source.eval, cfg.eval.limit)
     if not examples:
         return {"exact_match": 0.0, "contains_match": 0.0, "n": 0, "samples": []}
-    preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.eval.max_new_tokens,
-                     batch_size=cfg.eval.batch_size, add_bos=data.fmt.name != "messages", synced=synced)
+    preds = generate_with(data.fmt, model, tokenizer, [e.prompt for e in examples],
+                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, synced=synced)
     metrics = generation_metrics(preds, [e.reference for e in examples])
     metrics["samples"] = [{"prompt": e.prompt, "reference": e.reference, "generated": p}
                           for e, p in zip(examples[:cfg.eval.samples], preds)]
     if cfg.eval.samples and show:
-        from rich.table import Table
-
         t = Table(title=f"Sample generations ({label})" if label else "Sample generations", title_justify="left")
         t.add_column("prompt", overflow="fold", max_width=48)
         t.add_column("generated (stops at EOS by itself)", overflow="fold")
@@ -214,15 +155,10 @@ def evaluate_loaded(loaded, cfg, *, limit: int | None, max_new_tokens: int, batc
                     tokenizer=None) -> dict:
     """Loss / perplexity over the completion tokens of ``cfg.data``'s rows, plus generation metrics
     (exact and contains match) for prompt/completion and chat data."""
-    from sftune.data.pipeline import prepare_data
-    from sftune.loss import CausalLMWithLoss
-    from sftune.model import resolve_max_length
 
     tokenizer = tokenizer or loaded.tokenizer
     max_length = resolve_max_length(cfg, tokenizer, loaded.model.config)
     data = prepare_data(cfg.data, tokenizer, max_length, fmt=loaded.fmt)
-    from sftune.attention import enable_varlen
-    from sftune.model import unwrap_causal_lm
 
     device = next(loaded.model.parameters()).device
     enable_varlen(unwrap_causal_lm(loaded.model))
@@ -230,10 +166,10 @@ def evaluate_loaded(loaded, cfg, *, limit: int | None, max_new_tokens: int, batc
     result = eval_loss(lm, data.train, batch_size=8, max_length=max_length, pad_id=tokenizer.pad_token_id,
                        device=device)
     result = {"loss": result["eval_loss"], "perplexity": result["eval_ppl"], "loss_tokens": result["eval_tokens"]}
-    if isinstance(data.fmt, (PromptCompletionFormat, MessagesFormat)):
-        examples = generation_examples(data.fmt, data.source.train, limit)
-        preds = generate(loaded.model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, add_bos=data.fmt.name != "messages")
+    examples = generation_examples(data.fmt, data.source.train, limit)
+    if examples:
+        preds = generate_with(data.fmt, loaded.model, tokenizer, [e.prompt for e in examples],
+                              max_new_tokens=max_new_tokens, batch_size=batch_size)
         gm = generation_metrics(preds, [e.reference for e in examples])
         result.update({"exact_match": gm["exact_match"], "contains_match": gm["contains_match"],
                        "generated": gm["n"]})
@@ -247,13 +183,8 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
              overrides: list[str] | None = None, limit: int | None = 200, max_new_tokens: int = 128,
              batch_size: int = 16, out: str | None = None) -> dict:
     """``sftune eval``: evaluate a run (and optionally a baseline) on held-out data; table + JSON."""
-    from pathlib import Path
 
-    from rich.table import Table
 
-    from sftune.config import load_config, parse_override
-    from sftune.inference import load_for_inference
-    from sftune.ui import console, out as stdout
 
     loaded = load_for_inference(model)
     base_cfg = loaded.cfg.model_dump() if loaded.cfg is not None else {}

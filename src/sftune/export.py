@@ -12,48 +12,34 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from sftune.config import SFTConfig, config_to_yaml
-from sftune.data.formats import PromptCompletionFormat
-from sftune.data.tokenize import end_of_turn_ids
-
-
-def prompt_chat_template(fmt: PromptCompletionFormat) -> str | None:
-    """A Jinja chat template that renders the last user message into the training prompt.
-
-    The user's message fills the template's first field (``{instruction}`` for ``qa``/``alpaca``);
-    other fields are left empty. ``transformers.pipeline`` then prompts exactly as in training.
-    """
-    if not fmt.template.fields:
-        return None
-    before, _, after = fmt.prompt_from_text("\x00").partition("\x00")
-
-    def lit(s: str) -> str:
-        return json.dumps(s)  # a JSON string is a valid Jinja string literal
-
-    return ("{% set ns = namespace(content='') %}{% for m in messages %}{% if m['role'] == 'user' %}"
-            "{% set ns.content = m['content'] %}{% endif %}{% endfor %}"
-            "{{ " + lit(before) + " + ns.content + " + lit(after) + " }}")
+from sftune.data.formats import Format
+from sftune.inference import load_for_inference
 
 
 def resolved_config(cfg: SFTConfig, fmt) -> SFTConfig:
     """The config with the data format spelled out, so inference rebuilds the training prompt."""
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update=fmt.config_updates())})
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=fmt.identity())})
 
 
-def save_tokenizer_and_templates(cfg: SFTConfig, tokenizer, fmt, out_dir: Path) -> None:
-    if isinstance(fmt, PromptCompletionFormat) and not getattr(tokenizer, "chat_template", None):
-        template = prompt_chat_template(fmt)
-        if template:
-            tokenizer.chat_template = template
+def save_tokenizer_and_templates(cfg: SFTConfig, tokenizer, fmt: Format, out_dir: Path) -> None:
+    """The tokenizer with the format's chat template (so ``transformers.pipeline`` prompts as
+    trained) and the config with the format's identity."""
+    template = fmt.export_chat_template(tokenizer)
+    if template:
+        tokenizer.chat_template = template
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / "sftune_config.yaml").write_text(config_to_yaml(resolved_config(cfg, fmt)))
 
 
-def set_generation_stops(model, tokenizer) -> None:
+def set_generation_stops(model, tokenizer, fmt: Format) -> None:
+    """``generation_config`` stops at the format's end-of-turn token(s) as well as EOS."""
     gen = getattr(model, "generation_config", None)
     if gen is None:
         return
-    stops = sorted(end_of_turn_ids(tokenizer))
+    stops = fmt.stop_ids(tokenizer)
     gen.eos_token_id = stops if len(stops) > 1 else stops[0]
     gen.pad_token_id = tokenizer.pad_token_id
 
@@ -68,7 +54,7 @@ def save_final(cfg: SFTConfig, accelerator, lm, tokenizer, out_dir: Path, data) 
         out_dir.mkdir(parents=True, exist_ok=True)
         prefix = "model."
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-        set_generation_stops(model, tokenizer)
+        set_generation_stops(model, tokenizer, data.fmt)
         if cfg.lora.enabled and cfg.lora.merge:
             merged = model.merge_and_unload()
             merged.save_pretrained(str(out_dir), safe_serialization=True)
@@ -97,10 +83,6 @@ def check_export_target(out_dir: Path) -> None:
 def export_run(run: str, out: str, *, dtype: str = "auto", push_to_hub: str | None = None) -> Path:
     """``sftune export``: merge LoRA into the base weights (when there is an adapter) and save
     safetensors, the tokenizer and its chat/prompt template, so ``transformers.pipeline`` works."""
-    import torch
-
-    from sftune.inference import load_for_inference
-
     check_export_target(Path(out))
     loaded = load_for_inference(run, dtype=dtype if dtype != "auto" else "float32", device="cpu")
     model = loaded.model
@@ -110,7 +92,7 @@ def export_run(run: str, out: str, *, dtype: str = "auto", push_to_hub: str | No
         model = model.to(getattr(torch, dtype))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    set_generation_stops(model, loaded.tokenizer)
+    set_generation_stops(model, loaded.tokenizer, loaded.fmt)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     loaded.tokenizer.save_pretrained(str(out_dir))
     if loaded.cfg is not None:

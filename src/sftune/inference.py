@@ -13,72 +13,57 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftune.config import SFTConfig, validate_config
-from sftune.data.formats import Format, MessagesFormat, PromptCompletionFormat, TextFormat
-from sftune.errors import DataError, SftuneError
+from sftune.data.formats import BadRow, Format, format_from_identity
+from sftune.errors import DataError, RowSkip, SftuneError
+from sftune.generation import Streamer, generate_with
+from sftune.model import resolve_path
+from sftune.ui import console
 
 
 @dataclass
 class Loaded:
-    """A model ready for inference, with the format it was trained on (``None`` if unknown)."""
+    """A model ready for inference, with the format it was trained on (for a plain model: its chat
+    template, or raw text). The format owns the prompt contract: prompts, BOS rule, stop tokens."""
 
     model: torch.nn.Module
     tokenizer: object
     cfg: SFTConfig | None
-    fmt: Format | None
+    fmt: Format
     path: str
 
     @property
     def is_chat(self) -> bool:
-        return isinstance(self.fmt, MessagesFormat) or (self.fmt is None and bool(self.tokenizer.chat_template))
+        return self.fmt.is_chat
 
     @property
     def add_bos(self) -> bool:
-        return not self.is_chat
+        return self.fmt.add_bos
 
     def prompt_from_text(self, text: str, history: list[dict] | None = None) -> str:
         """The full prompt for a user message (and earlier turns, for chat models)."""
-        if isinstance(self.fmt, PromptCompletionFormat):
-            return self.fmt.prompt_from_text(text)
-        if self.is_chat:
-            messages = list(history or []) + [{"role": "user", "content": text}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text
+        return self.fmt.prompt_from_text(text, history)
 
     def prompt_from_row(self, row: dict) -> str:
-        """The prompt for a data row with the training columns (the reference completion is dropped)."""
-        from sftune.evaluate import prompt_and_reference
+        """The prompt for a data row (only the prompt's columns are needed)."""
+        try:
+            return self.fmt.prompt(row)
+        except (BadRow, RowSkip) as e:
+            reason = e.message if isinstance(e, BadRow) else e.reason
+            raise DataError(f"cannot build a prompt from this row: {reason}",
+                            column=getattr(e, "column", None)) from None
 
-        if self.fmt is None:
-            text = row.get("prompt") or row.get("text") or row.get("instruction")
-            if not isinstance(text, str):
-                raise DataError("cannot build a prompt from this row: the model has no sftune config; "
-                                "give rows a 'prompt' column")
-            return self.prompt_from_text(text)
-        if isinstance(self.fmt, TextFormat):
-            return row.get(self.fmt.column) or ""
-        return prompt_and_reference(self.fmt, row).prompt
-
-
-def _format_for(cfg: SFTConfig, tokenizer) -> Format | None:
-    from sftune.data.formats import choose_format
-
-    d = cfg.data
-    if d.format == "auto" and not (d.template or d.prompt or d.completion):
-        return None  # a custom (Python) format: not rebuildable; fall back to the chat template
-    try:
-        return choose_format(d, [], tokenizer)
-    except SftuneError:
-        return None
+    def generate(self, prompts: list[str], **kwargs) -> list[str]:
+        return generate_with(self.fmt, self.model, self.tokenizer, prompts, **kwargs)
 
 
 def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = None) -> Loaded:
     """Load a run directory, a model directory or a hub id, with its tokenizer and training format."""
-    import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftune.model import resolve_path
 
     path = resolve_path(path)
     p = Path(path)
@@ -104,8 +89,6 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (p / "adapter_config.json").exists():
-            from peft import AutoPeftModelForCausalLM
-
             model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
@@ -117,47 +100,13 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
         tokenizer.pad_token = tokenizer.eos_token
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev).eval()
-    fmt = _format_for(cfg, tokenizer) if cfg is not None else None
+    fmt = format_from_identity(cfg.data if cfg is not None else None, tokenizer)
     return Loaded(model, tokenizer, cfg, fmt, path)
-
-
-class _Streamer:
-    """Prints new text as it is generated (stdout), cutting at stop tokens."""
-
-    def __init__(self, tokenizer, stops: set[int], out=sys.stdout):
-        self.tokenizer, self.stops, self.out = tokenizer, stops, out
-        self.ids: list[int] = []
-        self.printed = 0
-        self.first = True
-        self.stopped = False
-
-    def put(self, value):
-        if self.first:  # the prompt
-            self.first = False
-            return
-        for t in value.reshape(-1).tolist():
-            if self.stopped or t in self.stops:
-                self.stopped = True
-                return
-            self.ids.append(t)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        self.out.write(text[self.printed:])
-        self.out.flush()
-        self.printed = len(text)
-
-    def end(self):
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        self.out.write(text[self.printed:] + "\n")
-        self.out.flush()
 
 
 def chat(loaded: Loaded, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
          stdin=None, stdout=None) -> int:
     """A multi-turn REPL (single-turn for prompt/completion models). ``/reset`` and ``/exit``."""
-    from sftune.evaluate import generate, stop_token_ids
-    from sftune.ui import console
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -183,9 +132,9 @@ def chat(loaded: Loaded, *, max_new_tokens: int = 256, temperature: float = 0.0,
             console.print("[dim](history cleared)[/]")
             continue
         prompt = loaded.prompt_from_text(message, history if multi_turn else None)
-        streamer = _Streamer(loaded.tokenizer, set(stop_token_ids(loaded.tokenizer)), stdout)
-        reply = generate(loaded.model, loaded.tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1,
-                         temperature=temperature, top_p=top_p, add_bos=loaded.add_bos, streamer=streamer)[0]
+        streamer = Streamer(loaded.tokenizer, set(loaded.fmt.stop_ids(loaded.tokenizer)), stdout)
+        reply = loaded.generate([prompt], max_new_tokens=max_new_tokens, batch_size=1, temperature=temperature,
+                                top_p=top_p, streamer=streamer)[0]
         turns += 1
         if multi_turn:
             history += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]

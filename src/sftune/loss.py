@@ -47,7 +47,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, row_weights=None):
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         n = hidden.shape[0]
@@ -59,13 +59,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk_rows):
             h = hidden[s:s + chunk_rows]
             t = targets[s:s + chunk_rows]
+            rw = None if row_weights is None else row_weights[s:s + chunk_rows].to(acc)
             logits = F.linear(h, weight, bias).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            row_loss = lse - logits.gather(1, t[:, None]).squeeze(1)
+            loss += (row_loss if rw is None else row_loss * rw).sum()
             if need_h or need_w or need_b:
-                # d(sum CE)/d(logits) = softmax - onehot, computed in place
+                # d(sum w * CE)/d(logits) = w * (softmax - onehot), computed in place
                 g = logits.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(t), device=g.device), t] -= 1.0
+                if rw is not None:
+                    g.mul_(rw[:, None])
                 if need_b:
                     grad_b += g.sum(0)
                 g = g.to(hidden.dtype)
@@ -85,16 +89,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         gh = next(saved) * grad_out if need_h else None
         gw = (next(saved) * grad_out).to(ctx.weight_dtype) if need_w else None
         gb = (next(saved) * grad_out).to(ctx.weight_dtype) if need_b else None
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             bias: torch.Tensor | None = None, chunk_rows: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, chunked."""
+                             bias: torch.Tensor | None = None, chunk_rows: int | None = None,
+                             row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, chunked; each
+    row's loss times ``row_weights`` when given."""
     if hidden.shape[0] == 0:
         zero = hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps every parameter in the graph (DDP)
         return zero.float()
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows or _chunk_rows(weight.shape[0]))
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows or _chunk_rows(weight.shape[0]),
+                                           row_weights)
 
 
 def reference_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -137,7 +144,8 @@ class CausalLMWithLoss(nn.Module):
 
         return getattr(self.causal_lm.config, "_attn_implementation", None) == NAME
 
-    def forward(self, input_ids, position_ids, loss_index, loss_targets, doc_bounds=None):
+    def forward(self, input_ids, position_ids, loss_index, loss_targets, doc_bounds=None, loss_weights=None):
+        """The summed (``loss_weights``: weighted) token loss of the batch."""
         lm = self.causal_lm
         extra = {}
         if doc_bounds is not None and self.varlen:
@@ -149,7 +157,9 @@ class CausalLMWithLoss(nn.Module):
             hidden = out.last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
             head = lm.get_output_embeddings()
-            return linear_cross_entropy_sum(hidden, head.weight, loss_targets, head.bias)
+            return linear_cross_entropy_sum(hidden, head.weight, loss_targets, head.bias, row_weights=loss_weights)
         logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, loss_index)
+        if loss_weights is not None:
+            return (F.cross_entropy(logits.float(), loss_targets, reduction="none") * loss_weights.float()).sum()
         return F.cross_entropy(logits.float(), loss_targets, reduction="sum")

@@ -20,12 +20,15 @@ from sftune.model import load_model_config, load_tokenizer, resolve_max_length
 from sftune.ui import console, out
 
 
-def colored(tokenizer, ids, labels) -> Text:
+def colored(tokenizer, ids, labels, weights=None) -> Text:
+    """Trained tokens green (yellow where a message's weight is not 1), masked tokens dim."""
     text = Text()
-    for tid, lab in zip(ids, labels):
+    weights = [1.0] * len(ids) if weights is None else weights
+    for tid, lab, w in zip(ids, labels, weights):
         piece = tokenizer.decode([int(tid)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         piece = piece.replace("\n", "↵\n")
-        text.append(piece, style="bold green" if lab != IGNORE else "dim")
+        style = "dim" if lab == IGNORE else "bold green" if w == 1 else "bold yellow"
+        text.append(piece, style=style)
     return text
 
 
@@ -43,24 +46,27 @@ def preview(cfg: SFTConfig, n: int = 3, as_json: bool = False) -> None:
 
     rows_shown = plan.units[:n] if plan.packing else [[i] for i in range(min(n, len(data.train)))]
     for r, row in enumerate(rows_shown):
-        ids, labels, positions, rows = [], [], [], []
+        ids, labels, weights, positions, rows = [], [], [], [], []
         for i in row:
             e_ids, e_labels = data.train.example(i)
             ids += e_ids.tolist()
             labels += e_labels.tolist()
+            weights += [round(float(w), 4) for w in data.train.example_weights(i)]
             positions += list(range(len(e_ids)))
             rows.append(int(data.train.rows[i]))
         if as_json:
-            out.print(json.dumps({"input_ids": ids, "labels": labels, "position_ids": positions,
+            extra = {"weights": weights} if data.train.weighted else {}
+            out.print(json.dumps({"input_ids": ids, "labels": labels, "position_ids": positions, **extra,
                                   "text": tokenizer.decode(ids, skip_special_tokens=False,
                                                            clean_up_tokenization_spaces=False),
                                   "rows": rows}), markup=False, highlight=False)
         else:
             trained = sum(lab != IGNORE for lab in labels)
             console.rule(f"sequence {r}: rows {rows}, {len(ids)} tokens, {trained} trained")
-            console.print(colored(tokenizer, ids, labels))
+            console.print(colored(tokenizer, ids, labels, weights))
     if not as_json:
-        console.print("[dim]legend:[/] [bold green]trained tokens[/] [dim]masked tokens (no loss)[/]")
+        weighted = " [bold yellow]trained with a message weight other than 1[/]" if data.train.weighted else ""
+        console.print(f"[dim]legend:[/] [bold green]trained tokens[/]{weighted} [dim]masked tokens (no loss)[/]")
     data.report.render(console, title="Training data")
     if data.eval_report is not None:
         data.eval_report.render(console, title="Eval data")

@@ -310,11 +310,13 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
                 boundary.begin(step)
                 step_loss = torch.zeros((), dtype=torch.float64, device=device)
                 micro_batches = batches(step)
-                # the step's loss-token count over all micro-batches and ranks: the normaliser
-                step_tokens = torch.tensor(sum(mb["n_loss"] for mb in micro_batches), device=device)
+                # the normaliser: the step's loss tokens over all micro-batches and ranks (their summed
+                # weights, when messages carry weights; a plain count otherwise)
+                step_tokens = torch.tensor(sum(mb["w_loss"] for mb in micro_batches), dtype=torch.float64,
+                                           device=device)
                 if world > 1:
                     step_tokens = accelerator.reduce(step_tokens, reduction="sum")
-                normaliser = step_tokens.clamp(min=1).to(torch.float32) / world
+                normaliser = step_tokens.clamp(min=1e-12).to(torch.float32) / world
                 if deepspeed:  # DeepSpeed divides each backward by grad_accum itself: undo that
                     normaliser = normaliser / cfg.train.grad_accum
                 for i, mb in enumerate(micro_batches):
@@ -327,7 +329,7 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
                             loss_sum = lm(**inputs)  # forward: summed token loss of this micro-batch
                         accelerator.backward(loss_sum / normaliser)  # backward: its share of the step's mean
                     step_loss += loss_sum.detach().double()
-                    window_tokens += mb["n_loss"]
+                    window_tokens += mb["w_loss"]
                     window_real += mb["real_tokens"]
                 grad_norm = None
                 if cfg.train.max_grad_norm:
@@ -336,7 +338,7 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
                 skip = guard.check(done, step_loss, grad_norm)  # NaN / inf: stop, or skip the update
                 with boundary.commit(done):
                     if skip:
-                        window_tokens -= sum(mb["n_loss"] for mb in micro_batches)
+                        window_tokens -= sum(mb["w_loss"] for mb in micro_batches)
                     else:
                         optimizer.step()  # step
                         window_loss += step_loss
@@ -349,7 +351,7 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
                     if world > 1:
                         stats = accelerator.reduce(stats, reduction="sum")
                     elapsed = time.perf_counter() - window_start
-                    last_loss = (stats[0] / stats[1].clamp(min=1)).item()
+                    last_loss = (stats[0] / stats[1].clamp(min=1e-12)).item()
                     tps = stats[2].item() / max(elapsed, 1e-9)
                     lr = scheduler.get_last_lr()[0]
                     record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": last_loss, "lr": lr,

@@ -85,3 +85,10 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (which set ``RANK``), or a plain process."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE = -100
+from sftune.data.tokenize import IGNORE
 
 
 def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
@@ -172,7 +172,11 @@ class BatchPlan:
         return len(widths) * w * (1 + (0.5 if causal else 1.0) * self.attn_weight * w)
 
     def batch(self, units: list[int], data, pad_id: int) -> dict:
-        """Collated tensors for a micro-batch (``data.example(i)`` gives ids and labels)."""
+        """Collated tensors for a micro-batch (``data.example(i)`` gives ids and labels; per-token
+        weights join them when the data has weights other than 0 and 1)."""
+        if getattr(data, "weighted", False):
+            return collate([[(*data.example(i), data.example_weights(i)) for i in row] for row in self.layout(units)],
+                           pad_id)
         return collate([[data.example(i) for i in row] for row in self.layout(units)], pad_id)
 
     def fill(self, epoch: int = 0) -> float:
@@ -195,11 +199,17 @@ def model_inputs(batch: dict, device) -> dict:
     """The keyword arguments of :class:`~sftune.loss.CausalLMWithLoss` for a collated batch, on ``device``."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
     inputs["doc_bounds"] = batch["doc_bounds"]
+    if batch.get("loss_weights") is not None:
+        inputs["loss_weights"] = batch["loss_weights"].to(device, non_blocking=True)
     return inputs
 
 
-def collate(examples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of ``(input_ids, labels)`` examples -> padded tensors.
+def collate(examples: list[list[tuple]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of ``(input_ids, labels)`` or ``(input_ids, labels, weights)`` examples -> padded tensors.
+
+    With weights (per-token loss weights, from messages' ``weight``), ``loss_weights`` holds the
+    weight of each loss position's target and ``w_loss`` their sum, the step normaliser's share;
+    without, ``loss_weights`` is None and ``w_loss`` equals ``n_loss``.
 
     Returns ``input_ids``, ``position_ids``, ``targets`` (shifted labels, per example) of shape
     ``[rows, T]``; ``loss_index`` and ``loss_targets``, the flat positions that carry loss and
@@ -207,19 +217,24 @@ def collate(examples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> d
     ``n_loss``, their number, and ``real_tokens``, the non-padding tokens, as Python ints; and
     ``doc_bounds``, the examples' cumulative offsets when the batch is a single row (else None).
     """
-    width = max((sum(len(ids) for ids, _ in row) for row in examples), default=1) or 1
+    width = max((sum(len(ex[0]) for ex in row) for row in examples), default=1) or 1
+    weighted = any(len(ex) > 2 for row in examples for ex in row)
+    target_w = torch.zeros((max(len(examples), 1), width), dtype=torch.float32) if weighted else None
     n = max(len(examples), 1)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     targets = torch.full((n, width), IGNORE, dtype=torch.long)
     for r, row in enumerate(examples):
         pos = 0
-        for ids, labels in row:
+        for ex in row:
+            ids, labels = ex[0], ex[1]
             k = len(ids)
             input_ids[r, pos:pos + k] = torch.from_numpy(np.array(ids, dtype=np.int64))
             position_ids[r, pos:pos + k] = torch.arange(k)
             if k > 1:
                 targets[r, pos:pos + k - 1] = torch.from_numpy(np.array(labels[1:], dtype=np.int64))
+                if weighted:
+                    target_w[r, pos:pos + k - 1] = torch.from_numpy(np.array(ex[2][1:], dtype=np.float32))
             pos += k
         # padding continues the last example's positions: no new "document" starts in the padding
         if pos < width:
@@ -227,6 +242,7 @@ def collate(examples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> d
             position_ids[r, pos:] = torch.arange(start, start + width - pos)
     flat = targets.view(-1)
     loss_index = (flat != IGNORE).nonzero().squeeze(1)
+    loss_weights = target_w.view(-1).index_select(0, loss_index) if weighted else None
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
@@ -234,7 +250,9 @@ def collate(examples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> d
         "loss_index": loss_index,
         "loss_targets": flat.index_select(0, loss_index),
         "n_loss": int(loss_index.numel()),
-        "real_tokens": sum(len(ids) for row in examples for ids, _ in row),
-        "doc_bounds": tuple(np.cumsum([0] + [len(ids) for ids, _ in examples[0]]).tolist())
+        "loss_weights": loss_weights,
+        "w_loss": float(loss_weights.sum()) if weighted else float(loss_index.numel()),
+        "real_tokens": sum(len(ex[0]) for row in examples for ex in row),
+        "doc_bounds": tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]]).tolist())
         if len(examples) == 1 and examples[0] else None,
     }

@@ -28,12 +28,17 @@ from sftune.errors import DataError
 _FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
     "labels": datasets.List(datasets.Value("int32")),
+    "weights": datasets.List(datasets.Value("float32")),
     "length": datasets.Value("int32"),
     "n_loss": datasets.Value("int32"),
+    "w_loss": datasets.Value("float64"),
     "truncated": datasets.Value("bool"),
     "eos_trained": datasets.Value("bool"),
     "skip": datasets.Value("string"),
     "row": datasets.Value("int64"),
+    "extra": datasets.Value("bool"),
+    "straddled": datasets.Value("bool"),
+    "note": datasets.Value("string"),
 })
 
 
@@ -44,14 +49,19 @@ class TokenizedSet:
         table = ds.with_format("arrow")[:]
         ids_col = table.column("input_ids").combine_chunks()
         lab_col = table.column("labels").combine_chunks()
+        w_col = table.column("weights").combine_chunks()
         self.ids = ids_col.values.to_numpy(zero_copy_only=False)
         self.labels = lab_col.values.to_numpy(zero_copy_only=False)
+        self.weights = w_col.values.to_numpy(zero_copy_only=False)
         offsets = ids_col.offsets.to_numpy()
         kept = np.asarray(kept, dtype=np.int64)
         self.starts = offsets[:-1][kept]
         self.ends = offsets[1:][kept]
         self.rows = np.asarray(table.column("row").to_numpy())[kept]
         self.n_loss = np.asarray(table.column("n_loss").to_numpy())[kept]
+        self.w_loss = np.asarray(table.column("w_loss").to_numpy())[kept]
+        # unit weights everywhere: the loss is a plain token mean (the fast path)
+        self.weighted = bool(len(self.weights)) and not np.all((self.weights == 0) | (self.weights == 1))
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -63,6 +73,10 @@ class TokenizedSet:
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         s, e = self.starts[i], self.ends[i]
         return self.ids[s:e], self.labels[s:e]
+
+    def example_weights(self, i: int) -> np.ndarray:
+        """Per-token loss weights of example ``i`` (0 where untrained)."""
+        return self.weights[self.starts[i]:self.ends[i]]
 
 
 @dataclass
@@ -90,9 +104,9 @@ def tokenizer_signature(tokenizer) -> str:
 
 def _fingerprint(ds: datasets.Dataset, tok_sig: str, cfg: DataConfig, max_length: int, fmt: Format) -> str:
     keys = ("format", "text_column", "template", "prompt", "completion", "train_on_prompt", "messages_column",
-            "chat_template", "add_eos", "on_bad_row")
+            "chat_template", "add_eos", "on_bad_row", "train_on", "response_template", "instruction_template")
     payload = json.dumps([ds._fingerprint, tok_sig, {k: getattr(cfg, k) for k in keys}, max_length, __version__,
-                          type(fmt).__name__, fmt.cache_key(), "v1"], default=str)
+                          type(fmt).__name__, fmt.cache_key(), "v2"], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -127,7 +141,9 @@ def _report(tok: datasets.Dataset, source: Source, fmt: Format, split: str, max_
         lengths=t.column("length").to_numpy(), n_loss=t.column("n_loss").to_numpy(),
         truncated=t.column("truncated").to_numpy(zero_copy_only=False),
         eos_trained=t.column("eos_trained").to_numpy(zero_copy_only=False), skip=skip,
-        rows=t.column("row").to_numpy(),
+        rows=t.column("row").to_numpy(), extra=t.column("extra").to_numpy(zero_copy_only=False),
+        straddled=t.column("straddled").to_numpy(zero_copy_only=False),
+        notes=np.asarray(t.column("note").to_pylist(), dtype=object),
     )
     return rep, np.flatnonzero(skip == "")
 

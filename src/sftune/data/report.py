@@ -23,6 +23,8 @@ class DataReport:
     rows_used: int = 0
     """Rows formatted (after limit and the eval split)."""
     kept: int = 0
+    """Training sequences kept (a chat row can give several; see ``expanded``)."""
+    kept_rows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_rows: dict[str, list[int]] = field(default_factory=dict)
     truncated: int = 0
@@ -31,6 +33,19 @@ class DataReport:
     total_tokens: int = 0
     loss_tokens: int = 0
     eos_not_trained: int = 0
+    expanded_rows: int = 0
+    """Conversations trained as several sequences, one per assistant turn the chat template does not
+    render as a prefix of the whole conversation."""
+    expanded_sequences: int = 0
+    """Sequences added by that expansion."""
+    expanded_tokens: int = 0
+    """Their tokens: what the expansion costs."""
+    expanded_why: dict[str, int] = field(default_factory=dict)
+    straddled: int = 0
+    """Examples in which a token straddled the prompt/completion boundary: the prompt was tokenized
+    exactly as at inference and the completion as its continuation."""
+    notes: dict[str, int] = field(default_factory=dict)
+    note_rows: dict[str, list[int]] = field(default_factory=dict)
     sequences: int = 0
     """Training sequences after packing (equal to ``kept`` without packing)."""
     packing: bool = False
@@ -49,12 +64,30 @@ class DataReport:
 
     @classmethod
     def from_columns(cls, *, source, fmt, split, max_length, rows_read, lengths, n_loss, truncated,
-                     eos_trained, skip, rows) -> "DataReport":
+                     eos_trained, skip, rows, extra=None, straddled=None, notes=None) -> "DataReport":
+        rows = np.asarray(rows)
         rep = cls(source=source, format=fmt, split=split, max_length=max_length, rows_read=rows_read,
-                  rows_used=len(skip))
+                  rows_used=int(len(np.unique(rows))))
         skip = np.asarray(skip, dtype=object)
         kept = skip == ""
-        rows = np.asarray(rows)
+        rep.kept_rows = int(len(np.unique(rows[kept])))
+        if extra is not None:
+            extra = np.asarray(extra, dtype=bool) & kept
+            rep.expanded_rows = int(len(np.unique(rows[extra])))
+            rep.expanded_sequences = int(extra.sum())
+            rep.expanded_tokens = int(np.asarray(lengths)[extra].sum())
+            if notes is not None:
+                for why in np.asarray(notes, dtype=object)[extra].tolist():
+                    rep.expanded_why[why] = rep.expanded_why.get(why, 0) + 1
+        if straddled is not None:
+            rep.straddled = int((np.asarray(straddled, dtype=bool) & kept).sum())
+        if notes is not None:
+            notes = np.asarray(notes, dtype=object)
+            plain = kept & (notes != "") & (~extra if extra is not None else True)
+            for note in sorted(set(notes[plain].tolist())):
+                sel = plain & (notes == note)
+                rep.notes[note] = int(sel.sum())
+                rep.note_rows[note] = rows[sel][:5].tolist()
         for reason in sorted(set(skip[~kept].tolist())):
             sel = skip == reason
             rep.skipped[reason] = int(sel.sum())
@@ -83,7 +116,21 @@ class DataReport:
         t.add_column(style="bold")
         t.add_column()
         t.add_row("source", escape(f"{self.source} [{self.split}] as {self.format}"))
-        t.add_row("rows", f"{self.rows_read} read, {self.rows_used} used, {self.kept} kept")
+        kept = f"{self.kept} kept" if self.kept == self.kept_rows else \
+            f"{self.kept_rows} kept as {self.kept} sequences"
+        t.add_row("rows", f"{self.rows_read} read, {self.rows_used} used, {kept}")
+        if self.expanded_rows:
+            why = "; ".join(escape(w) for w in self.expanded_why)
+            t.add_row("expanded", f"[yellow]{self.expanded_rows}[/] conversations trained turn by turn "
+                      f"(+{self.expanded_sequences} sequences, +{self.expanded_tokens:,} tokens): {why}")
+        if self.straddled:
+            t.add_row("boundaries", f"{self.straddled} examples had a token across the prompt/completion "
+                      "boundary: the prompt is tokenized as at inference, the completion as its continuation")
+        for note, n in self.notes.items():
+            if note != "a token straddles the prompt/completion boundary":
+                t.add_row("note", f"{n} {escape(note)} (rows {', '.join(map(str, self.note_rows[note]))}"
+                          f"{', …' if n > 5 else ''})")
+
         if self.skipped:
             for reason, n in self.skipped.items():
                 t.add_row("skipped", f"[yellow]{n}[/] {escape(reason)} (rows {', '.join(map(str, self.skipped_rows[reason]))}"

@@ -1,24 +1,40 @@
-"""Tokenize: formatted segments -> ``input_ids`` and ``labels``, by construction.
+"""Tokenize: rendered sequences -> ``input_ids``, ``labels`` and per-token loss ``weights``.
 
-Each segment is tokenized on its own and the ids are concatenated; a segment's tokens get labels
-equal to their ids when the segment is trained, and -100 otherwise. The token stream is never
-searched for a response template. Because the prompt is tokenized alone, training sees exactly the
-tokens the model is given at inference for the same prompt.
+**Labels from one tokenization.** Each sequence's text is tokenized once, whole, and a token is
+trained when its first character (fast tokenizers' offset mapping) lies in a trained span of the
+format; its weight is that span's weight. So the ids are exactly what the model sees when the
+same text is tokenized at inference, and SentencePiece-style tokenizers add no spurious ``▁`` at
+a segment boundary (a segment is never tokenized alone).
 
-Labels are *not* shifted here (Hugging Face convention: ``labels[i]`` is the token at position
-``i``). The batching stage shifts them per example, so no example predicts its neighbour's tokens.
+**The inference side wins.** For every trained turn, the ids before it must equal the inference
+prompt ``text[:context]`` tokenized alone (plus the BOS rule of the format). When a token
+straddles that boundary (a reply that starts with ``\\n`` after a prompt ending in ``\\n``, say):
 
-Truncation cuts only the tail. An example whose first trained token does not fit is skipped.
+* a chat turn inside a shared conversation is trained in a sequence of its own
+  (``Turn.standalone``) so the other turns keep the whole-conversation tokenization;
+* otherwise the sequence is cut there: the prompt is tokenized alone and the rest is tokenized as
+  a *continuation* (after a special token that is then dropped, so no ``▁`` or other start-of-text
+  marker is added). The example is counted as ``straddled`` in the data report.
+
+A tokenizer without offsets (a Python "slow" tokenizer) is cut at every span boundary instead, each
+piece tokenized as a continuation: contexts stay exact, and labels follow the pieces.
+
+Labels are *not* shifted here (``labels[i]`` is the token at position ``i``); the batching stage
+shifts them per example. Truncation cuts only the tail; an example whose first trained token does
+not fit is skipped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sftune.data.formats import BadRow, Format
+import numpy as np
+
+from sftune.data.formats import BadRow, Format, Sequence
 from sftune.errors import DataError, RowSkip
 
 IGNORE = -100
+STRADDLE = "a token straddles the prompt/completion boundary"
 
 
 def special_prefix(tokenizer) -> list[int]:
@@ -32,48 +48,143 @@ def special_prefix(tokenizer) -> list[int]:
 
 
 @dataclass
-class Tokenized:
+class Example:
     input_ids: list[int]
     labels: list[int]
+    weights: list[float]
     truncated: bool = False
+    straddled: bool = False
+    extra: bool = False
+    note: str = ""
 
 
-def assemble(
-    segment_ids: list[list[int]],
-    trained: list[bool],
-    *,
-    prefix: list[int],
-    eos_id: int | None,
-    max_length: int,
-) -> Tokenized:
-    """Concatenate segment ids, label them, append EOS and truncate the tail.
+class SequenceEncoder:
+    """Tokenizes :class:`Sequence` objects by the rules of the module docstring."""
 
-    Raises :class:`RowSkip` when no trained token fits in ``max_length``.
-    """
-    input_ids = list(prefix)
-    labels = [IGNORE] * len(prefix)
-    for ids, is_trained in zip(segment_ids, trained):
-        input_ids.extend(ids)
-        labels.extend(ids if is_trained else [IGNORE] * len(ids))
-    if eos_id is not None:
-        input_ids.append(eos_id)
-        labels.append(eos_id)
-    first_trained = next((i for i, lab in enumerate(labels) if lab != IGNORE), None)
-    if first_trained is None:
+    def __init__(self, tokenizer, *, add_bos: bool):
+        self.tok = tokenizer
+        self.prefix = special_prefix(tokenizer) if add_bos else []
+        self.offsets = bool(getattr(tokenizer, "is_fast", False))
+        self.anchor = tokenizer.eos_token or tokenizer.bos_token
+        self._anchor_len = len(tokenizer(self.anchor, add_special_tokens=False)["input_ids"]) if self.anchor else 0
+
+    # -- tokenizer calls
+    def batch(self, texts: list[str]) -> list[tuple[list[int], np.ndarray | None]]:
+        if not texts:
+            return []
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=self.offsets)
+        if self.offsets:
+            return [(ids, np.asarray([s for s, _ in offs], dtype=np.int64).reshape(-1))
+                    for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+        return [(ids, None) for ids in enc["input_ids"]]
+
+    def continuation(self, text: str) -> tuple[list[int], np.ndarray | None]:
+        """``text`` tokenized as it continues an earlier text: after a special token, then dropped."""
+        if self.anchor and self.offsets:
+            ids, starts = self.batch([self.anchor + text])[0]
+            k = self._anchor_len
+            if ids[k:] and int(starts[k]) == len(self.anchor):
+                return ids[k:], starts[k:] - len(self.anchor)
+        elif self.anchor:
+            ids = self.tok(self.anchor + text, add_special_tokens=False)["input_ids"]
+            if ids[:self._anchor_len] == self.tok(self.anchor, add_special_tokens=False)["input_ids"]:
+                return ids[self._anchor_len:], None
+        return self.batch([text])[0]
+
+    def pieces(self, text: str, cuts: list[int]) -> tuple[list[int], np.ndarray]:
+        """Ids of ``text`` cut at ``cuts``: the first piece plainly, the rest as continuations.
+        Returns ids and each token's start character (a piece's start where offsets are missing)."""
+        bounds = [0] + sorted(set(c for c in cuts if 0 < c < len(text))) + [len(text)]
+        ids, starts = [], []
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if k == 0:
+                piece_ids, piece_starts = self.batch([text[a:b]])[0]
+            else:
+                piece_ids, piece_starts = self.continuation(text[a:b])
+                if not self._continues(ids, piece_ids, text[a:b]):  # e.g. a marker prepended after every special
+                    plain = self.batch([text[a:b]])[0]
+                    if self._continues(ids, plain[0], text[a:b]):
+                        piece_ids, piece_starts = plain
+            ids += piece_ids
+            starts.append(np.full(len(piece_ids), a, dtype=np.int64) if piece_starts is None else piece_starts + a)
+        return ids, (np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64))
+
+    def _continues(self, before: list[int], piece: list[int], text: str) -> bool:
+        decode = lambda ids: self.tok.decode(ids, skip_special_tokens=False,  # noqa: E731
+                                             clean_up_tokenization_spaces=False)
+        return decode(list(before) + list(piece)) == decode(list(before)) + text
+
+    # -- one sequence
+    def encode(self, seq: Sequence, full=None, contexts=None) -> list[Example]:
+        """``full``: ``seq.text`` already tokenized; ``contexts``: each turn's prompt tokenized."""
+        text, turns = seq.text, seq.turns
+        if full is None:
+            full = self.batch([text])[0]
+        if contexts is None:
+            contexts = self.batch([text[:t.context] for t in turns])
+        out: list[Example] = []
+        keep, cuts, straddled = [], [], False
+        for t, (ctx_ids, _) in zip(turns, contexts):
+            aligned = t.context == 0 or full[0][:len(ctx_ids)] == ctx_ids
+            if aligned:
+                keep.append(t)
+            elif t.standalone is not None:  # train it apart; the rest keeps the whole tokenization
+                for ex in self.encode(t.standalone):
+                    ex.extra, ex.note = True, ex.note or STRADDLE
+                    out.append(ex)
+            else:
+                keep.append(t)
+                cuts.append(t.context)
+                straddled = True
+        if not keep:
+            return out
+        if not self.offsets:  # no offsets: cut at every span boundary so labels follow the pieces
+            cuts += [c for t in keep for s, e, _ in t.spans for c in (s, e)] + [t.context for t in keep]
+        if cuts:
+            ids, starts = self.pieces(text, cuts)
+        else:
+            ids, starts = full[0], full[1]
+        weights = np.zeros(len(ids), dtype=np.float32)
+        for t in keep:
+            for s, e, w in t.spans:
+                weights[(starts >= s) & (starts < e)] = w
+        ids = list(self.prefix) + list(ids)
+        weights = [0.0] * len(self.prefix) + weights.tolist()
+        eos = next((t.eos for t in reversed(keep) if t.eos is not None), None)
+        if eos is not None and self.tok.eos_token_id is not None:
+            ids.append(self.tok.eos_token_id)
+            weights.append(float(eos))
+        labels = [i if w > 0 else IGNORE for i, w in zip(ids, weights)]
+        out.insert(0, Example(ids, labels, weights, straddled=straddled, note=STRADDLE if straddled else ""))
+        return out
+
+
+def truncate(ex: Example, max_length: int) -> Example:
+    """Cut the tail at ``max_length``. Raises :class:`RowSkip` when no trained token fits."""
+    first = next((i for i, lab in enumerate(ex.labels) if lab != IGNORE), None)
+    if first is None:
         raise RowSkip("no trained tokens")
-    if first_trained >= max_length:
+    if first >= max_length:
         raise RowSkip("prompt longer than max_length")
-    truncated = len(input_ids) > max_length
-    if truncated:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return Tokenized(input_ids, labels, truncated)
+    if len(ex.input_ids) > max_length:
+        ex.input_ids, ex.labels, ex.weights = (ex.input_ids[:max_length], ex.labels[:max_length],
+                                               ex.weights[:max_length])
+        ex.truncated = True
+    return ex
+
+
+COLUMNS = ("input_ids", "labels", "weights", "length", "n_loss", "w_loss", "truncated", "eos_trained", "skip", "row",
+           "extra", "straddled", "note")
 
 
 class Tokenizer:
-    """The ``datasets.map`` function: a batch of rows -> ids, labels and bookkeeping columns.
+    """The ``datasets.map`` function: a batch of rows -> one output row per training sequence.
 
-    Output columns: ``input_ids``, ``labels``, ``length``, ``n_loss`` (labelled tokens),
-    ``truncated``, ``eos_trained``, ``skip`` (the reason, ``""`` when kept), ``row``.
+    A row can give several sequences (a chat template that is not prefix-stable) or none (a
+    counted skip, with ``skip`` holding the reason). Columns: ``input_ids``, ``labels``,
+    ``weights`` (per-token loss weights, 0 where untrained), ``length``, ``n_loss`` (labelled
+    tokens), ``w_loss`` (their summed weight), ``truncated``, ``eos_trained``, ``skip``, ``row``,
+    ``extra`` (a sequence beyond the row's first), ``straddled``, ``note``.
     """
 
     def __init__(self, fmt: Format, tokenizer, max_length: int, *, on_bad_row: str, source: str):
@@ -82,14 +193,12 @@ class Tokenizer:
         self.max_length = max_length
         self.on_bad_row = on_bad_row
         self.source = source
-        # Chat templates write their own BOS; other formats get what the tokenizer adds (GPT-2: nothing).
-        self.prefix = [] if fmt.name == "messages" else special_prefix(tokenizer)
-        self.eos_id = tokenizer.eos_token_id
-        self.end_ids = end_of_turn_ids(tokenizer)
+        self.encoder = SequenceEncoder(tokenizer, add_bos=fmt.add_bos)
+        self.end_ids = set(fmt.stop_ids(tokenizer))
 
-    def _format(self, row: dict, index: int):
+    def _render(self, row: dict, index: int):
         try:
-            return self.fmt(row), ""
+            return self.fmt.render(row), ""
         except RowSkip as s:
             return None, s.reason
         except BadRow as b:
@@ -106,55 +215,53 @@ class Tokenizer:
         n = len(batch[keys[0]]) if keys else 0
         rows = [{k: batch[k][i] for k in keys} for i in range(n)]
         indices = batch.get("__row__", list(range(n)))
-        formatted = [self._format(r, idx) for r, idx in zip(rows, indices)]
+        rendered = [self._render(r, idx) for r, idx in zip(rows, indices)]
 
-        # One tokenizer call for every segment of the batch.
-        texts, owners = [], []
-        for i, (ex, _) in enumerate(formatted):
-            if ex is not None:
-                for text, _ in ex.segments:
-                    texts.append(text)
-                    owners.append(i)
-        ids_flat = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # one tokenizer call for every sequence text and every inference prompt of the batch
+        texts = []
+        for r, _ in rendered:
+            for seq in (r.sequences if r else []):
+                texts.append(seq.text)
+                texts += [seq.text[:t.context] for t in seq.turns]
+        encoded = iter(self.encoder.batch(texts))
 
-        out = {k: [] for k in ("input_ids", "labels", "length", "n_loss", "truncated", "eos_trained", "skip", "row")}
-        cursor = 0
-        for i, (ex, reason) in enumerate(formatted):
-            tok = None
-            if ex is not None:
-                k = len(ex.segments)
-                seg_ids = ids_flat[cursor:cursor + k]
-                cursor += k
+        out = {k: [] for k in COLUMNS}
+        for i, (r, reason) in enumerate(rendered):
+            examples: list[Example] = []
+            if r is not None:
+                for k, seq in enumerate(r.sequences):
+                    full = next(encoded)
+                    contexts = [next(encoded) for _ in seq.turns]
+                    for ex in self.encoder.encode(seq, full, contexts):
+                        if k > 0:
+                            ex.extra, ex.note = True, ex.note or r.why or "expanded"
+                        examples.append(ex)
+                if r.note and examples:
+                    examples[0].note = r.note
+            kept = []
+            for ex in examples:
                 try:
-                    tok = assemble(
-                        seg_ids, [t for _, t in ex.segments],
-                        prefix=self.prefix,
-                        eos_id=self.eos_id if ex.add_eos else None,
-                        max_length=self.max_length,
-                    )
+                    kept.append(truncate(ex, self.max_length))
                 except RowSkip as s:
-                    reason = s.reason
-            if tok is None:
-                tok = Tokenized([], [], False)
-            trained = [lab for lab in tok.labels if lab != IGNORE]
-            out["input_ids"].append(tok.input_ids)
-            out["labels"].append(tok.labels)
-            out["length"].append(len(tok.input_ids))
-            out["n_loss"].append(len(trained))
-            out["truncated"].append(tok.truncated)
-            out["eos_trained"].append(bool(trained) and trained[-1] in self.end_ids)
-            out["skip"].append(reason)
-            out["row"].append(int(indices[i]))
+                    reason = reason or s.reason
+            if not kept:
+                kept = [Example([], [], [], note="")]
+                reason = reason or "no trained tokens"
+            else:
+                reason = ""
+            for ex in kept:
+                trained = [lab for lab in ex.labels if lab != IGNORE]
+                out["input_ids"].append(ex.input_ids)
+                out["labels"].append(ex.labels)
+                out["weights"].append(ex.weights)
+                out["length"].append(len(ex.input_ids))
+                out["n_loss"].append(len(trained))
+                out["w_loss"].append(float(sum(ex.weights)))
+                out["truncated"].append(ex.truncated)
+                out["eos_trained"].append(bool(trained) and trained[-1] in self.end_ids)
+                out["skip"].append(reason)
+                out["row"].append(int(indices[i]))
+                out["extra"].append(ex.extra)
+                out["straddled"].append(ex.straddled)
+                out["note"].append(ex.note)
         return out
-
-
-def end_of_turn_ids(tokenizer) -> set[int]:
-    """Token ids that end a trained span: EOS, and the special tokens a chat template ends turns with."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None) and tid >= 0:
-            ids.add(tid)
-    return ids
