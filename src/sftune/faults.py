@@ -73,9 +73,10 @@ class NonFiniteGuard:
     """Checks one step's summed loss and gradient norm; ``check`` returns True when the step's
     update must be skipped and raises :class:`TrainingDiverged` when the run must stop."""
 
-    def __init__(self, mode: str, max_skips: int, accelerator=None, checkpoints=None):
+    def __init__(self, mode: str, max_skips: int, accelerator=None, last_checkpoint=None):
+        """``last_checkpoint()`` returns the newest checkpoint's path (or ``None``), for the message."""
         self.mode, self.max_skips = mode, max_skips
-        self.accelerator, self.checkpoints = accelerator, checkpoints
+        self.accelerator, self.last_checkpoint = accelerator, last_checkpoint
         self.skipped: list[int] = []
 
     def check(self, step: int, loss_sum: torch.Tensor, grad_norm=None) -> bool:
@@ -110,10 +111,8 @@ class NonFiniteGuard:
             f"or set train.on_nonfinite=skip to skip such steps")
 
     def _kept(self) -> str:
-        from sftune.checkpoint import list_checkpoints
-
-        ckpts = list_checkpoints(self.checkpoints) if self.checkpoints is not None else []
-        last = f"The last good checkpoint is {ckpts[-1]}" if ckpts else "There is no checkpoint"
+        path = self.last_checkpoint() if self.last_checkpoint is not None else None
+        last = f"The last good checkpoint is {path}" if path else "There is no checkpoint"
         return f"{last}; no final model was written."
 
 

@@ -301,7 +301,8 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
     window_start = time.perf_counter()
     last_loss, step = None, start_step
     boundary = StepBoundary(start_step)  # Ctrl-C saves the state of the last step boundary
-    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, accelerator, out_dir)
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, accelerator,
+                           lambda: ([None] + list_checkpoints(out_dir))[-1])
     progress = training_progress(main)
     try:
         with progress:
