@@ -179,9 +179,12 @@ def cmd_report(args) -> int:
 
 def cmd_train(args) -> int:
     from sftune.config import load_config
-    from sftune.train import train
+    from sftune.runlock import refuse_if_locked
 
     cfg = load_config(args.recipe, args.overrides)
+    refuse_if_locked(cfg.train.output_dir)  # a busy output directory is refused before the training stack loads
+    from sftune.train import train
+
     result = train(cfg)
     return 130 if result.interrupted else 0
 

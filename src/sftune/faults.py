@@ -26,10 +26,9 @@ import signal
 import threading
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from sftune.errors import SftuneError
+
+# torch and numpy are imported where they are used: the JSON helpers serve light commands too.
 
 
 class TrainingDiverged(SftuneError):
@@ -79,7 +78,9 @@ class NonFiniteGuard:
         self.accelerator, self.last_checkpoint = accelerator, last_checkpoint
         self.skipped: list[int] = []
 
-    def check(self, step: int, loss_sum: torch.Tensor, grad_norm=None) -> bool:
+    def check(self, step: int, loss_sum, grad_norm=None) -> bool:
+        import torch
+
         values = [loss_sum.detach().double().reshape(())]
         if grad_norm is not None:
             values.append(torch.as_tensor(grad_norm, dtype=torch.float64, device=values[0].device).reshape(()))
@@ -120,6 +121,9 @@ class NonFiniteGuard:
 
 
 def rng_states() -> dict:
+    import numpy as np
+    import torch
+
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -127,6 +131,9 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])

@@ -55,6 +55,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _locked(path: Path, owner: dict | None) -> RunLocked:
+    who = (f"process {owner.get('pid')} on {owner.get('host')} (started {owner.get('started')})"
+           if owner else "another process")
+    return RunLocked(f"{path.parent} is in use by {who}: one run per output directory.\n"
+                     f"  → wait for it to finish, or choose another train.output_dir (if that process is gone, "
+                     f"delete {path})")
+
+
+def refuse_if_locked(out_dir: str | Path) -> None:
+    """A quick look before the training stack loads: refuse at once when a live run holds ``out_dir``
+    (the lock itself is taken by :class:`RunLock` in ``train``). Only the main process looks."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    path = Path(out_dir) / LOCK_NAME
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", -1))):
+        raise _locked(path, owner)
+
+
 class RunLock:
     """``with RunLock(out_dir):`` holds the directory for this process (main process only)."""
 
@@ -81,12 +103,7 @@ class RunLock:
                                   "which is no longer running[/]")
                     self.path.unlink(missing_ok=True)
                     continue
-                who = (f"process {owner.get('pid')} on {owner.get('host')} (started {owner.get('started')})"
-                       if owner else "another process")
-                raise RunLocked(
-                    f"{self.path.parent} is in use by {who}: one run per output directory.\n"
-                    f"  → wait for it to finish, or choose another train.output_dir (if that process is gone, "
-                    f"delete {self.path})") from None
+                raise _locked(self.path, owner) from None
             except OSError as e:
                 if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
                     raise ConfigError(f"train.output_dir {self.path.parent} is not writable: {e.strerror}") from None
