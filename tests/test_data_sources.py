@@ -161,3 +161,72 @@ def test_missing_file(tiny_tokenizer, tmp_path):
 def test_unknown_split(qa_file):
     with pytest.raises(DataError, match="no split 'validation'"):
         load_source(DataConfig(path=str(qa_file), eval_split="validation"))
+
+
+# ----------------------------------------------------------------------------- hostile files (issue 12)
+
+
+BAD_FILES = {
+    # name: (bytes, what the message must name)
+    "extra_field.csv": (b"text,label\nhello,1,oops\nworld,0,oops\n",
+                        ["line 2 has 3 fields but the header has 2", "text, label"]),
+    "extra_later.csv": (b"text,label\nhello,1\nworld,0,oops\n", ["line 3 has 3 fields but the header has 2"]),
+    "unterminated.csv": (b'text,label\n"hello,1\nworld,0\n', ["ParserError", "EOF inside string"]),
+    "empty.csv": (b"", ["the file is empty"]),
+    "blank.jsonl": (b"\n\n  \n", ["the file is empty"]),
+    "header_only.csv": (b"text,label\n", ["a header (text, label) but no data rows"]),
+    "latin1.csv": (b"text\ncaf\xe9 au lait\n", ["not valid utf-8: byte 8 (line 2)", "data.encoding"]),
+    "latin1.jsonl": (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ["not valid utf-8: byte 28 (line 2)", "data.encoding"]),
+    "row_column.jsonl": (b'{"text": "a", "__row__": 7}\n', ["'__row__' is reserved", "data.remove_columns"]),
+    "numbers.json": (b"[1, 2]", ["row 0, column 'text': expected a string"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_hostile_files_are_clear_errors(name, tiny_model_dir, tmp_path, capsys):
+    """Each reaches the user as one clear error naming the file (exit 2, no traceback)."""
+    from sftune.cli import main
+
+    content, says = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    code = main(["preview", "imdb", f"model.path={tiny_model_dir}", f"data.path={path}", "data.eval_split=null"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(path) in err
+    for text in says:
+        assert text in err, err
+
+
+def test_encoding_key_reads_other_encodings(tmp_path):
+    (tmp_path / "l.csv").write_bytes(b"text\ncaf\xe9\n")
+    (tmp_path / "l.jsonl").write_bytes(b'{"text": "na\xefve"}\n')
+    assert load_source(DataConfig(path=str(tmp_path / "l.csv"), encoding="latin-1")).train["text"] == ["café"]
+    assert load_source(DataConfig(path=str(tmp_path / "l.jsonl"), encoding="latin-1")).train["text"] == ["naïve"]
+    with pytest.raises(DataError, match="data.encoding='klingon' is not a known text encoding"):
+        load_source(DataConfig(path=str(tmp_path / "l.csv"), encoding="klingon"))
+
+
+def test_directory_maps_exact_split_names_and_prints_it(tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", QA[:10])
+    write_jsonl(d / "testimonials.jsonl", QA[10:20])  # not a split name: training data
+    write_jsonl(d / "test.jsonl", QA[20:25])
+    write_jsonl(d / "validation-00000-of-00001.jsonl", QA[25:28])  # a numbered shard of a split
+    src = load_source(DataConfig(path=str(d), eval_split="validation"))
+    assert len(src.train) == 20 and len(src.eval) == 3
+    err = capsys.readouterr().err
+    assert "train ← testimonials.jsonl, train.jsonl" in err and "test ← test.jsonl" in err
+    assert "validation ← validation-00000-of-00001.jsonl" in err
+
+
+def test_json_list_of_strings_is_a_text_column(tmp_path):
+    f = tmp_path / "strings.json"
+    f.write_text(json.dumps(["first text", "second text"]))
+    src = load_source(DataConfig(path=str(f)))
+    assert src.train["text"] == ["first text", "second text"]
+    from sftune.data.sources import read_json_rows
+
+    with pytest.raises(DataError, match="row 0 is a JSON str, expected an object"):
+        read_json_rows(str(f))

@@ -69,7 +69,7 @@ def test_per_token_normalisation_not_mean_of_means(tiny_model_dir, qa_file, tmp_
     """The logged step loss is sum(token losses) / step tokens, independent of the micro-batch split."""
     out = tmp_path / "run"
     train(cfg_for(tiny_model_dir, qa_file, out, **{"train.batch_size": 4, "train.grad_accum": 2,
-                                                    "train.max_steps": 1, "train.lr": 0.0}))
+                                                    "train.max_steps": 1, "train.lr": 1e-9}))
     from transformers import AutoModelForCausalLM
 
     from sftune.data.packing import BatchPlan

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from sftune.errors import SftuneError
+from sftune.faults import disk_errors, dumps
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -37,36 +38,102 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+    previous = list_checkpoints(output_dir)
+    kept = (f"The last good checkpoint, {previous[-1]}, is kept." if previous else "") + \
+        f" The partial checkpoint {tmp.name} was removed."
+    with disk_errors(root, f"the checkpoint of step {step}", kept=kept.strip(), cleanup=tmp):
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(dumps({**state, "step": step}, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, output_dir: str | Path) -> dict | None:
-    """Restore the newest checkpoint into the prepared objects; return its trainer state."""
-    ckpts = list_checkpoints(output_dir)
-    if not ckpts:
-        return None
-    path = ckpts[-1]
-    state = json.loads((path / "trainer_state.json").read_text())
+class CheckpointDamaged(SftuneError):
+    """No checkpoint in the output directory could be loaded."""
+
+
+def damaged_file(path: Path) -> tuple[Path, str] | None:
+    """The first file of checkpoint ``path`` that does not load, and why (``None``: all load)."""
+    import torch
+
+    def first_line(e: Exception) -> str:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                load_file(str(f))
+            elif f.suffix in (".bin", ".pt", ".pth", ".pkl"):
+                torch.load(str(f), map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any failure to load means damaged
+            return f, f"{type(e).__name__}: {first_line(e)}"
+    return None
+
+
+def _load_one(accelerator, path: Path) -> dict:
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(f"{state_file} does not load: {e}") from None
     saved_world = state.get("world_size", 1)
     if saved_world != accelerator.num_processes:
         raise SftuneError(
             f"the checkpoint {path} was made with {saved_world} process(es) but this run has "
             f"{accelerator.num_processes}; resume with the same number of processes"
         )
-    accelerator.load_state(str(path))
-    state["path"] = str(path)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # noqa: BLE001 - name the file that failed, whatever the loader raised
+        found = damaged_file(path)
+        if found is None:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SftuneError(f"the checkpoint {path} does not fit this run ({type(e).__name__}: {first})\n"
+                              "  → resume with the model, LoRA and optimizer settings it was saved with") from None
+        f, why = found
+        raise CheckpointDamaged(f"{f} does not load ({why})") from None
     return state
+
+
+def load_checkpoint(accelerator, output_dir: str | Path) -> dict | None:
+    """Restore the newest checkpoint that loads into the prepared objects; return its trainer state.
+
+    A damaged checkpoint (a file that does not load) is named, with a warning, and the previous
+    one is tried; when none loads the error names every damaged file."""
+    from sftune.ui import console
+
+    ckpts = list_checkpoints(output_dir)
+    if not ckpts:
+        return None
+    failures = []
+    for path in reversed(ckpts):
+        try:
+            state = _load_one(accelerator, path)
+        except CheckpointDamaged as e:
+            failures.append(str(e))
+            if accelerator.is_main_process:
+                console.print(f"[yellow]warning: the checkpoint {path.name} is damaged: {e}; "
+                              "trying the previous checkpoint[/]", soft_wrap=True)
+            continue
+        if failures and accelerator.is_main_process:
+            console.print(f"[yellow]warning: resuming from the older checkpoint {path.name}[/]")
+        state["path"] = str(path)
+        return state
+    raise CheckpointDamaged("no checkpoint in " + str(checkpoint_dir(output_dir)) + " loads:\n  "
+                            + "\n  ".join(failures)
+                            + "\n  → start a fresh run (train.resume=false) or restore a checkpoint from a backup")

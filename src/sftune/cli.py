@@ -153,7 +153,9 @@ def cmd_generate(args) -> int:
     if rows is None:
         out.print(outputs[0], markup=False, highlight=False)
         return 0
-    lines = [json.dumps({**r, "prompt": p, "generated": g}, ensure_ascii=False) for r, p, g in zip(rows, prompts, outputs)]
+    from sftune.faults import dumps
+
+    lines = [dumps({**r, "prompt": p, "generated": g}, ensure_ascii=False) for r, p, g in zip(rows, prompts, outputs)]
     if args.out:
         from pathlib import Path
 
@@ -214,11 +216,14 @@ def _no_recipe(args) -> bool:
 
 def cmd_train(args) -> int:
     from sftune.config import load_config
-    from sftune.train import train
+    from sftune.runlock import refuse_if_locked
 
     if _no_recipe(args):
         return 2
     cfg = load_config(args.recipe, args.overrides)
+    refuse_if_locked(cfg.train.output_dir)  # a busy output directory is refused before the training stack loads
+    from sftune.train import train
+
     result = train(cfg)
     if result.interrupted:
         import shlex

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sftune.errors import ConfigError
 
@@ -65,13 +65,13 @@ class LoraConfig(_Section):
     enabled: bool = False
     """Train LoRA adapters (through peft) instead of all weights."""
 
-    r: int = 16
+    r: int = Field(16, ge=1)
     """LoRA rank."""
 
-    alpha: int = 32
+    alpha: int = Field(32, ge=1)
     """LoRA scaling numerator (the update is scaled by ``alpha / r``)."""
 
-    dropout: float = 0.05
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
 
     target_modules: Union[str, list[str]] = "all-linear"
@@ -103,10 +103,10 @@ class DataConfig(_Section):
     """Held-out evaluation data: a fraction of the training rows (``0.05``) or a split name
     (``test``)."""
 
-    limit: int | None = None
+    limit: int | None = Field(None, ge=1)
     """Use only the first N rows of the training split (after shuffling, when ``shuffle``)."""
 
-    eval_limit: int | None = None
+    eval_limit: int | None = Field(None, ge=1)
     """Use only the first N rows of the evaluation data."""
 
     remove_columns: list[str] = []
@@ -160,7 +160,7 @@ class DataConfig(_Section):
     """Chat template for ``messages`` when the tokenizer has none: a named template (``chatml``)
     or a Jinja string. When the tokenizer has its own, this replaces it."""
 
-    max_length: int | None = None
+    max_length: int | None = Field(None, ge=2)
     """Longest training sequence in tokens. ``None`` is ``min(model max positions, 1024)``.
     Longer examples lose the tail of their completion; an example whose prompt alone does not fit
     is skipped. Both are counted and reported."""
@@ -178,7 +178,11 @@ class DataConfig(_Section):
     stop with an error naming the row, or skip it and count it. Rows with an empty or null
     completion are always skipped and counted."""
 
-    num_proc: int | None = None
+    encoding: str = "utf-8"
+    """Text encoding of local ``.json``/``.jsonl``/``.csv`` files (for example ``latin-1`` or
+    ``cp1252``)."""
+
+    num_proc: int | None = Field(None, ge=1)
     """Processes for tokenisation. ``None`` uses one process for small data and up to the CPU
     count for large data."""
 
@@ -194,55 +198,55 @@ class TrainConfig(_Section):
     output_dir: str | None = None
     """Where checkpoints, metrics and the final model go. ``None`` is ``runs/<recipe name>``."""
 
-    epochs: float = 3.0
+    epochs: float = Field(3.0, gt=0, allow_inf_nan=False)
     """Passes over the training data (ignored when ``max_steps`` is set)."""
 
-    max_steps: int | None = None
+    max_steps: int | None = Field(None, ge=1)
     """Number of optimizer steps; overrides ``epochs``."""
 
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     """Sequences per micro-batch on each device (packed sequences when ``data.packing``)."""
 
-    grad_accum: int = 1
+    grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
 
-    lr: float = 5e-5
+    lr: float = Field(5e-5, gt=0, allow_inf_nan=False)
     """Peak learning rate."""
 
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     """AdamW weight decay; never applied to biases and norm weights."""
 
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
 
-    adam_eps: float = 1e-8
+    adam_eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
     """AdamW epsilon."""
 
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """Learning-rate schedule after warmup."""
 
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Fraction of the steps spent warming up linearly from 0 (used when ``warmup_steps`` is 0)."""
 
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     """Warmup steps; overrides ``warmup_ratio``."""
 
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
     """Clip the global gradient norm to this value; ``None`` turns clipping off."""
 
     seed: int = 42
     """Seed for weight initialisation, dropout and the data order."""
 
-    log_every: int = 10
+    log_every: int = Field(10, ge=1)
     """Log train loss, learning rate and tokens/s every N steps."""
 
-    eval_every: int | None = None
+    eval_every: int | None = Field(None, ge=1)
     """Evaluate on the eval split every N steps (and at the end). ``None``: only at the end."""
 
-    save_every: int | None = None
+    save_every: int | None = Field(None, ge=1)
     """Save a checkpoint every N steps. ``None``: no intermediate checkpoints."""
 
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = Field(2, ge=1)
     """Keep only the newest K checkpoints."""
 
     resume: bool = False
@@ -257,8 +261,17 @@ class TrainConfig(_Section):
     compile: bool = False
     """Run the model through ``torch.compile``."""
 
-    num_threads: int | None = None
+    num_threads: int | None = Field(None, ge=1)
     """CPU threads for torch. ``None`` keeps torch's default."""
+
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """What a non-finite (NaN or infinite) loss or gradient norm does: ``stop`` ends the run with an
+    error naming the step and the value, keeps the last good checkpoint and writes no final model;
+    ``skip`` drops that step's update (the weights and optimizer state stay as they were), counts
+    it, and stops once more than ``max_skipped_steps`` steps were skipped."""
+
+    max_skipped_steps: int = Field(10, ge=0)
+    """With ``on_nonfinite=skip``: the most steps that may be skipped before the run stops."""
 
 
 class EvalConfig(_Section):
@@ -266,16 +279,16 @@ class EvalConfig(_Section):
     """Generate greedily for the eval prompts and report exact-match accuracy before and after
     training (prompt/completion data)."""
 
-    limit: int | None = 200
+    limit: int | None = Field(200, ge=1)
     """Eval examples used for generation metrics."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = Field(64, ge=1)
     """Longest generation."""
 
-    batch_size: int = 32
+    batch_size: int = Field(32, ge=1)
     """Prompts per generation batch."""
 
-    samples: int = 3
+    samples: int = Field(3, ge=0)
     """Sample generations shown and logged at each evaluation."""
 
 
@@ -490,6 +503,41 @@ def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (naming both lines)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: let the default constructor report it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key '{key}' appears twice: on line {first + 1} and on line "
+                f"{key_node.start_mark.line + 1}; keep one of them", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(path: Path):
+    """Parse a YAML recipe; duplicate keys and syntax errors are a :class:`ConfigError`."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"{path}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the recipe {path}: {e}") from None
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | None = None) -> SFTConfig:
     """Load a recipe (a YAML path or built-in name) and apply overrides.
 
@@ -501,10 +549,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | 
     if recipe is not None:
         path, name = resolve_recipe(recipe)
         source = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raw = load_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections (model, data, train, ...).")
         _check_keys(raw, source)

@@ -36,6 +36,7 @@ from sftune.loss import CausalLMWithLoss
 from sftune.model import resolve_max_length, unwrap_causal_lm
 from sftune.ui import console
 from sftune.ui import out as stdout
+from sftune.faults import dumps
 
 
 @torch.no_grad()
@@ -230,8 +231,8 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
     console.print(t)
     path = Path(out) if out else (Path(model) / "eval.json" if (Path(model) / "sftune_config.yaml").exists()
                                   else Path("eval.json"))
-    path.write_text(json.dumps({"data": data_path, "results": results}, indent=2, ensure_ascii=False))
+    path.write_text(dumps({"data": data_path, "results": results}, indent=2, ensure_ascii=False))
     console.print(f"wrote {path}", markup=False)
-    stdout.print(json.dumps({k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}),
+    stdout.print(dumps({k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}),
                  markup=False, highlight=False)
     return results

@@ -9,6 +9,7 @@ config whose EOS list includes the end-of-turn token, and ``sftune_config.yaml``
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -65,9 +66,24 @@ def save_final(cfg: SFTConfig, accelerator, lm, tokenizer, out_dir: Path, data) 
     accelerator.wait_for_everyone()
 
 
+def check_export_target(out_dir: Path) -> None:
+    """Refuse, in one line, an export target that is a file or cannot be created."""
+    from sftune.errors import SftuneError
+
+    for p in [out_dir, *out_dir.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise SftuneError(f"cannot export to {out_dir}: {p} exists and is a file, not a directory; "
+                                  "choose another --out")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise SftuneError(f"cannot export to {out_dir}: {p} is not writable (permission denied)")
+            break
+
+
 def export_run(run: str, out: str, *, dtype: str = "auto", push_to_hub: str | None = None) -> Path:
     """``sftune export``: merge LoRA into the base weights (when there is an adapter) and save
     safetensors, the tokenizer and its chat/prompt template, so ``transformers.pipeline`` works."""
+    check_export_target(Path(out))
     loaded = load_for_inference(run, dtype=dtype if dtype != "auto" else "float32", device="cpu")
     model = loaded.model
     if hasattr(model, "merge_and_unload"):

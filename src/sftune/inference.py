@@ -75,6 +75,17 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
     builtin = path.startswith("builtin:")
     path = resolve_path(path)
     p = Path(path)
+    if not p.exists() and path.startswith(("/", ".", "~")):
+        raise SftuneError(f"'{path}' does not exist\n  → give a training output directory, a model directory "
+                          "or a hub id")
+    if p.is_file():
+        raise SftuneError(f"'{path}' is a file; give a training output directory, a model directory or a hub id")
+    if (p / "sftune_config.yaml").exists() and not any(
+            (p / f).exists() for f in ("config.json", "adapter_config.json")):
+        ckpts = sorted((p / "checkpoints").glob("step-*")) if (p / "checkpoints").is_dir() else []
+        where = f"; its newest checkpoint is {ckpts[-1].name}" if ckpts else ""
+        raise SftuneError(f"the run '{path}' has no final model: it was interrupted or stopped before the end"
+                          f"{where}\n  → finish it with `sftune train {p / 'sftune_config.yaml'} train.resume=true`")
     cfg = None
     if (p / "sftune_config.yaml").exists():
         cfg = validate_config(yaml.safe_load((p / "sftune_config.yaml").read_text()) or {},

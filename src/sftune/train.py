@@ -10,7 +10,6 @@ count is all-reduced once per step, and ``world_size`` undoes DDP's gradient ave
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -28,11 +27,13 @@ from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
 from sftune.export import save_final
+from sftune.faults import NonFiniteGuard, StepBoundary, disk_errors, dumps
 from sftune.loss import CausalLMWithLoss
 from sftune.probe import choose_layout
 from sftune.model import (count_parameters, fast_activations, load_model, load_model_config, load_tokenizer,
                           resolve_max_length, unwrap_causal_lm)
 from sftune.report import build_report
+from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
 from sftune.ui import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
 
 
@@ -170,7 +171,17 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     ``model``, ``tokenizer`` (both already loaded), ``source`` (a :class:`~sftune.data.sources.Source`
     of rows) and ``fmt`` (a custom :class:`~sftune.data.formats.Format`) replace what the config
     would load; the Python front-ends (``sftune.SFTTrainer``) pass them.
+
+    The output directory is checked and locked first: one run per output directory.
     """
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        check_output_dir(Path(cfg.train.output_dir))
+    with RunLock(cfg.train.output_dir, enabled=main):
+        return _train(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt)
+
+
+def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) -> TrainResult:
     from accelerate.utils import set_seed
 
     quiet_third_party()
@@ -255,13 +266,13 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
             console.print(f"resumed from {state['path']} at step {start_step}", markup=False)
             if truncate_metrics(out_dir, start_step):  # steps after the checkpoint were abandoned
                 console.print(f"metrics.jsonl: dropped the records after step {start_step}")
-    elif main and (out_dir / "metrics.jsonl").exists():
-        (out_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    elif main:
+        set_aside_earlier_run(out_dir)  # a fresh run starts fresh; the earlier run is kept
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "sftune_config.yaml").write_text(config_to_yaml(cfg))
-        (out_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+        (out_dir / "data_report.json").write_text(dumps(data.report.to_dict(), indent=2))
 
     def save(step: int) -> None:
         save_checkpoint(accelerator, out_dir, step, {"world_size": world, "epoch": step / steps_per_epoch,
@@ -292,11 +303,16 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     window_real = 0  # non-padding tokens since last log (this rank)
     window_start = time.perf_counter()
     last_loss, step = None, start_step
+    boundary = StepBoundary(start_step)  # Ctrl-C saves the state of the last step boundary
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, accelerator,
+                           lambda: ([None] + list_checkpoints(out_dir))[-1])
     progress = training_progress(main)
     try:
         with progress:
             task = progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-")
             for step in range(start_step, total_steps):
+                boundary.begin(step)
+                step_loss = torch.zeros((), dtype=torch.float64, device=device)
                 micro_batches = batches(step)
                 # the normaliser: the step's loss tokens over all micro-batches and ranks (their summed
                 # weights, when messages carry weights; a plain count otherwise)
@@ -316,18 +332,24 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
                         with accelerator.autocast():
                             loss_sum = lm(**inputs)  # forward: summed token loss of this micro-batch
                         accelerator.backward(loss_sum / normaliser)  # backward: its share of the step's mean
-                    window_loss += loss_sum.detach().double()
+                    step_loss += loss_sum.detach().double()
                     window_tokens += mb["w_loss"]
                     window_real += mb["real_tokens"]
                 grad_norm = None
                 if cfg.train.max_grad_norm:
                     grad_norm = accelerator.clip_grad_norm_(lm.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()  # step
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 done = step + 1
+                skip = guard.check(done, step_loss, grad_norm)  # NaN / inf: stop, or skip the update
+                with boundary.commit(done):
+                    if skip:
+                        window_tokens -= sum(mb["w_loss"] for mb in micro_batches)
+                    else:
+                        optimizer.step()  # step
+                        window_loss += step_loss
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-                if done % cfg.train.log_every == 0 or done == total_steps:
+                if (done % cfg.train.log_every == 0 or done == total_steps) and not skip:
                     stats = torch.stack([window_loss, window_loss.new_tensor(window_tokens),
                                          window_loss.new_tensor(window_real)])
                     if world > 1:
@@ -340,18 +362,22 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
                               "tokens_per_s": round(tps, 1), "loss_tokens": int(stats[1].item())}
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
+                    if guard.skipped:
+                        record["skipped_steps"] = len(guard.skipped)
                     logger.log(record)
                     progress.update(task, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
                     window_loss.zero_()
                     window_tokens = window_real = 0
                     window_start = time.perf_counter()
                 progress.update(task, completed=done)
+                boundary.settle()  # a Ctrl-C held back during the update and the log goes through here
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
                     evaluate(done)
                 if cfg.train.save_every and done % cfg.train.save_every == 0 and done != total_steps:
                     save(done)
             step = total_steps
     except KeyboardInterrupt:
+        step = boundary.rewind(optimizer)  # the partial step is undone, RNG included
         if main:
             console.print(f"\n[yellow]interrupted: saving a checkpoint at step {step}[/]")
         save(step)
@@ -362,8 +388,14 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     eval_metrics = evaluate(total_steps)
     if cfg.train.save_every:
         save(total_steps)
-    save_final(cfg, accelerator, lm, tokenizer, out_dir, data)
+    with disk_errors(out_dir, "the final model"):
+        save_final(cfg, accelerator, lm, tokenizer, out_dir, data)
     metrics = {"train_loss": last_loss, **eval_metrics}
+    if guard.skipped:
+        metrics["skipped_steps"] = len(guard.skipped)
+        if main:
+            console.print(f"[yellow]{len(guard.skipped)} step(s) skipped for a non-finite loss or gradient norm "
+                          f"(steps {', '.join(map(str, guard.skipped[:10]))})[/]")
     if before is not None:
         after = generation("exact_match", "after")
         metrics.update({"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
@@ -376,7 +408,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     logger.log({"step": total_steps, "final": True, **{k: v for k, v in metrics.items() if v is not None}})
     logger.close()
     if main:
-        (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out_dir / "final_metrics.json").write_text(dumps(metrics, indent=2))
         report = build_report(out_dir)
         console.print(f"saved to [bold]{escape(str(out_dir))}[/] (report: {escape(str(report))})")
     accelerator.end_training()

@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 
 from rich.console import Console
+
+from sftune.faults import disk_errors, dumps
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
@@ -173,8 +175,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        with disk_errors(self.path.parent, "metrics.jsonl"), self.path.open("a") as f:
+            f.write(dumps(record) + "\n")
         step = record.get("step", 0)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         for kind, backend in self.backends:

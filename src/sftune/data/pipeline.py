@@ -169,6 +169,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source 
     report, kept = _report(tok, source, fmt, train_split, max_length, source.rows_read)
     fmt.review(report)
     if report.kept == 0:
+        nothing_to_learn(source.train, fmt, tokenizer, cfg, max_length, report)
         reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.items())
         raise DataError(f"every training example was skipped ({reasons})", source=source.name,
                         hint="check the format settings with 'sftune preview', or raise data.max_length")
@@ -184,6 +185,28 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source 
         if len(ekept):
             eval_set = TokenizedSet(etok, ekept)
     return PreparedData(train, eval_set, report, eval_report, fmt, source, max_length)
+
+
+def nothing_to_learn(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig, max_length: int,
+                     report: DataReport) -> None:
+    """When every example was skipped because ``max_length`` ends before its first trained token,
+    refuse with the numbers: the shortest prompt and the ``max_length`` it would need."""
+    too_long = report.skipped.get("prompt longer than max_length", 0)
+    if not too_long:
+        return
+    sample = ds.select(range(min(len(ds), 2000)))
+    out = Tokenizer(fmt, tokenizer, 10**9, on_bad_row="skip", source="")(sample.to_dict())
+    firsts = [next(i for i, lab in enumerate(labels) if lab != -100) for labels, skip in
+              zip(out["labels"], out["skip"]) if not skip]
+    if not firsts:
+        return
+    need = min(firsts) + 1
+    raise DataError(
+        f"data.max_length={max_length} leaves no trained token in any example: {too_long} of {report.rows_used} "
+        f"examples were skipped because their prompt fills all {max_length} tokens; the shortest prompt is "
+        f"{need - 1} tokens, so the first trained token needs data.max_length >= {need}",
+        source=report.source, hint=f"raise data.max_length (the examples' median prompt is "
+                                   f"{int(np.median(firsts))} tokens), or shorten the prompts")
 
 
 def describe_plan(report: DataReport, plan: BatchPlan) -> None:

@@ -10,8 +10,11 @@ row even after shuffling (for a JSON-lines file, row N is line N + 1).
 
 from __future__ import annotations
 
+import codecs
+import csv
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +25,12 @@ from sftune.config import DataConfig
 from sftune.errors import DataError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-_SPLIT_PREFIXES = {"train": "train", "test": "test", "valid": "validation", "validation": "validation",
-                   "eval": "validation", "dev": "validation"}
+# A file (or the folder it is in) maps to a split only when its name is exactly one of these, or a
+# numbered shard of one ("train-00000-of-00002", "test_1"). Every other file is training data.
+_SPLIT_NAMES = {"train": "train", "test": "test", "valid": "validation", "validation": "validation",
+                "eval": "validation", "dev": "validation"}
+_SHARD = re.compile(r"^(?P<name>[a-z]+)(?:[-_.]\d+.*)?$")
+INTERNAL_COLUMNS = ("__row__",)
 
 
 @dataclass
@@ -55,18 +62,115 @@ def _local_files(path: Path) -> tuple[str, dict[str, list[str]]]:
                         hint="keep one kind of file per dataset directory")
     splits: dict[str, list[str]] = {}
     for p in files:
-        stem = p.stem.lower()
-        split = next((v for k, v in _SPLIT_PREFIXES.items() if stem.startswith(k)), "train")
-        splits.setdefault(split, []).append(str(p))
+        splits.setdefault(_split_of(p, path), []).append(str(p))
+    from sftune.ui import console
+
+    mapping = "; ".join(f"{split} ← {', '.join(str(Path(f).relative_to(path)) for f in fs)}"
+                        for split, fs in splits.items())
+    console.print(f"data directory {path}: {mapping}", highlight=False, markup=False, soft_wrap=True)
     return kinds.pop(), splits
 
 
-def read_json_rows(path: str) -> list[dict]:
+def _split_of(file: Path, root: Path) -> str:
+    """The split a directory's file belongs to: its name, or its folder's, is exactly a split name."""
+    for name in [file.stem, *(q.name for q in file.relative_to(root).parents if q.name)]:
+        m = _SHARD.match(name.lower())
+        if m and m.group("name") in _SPLIT_NAMES:
+            return _SPLIT_NAMES[m.group("name")]
+    return "train"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[-1].strip() if lines else type(e).__name__
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost cause (datasets wraps the reader's own error in 'An error occurred ...')."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def check_text_file(path: Path, encoding: str) -> None:
+    """Refuse, naming the file, an unreadable or empty file, or bytes that are not ``encoding``
+    (with the byte offset and line); parquet files are only opened."""
+    try:
+        with path.open("rb") as f:
+            if path.suffix.lower() == ".parquet":
+                if not f.read(4):
+                    raise DataError("the file is empty", source=str(path))
+                return
+            try:
+                decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+            except LookupError:
+                raise DataError(f"data.encoding={encoding!r} is not a known text encoding",
+                                hint="use for example utf-8, latin-1, cp1252 or utf-16") from None
+            offset, lines, text_seen = 0, 1, False
+            while chunk := f.read(1 << 22):
+                try:
+                    text_seen |= bool(decoder.decode(chunk).strip())
+                except UnicodeDecodeError as e:
+                    bad = offset + e.start
+                    line = lines + chunk[:e.start].count(b"\n")
+                    raise DataError(
+                        f"the file is not valid {encoding}: byte {bad} (line {line}) is 0x{chunk[e.start]:02x}",
+                        source=str(path),
+                        hint="convert the file to UTF-8, or set data.encoding to its encoding "
+                             "(for example data.encoding=latin-1 or data.encoding=cp1252)") from None
+                offset += len(chunk)
+                lines += chunk.count(b"\n")
+            try:
+                text_seen |= bool(decoder.decode(b"", final=True).strip())
+            except UnicodeDecodeError:
+                raise DataError(f"the file is not valid {encoding}: it ends inside a character (byte {offset})",
+                                source=str(path), hint="the file may be cut short; or set data.encoding") from None
+    except PermissionError:
+        raise DataError("cannot read the file: permission denied", source=str(path),
+                        hint="fix its permissions (chmod +r) or copy it somewhere readable") from None
+    except IsADirectoryError:
+        raise DataError("is a directory, not a data file", source=str(path)) from None
+    except OSError as e:
+        raise DataError(f"cannot read the file: {e.strerror or e}", source=str(path)) from None
+    if not text_seen:
+        raise DataError("the file is empty", source=str(path), hint="point data.path at a file with rows")
+
+
+def check_csv_file(path: Path, encoding: str) -> None:
+    """Header and field counts: a row with more fields than the header is an error naming its
+    line (pandas would silently turn its first field into an index); a header alone has no rows."""
+    with path.open(newline="", encoding=encoding) as f:
+        reader = csv.reader(f)
+        try:
+            header = next((r for r in reader if r), None)
+            if header is None:
+                raise DataError("the file is empty", source=str(path))
+            rows = 0
+            for row in reader:
+                if not row:
+                    continue
+                rows += 1
+                if len(row) > len(header):
+                    raise DataError(
+                        f"line {reader.line_num} has {len(row)} fields but the header has {len(header)} "
+                        f"({', '.join(header)})", source=str(path),
+                        hint="quote fields that contain commas (\"a, b\"), or fix the header")
+        except csv.Error as e:
+            raise DataError(f"line {reader.line_num}: {e}", source=str(path),
+                            hint="check the quoting on that line") from None
+    if rows == 0:
+        raise DataError(f"the file has a header ({', '.join(header)}) but no data rows", source=str(path))
+
+
+def read_json_rows(path: str, encoding: str = "utf-8") -> list[dict]:
     """Rows of a JSON-lines file or a JSON list, naming the file and line of the first malformed one."""
     p = Path(path)
     if not p.exists():
         raise DataError("file not found", source=path)
-    text = p.read_text(encoding="utf-8", errors="replace")
+    check_text_file(p, encoding)
+    text = p.read_text(encoding=encoding)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -104,13 +208,19 @@ def _load(cfg: DataConfig) -> tuple[datasets.DatasetDict | dict, str]:
     path = Path(cfg.path).expanduser()
     if path.exists():
         builder, files = _local_files(path)
+        for f in (Path(f) for fs in files.values() for f in fs):
+            check_text_file(f, cfg.encoding)
+            if builder == "csv":
+                check_csv_file(f, cfg.encoding)
+        kwargs = {"encoding": cfg.encoding} if builder in ("csv", "json") and cfg.encoding != "utf-8" else {}
         try:
-            return datasets.load_dataset(builder, data_files=files), str(path)
+            return datasets.load_dataset(builder, data_files=files, **kwargs), str(path)
         except Exception as e:  # pyarrow / datasets parse errors
             if builder == "json":  # name the malformed line, if that is what failed
                 for f in (f for fs in files.values() for f in fs):
-                    read_json_rows(f)
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    read_json_rows(f, encoding=cfg.encoding)
+            cause = _root_cause(e)
+            msg = f"{type(cause).__name__}: {_first_line(cause)}" if cause is not e else _first_line(e)
             raise DataError(f"could not read the data: {msg}", source=str(path),
                             hint="check that every row has the same columns with the same types") from None
     if cfg.path.endswith(tuple(BUILDERS)) or cfg.path.startswith((".", "/", "~")):
@@ -135,6 +245,18 @@ def _split(dd, split: str, source: str) -> datasets.Dataset:
 def with_row_index(ds: datasets.Dataset) -> datasets.Dataset:
     if "__row__" in ds.column_names:
         return ds
+    return _add_row_index(ds)
+
+
+def check_reserved_columns(ds: datasets.Dataset, source: str) -> None:
+    """A user column named like one of sftune's internal columns is refused, not silently reused."""
+    for col in INTERNAL_COLUMNS:
+        if col in ds.column_names:
+            raise DataError(f"the column '{col}' is reserved for sftune's own use (the row index)", source=source,
+                            column=col, hint=f"rename it, or drop it with data.remove_columns=[{col}]")
+
+
+def _add_row_index(ds: datasets.Dataset) -> datasets.Dataset:
     return ds.add_column("__row__", np.arange(len(ds), dtype=np.int64),
                          new_fingerprint=f"{ds._fingerprint}-row-index")
 
@@ -150,7 +272,7 @@ def load_source(cfg: DataConfig) -> Source:
     rows_read = len(train)
     eval_ds = None
     if isinstance(cfg.eval_split, str):
-        eval_ds = with_row_index(_split(dd, cfg.eval_split, name))
+        eval_ds = _split(dd, cfg.eval_split, name)
     for col in cfg.remove_columns:
         if col not in train.column_names:
             match = difflib.get_close_matches(col, train.column_names, n=1)
@@ -163,7 +285,11 @@ def load_source(cfg: DataConfig) -> Source:
         train = train.remove_columns(cfg.remove_columns)
         if eval_ds is not None:
             eval_ds = eval_ds.remove_columns([c for c in cfg.remove_columns if c in eval_ds.column_names])
-    train = with_row_index(train)
+    for ds in (train, eval_ds):
+        if ds is not None:
+            check_reserved_columns(ds, name)
+    train = _add_row_index(train)
+    eval_ds = None if eval_ds is None else _add_row_index(eval_ds)
     if cfg.shuffle:
         train = train.shuffle(seed=cfg.seed)
     if isinstance(cfg.eval_split, float):
