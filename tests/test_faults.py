@@ -119,6 +119,8 @@ def test_ctrl_c_mid_step_resume_is_bit_exact(where, dropout_model_dir, qa_file, 
     forward = CausalLMWithLoss.forward
 
     def forward_with_signal(self, *a, **kw):
+        if not torch.is_grad_enabled():  # the start-up probe's forwards are not training steps
+            return forward(self, *a, **kw)
         calls["n"] += 1
         if where.startswith("forward") and calls["n"] == target:
             out = forward(self, *a, **kw)  # dropout has drawn its randomness: then the signal
@@ -186,12 +188,14 @@ def test_nan_weight_stops_the_run(nan_model_dir, qa_file, tmp_path, capsys):
 
 
 def _nan_at(monkeypatch, bad_calls: set[int]):
-    """The loss of the given forward calls (1-based) becomes NaN."""
+    """The loss of the given training forward calls (1-based) becomes NaN."""
     from sftune.loss import CausalLMWithLoss
 
     forward, calls = CausalLMWithLoss.forward, {"n": 0}
 
     def nan_forward(self, *a, **kw):
+        if not torch.is_grad_enabled():  # the start-up probe's forwards are not training steps
+            return forward(self, *a, **kw)
         calls["n"] += 1
         out = forward(self, *a, **kw)
         return out * float("nan") if calls["n"] in bad_calls else out
