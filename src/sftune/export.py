@@ -266,16 +266,22 @@ def verify_export(run: str, out: str | Path, *, n: int = 5) -> VerifyResult:
     cases = _cases(fmt, rows, n, notes)
     prefix = special_prefix(tok) if fmt.add_bos else []
     gguf_tok, gguf_file = None, next(iter(sorted(out.glob("*.gguf"))), None)
-    if gguf_file is not None:
+    if gguf_file is not None:  # tokenized as llama.cpp does: BOS when the file says so, then the template's text
+        from transformers.integrations.gguf import read_gguf_metadata
+
+        meta, _ = read_gguf_metadata(str(gguf_file))
         gguf_tok = AutoTokenizer.from_pretrained(str(out), gguf_file=gguf_file.name)
+        gguf_bos = [meta["tokenizer.ggml.bos_token_id"]] if meta.get("tokenizer.ggml.add_bos_token") else []
+        gguf_template = meta.get("tokenizer.chat_template")
     res.lines += [f"verifying {len(cases)} prompts ({where}) against {out}"] + notes
     for label, prompt, msgs in cases:
         trained = prefix + tok(prompt, add_special_tokens=False)["input_ids"]
         rendered = exported.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         checks = [("chat template", exported(rendered, add_special_tokens=False)["input_ids"])]
         if gguf_tok is not None:
-            gguf_prefix = special_prefix(gguf_tok) if getattr(gguf_tok, "add_bos_token", False) else []
-            checks.append(("GGUF tokenizer", gguf_prefix + gguf_tok(rendered, add_special_tokens=False)["input_ids"]))
+            text = exported.apply_chat_template(msgs, chat_template=gguf_template, tokenize=False,
+                                                add_generation_prompt=True) if gguf_template else ""
+            checks.append(("GGUF", gguf_bos + gguf_tok(text, add_special_tokens=False)["input_ids"]))
         for what, ids in checks:
             if ids == trained:
                 res.lines.append(f"  PASS {label} ({what}): {len(ids)} tokens equal")
@@ -299,6 +305,9 @@ def _check_gguf_logits(out: Path, gguf_file: Path, ids: list[int], res: VerifyRe
     info = json.loads((out / LINEAGE).read_text()) if (out / LINEAGE).exists() else {}
     quant = (info.get("gguf") or {}).get("quant", "q8_0")
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    if hf.config.model_type == "gpt2" and hf.config.n_positions != 1024:
+        return (f"SKIP GGUF logits: transformers' GGUF reader gives GPT-2 1024 positions, this model has "
+                f"{hf.config.n_positions} (llama.cpp reads the file's own context length)")
     try:
         g = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=gguf_file.name, dtype=torch.float32).eval()
     except Exception as e:  # noqa: BLE001

@@ -311,9 +311,13 @@ def write_gguf(model, tokenizer, fmt: Format, path: Path, *, quant: str = "f16",
                      ("unk", w.add_unk_token_id), ("eot", w.add_eot_token_id)):
         if ids.get(key) is not None:
             add(ids[key])
-    w.add_add_bos_token(bool(fmt.add_bos and special_prefix(tokenizer)))
+    add_bos = bool(fmt.add_bos and special_prefix(tokenizer))
+    w.add_add_bos_token(add_bos)
     w.add_add_eos_token(False)
     template = fmt.export_chat_template(tokenizer)
+    if template and add_bos and template.startswith("{{ bos_token }}"):  # llama.cpp and Ollama add BOS
+        template = template[len("{{ bos_token }}"):]  # themselves (add_bos_token), and the space prefix
+        template = template[1:] if template.startswith(" ") else template
     if template:
         w.add_chat_template(template)
     for tname, data in tensors:
