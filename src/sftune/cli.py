@@ -182,7 +182,7 @@ def cmd_export(args) -> int:
 
         result = verify_export(args.model, out)
         for line in result.lines:
-            console.print(escape(line), highlight=False)
+            console.print(escape(line), highlight=False, soft_wrap=True)
         console.print("[bold green]verify: PASS[/]" if result.ok else "[bold red]verify: FAIL[/]")
         return 0 if result.ok else 1
     return 0
