@@ -221,6 +221,7 @@ def test_export_gguf_verify_end_to_end(spm_llama_run, tmp_path, capsys):
     assert lineage["format"]["identity"]["template"] == "qa" and len(lineage["format"]["hash"]) == 64
     assert lineage["data"]["sha256"] and lineage["gguf"] == {"file": "model-q8_0.gguf", "quant": "q8_0"}
     assert lineage["sftune_version"]
+    assert json.loads((run / "sftune_lineage.json").read_text())["format"]["hash"] == lineage["format"]["hash"]
     gen = json.loads((out / "generation_config.json").read_text())
     eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     assert set(lineage["stop_ids"]) <= set(eos)
