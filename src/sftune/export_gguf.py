@@ -168,10 +168,12 @@ def _model_metadata(w, fam: Family, cfg) -> None:
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads or c.num_attention_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    rope = getattr(c, "rope_parameters", None) or {}
-    rope = rope.get("full_attention", rope) if isinstance(rope, dict) else {}
+    params = getattr(c, "rope_parameters", None) or {}
+    rope = params.get("full_attention", params) if isinstance(params, dict) else {}
     theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     w.add_rope_freq_base(float(theta))
+    if isinstance(params, dict) and "sliding_attention" in params:  # Gemma 3's local layers
+        w.add_rope_freq_base_swa(float(params["sliding_attention"].get("rope_theta", 10000.0)))
     if rope.get("rope_type") == "linear" and rope.get("factor"):
         import gguf
 
