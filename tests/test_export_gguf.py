@@ -118,7 +118,7 @@ def test_mapping_agrees_with_the_gguf_package(tiny_tokenizer):
 def test_gguf_tokenizer_round_trip(style, tiny_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    tok = tiny_tokenizer if style == "byte-level" else spm_tokenizer(tmp_path / "spm")
+    tok = copy.deepcopy(tiny_tokenizer) if style == "byte-level" else spm_tokenizer(tmp_path / "spm")  # session fixture
     tok.chat_template = resolve_chat_template("simple")[0]
     fmt = MessagesFormat(DataConfig(), tok, "messages")
     path = write_gguf(tiny_model("llama", tok), tok, fmt, tmp_path / "m.gguf")
@@ -240,3 +240,26 @@ def test_verify_fails_when_the_exported_template_drifts(spm_llama_run, tmp_path)
     result = verify_export(str(spm_llama_run / "run"), out)
     assert not result.ok
     assert any("FAIL row 0 (chat template): token 0 differs" in line for line in result.lines)
+
+
+def test_chat_run_export_gguf_verify(tiny_model_dir, tmp_path, capsys):
+    """A chatml run on the tiny GPT-2: the Modelfile is a per-role Go template, stops include <|im_end|>."""
+    from sftune.train import train
+
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"hi {i}"},
+                                                               {"role": "assistant", "content": f"hello {i}"}]}
+                                                 for i in range(8)])
+    run, out = tmp_path / "run", tmp_path / "out"
+    train(load_config(None, {"model.path": str(tiny_model_dir), "data.path": str(data), "data.chat_template": "chatml",
+                             "train.output_dir": str(run), "train.max_steps": 1}))
+    assert main(["export", str(run), "--out", str(out), "--format", "gguf", "--verify"]) == 0
+    cap = capsys.readouterr()
+    assert "verify: PASS" in cap.out + cap.err
+    assert "SKIP GGUF logits" in cap.out + cap.err  # this GPT-2 has 256 positions; transformers assumes 1024
+    modelfile = (out / "Modelfile").read_text()
+    assert '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    meta, _ = read_gguf_metadata(str(out / "model-f16.gguf"))
+    assert meta["tokenizer.ggml.eot_token_id"] == json.loads((out / "sftune_lineage.json").read_text())["stop_ids"][-1]

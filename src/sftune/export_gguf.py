@@ -10,6 +10,13 @@ contract), the chat template and the end-of-turn token.
 Written and checked round-trip (``transformers`` loads the file back, logits compared in the
 tests): GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text). Anything else is refused
 with a :class:`~sftune.errors.ConfigError` rather than written unchecked.
+
+What transformers 5.24's GGUF reader (its legacy path, which needs the ``gguf`` package) can check:
+it loads llama, qwen2, qwen3, gemma2, gemma3 and gpt2 files, dequantizing F16/BF16/Q8_0; it has no
+Gemma 1; Mistral is llama to llama.cpp, so it comes back as ``LlamaForCausalLM`` (the same
+computation); it does not read Qwen3's ``key_length`` (its head_dim default, 128, is what Qwen3
+models use), Gemma's attention scale or soft-capping (their defaults), nor GPT-2's context length
+(it assumes 1024 positions).
 """
 
 from __future__ import annotations
