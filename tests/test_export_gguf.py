@@ -148,6 +148,19 @@ def test_unsupported_family_is_a_clear_error(tiny_tokenizer, tmp_path, capsys):
     assert not list((tmp_path / "out").glob("*.gguf")) if (tmp_path / "out").exists() else True
 
 
+def test_rope_scaling_that_cannot_be_checked_is_refused():
+    from transformers import LlamaConfig
+
+    from sftune.errors import ConfigError
+    from sftune.export_gguf import family_of
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    with pytest.raises(ConfigError, match="RoPE scaling 'llama3'"):
+        family_of(LlamaConfig(rope_parameters=rope))
+    assert family_of(LlamaConfig()).arch == "llama"
+
+
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
           " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
           "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")

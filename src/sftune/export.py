@@ -308,6 +308,10 @@ def _check_gguf_logits(out: Path, gguf_file: Path, ids: list[int], res: VerifyRe
     if hf.config.model_type == "gpt2" and hf.config.n_positions != 1024:
         return (f"SKIP GGUF logits: transformers' GGUF reader gives GPT-2 1024 positions, this model has "
                 f"{hf.config.n_positions} (llama.cpp reads the file's own context length)")
+    params = getattr(hf.config.get_text_config(), "rope_parameters", None) or {}
+    if any((r or {}).get("rope_type", "default") != "default"
+           for r in (params.values() if "full_attention" in params else [params])):
+        return "SKIP GGUF logits: transformers' GGUF reader ignores RoPE scaling (llama.cpp reads it from the file)"
     try:
         g = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=gguf_file.name, dtype=torch.float32).eval()
     except Exception as e:  # noqa: BLE001

@@ -95,13 +95,21 @@ REFUSED = {
 
 
 def family_of(config) -> Family:
+    """The family's writer, or a :class:`ConfigError` saying why this model cannot be written."""
     mt = getattr(config, "model_type", None)
-    if mt in FAMILIES:
-        return FAMILIES[mt]
-    why = REFUSED.get(mt, "sftune has no GGUF tensor mapping for it")
-    raise ConfigError(f"cannot write GGUF for model type '{mt}': {why}.\n  → GGUF export supports "
-                      f"{', '.join(sorted(FAMILIES))}; use the Hugging Face export (--format hf) with "
-                      "llama.cpp's own converter for other families")
+    hint = (f"\n  → GGUF export supports {', '.join(sorted(FAMILIES))} (without RoPE scaling other than "
+            "linear); use the Hugging Face export (--format hf) with llama.cpp's own converter otherwise")
+    if mt not in FAMILIES:
+        why = REFUSED.get(mt, "sftune has no GGUF tensor mapping for it")
+        raise ConfigError(f"cannot write GGUF for model type '{mt}': {why}.{hint}")
+    params = getattr(config.get_text_config(), "rope_parameters", None) or {}
+    for rope in (params.values() if "full_attention" in params else [params]):
+        kind = (rope or {}).get("rope_type", "default")
+        if kind not in ("default", "linear"):
+            raise ConfigError(f"cannot write GGUF for this {mt} model: its RoPE scaling '{kind}' needs metadata "
+                              f"(or llama.cpp's rope_freqs tensor) that transformers cannot read back, so the "
+                              f"export could not be checked.{hint}")
+    return FAMILIES[mt]
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -186,8 +194,6 @@ def _model_metadata(w, fam: Family, cfg) -> None:
 
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
-    elif rope.get("rope_type") not in (None, "default", "linear"):
-        raise ConfigError(f"GGUF export: RoPE scaling '{rope.get('rope_type')}' is not supported by sftune's writer")
     if fam.arch == "llama":
         w.add_rope_dimension_count(head_dim)
     w.add_key_length(head_dim)
@@ -259,12 +265,12 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
             continue
         tokens.append(t)
         scores.append(-float(rank[t]) if t in rank else 0.0)
-        if t in specials:
+        if t == model.get("unk_token"):
+            types.append(T.UNKNOWN)
+        elif t in specials:
             types.append(T.CONTROL)
         elif t in added:
             types.append(T.USER_DEFINED)
-        elif t == model.get("unk_token"):
-            types.append(T.UNKNOWN)
         elif not byte_level and re.fullmatch(r"<0x[0-9A-F]{2}>", t):
             types.append(T.BYTE)
         else:
