@@ -250,7 +250,7 @@ def verify_export(run: str, out: str | Path, *, n: int = 5) -> VerifyResult:
     match the exported weights."""
     from transformers import AutoTokenizer
 
-    from sftune.data.tokenize import special_prefix
+    from sftune.data.tokenize import SequenceEncoder, special_prefix
     from sftune.inference import load_for_inference
 
     loaded = load_for_inference(run, dtype="float32", device="cpu")
@@ -274,8 +274,13 @@ def verify_export(run: str, out: str | Path, *, n: int = 5) -> VerifyResult:
         gguf_bos = [meta["tokenizer.ggml.bos_token_id"]] if meta.get("tokenizer.ggml.add_bos_token") else []
         gguf_template = meta.get("tokenizer.chat_template")
     res.lines += [f"verifying {len(cases)} prompts ({where}) against {out}"] + notes
+    encoder = SequenceEncoder(tok, add_bos=fmt.add_bos)
     for label, prompt, msgs in cases:
         trained = prefix + tok(prompt, add_special_tokens=False)["input_ids"]
+        row = rows[int(label.split()[1])] if label.startswith("row") else None
+        if row is not None and not _starts_a_training_sequence(fmt, encoder, row, trained):
+            res.ok = False
+            res.lines.append(f"  FAIL {label}: no training sequence of this row starts with its inference prompt")
         rendered = exported.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         checks = [("chat template", exported(rendered, add_special_tokens=False)["input_ids"])]
         if gguf_tok is not None:
@@ -295,6 +300,18 @@ def verify_export(run: str, out: str | Path, *, n: int = 5) -> VerifyResult:
         ids = prefix + tok(cases[0][1], add_special_tokens=False)["input_ids"]
         res.lines.append("  " + _check_gguf_logits(out, gguf_file, ids, res))
     return res
+
+
+def _starts_a_training_sequence(fmt: Format, encoder, row: dict, ids: list[int]) -> bool:
+    """Whether one of the row's training sequences, tokenized as in training, begins with ``ids``
+    (a row training skips, e.g. one without a completion, has nothing to compare and passes)."""
+    try:
+        sequences = fmt.render(row).sequences
+    except Exception:  # noqa: BLE001 - RowSkip / BadRow: not a training row
+        return True
+    examples = [ex for seq in sequences for ex in encoder.encode(seq)]
+    examples += [ex for seq in sequences for t in seq.turns if t.standalone for ex in encoder.encode(t.standalone)]
+    return not examples or any(ex.input_ids[:len(ids)] == ids for ex in examples)
 
 
 def _check_gguf_logits(out: Path, gguf_file: Path, ids: list[int], res: VerifyResult) -> str:
