@@ -151,9 +151,9 @@ def export_run(run: str, out: str, *, dtype: str = "auto", push_to_hub: str | No
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if format == "gguf":
-        from sftune.export_gguf import family_of
+        from sftune.export_gguf import check_writable
 
-        family_of(model.config)  # refuse an unsupported family before writing anything
+        check_writable(model, loaded.tokenizer)  # refuse an unsupported family or tokenizer before writing
     tokenizer, fmt = loaded.tokenizer, loaded.fmt
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,12 @@ def family_of(config) -> Family:
     return FAMILIES[mt]
 
 
+def check_writable(model, tokenizer) -> None:
+    """Refuse (a :class:`ConfigError`) before anything is written: the family, its RoPE, the tokenizer."""
+    family_of(model.config)
+    tokenizer_metadata(tokenizer, model.get_input_embeddings().weight.shape[0])
+
+
 # ----------------------------------------------------------------------------- tensors
 
 
