@@ -86,13 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", help="JSON results path (default: RUN/eval.json, or ./eval.json)")
 
-    p = sub.add_parser("export", help="merge LoRA and save a standalone Hugging Face model",
+    p = sub.add_parser("export", help="merge LoRA and save a standalone Hugging Face model (or GGUF + Ollama)",
                        description="Merge a LoRA adapter into its base weights (if the run has one) and save "
-                                   "safetensors, the tokenizer and its chat / prompt template, so "
-                                   "transformers.pipeline('text-generation', OUT) behaves as trained.")
+                                   "safetensors, the tokenizer and its chat / prompt template, generation stops at "
+                                   "the end-of-turn token and sftune_lineage.json, so "
+                                   "transformers.pipeline('text-generation', OUT) and DPO / reward trainers prompt "
+                                   "as trained. --format gguf also writes OUT/model-QUANT.gguf (llama.cpp) and an "
+                                   "Ollama Modelfile. --verify checks the exported template against the run's own "
+                                   "prompts, token by token (and the GGUF's logits).")
     p.add_argument("model", metavar="RUN")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf (default): safetensors; gguf: also a GGUF file and an Ollama Modelfile")
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"], help="GGUF weight type (default f16)")
+    p.add_argument("--verify", action="store_true",
+                   help="check that the exported chat template gives the token ids sftune trained with "
+                        "(exit status 1 when not)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to the Hugging Face hub (needs network "
                                                             "and a token)")
 
@@ -183,14 +193,24 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from sftune.export import export_run
+    from sftune.export import export_run, verify_export
     from sftune.ui import console
 
-    out = export_run(args.model, args.out, dtype=args.dtype, push_to_hub=args.push_to_hub)
     from rich.markup import escape
 
+    out = export_run(args.model, args.out, dtype=args.dtype, push_to_hub=args.push_to_hub, format=args.format,
+                     quant=args.quant)
     console.print(f"exported to [bold]{escape(str(out))}[/]: load it with "
                   f"transformers.pipeline('text-generation', '{escape(str(out))}')")
+    if args.format == "gguf":
+        console.print(f"GGUF: {out}/model-{args.quant}.gguf; Ollama: ollama create NAME -f {out}/Modelfile",
+                      markup=False)
+    if args.verify:
+        result = verify_export(args.model, out)
+        for line in result.lines:
+            console.print(escape(line), highlight=False, soft_wrap=True)
+        console.print("[bold green]verify: PASS[/]" if result.ok else "[bold red]verify: FAIL[/]")
+        return 0 if result.ok else 1
     return 0
 
 

@@ -401,7 +401,19 @@ class PromptCompletionFormat(Format):
         def lit(s: str) -> str:
             return json.dumps(s)  # a JSON string is a valid Jinja string literal
 
-        return ("{% set ns = namespace(content='') %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        # Chat-template consumers (pipelines, TRL) tokenize the rendered text with no special tokens
+        # added, so the format's BOS rule is written into the template; a SentencePiece tokenizer
+        # that marks only the start of the text with "▁" needs a space after the BOS to match.
+        bos = ""
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        if self.add_bos and tokenizer.bos_token_id is not None and \
+                tokenizer("a", add_special_tokens=True)["input_ids"] == [tokenizer.bos_token_id] + plain:
+            probe = self.prompt_from_text("hello")
+            want = [tokenizer.bos_token_id] + tokenizer(probe, add_special_tokens=False)["input_ids"]
+            space = tokenizer(tokenizer.bos_token + probe, add_special_tokens=False)["input_ids"] != want and \
+                tokenizer(tokenizer.bos_token + " " + probe, add_special_tokens=False)["input_ids"] == want
+            bos = "{{ bos_token }}" + (" " if space else "")
+        return (bos + "{% set ns = namespace(content='') %}{% for m in messages %}{% if m['role'] == 'user' %}"
                 "{% set ns.content = m['content'] %}{% endif %}{% endfor %}"
                 "{{ " + lit(before) + " + ns.content + " + lit(after) + " }}")
 
