@@ -80,9 +80,9 @@ def main() -> int:
         t = time.perf_counter()
         batch = plan.batch(plan.micro_batches(step)[0], data, tok.eos_token_id)
         parts["data (plan + collate)"] += time.perf_counter() - t
-        tokens += batch["real_tokens"]
-        inputs = (batch["input_ids"], batch["position_ids"], batch["loss_index"], batch["loss_targets"],
-                  batch["doc_bounds"])
+        tokens += batch.real_tokens
+        inputs = (batch.input_ids, batch.position_ids, batch.loss_index, batch.loss_targets,
+                  batch.doc_bounds)
 
         def full():
             lm(*inputs).backward()
@@ -95,11 +95,11 @@ def main() -> int:
         hooks = [body.h[0].attn.register_forward_pre_hook(lambda m, a, k: captured.setdefault("attn_kw", k) and None,
                                                           with_kwargs=True)]
         with torch.no_grad():
-            out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                       doc_bounds=batch["doc_bounds"], attention_mask=torch.ones_like(batch["input_ids"]))
+            out = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                       doc_bounds=batch.doc_bounds, attention_mask=torch.ones_like(batch.input_ids))
         for h in hooks:
             h.remove()
-        x = torch.randn(*batch["input_ids"].shape, model.config.n_embd, requires_grad=True)
+        x = torch.randn(*batch.input_ids.shape, model.config.n_embd, requires_grad=True)
         kw = {k: v for k, v in captured["attn_kw"].items() if k != "hidden_states"}
         for block in body.h:
             def attn_fb(block=block):
@@ -112,10 +112,10 @@ def main() -> int:
 
             parts["attention (ln_1 + attn)"] += timed(attn_fb, reps=1)
             parts["MLP (ln_2 + mlp)"] += timed(mlp_fb, reps=1)
-        hidden = out.last_hidden_state.reshape(-1, model.config.n_embd).index_select(0, batch["loss_index"])
+        hidden = out.last_hidden_state.reshape(-1, model.config.n_embd).index_select(0, batch.loss_index)
         hidden = hidden.detach().requires_grad_(True)
         parts["lm_head + loss"] += timed(
-            lambda: linear_cross_entropy_sum(hidden, model.lm_head.weight, batch["loss_targets"]).backward(), reps=1)
+            lambda: linear_cross_entropy_sum(hidden, model.lm_head.weight, batch.loss_targets).backward(), reps=1)
     # the optimizer with real gradients
     lm(*inputs).backward()
     t = time.perf_counter()

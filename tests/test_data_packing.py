@@ -49,18 +49,18 @@ def test_collate_shifts_targets_within_each_example():
     a = ([1, 2, 3], [-100, 2, 3])
     b = ([4, 5], [4, 5])
     batch = collate([[a, b], [b]], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [4, 5, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [4, 5, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
     # position t predicts label t+1 of the same example; an example's last token predicts nothing
-    assert batch["targets"].tolist() == [[2, 3, IGNORE, 5, IGNORE], [5, IGNORE, IGNORE, IGNORE, IGNORE]]
-    assert batch["n_loss"] == 4 and batch["real_tokens"] == 7
-    assert batch["loss_targets"].tolist() == [2, 3, 5, 5]
-    assert batch["loss_index"].tolist() == [0, 1, 3, 5]
+    assert batch.targets.tolist() == [[2, 3, IGNORE, 5, IGNORE], [5, IGNORE, IGNORE, IGNORE, IGNORE]]
+    assert batch.n_loss == 4 and batch.real_tokens == 7
+    assert batch.loss_targets.tolist() == [2, 3, 5, 5]
+    assert batch.loss_index.tolist() == [0, 1, 3, 5]
 
 
 def test_collate_counts_loss_tokens():
     batch = collate([[([1, 2, 3], [-100, -100, 3])]], pad_id=0)
-    assert batch["n_loss"] == 1
+    assert batch.n_loss == 1
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -129,7 +129,7 @@ def test_packed_loss_equals_unpacked(tiny_model_dir, attn):
 
     def loss(rows):
         b = collate(rows, pad_id=0)
-        return lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"], b["doc_bounds"]), b["n_loss"]
+        return lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, b.doc_bounds), b.n_loss
 
     with torch.no_grad():
         one_by_one = [loss([[e]]) for e in examples]
@@ -156,13 +156,13 @@ def test_varlen_attention_gradients_match_per_example(tiny_model_dir):
     lm = CausalLMWithLoss(model)
     examples = [(list(range(3, 3 + n)), list(range(3, 3 + n))) for n in (9, 4, 15)]
     flat = collate([examples], pad_id=0)
-    assert flat["doc_bounds"] == (0, 9, 13, 28)
-    lm(flat["input_ids"], flat["position_ids"], flat["loss_index"], flat["loss_targets"], flat["doc_bounds"]).backward()
+    assert flat.doc_bounds == (0, 9, 13, 28)
+    lm(flat.input_ids, flat.position_ids, flat.loss_index, flat.loss_targets, flat.doc_bounds).backward()
     packed = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     for e in examples:
         b = collate([[e]], pad_id=0)
-        lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"]).backward()
+        lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(packed[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
 

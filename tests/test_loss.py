@@ -73,7 +73,7 @@ def test_model_loss_matches_hf_loss(tiny_model_dir):
     assert fused.fused and not plain.fused
     rows = [[(list(range(3, 20)), [-100] * 5 + list(range(8, 20)))], [(list(range(40, 49)), list(range(40, 49)))]]
     b = collate(rows, pad_id=0)
-    args = (b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"])
+    args = (b.input_ids, b.position_ids, b.loss_index, b.loss_targets)
     a = fused(*args)
     a.backward()
     ga = [p.grad.clone() for p in model.parameters()]
@@ -84,10 +84,10 @@ def test_model_loss_matches_hf_loss(tiny_model_dir):
     for x, y in zip(ga, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
     # and against transformers' own (mean) loss on the same labels
-    labels = torch.full_like(b["input_ids"], -100)
-    labels[:, 1:] = b["targets"][:, :-1]
-    hf = model(input_ids=b["input_ids"], labels=labels).loss
-    torch.testing.assert_close(a / b["n_loss"], hf, rtol=1e-5, atol=1e-5)
+    labels = torch.full_like(b.input_ids, -100)
+    labels[:, 1:] = b.targets[:, :-1]
+    hf = model(input_ids=b.input_ids, labels=labels).loss
+    torch.testing.assert_close(a / b.n_loss, hf, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [3, 1000])

@@ -158,14 +158,14 @@ def run_layout(model, layout: str, exs, fused: bool):
     lm = CausalLMWithLoss(model, fused=fused, layout=layout)
     rows = [[e] for e in exs] if layout == "per_example" else [list(exs)]
     b = collate(rows, pad_id=0)
-    bounds = b["doc_bounds"] if layout == "flat" else None
+    bounds = b.doc_bounds if layout == "flat" else None
     model.zero_grad()
-    loss = lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"], bounds)
+    loss = lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, bounds)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     with torch.no_grad():
-        out = lm.logits(b["input_ids"], b["position_ids"], bounds)
+        out = lm.logits(b.input_ids, b.position_ids, bounds)
     per = []
     for r, row in enumerate(rows):
         pos = 0
@@ -252,8 +252,8 @@ def lora_two_steps(model, layout: str, fused: bool):
     b = collate(rows, pad_id=0)
     losses = []
     for _ in range(2):
-        loss = lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"],
-                  b["doc_bounds"] if layout == "flat" else None)
+        loss = lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets,
+                  b.doc_bounds if layout == "flat" else None)
         loss.backward()
         opt.step()
         opt.zero_grad()

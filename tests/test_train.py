@@ -86,9 +86,9 @@ def test_per_token_normalisation_not_mean_of_means(tiny_model_dir, qa_file, tmp_
     with torch.no_grad():
         for units in plan.micro_batches(plan.epoch_steps(0)[0]):
             b = plan.batch(units, data.train, tok.pad_token_id)
-            s = lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"]).item()
-            total, count = total + s, count + b["n_loss"]
-            means.append(s / b["n_loss"])
+            s = lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets).item()
+            total, count = total + s, count + b.n_loss
+            means.append(s / b.n_loss)
     logged = train_losses(out)[1]["loss"]
     assert logged == pytest.approx(total / count, rel=1e-5)
     assert abs(logged - sum(means) / len(means)) > 1e-4  # the per-batch mean would differ here

@@ -27,7 +27,7 @@ from sftune.capabilities import capabilities
 from sftune.config import load_config, parse_override
 
 from sftune.data.formats import BadRow, Format, TextFormat
-from sftune.data.packing import BatchPlan, model_inputs
+from sftune.data.packing import BatchPlan
 from sftune.errors import RowSkip
 from sftune.data.pipeline import prepare_data
 from sftune.generation import generate_with
@@ -62,12 +62,12 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for units in batches[rank::world]:
         batch = plan.batch(units, data, pad_id)
-        inputs = model_inputs(batch, device)
+        inputs = batch.inputs(device)
         ctx = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
         with ctx:
             loss_sum = model(**inputs)
         total[0] += loss_sum.double()
-        total[1] += batch["w_loss"]
+        total[1] += batch.w_loss
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)

@@ -18,6 +18,8 @@ data-parallel run lays its batches out the same way. The result goes into the da
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass, field
 
@@ -56,7 +58,8 @@ def probe_examples(data, k: int = 3, scan: int = 256) -> list[tuple[list[int], l
 
 def _batch(rows, device):
     b = collate(rows, pad_id=0)
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+    return dataclasses.replace(b, **{f.name: getattr(b, f.name).to(device) for f in dataclasses.fields(b)
+                                     if isinstance(getattr(b, f.name), torch.Tensor)})
 
 
 def _per_example(hidden: torch.Tensor, rows) -> list[torch.Tensor]:
@@ -83,7 +86,7 @@ def _layout_rows(layout: str, examples):
 def _loss(lm, b, doc_bounds, fused: bool) -> float:
     was, lm.fused = lm.fused, fused
     try:
-        return float(lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"], doc_bounds))
+        return float(lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, doc_bounds))
     finally:
         lm.fused = was
 
@@ -97,16 +100,16 @@ def compare(lm, examples, candidates, fused: bool, device) -> dict:
         ref_hidden, ref_loss = [], 0.0
         for e in examples:
             b = _batch([[e]], device)
-            ref_hidden.append(lm.hidden_states(b["input_ids"], b["position_ids"])[0].float())
-            logits = lm.logits(b["input_ids"], b["position_ids"])[0].index_select(0, b["loss_index"])
-            ref_loss += float(F.cross_entropy(logits.float(), b["loss_targets"], reduction="sum"))
+            ref_hidden.append(lm.hidden_states(b.input_ids, b.position_ids)[0].float())
+            logits = lm.logits(b.input_ids, b.position_ids)[0].index_select(0, b.loss_index)
+            ref_loss += float(F.cross_entropy(logits.float(), b.loss_targets, reduction="sum"))
         result = {"layout": None, "fused": fused, "diffs": {}, "loss_diff": None}
         for layout in candidates:
             rows = _layout_rows(layout, examples)
             b = _batch(rows, device)
-            doc_bounds = b["doc_bounds"] if layout == "flat" else None
+            doc_bounds = b.doc_bounds if layout == "flat" else None
             try:
-                hidden = lm.hidden_states(b["input_ids"], b["position_ids"], doc_bounds).float()
+                hidden = lm.hidden_states(b.input_ids, b.position_ids, doc_bounds).float()
             except BoundsLost:  # the layers drop extra arguments: no per-example attention
                 result["diffs"][layout] = float("inf")
                 continue

@@ -1,9 +1,10 @@
-"""The training loop: forward, loss, backward, step. Read it top to bottom.
+"""Training: :func:`setup` builds a :class:`Run`, :func:`loop` trains it, :func:`finish` saves and reports.
 
-Loss normalisation, in plain sight: the loss of an optimizer step is the sum of the token losses
-of all its micro-batches on all ranks, divided by the number of loss tokens in the whole step.
-Each micro-batch's backward therefore uses ``loss_sum * world_size / step_tokens``: the token
-count is all-reduced once per step, and ``world_size`` undoes DDP's gradient averaging. So
+Read :func:`loop` top to bottom: forward, loss, backward, step. Loss normalisation, in plain sight:
+the loss of an optimizer step is the sum of the token losses of all its micro-batches on all ranks,
+divided by the loss weight of the whole step (the number of loss tokens, or their summed per-message
+weights). Each micro-batch's backward therefore uses ``loss_sum * world_size / step_weight``: the
+weight is all-reduced once per step, and ``world_size`` undoes DDP's gradient averaging. So
 ``1 x 8``, ``4 x 2`` and ``2 ranks x 4`` produce the same gradients (tested).
 """
 
@@ -15,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
@@ -22,7 +24,7 @@ from rich.markup import escape
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import SFTConfig, config_to_yaml
-from sftune.data.packing import BatchPlan, model_inputs
+from sftune.data.packing import BatchPlan
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
@@ -30,8 +32,8 @@ from sftune.export import save_final
 from sftune.faults import NonFiniteGuard, StepBoundary, disk_errors, dumps
 from sftune.loss import CausalLMWithLoss
 from sftune.probe import choose_layout
-from sftune.model import (count_parameters, fast_activations, load_model, load_model_config, load_tokenizer,
-                          resolve_max_length, unwrap_causal_lm)
+from sftune.model import (add_lora, count_parameters, fast_activations, load_model, load_model_config,
+                          load_tokenizer, resolve_max_length)
 from sftune.report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
 from sftune.ui import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
@@ -162,26 +164,90 @@ class Batches:
         return [self.plan.batch(units, self.data, self.pad_id) for units in micro]
 
 
-# ----------------------------------------------------------------------------- train
+# ----------------------------------------------------------------------------- the run
 
 
-def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) -> TrainResult:
-    """Fine-tune as configured; returns where the model went and the final metrics.
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by :func:`setup` and read by :func:`loop`
+    and :func:`finish`. ``lm`` and ``optimizer`` are as ``accelerator.prepare`` returned them."""
 
-    ``model``, ``tokenizer`` (both already loaded), ``source`` (a :class:`~sftune.data.sources.Source`
-    of rows) and ``fmt`` (a custom :class:`~sftune.data.formats.Format`) replace what the config
-    would load; the Python front-ends (``sftune.SFTTrainer``) pass them.
+    cfg: SFTConfig
+    accelerator: Any
+    out_dir: Path
+    tokenizer: Any
+    data: PreparedData
+    plan: BatchPlan
+    lm: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: Batches
+    logger: MetricsLogger
+    total_steps: int
+    start_step: int = 0
+    before: dict | None = None
+    """Held-out exact match before training (when ``eval.exact_match``)."""
 
-    The output directory is checked and locked first: one run per output directory.
-    """
-    main = os.environ.get("RANK", "0") == "0"
-    if main:
-        check_output_dir(Path(cfg.train.output_dir))
-    with RunLock(cfg.train.output_dir, enabled=main):
-        return _train(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt)
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.accelerator)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    @property
+    def generates(self) -> bool:
+        """Generation runs on rank 0; sharded models (FSDP, ZeRO-3) need every rank in every forward."""
+        return self.main or self.sharded
+
+    def model(self):
+        """The causal LM (peft or plain) inside the prepared wrapper."""
+        return self.accelerator.unwrap_model(self.lm).model
+
+    def exact_match(self, label: str) -> dict:
+        return generation_eval(self.cfg, self.model(), self.tokenizer, self.data, label=label, show=self.main,
+                               synced=self.sharded)
+
+    def evaluate(self, step: int) -> dict:
+        """Eval loss / perplexity, and a few fixed sample prompts generated, logged with the metrics."""
+        if self.data.eval is None:
+            return {}
+        cfg = self.cfg
+        m = eval_loss(self.lm, self.data.eval, batch_size=cfg.train.batch_size, max_length=self.data.max_length,
+                      pad_id=self.tokenizer.pad_token_id, device=self.device, packing=cfg.data.packing,
+                      accelerator=self.accelerator)
+        self.logger.log({"step": step, **m})
+        if self.main:
+            console.print(f"step {step}: eval loss {m['eval_loss']:.4f}, perplexity {m['eval_ppl']:.2f}")
+        if self.generates and cfg.eval.samples:
+            samples = sample_generations(cfg, self.model(), self.tokenizer, self.data, synced=self.sharded)
+            self.logger.log({"step": step, "label": f"step {step}", "samples": samples})
+            if self.main:
+                for smp in samples[:2]:
+                    console.print(f"  [dim]{escape(repr(smp['prompt'][-60:]))}[/] → {escape(repr(smp['generated'][:80]))}")
+        return m
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.accelerator, self.out_dir, step,
+                        {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
+                         "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints)
 
 
-def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) -> TrainResult:
+def setup(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
+    """Data, model, layout, loss, optimizer, schedule and state: everything before the first step."""
     from accelerate.utils import set_seed
 
     quiet_third_party()
@@ -189,13 +255,12 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
         torch.set_num_threads(cfg.train.num_threads)
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = Path(cfg.train.output_dir)
     if cfg.train.resume and not list_checkpoints(out_dir):
         raise ConfigError(f"train.resume=true but {out_dir}/checkpoints holds no checkpoint to resume from")
     set_seed(cfg.train.seed)
 
-    # ---- data: rows -> segments -> ids + labels -> a batch plan
+    # data: rows -> formatted sequences -> ids + labels (+ weights)
     n_added = 0
     if tokenizer is None:
         tokenizer, n_added = load_tokenizer(cfg)
@@ -204,19 +269,17 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
     with accelerator.main_process_first():
         data: PreparedData = prepare_data(cfg.data, tokenizer, max_length, source=source, fmt=fmt)
 
-    # ---- model, loss, optimizer, schedule
+    # the model, then the row layout and loss it can take, checked on a few of this run's examples
     if model is None:
         model = load_model(cfg, tokenizer, n_added, device)
     elif cfg.lora.enabled and not hasattr(model, "peft_config"):
-        from sftune.model import add_lora
-
         model = add_lora(cfg, model)
     fast_activations(model)
-    # the row layout and loss the model can take, checked on a few of this run's examples: chosen once
     choice = choose_layout(cfg, model, data, data.report, console if main else None, device, is_sharded(accelerator))
     plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                           world_size=world, packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed,
-                           layout=choice.layout, hidden_size=getattr(model_config, "hidden_size", 768))
+                           world_size=accelerator.num_processes, packing=cfg.data.packing, max_length=max_length,
+                           seed=cfg.train.seed, layout=choice.layout,
+                           hidden_size=getattr(model_config, "hidden_size", 768))
     describe_plan(data.report, plan)
     if main:
         data.report.render(console, title="Training data")
@@ -230,186 +293,194 @@ def _train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None)
     trainable, total = count_parameters(model)
     if main:
         console.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+
+    # loss model, optimizer, schedule; then the engine (DDP, FSDP, DeepSpeed) wraps them
     lm = CausalLMWithLoss(model, fused=choice.fused, layout=choice.layout)
     if cfg.train.compile:
         lm.compile(dynamic=True)
     optimizer = make_optimizer(cfg, lm, device)
-    steps_per_epoch = plan.steps_per_epoch
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     lm, optimizer = accelerator.prepare(lm, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    batches = Batches(plan, data.train, tokenizer.pad_token_id, rank, world)
+    batches = Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
+    logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
+    run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
+              total_steps)
 
-    # Generation runs on rank 0; sharded models (FSDP, ZeRO-3) need every rank in every forward.
-    sharded = is_sharded(accelerator)
-    generates = main or sharded
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    # the quickstart's "before": held-out exact match of the untrained model
+    if run.generates and cfg.eval.exact_match and data.source.eval is not None and not cfg.train.resume:
+        run.before = run.exact_match("before")
 
-    def generation(kind: str, label: str = ""):
-        model = accelerator.unwrap_model(lm).model
-        if kind == "samples":
-            return sample_generations(cfg, model, tokenizer, data, synced=sharded)
-        return generation_eval(cfg, model, tokenizer, data, label=label, show=main, synced=sharded)
-
-    # ---- optional: exact match before training (the quickstart's "before")
-    before = None
-    if generates and cfg.eval.exact_match and data.source.eval is not None and not cfg.train.resume:
-        before = generation("exact_match", "before")
-
-    # ---- resume
-    start_step = 0
+    # resume, or start fresh with the earlier run's files set aside
     if cfg.train.resume:
         state = load_checkpoint(accelerator, out_dir)
-        start_step = state["step"]
+        run.start_step = state["step"]
         if main:
-            console.print(f"resumed from {state['path']} at step {start_step}", markup=False)
-            if truncate_metrics(out_dir, start_step):  # steps after the checkpoint were abandoned
-                console.print(f"metrics.jsonl: dropped the records after step {start_step}")
+            console.print(f"resumed from {state['path']} at step {run.start_step}", markup=False)
+            if truncate_metrics(out_dir, run.start_step):  # steps after the checkpoint were abandoned
+                console.print(f"metrics.jsonl: dropped the records after step {run.start_step}")
     elif main:
-        set_aside_earlier_run(out_dir)  # a fresh run starts fresh; the earlier run is kept
-    logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
+        set_aside_earlier_run(out_dir)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "sftune_config.yaml").write_text(config_to_yaml(cfg))
         (out_dir / "data_report.json").write_text(dumps(data.report.to_dict(), indent=2))
+    return run
 
-    def save(step: int) -> None:
-        save_checkpoint(accelerator, out_dir, step, {"world_size": world, "epoch": step / steps_per_epoch,
-                                                      "total_steps": total_steps}, cfg.train.keep_checkpoints)
 
-    def evaluate(step: int) -> dict:
-        """Eval loss / perplexity, and a few fixed sample prompts generated, logged with the metrics."""
-        if data.eval is None:
-            return {}
-        m = eval_loss(lm, data.eval, batch_size=cfg.train.batch_size, max_length=max_length,
-                      pad_id=tokenizer.pad_token_id, device=device, packing=cfg.data.packing,
-                      accelerator=accelerator)
-        logger.log({"step": step, **m})
-        if main:
-            console.print(f"step {step}: eval loss {m['eval_loss']:.4f}, perplexity {m['eval_ppl']:.2f}")
-        if generates and cfg.eval.samples:
-            samples = generation("samples")
-            logger.log({"step": step, "label": f"step {step}", "samples": samples})
-            if main:
-                for smp in samples[:2]:
-                    console.print(f"  [dim]{escape(repr(smp['prompt'][-60:]))}[/] → {escape(repr(smp['generated'][:80]))}")
-        return m
+class LogWindow:
+    """Loss, loss weight and tokens since the last log line (this rank); reduced over ranks when logged."""
 
-    # ---- the loop
+    def __init__(self, device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.weight = self.real = 0.0
+        self.start = time.perf_counter()
+
+    def record(self, run: Run, done: int, grad_norm, skipped: list[int]) -> dict:
+        stats = torch.stack([self.loss, self.loss.new_tensor(self.weight), self.loss.new_tensor(self.real)])
+        if run.world > 1:
+            stats = run.accelerator.reduce(stats, reduction="sum")
+        elapsed = time.perf_counter() - self.start
+        record = {"step": done, "epoch": round(done / run.plan.steps_per_epoch, 4),
+                  "loss": (stats[0] / stats[1].clamp(min=1e-12)).item(), "lr": run.scheduler.get_last_lr()[0],
+                  "tokens_per_s": round(stats[2].item() / max(elapsed, 1e-9), 1), "loss_tokens": int(stats[1].item())}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if skipped:
+            record["skipped_steps"] = len(skipped)
+        self.__init__(self.loss.device)
+        return record
+
+
+@dataclass
+class LoopResult:
+    step: int
+    last_loss: float | None
+    interrupted: bool = False
+    skipped: list[int] = field(default_factory=list)
+
+
+def loop(run: Run) -> LoopResult:
+    """The training loop: forward, loss, backward, step. Read it top to bottom."""
+    cfg, acc, lm, optimizer = run.cfg, run.accelerator, run.lm, run.optimizer
     lm.train()
-    window_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed token loss since last log
-    window_tokens = 0  # loss tokens since last log (this rank)
-    window_real = 0  # non-padding tokens since last log (this rank)
-    window_start = time.perf_counter()
-    last_loss, step = None, start_step
-    boundary = StepBoundary(start_step)  # Ctrl-C saves the state of the last step boundary
-    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, accelerator,
-                           lambda: ([None] + list_checkpoints(out_dir))[-1])
-    progress = training_progress(main)
+    window, last_loss, step = LogWindow(run.device), None, run.start_step
+    boundary = StepBoundary(run.start_step)  # Ctrl-C saves the state of the last step boundary, RNG included
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, acc,
+                           lambda: ([None] + list_checkpoints(run.out_dir))[-1])
+    progress = training_progress(run.main)
     try:
         with progress:
-            task = progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-")
-            for step in range(start_step, total_steps):
+            task = progress.add_task("train", total=run.total_steps, completed=run.start_step, loss="-", lr="-",
+                                     tps="-")
+            for step in range(run.start_step, run.total_steps):
                 boundary.begin(step)
-                step_loss = torch.zeros((), dtype=torch.float64, device=device)
-                micro_batches = batches(step)
-                # the normaliser: the step's loss tokens over all micro-batches and ranks (their summed
-                # weights, when messages carry weights; a plain count otherwise)
-                step_tokens = torch.tensor(sum(mb["w_loss"] for mb in micro_batches), dtype=torch.float64,
-                                           device=device)
-                if world > 1:
-                    step_tokens = accelerator.reduce(step_tokens, reduction="sum")
-                normaliser = step_tokens.clamp(min=1e-12).to(torch.float32) / world
-                if deepspeed:  # DeepSpeed divides each backward by grad_accum itself: undo that
+                micro_batches = run.batches(step)
+                # The normaliser: the loss weight of the whole step, over every micro-batch and rank (a
+                # plain token count unless messages carry weights). Each micro-batch's backward takes
+                # loss_sum / normaliser, so 1x8, 4x2 and 2 ranks x 4 give the same gradients; dividing
+                # by world undoes DDP's gradient averaging.
+                step_weight = torch.tensor(sum(mb.w_loss for mb in micro_batches), dtype=torch.float64,
+                                           device=run.device)
+                if run.world > 1:
+                    step_weight = acc.reduce(step_weight, reduction="sum")
+                normaliser = step_weight.clamp(min=1e-12).to(torch.float32) / run.world
+                if run.deepspeed:  # DeepSpeed divides each backward by grad_accum itself: undo that
                     normaliser = normaliser / cfg.train.grad_accum
+                step_loss = torch.zeros((), dtype=torch.float64, device=run.device)
                 for i, mb in enumerate(micro_batches):
-                    inputs = model_inputs(mb, device)
-                    sync = i == len(micro_batches) - 1
-                    if deepspeed:  # DeepSpeed reduces and steps inside backward at the step boundary
-                        accelerator.gradient_state._set_sync_gradients(sync)
-                    with contextlib.nullcontext() if sync or deepspeed else accelerator.no_sync(lm):
-                        with accelerator.autocast():
-                            loss_sum = lm(**inputs)  # forward: summed token loss of this micro-batch
-                        accelerator.backward(loss_sum / normaliser)  # backward: its share of the step's mean
+                    sync = i == len(micro_batches) - 1  # gradients are reduced across ranks once, at the end
+                    if run.deepspeed:  # DeepSpeed reduces and steps inside backward at the step boundary
+                        acc.gradient_state._set_sync_gradients(sync)
+                    with contextlib.nullcontext() if sync or run.deepspeed else acc.no_sync(lm):
+                        with acc.autocast():
+                            loss_sum = lm(**mb.inputs(run.device))  # forward: summed token loss
+                        acc.backward(loss_sum / normaliser)  # backward: this micro-batch's share of the mean
                     step_loss += loss_sum.detach().double()
-                    window_tokens += mb["w_loss"]
-                    window_real += mb["real_tokens"]
-                grad_norm = None
-                if cfg.train.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(lm.parameters(), cfg.train.max_grad_norm)
+                grad_norm = acc.clip_grad_norm_(lm.parameters(), cfg.train.max_grad_norm) \
+                    if cfg.train.max_grad_norm else None
                 done = step + 1
                 skip = guard.check(done, step_loss, grad_norm)  # NaN / inf: stop, or skip the update
-                with boundary.commit(done):
-                    if skip:
-                        window_tokens -= sum(mb["w_loss"] for mb in micro_batches)
-                    else:
-                        optimizer.step()  # step
-                        window_loss += step_loss
-                    scheduler.step()
+                with boundary.commit(done):  # a Ctrl-C from here waits until the step is whole
+                    if not skip:
+                        optimizer.step()
+                        window.loss += step_loss
+                        window.weight += sum(mb.w_loss for mb in micro_batches)
+                        window.real += sum(mb.real_tokens for mb in micro_batches)
+                    run.scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-
-                if (done % cfg.train.log_every == 0 or done == total_steps) and not skip:
-                    stats = torch.stack([window_loss, window_loss.new_tensor(window_tokens),
-                                         window_loss.new_tensor(window_real)])
-                    if world > 1:
-                        stats = accelerator.reduce(stats, reduction="sum")
-                    elapsed = time.perf_counter() - window_start
-                    last_loss = (stats[0] / stats[1].clamp(min=1e-12)).item()
-                    tps = stats[2].item() / max(elapsed, 1e-9)
-                    lr = scheduler.get_last_lr()[0]
-                    record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": last_loss, "lr": lr,
-                              "tokens_per_s": round(tps, 1), "loss_tokens": int(stats[1].item())}
-                    if grad_norm is not None:
-                        record["grad_norm"] = float(grad_norm)
-                    if guard.skipped:
-                        record["skipped_steps"] = len(guard.skipped)
-                    logger.log(record)
-                    progress.update(task, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
-                    window_loss.zero_()
-                    window_tokens = window_real = 0
-                    window_start = time.perf_counter()
-                progress.update(task, completed=done)
+                    if (done % cfg.train.log_every == 0 or done == run.total_steps) and not skip:
+                        record = window.record(run, done, grad_norm, guard.skipped)
+                        run.logger.log(record)
+                        last_loss = record["loss"]
+                        progress.update(task, loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                        tps=f"{record['tokens_per_s']:,.0f}")
+                    progress.update(task, completed=done)
                 boundary.settle()  # a Ctrl-C held back during the update and the log goes through here
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
-                    evaluate(done)
-                if cfg.train.save_every and done % cfg.train.save_every == 0 and done != total_steps:
-                    save(done)
-            step = total_steps
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != run.total_steps:
+                    run.evaluate(done)
+                if cfg.train.save_every and done % cfg.train.save_every == 0 and done != run.total_steps:
+                    run.save(done)
+            step = run.total_steps
     except KeyboardInterrupt:
         step = boundary.rewind(optimizer)  # the partial step is undone, RNG included
-        if main:
+        if run.main:
             console.print(f"\n[yellow]interrupted: saving a checkpoint at step {step}[/]")
-        save(step)
-        logger.close()
-        return TrainResult(str(out_dir), step, last_loss, interrupted=True)
+        run.save(step)
+        run.logger.close()
+        return LoopResult(step, last_loss, interrupted=True, skipped=guard.skipped)
+    return LoopResult(step, last_loss, skipped=guard.skipped)
 
-    # ---- end: evaluate, save the model, report
-    eval_metrics = evaluate(total_steps)
+
+def finish(run: Run, result: LoopResult) -> TrainResult:
+    """After the last step: evaluate, save the model, compare with the start, write the report."""
+    cfg, main, out_dir = run.cfg, run.main, run.out_dir
+    eval_metrics = run.evaluate(run.total_steps)
     if cfg.train.save_every:
-        save(total_steps)
+        run.save(run.total_steps)
     with disk_errors(out_dir, "the final model"):
-        save_final(cfg, accelerator, lm, tokenizer, out_dir, data)
-    metrics = {"train_loss": last_loss, **eval_metrics}
-    if guard.skipped:
-        metrics["skipped_steps"] = len(guard.skipped)
+        save_final(cfg, run.accelerator, run.lm, run.tokenizer, out_dir, run.data)
+    metrics = {"train_loss": result.last_loss, **eval_metrics}
+    if result.skipped:
+        metrics["skipped_steps"] = len(result.skipped)
         if main:
-            console.print(f"[yellow]{len(guard.skipped)} step(s) skipped for a non-finite loss or gradient norm "
-                          f"(steps {', '.join(map(str, guard.skipped[:10]))})[/]")
-    if before is not None:
-        after = generation("exact_match", "after")
+            console.print(f"[yellow]{len(result.skipped)} step(s) skipped for a non-finite loss or gradient norm "
+                          f"(steps {', '.join(map(str, result.skipped[:10]))})[/]")
+    if run.before is not None:
+        before, after = run.before, run.exact_match("after")
         metrics.update({"exact_match_before": before["exact_match"], "exact_match_after": after["exact_match"],
                         "contains_match_after": after["contains_match"]})
         for label, res in (("before training", before), ("after training", after)):
-            logger.log({"step": total_steps, "label": label, "samples": res["samples"]})
+            run.logger.log({"step": run.total_steps, "label": label, "samples": res["samples"]})
         if main:
             console.print(f"[bold]held-out exact match: before {100 * before['exact_match']:.1f}% → "
                           f"after {100 * after['exact_match']:.1f}%[/] ({after['n']} examples)")
-    logger.log({"step": total_steps, "final": True, **{k: v for k, v in metrics.items() if v is not None}})
-    logger.close()
+    run.logger.log({"step": run.total_steps, "final": True, **{k: v for k, v in metrics.items() if v is not None}})
+    run.logger.close()
     if main:
         (out_dir / "final_metrics.json").write_text(dumps(metrics, indent=2))
         report = build_report(out_dir)
         console.print(f"saved to [bold]{escape(str(out_dir))}[/] (report: {escape(str(report))})")
-    accelerator.end_training()
-    return TrainResult(str(out_dir), total_steps, last_loss, metrics)
+    run.accelerator.end_training()
+    return TrainResult(str(out_dir), run.total_steps, result.last_loss, metrics)
+
+
+def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) -> TrainResult:
+    """Fine-tune as configured: :func:`setup`, :func:`loop`, :func:`finish`. Returns where the model
+    went and the final metrics.
+
+    ``model``, ``tokenizer`` (both already loaded), ``source`` (a :class:`~sftune.data.sources.Source`
+    of rows) and ``fmt`` (a custom :class:`~sftune.data.formats.Format`) replace what the config
+    would load; the Python front-ends (``sftune.SFTTrainer``) pass them. The output directory is
+    checked and locked first: one run per output directory.
+    """
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        check_output_dir(Path(cfg.train.output_dir))
+    with RunLock(cfg.train.output_dir, enabled=main):
+        run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt)
+        result = loop(run)
+        if result.interrupted:
+            return TrainResult(str(run.out_dir), result.step, result.last_loss, interrupted=True)
+        return finish(run, result)

@@ -182,7 +182,7 @@ class BatchPlan:
         w = max(widths)
         return len(widths) * w * (1 + (0.5 if causal else 1.0) * self.attn_weight * w)
 
-    def batch(self, units: list[int], data, pad_id: int) -> dict:
+    def batch(self, units: list[int], data, pad_id: int) -> "Batch":
         """Collated tensors for a micro-batch (``data.example(i)`` gives ids and labels; per-token
         weights join them when the data has weights other than 0 and 1)."""
         if getattr(data, "weighted", False):
@@ -203,30 +203,48 @@ class BatchPlan:
         return real / padded if padded else 1.0
 
 
-MODEL_INPUTS = ("input_ids", "position_ids", "loss_index", "loss_targets")
+@dataclass
+class Batch:
+    """One micro-batch, as :func:`collate` lays it out: the contract between the data stage and the
+    loss model (:class:`~sftune.loss.CausalLMWithLoss`)."""
+
+    input_ids: torch.Tensor
+    """``[rows, T]`` token ids, padded on the right."""
+    position_ids: torch.Tensor
+    """``[rows, T]`` positions, restarting at every example (padding continues the last one)."""
+    targets: torch.Tensor
+    """``[rows, T]`` labels shifted left by one *within* each example (-100: no loss)."""
+    loss_index: torch.Tensor
+    """Flat positions (into ``rows * T``) that carry a loss, found here on the CPU so the model never syncs."""
+    loss_targets: torch.Tensor
+    """The target token at each of those positions."""
+    n_loss: int
+    """Number of loss positions."""
+    w_loss: float
+    """Their summed weight: the micro-batch's share of the step normaliser (``n_loss`` when unweighted)."""
+    real_tokens: int
+    """Non-padding tokens (for throughput)."""
+    loss_weights: torch.Tensor | None = None
+    """Per loss position weight (messages' ``weight``), or None when every weight is 1."""
+    doc_bounds: tuple[int, ...] | None = None
+    """Cumulative example offsets when the batch is one flat row (per-example attention), else None."""
+
+    def inputs(self, device) -> dict:
+        """The keyword arguments of :class:`~sftune.loss.CausalLMWithLoss`, on ``device``."""
+        kw = {k: getattr(self, k).to(device, non_blocking=True)
+              for k in ("input_ids", "position_ids", "loss_index", "loss_targets")}
+        kw["doc_bounds"] = self.doc_bounds
+        if self.loss_weights is not None:
+            kw["loss_weights"] = self.loss_weights.to(device, non_blocking=True)
+        return kw
 
 
-def model_inputs(batch: dict, device) -> dict:
-    """The keyword arguments of :class:`~sftune.loss.CausalLMWithLoss` for a collated batch, on ``device``."""
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
-    inputs["doc_bounds"] = batch["doc_bounds"]
-    if batch.get("loss_weights") is not None:
-        inputs["loss_weights"] = batch["loss_weights"].to(device, non_blocking=True)
-    return inputs
-
-
-def collate(examples: list[list[tuple]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of ``(input_ids, labels)`` or ``(input_ids, labels, weights)`` examples -> padded tensors.
+def collate(examples: list[list[tuple]], pad_id: int) -> Batch:
+    """Rows of ``(input_ids, labels)`` or ``(input_ids, labels, weights)`` examples -> a :class:`Batch`.
 
     With weights (per-token loss weights, from messages' ``weight``), ``loss_weights`` holds the
-    weight of each loss position's target and ``w_loss`` their sum, the step normaliser's share;
-    without, ``loss_weights`` is None and ``w_loss`` equals ``n_loss``.
-
-    Returns ``input_ids``, ``position_ids``, ``targets`` (shifted labels, per example) of shape
-    ``[rows, T]``; ``loss_index`` and ``loss_targets``, the flat positions that carry loss and
-    their targets (computed here, on the CPU, so the model never syncs to find them);
-    ``n_loss``, their number, and ``real_tokens``, the non-padding tokens, as Python ints; and
-    ``doc_bounds``, the examples' cumulative offsets when the batch is a single row (else None).
+    weight of each loss position's target and ``w_loss`` their sum; without, ``loss_weights`` is
+    None and ``w_loss`` equals ``n_loss``.
     """
     width = max((sum(len(ex[0]) for ex in row) for row in examples), default=1) or 1
     weighted = any(len(ex) > 2 for row in examples for ex in row)
@@ -254,16 +272,16 @@ def collate(examples: list[list[tuple]], pad_id: int) -> dict[str, torch.Tensor]
     flat = targets.view(-1)
     loss_index = (flat != IGNORE).nonzero().squeeze(1)
     loss_weights = target_w.view(-1).index_select(0, loss_index) if weighted else None
-    return {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "targets": targets,
-        "loss_index": loss_index,
-        "loss_targets": flat.index_select(0, loss_index),
-        "n_loss": int(loss_index.numel()),
-        "loss_weights": loss_weights,
-        "w_loss": float(loss_weights.sum()) if weighted else float(loss_index.numel()),
-        "real_tokens": sum(len(ex[0]) for row in examples for ex in row),
-        "doc_bounds": tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]]).tolist())
+    return Batch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        targets=targets,
+        loss_index=loss_index,
+        loss_targets=flat.index_select(0, loss_index),
+        n_loss=int(loss_index.numel()),
+        w_loss=float(loss_weights.sum()) if weighted else float(loss_index.numel()),
+        real_tokens=sum(len(ex[0]) for row in examples for ex in row),
+        loss_weights=loss_weights,
+        doc_bounds=tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]]).tolist())
         if len(examples) == 1 and examples[0] else None,
-    }
+    )
