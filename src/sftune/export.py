@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sftune.config import SFTConfig, config_to_yaml
 from sftune.data.formats import Format
+from sftune.distributed import is_sharded, plain_copy
 
 
 def resolved_config(cfg: SFTConfig, fmt) -> SFTConfig:
@@ -50,6 +51,9 @@ def save_final(cfg: SFTConfig, accelerator, lm, tokenizer, out_dir: Path, data) 
         out_dir.mkdir(parents=True, exist_ok=True)
         prefix = "model."
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+        if cfg.lora.enabled and is_sharded(accelerator):
+            # the live model holds shards; peft's save and merge need the whole adapter and base
+            model = plain_copy(model, state_dict)
         set_generation_stops(model, tokenizer, data.fmt)
         if cfg.lora.enabled and cfg.lora.merge:
             merged = model.merge_and_unload()

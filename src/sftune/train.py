@@ -25,6 +25,7 @@ from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import SFTConfig, config_to_yaml
 from sftune.data.packing import BatchPlan, model_inputs
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
+from sftune.distributed import is_sharded, whole_root
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
 from sftune.export import save_final
@@ -80,16 +81,6 @@ def make_accelerator(cfg: SFTConfig):
                 os.environ[key] = str(value)
     return Accelerator(mixed_precision=mp, cpu=multi_cpu,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **extra)
-
-
-def is_sharded(accelerator) -> bool:
-    """FSDP or ZeRO-3: every rank must take part in every forward (generation included)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -236,9 +227,10 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
 
     def generation(kind: str, label: str = ""):
         model = accelerator.unwrap_model(lm).model
-        if kind == "samples":
-            return sample_generations(cfg, model, tokenizer, data, synced=sharded)
-        return generation_eval(cfg, model, tokenizer, data, label=label, show=main, synced=sharded)
+        with whole_root(lm):
+            if kind == "samples":
+                return sample_generations(cfg, model, tokenizer, data, synced=sharded)
+            return generation_eval(cfg, model, tokenizer, data, label=label, show=main, synced=sharded)
 
     # ---- optional: exact match before training (the quickstart's "before")
     before = None
