@@ -211,20 +211,30 @@ def test_fsdp_sharded_checkpoint_resumes(dropout_model_dir, data_file, tmp_path)
     assert diff < 1e-6
 
 
-def test_two_nodes_on_loopback(tiny_model_dir, data_file, tmp_path):
-    """Two torchrun launches, one per "node" (--nnodes 2 --node_rank 0|1, 1 process each), meeting
-    at a rendezvous on 127.0.0.1 (static rendezvous, gloo on the loopback interface): the run
-    equals one process with the whole batch, as 2 local ranks do (tests/test_distributed.py)."""
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_two_nodes_on_loopback(tiny_model_dir, data_file, tmp_path, rendezvous):
+    """Two torchrun launches, one per "node" (--nnodes 2, 1 process each), meeting at a rendezvous
+    on 127.0.0.1, gloo on the loopback interface: the run equals one process with the whole batch,
+    as 2 local ranks do (tests/test_distributed.py). ``static``: ``--node_rank 0|1 --master_addr
+    --master_port`` (what ``accelerate launch --config_file multinode.yaml`` does); ``c10d``:
+    ``--rdzv_backend c10d --rdzv_endpoint`` (the README's torchrun line; node ranks are assigned
+    by the rendezvous)."""
     one, two = tmp_path / "one", tmp_path / "two"
     port = free_port()
+    if rendezvous == "static":
+        common = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    else:
+        common = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "sftune-test"]
     over = overrides(tiny_model_dir, data_file, two)
     nodes = [launch(over, fsdp=False, nproc=1, wait=False,
-                    torchrun_args=["--nnodes", "2", "--node_rank", str(r), "--master_addr", "127.0.0.1",
-                                   "--master_port", str(port), "--local_addr", "127.0.0.1"])
+                    torchrun_args=["--nnodes", "2", "--node_rank", str(r), "--local_addr", "127.0.0.1", *common])
              for r in (0, 1)]
     train(load_config("codealpaca", overrides(tiny_model_dir, data_file, one, **{"train.batch_size": 4})))
     node0, node1 = (finish(p) for p in nodes)
-    assert node0.stderr.count("Training data") == 1 and "Training data" not in node1.stderr  # rank 0 is on node 0
+    printed = [n.stderr.count("Training data") for n in (node0, node1)]
+    assert sorted(printed) == [0, 1]  # only global rank 0 prints
+    if rendezvous == "static":
+        assert printed == [1, 0]  # and it lives on node 0
     print("max relative loss difference", assert_losses_equal(one, two))
     diff = max_diff(weights(one), weights(two))
     print("max weight difference", diff)
