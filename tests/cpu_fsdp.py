@@ -31,8 +31,19 @@ def enable_fsdp_on_cpu() -> None:
     if getattr(original, "_sftune_cpu_fsdp", False):
         return
 
-    def __init__(self, *args, fsdp_plugin=None, **kwargs):
-        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    def __init__(self, *args, fsdp_plugin=None, deepspeed_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, deepspeed_plugin=deepspeed_plugin, **kwargs)
+        if deepspeed_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            # the same assignments as accelerate's DeepSpeed branch (which requires cpu=False)
+            self.distributed_type = DistributedType.DEEPSPEED
+            deepspeed_plugin.set_mixed_precision(self._mixed_precision)
+            deepspeed_plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = deepspeed_plugin
+            self._mixed_precision = "no"
+            PartialState._shared_state["distributed_type"] = self.distributed_type
+            if self.is_main_process:
+                print(f"cpu_fsdp: distributed_type={self.distributed_type.value} over {self.backend}, "
+                      f"zero_stage={deepspeed_plugin.zero_stage}", file=sys.stderr, flush=True)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             # the same assignments as accelerate's branch for MULTI_GPU & co.
             self.distributed_type = DistributedType.FSDP

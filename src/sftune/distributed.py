@@ -28,6 +28,15 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
 
 
+def fill_deepspeed_batch_size(accelerator, batch_size: int) -> None:
+    """DeepSpeed's ``train_micro_batch_size_per_gpu``: accelerate fills an ``auto`` value from a
+    prepared dataloader, but sftune prepares none (it batches with its own plan), so
+    ``accelerator.prepare`` would refuse the model. It is ``train.batch_size`` per device."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+
+
 @contextlib.contextmanager
 def whole_root(prepared: torch.nn.Module):
     """Gather an FSDP2 root unit's own parameters for forwards that bypass the root's forward

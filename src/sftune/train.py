@@ -25,7 +25,7 @@ from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import SFTConfig, config_to_yaml
 from sftune.data.packing import BatchPlan, model_inputs
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
-from sftune.distributed import is_sharded, whole_root
+from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
 from sftune.export import save_final
@@ -79,8 +79,11 @@ def make_accelerator(cfg: SFTConfig):
                            ("ACCELERATE_GRADIENT_CLIPPING", cfg.train.max_grad_norm or 0.0)):
             if os.environ.get(key, "auto") == "auto":
                 os.environ[key] = str(value)
-    return Accelerator(mixed_precision=mp, cpu=multi_cpu,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **extra)
+    accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **extra)
+    if use_ds:
+        fill_deepspeed_batch_size(accelerator, cfg.train.batch_size)
+    return accelerator
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
