@@ -1,16 +1,20 @@
-"""FSDP2 and multi-node, executed on CPU ranks (gloo): each equals the one-process run.
+"""FSDP2, DeepSpeed ZeRO and multi-node, executed on CPU ranks (gloo): each equals one process.
 
 FSDP runs go through accelerate's FSDP2 plugin, configured by ``configs/accelerate/fsdp.yaml``
 (turned into the environment ``accelerate launch`` exports) and launched by torchrun with
-``tests/cpu_fsdp.py``, which lets accelerate select FSDP on CPU (see its docstring: a test-only
+``tests/cpu_engines.py``, which lets accelerate select FSDP on CPU (see its docstring: a test-only
 switch). Everything else is the code a GPU run executes: ``fsdp2_prepare_model``, sharded
 (DCP) checkpoints, the full state dict gathered on rank 0, sftune's sharded eval and
 ``synced_gpus`` generation.
+
+DeepSpeed (``deepspeed_zero2.yaml``, ``deepspeed_zero3.yaml``) runs the same way when it is
+installed (``pip install 'sftune[deepspeed]'``; not in the default environment).
 
 The multi-node test is two torchrun launches (``--nnodes 2 --node_rank 0|1``) meeting on
 127.0.0.1: the shape of a real multi-node launch, with loopback standing in for the network.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -31,7 +35,7 @@ from conftest import build_model_dir, write_jsonl
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
-HARNESS = Path(__file__).resolve().parent / "cpu_fsdp.py"
+HARNESS = Path(__file__).resolve().parent / "cpu_engines.py"
 ROWS = [{"instruction": "word " * (1 + (i * 7) % 23), "output": "answer " * (1 + (i * 5) % 11)} for i in range(37)]
 
 
@@ -65,20 +69,35 @@ def fsdp_env(config: Path = ROOT / "configs" / "accelerate" / "fsdp.yaml") -> di
     return env
 
 
+def deepspeed_env(stage: int) -> dict:
+    """The environment ``accelerate launch --config_file deepspeed_zero{stage}.yaml`` gives each
+    process (``accelerate.utils.launch.prepare_deepspeed_cmd_env``)."""
+    ds = yaml.safe_load((ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml").read_text())["deepspeed_config"]
+    names = {"zero_stage": "ZERO_STAGE", "offload_optimizer_device": "OFFLOAD_OPTIMIZER_DEVICE",
+             "offload_param_device": "OFFLOAD_PARAM_DEVICE", "zero3_init_flag": "ZERO3_INIT",
+             "zero3_save_16bit_model": "ZERO3_SAVE_16BIT_MODEL"}
+    env = {"ACCELERATE_USE_DEEPSPEED": "true"}
+    for key, value in ds.items():
+        env["ACCELERATE_DEEPSPEED_" + names[key]] = str(value).lower()
+    return env
+
+
 def base_env(**extra) -> dict:
     # gloo on the loopback interface only; one thread per rank (2 cores shared)
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "GLOO_SOCKET_IFNAME": "lo", **extra}
 
 
-def launch(over: dict, *, fsdp: bool = True, nproc: int = 2, torchrun_args=(), wait: bool = True):
-    target = [str(HARNESS)] if fsdp else ["-m", "sftune"]
+def launch(over: dict, *, engine: dict | None = None, nproc: int = 2, torchrun_args=(), wait: bool = True):
+    """torchrun ``sftune train``: through the harness with ``engine`` (default: FSDP2 from
+    fsdp.yaml), or plain ``-m sftune`` (DDP) with ``engine={}``."""
+    engine = fsdp_env() if engine is None else engine
+    target = [str(HARNESS)] if engine else ["-m", "sftune"]
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *torchrun_args,
             *target, "train", "codealpaca", *(f"{k}={'null' if v is None else v}" for k, v in over.items())]
     if not torchrun_args:
         args[5:5] = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    env = base_env(**(fsdp_env() if fsdp else {}))
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(**engine))
     return finish(proc) if wait else proc
 
 
@@ -93,8 +112,8 @@ def finish(proc) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def assert_fsdp(proc):
-    assert "cpu_fsdp: distributed_type=FSDP over gloo, fsdp_version=2" in proc.stderr, proc.stderr[-2000:]
+def assert_fsdp(proc, line="distributed_type=FSDP over gloo, fsdp_version=2"):
+    assert "cpu_engines: " + line in proc.stderr, proc.stderr[-2000:]
 
 
 def records(out):
@@ -226,7 +245,7 @@ def test_two_nodes_on_loopback(tiny_model_dir, data_file, tmp_path, rendezvous):
     else:
         common = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "sftune-test"]
     over = overrides(tiny_model_dir, data_file, two)
-    nodes = [launch(over, fsdp=False, nproc=1, wait=False,
+    nodes = [launch(over, engine={}, nproc=1, wait=False,
                     torchrun_args=["--nnodes", "2", "--node_rank", str(r), "--local_addr", "127.0.0.1", *common])
              for r in (0, 1)]
     train(load_config("codealpaca", overrides(tiny_model_dir, data_file, one, **{"train.batch_size": 4})))
@@ -236,6 +255,26 @@ def test_two_nodes_on_loopback(tiny_model_dir, data_file, tmp_path, rendezvous):
     if rendezvous == "static":
         assert printed == [1, 0]  # and it lives on node 0
     print("max relative loss difference", assert_losses_equal(one, two))
+    diff = max_diff(weights(one), weights(two))
+    print("max weight difference", diff)
+    assert diff < 1e-5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not installed (pip install 'sftune[deepspeed]'); with it, ZeRO-2/3 run "
+                           "here on CPU ranks (its first launch JIT-compiles a C++ comm op, minutes)")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_equals_one_process(tiny_model_dir, data_file, tmp_path, stage):
+    """DeepSpeed ZeRO-2/3 (the shipped configs, zero.Init and the 16-bit gather for ZeRO-3) equals
+    one process; ZeRO-3 also evaluates and generates samples with every rank taking part."""
+    extra = {"data.eval_split": 0.2, "train.eval_every": 2, "eval.samples": 2, "eval.max_new_tokens": 6}
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = launch(overrides(tiny_model_dir, data_file, two, **extra), engine=deepspeed_env(stage), wait=False)
+    train(load_config("codealpaca", overrides(tiny_model_dir, data_file, one, **extra, **{"train.batch_size": 4})))
+    assert_fsdp(finish(proc), f"distributed_type=DEEPSPEED over gloo, zero_stage={stage}")
+    print("max relative loss difference", assert_losses_equal(one, two))
+    gen1, gen2 = ([m["samples"] for m in records(o) if "samples" in m] for o in (one, two))
+    assert gen1 == gen2 and len(gen1) == 2
     diff = max_diff(weights(one), weights(two))
     print("max weight difference", diff)
     assert diff < 1e-5
