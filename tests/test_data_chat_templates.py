@@ -7,7 +7,8 @@ Each template here is our own and shows one property of a published family (hist
 reasoning, a final-turn terminator, a dropped system prompt, a generation prompt that is not a prefix
 of the turn, an end-of-conversation EOS, BOS and header tokens). Tokenizers come in both styles:
 byte-level BPE with a Qwen/Llama-3-like regex (``\\n\\n`` merges into one token) and
-SentencePiece-style Metaspace with ``prepend_scheme="first"`` and byte fallback.
+SentencePiece-style Metaspace with byte fallback, with the ``▁`` prefix (``prepend_scheme="first"``)
+and without it (``"never"``).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def build(style: str):
         tok.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     else:
+        scheme = "never" if style == "metaspace_never" else "first"
         tok = Tk(models.BPE(unk_token="<unk>", byte_fallback=True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
         alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
@@ -64,7 +66,7 @@ def build(style: str):
                                    additional_special_tokens=SPECIALS[3:], clean_up_tokenization_spaces=False)
 
 
-@pytest.fixture(scope="module", params=["bytelevel", "metaspace"])
+@pytest.fixture(scope="module", params=["bytelevel", "metaspace", "metaspace_never"])
 def tok(request):
     return build(request.param)
 

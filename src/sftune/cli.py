@@ -20,7 +20,7 @@ list every key with: sftune config --keys"""
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe path or built-in name (quickstart, imdb, codealpaca, alpaca)")
+    p.add_argument("recipe", nargs="?", help="YAML recipe path or built-in name (quickstart, imdb, codealpaca, alpaca)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=256")
 
 
@@ -38,12 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a model. Checkpoints, metrics.jsonl and the final model go to "
                                    "train.output_dir. Ctrl-C saves a checkpoint; train.resume=true continues.")
     _add_recipe_args(p)
+    p.set_defaults(subparser=p)
 
     p = sub.add_parser("preview", help="show training examples as the model sees them, and a dataset report",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Show the first N training sequences with trained tokens highlighted, then "
                                    "the dataset report (kept / skipped / truncated, lengths, loss fraction).")
     _add_recipe_args(p)
+    p.set_defaults(subparser=p)
     p.add_argument("-n", type=int, default=3, help="number of sequences to show (default 3)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per sequence: input_ids, labels, position_ids, text")
@@ -115,7 +117,9 @@ def _add_generation_args(p: argparse.ArgumentParser, default_tokens: int = 128) 
 
 
 def cmd_generate(args) -> int:
+    from sftune.data.formats import BadRow
     from sftune.data.sources import read_json_rows
+    from sftune.errors import DataError, RowSkip
     from sftune.inference import load_for_inference
     from sftune.ui import out
 
@@ -125,7 +129,14 @@ def cmd_generate(args) -> int:
         rows = None
     else:
         rows = read_json_rows(args.file)
-        prompts = [loaded.prompt_from_row(r) for r in rows]
+        prompts = []
+        for i, r in enumerate(rows):
+            try:
+                prompts.append(loaded.prompt_from_row(r))
+            except (RowSkip, BadRow, DataError) as e:
+                reason = getattr(e, "reason", None) or getattr(e, "message", None) or str(e)
+                raise DataError(f"cannot build a prompt: {reason}", source=args.file, row=i,
+                                column=getattr(e, "column", None), hint=getattr(e, "hint", None)) from None
     outputs = loaded.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               temperature=args.temperature, top_p=args.top_p)
     if rows is None:
@@ -163,7 +174,10 @@ def cmd_export(args) -> int:
     from sftune.ui import console
 
     out = export_run(args.model, args.out, dtype=args.dtype, push_to_hub=args.push_to_hub)
-    console.print(f"exported to [bold]{out}[/]: load it with transformers.pipeline('text-generation', '{out}')")
+    from rich.markup import escape
+
+    console.print(f"exported to [bold]{escape(str(out))}[/]: load it with "
+                  f"transformers.pipeline('text-generation', '{escape(str(out))}')")
     return 0
 
 
@@ -171,16 +185,39 @@ def cmd_report(args) -> int:
     from sftune.report import build_report
     from sftune.ui import console
 
-    console.print(f"wrote {build_report(args.model)}")
+    console.print(f"wrote {build_report(args.model)}", markup=False)
     return 0
+
+
+def _no_recipe(args) -> bool:
+    """``sftune train`` / ``sftune preview`` alone: the usage and the recipes, not an argparse error."""
+    if args.recipe:
+        return False
+    from sftune.config import builtin_recipes
+
+    args.subparser.print_usage(sys.stderr)
+    sys.stderr.write(f"give a recipe: a YAML file or a built-in name ({', '.join(builtin_recipes())}), "
+                     f"then optional key=value overrides.\n  for example: sftune {args.command} quickstart\n")
+    return True
 
 
 def cmd_train(args) -> int:
     from sftune.config import load_config
     from sftune.train import train
 
+    if _no_recipe(args):
+        return 2
     cfg = load_config(args.recipe, args.overrides)
     result = train(cfg)
+    if result.interrupted:
+        import shlex
+
+        from sftune.ui import console
+
+        again = [o for o in args.overrides if o.partition("=")[0].strip() != "train.resume"]
+        command = " ".join(shlex.quote(a) for a in ["sftune", "train", args.recipe, *again, "train.resume=true"])
+        console.print(f"to resume from step {result.steps}: {command}", markup=False, highlight=False,
+                      soft_wrap=True)
     return 130 if result.interrupted else 0
 
 
@@ -188,18 +225,22 @@ def cmd_preview(args) -> int:
     from sftune.config import load_config
     from sftune.preview import preview
 
+    if _no_recipe(args):
+        return 2
     cfg = load_config(args.recipe, args.overrides)
     preview(cfg, n=args.n, as_json=args.json)
     return 0
 
 
 def cmd_config(args) -> int:
+    from rich.markup import escape
+
     from sftune.config import config_to_yaml, describe_keys, load_config
     from sftune.ui import out
 
     if args.keys or not args.recipe:
         for key, default, desc in describe_keys():
-            out.print(f"[bold]{key}[/] = {default}\n    {desc}")
+            out.print(f"[bold]{escape(key)}[/] = {escape(default)}\n    {escape(desc)}")
         return 0
     out.print(config_to_yaml(load_config(args.recipe, args.overrides)), markup=False)
     return 0
@@ -222,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    from sftune.ui import console
+    from sftune.ui import console, quiet_third_party
 
+    quiet_third_party()
     try:
         return COMMANDS[args.command](args)
     except SftuneError as e:

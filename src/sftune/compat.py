@@ -250,7 +250,8 @@ class Guidance:
             t.add_row(escape(legacy), escape(keys))
         console.print(t)
         if self.not_expressible:
-            console.print("As a recipe: not fully expressible, since " + "; ".join(self.not_expressible) + ".")
+            console.print("As a recipe: not fully expressible, since " + "; ".join(self.not_expressible) + ".",
+                          markup=False)
         else:
             recipe = shlex.quote(str(Path(output_dir) / "sftune_config.yaml"))
             extra = " data.eval_split=YOUR_EVAL_SPLIT" if "data.eval_split" in self.overrides else ""

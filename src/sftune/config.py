@@ -54,6 +54,12 @@ class ModelConfig(_Section):
     """Recompute activations in the backward pass to save memory. ``auto`` turns it on only when
     the estimated activation memory of one micro-batch does not fit the device."""
 
+    check: Literal["auto", "strict", "off"] = "auto"
+    """Start-up equivalence check: before the first step, a few of the run's own examples go through
+    the chosen row layout and loss and are compared with the model run one example at a time.
+    ``auto`` falls back to a safer layout (or the unfused loss) on a mismatch and says so;
+    ``strict`` refuses to train instead; ``off`` skips the check (a few forwards)."""
+
 
 class LoraConfig(_Section):
     enabled: bool = False
@@ -343,25 +349,65 @@ ALIASES = {
     "dataset_name": "data.path", "dataset": "data.path", "completion_only_loss": "data.train_on_prompt",
     "resume_from_checkpoint": "train.resume", "torch_dtype": "model.dtype", "bf16": "train.mixed_precision",
     "fp16": "train.mixed_precision", "warmup": "train.warmup_ratio",
+    # short names people type on the command line
+    "lr": "train.lr", "epochs": "train.epochs", "steps": "train.max_steps", "bs": "train.batch_size",
+    "batch": "train.batch_size", "accum": "train.grad_accum", "max_len": "data.max_length",
+    "seq_len": "data.max_length", "model": "model.path", "data": "data.path", "output": "train.output_dir",
+    "out": "train.output_dir", "output_dir": "train.output_dir", "seed": "train.seed",
 }
 
+_MISSING = object()
 
-def _closest(key: str) -> str:
+
+def _kind_fits(key: str, value: Any) -> bool:
+    """Whether ``value`` could be a value of ``key`` (by the field's default), so ``lr=1e-4`` is not
+    matched to an integer key such as ``lora.r``."""
+    if value is _MISSING or value is None:
+        return True
+    section, _, name = key.partition(".")
+    model = _section_models().get(section)
+    field = model.model_fields.get(name) if model else None
+    if field is None:
+        return True
+    default = field.default
+    if isinstance(value, str):
+        try:
+            value = float(value)  # "1e-4": YAML reads it as a string, the schema as a number
+        except ValueError:
+            pass
+    if isinstance(value, bool) or isinstance(default, bool):
+        return isinstance(value, bool) == isinstance(default, bool) or default is None
+    if isinstance(value, float):
+        return isinstance(default, float) or default is None
+    if isinstance(value, int):
+        return isinstance(default, (int, float)) or default is None
+    return not isinstance(default, (int, float)) or default is None
+
+
+def _closest(key: str, value: Any = _MISSING) -> str:
+    """The valid key a mistyped one most likely meant: an alias, the same leaf name in another
+    section, else the closest spelling whose kind of value fits ``value``."""
     options = valid_keys()
     leaf = key.split(".")[-1]
     if leaf in ALIASES:
         return f" Did you mean '{ALIASES[leaf]}'?"
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    if not match:  # compare the leaf name alone ("max_len" -> "data.max_length")
-        leaves = {k.split(".")[-1]: k for k in options}
-        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.5)
-        match = [leaves[m[0]]] if m else []
-    return f" Did you mean '{match[0]}'?" if match else ""
+    same_leaf = [k for k in options if k.split(".")[-1] == leaf and k != key]
+    if same_leaf:
+        return f" Did you mean '{same_leaf[0]}'?"
+    leaves: dict[str, list[str]] = {}
+    for k in options:
+        leaves.setdefault(k.split(".")[-1], []).append(k)
+    candidates = difflib.get_close_matches(key, options, n=5, cutoff=0.5)
+    for m in difflib.get_close_matches(leaf, list(leaves), n=5, cutoff=0.5):
+        candidates += [k for k in leaves[m] if k not in candidates]
+    fitting = [k for k in candidates if _kind_fits(k, value)]
+    return f" Did you mean '{fitting[0]}'?" if fitting else ""
 
 
-def _unknown_key_error(key: str, source: str) -> ConfigError:
-    return ConfigError(f"unknown config key '{key}' in {source}.{_closest(key)} "
-                       f"Run 'sftune config' to list every key.")
+def _unknown_key_error(key: str, source: str, value: Any = _MISSING) -> ConfigError:
+    where = "on the command line" if source == "the command line" else f"in {source}"
+    return ConfigError(f"unknown config key '{key}' {where}.{_closest(key, value)} "
+                       f"Run 'sftune config --keys' to list every key.")
 
 
 def _check_keys(raw: dict, source: str) -> None:
@@ -374,9 +420,9 @@ def _check_keys(raw: dict, source: str) -> None:
                 raise ConfigError(f"'{key}' in {source} must be a mapping of keys, got {value!r}.")
             for sub in value:
                 if sub not in sections[key].model_fields:
-                    raise _unknown_key_error(f"{key}.{sub}", source)
+                    raise _unknown_key_error(f"{key}.{sub}", source, value[sub])
         elif key not in SFTConfig.model_fields:
-            raise _unknown_key_error(key, source)
+            raise _unknown_key_error(key, source, value)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -465,23 +511,30 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | 
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for key, value in items:
         _set_dotted(raw, key, value)
-    _check_keys(raw, "the overrides")
+    _check_keys(raw, "the command line")
     if name and not raw.get("recipe"):
         raw["recipe"] = name
-    return validate_config(raw, source)
+    return validate_config(raw, source, overridden={k for k, _ in items})
 
 
-def validate_config(raw: dict, source: str = "the config") -> SFTConfig:
+def validate_config(raw: dict, source: str = "the config", overridden: set[str] | None = None) -> SFTConfig:
+    """Validate ``raw``; an invalid value is blamed on the command line when an override set it
+    (``overridden`` holds those dotted keys), else on ``source``."""
     try:
         return SFTConfig.model_validate(raw)
     except ValidationError as e:
-        lines = []
+        lines, sources = [], []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
+            from_cli = any(key == k or key.startswith(k + ".") for k in overridden or ())
             if err["type"] == "extra_forbidden":
-                raise _unknown_key_error(key, source) from None
+                raise _unknown_key_error(key, "the command line" if from_cli else source) from None
+            where = "the command line" if from_cli else source
+            if where not in sources:
+                sources.append(where)
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError(f"invalid config in {source}:\n" + "\n".join(lines)) from None
+        where = " and ".join(("on " if w == "the command line" else "in ") + w for w in sources)
+        raise ConfigError(f"invalid config {where}:\n" + "\n".join(lines)) from None
 
 
 def config_to_yaml(cfg: SFTConfig) -> str:

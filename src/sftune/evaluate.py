@@ -10,18 +10,32 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
+from rich.table import Table
+
+from sftune.attention import enable_varlen
+from sftune.capabilities import capabilities
+from sftune.config import load_config, parse_override
 
 from sftune.data.formats import BadRow, Format, TextFormat
 from sftune.data.packing import BatchPlan, model_inputs
 from sftune.errors import RowSkip
+from sftune.data.pipeline import prepare_data
 from sftune.generation import generate_with
+from sftune.inference import load_for_inference
+from sftune.loss import CausalLMWithLoss
+from sftune.model import resolve_max_length, unwrap_causal_lm
+from sftune.ui import console
+from sftune.ui import out as stdout
 
 
 @torch.no_grad()
@@ -33,9 +47,10 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
     all-reduced. Every rank runs the same number of forwards (an empty batch where it has none
     left), as sharded models (FSDP, ZeRO-3) need.
     """
+    inner = accelerator.unwrap_model(model) if accelerator else model
+    layout = getattr(inner, "layout", None) or ("flat" if getattr(inner, "varlen", False) else "rows")
     plan = BatchPlan.build(data.lengths, batch_size=batch_size, grad_accum=1, packing=packing,
-                           max_length=max_length, seed=0,
-                           flat=getattr(accelerator.unwrap_model(model) if accelerator else model, "varlen", False))
+                           max_length=max_length, seed=0, layout=layout)
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     order = np.argsort(-plan.unit_lengths, kind="stable").tolist()
@@ -117,7 +132,6 @@ def sample_generations(cfg, model, tokenizer, data, synced: bool = False) -> lis
 
 def generation_eval(cfg, model, tokenizer, data, label: str = "", show: bool = True, synced: bool = False) -> dict:
     """Greedy generation on the eval rows: exact match / contains match, plus a few samples."""
-    from sftune.ui import console
 
     examples = generation_examples(data.fmt, data.source.eval, cfg.eval.limit)
     if not examples:
@@ -128,15 +142,13 @@ def generation_eval(cfg, model, tokenizer, data, label: str = "", show: bool = T
     metrics["samples"] = [{"prompt": e.prompt, "reference": e.reference, "generated": p}
                           for e, p in zip(examples[:cfg.eval.samples], preds)]
     if cfg.eval.samples and show:
-        from rich.table import Table
-
         t = Table(title=f"Sample generations ({label})" if label else "Sample generations", title_justify="left")
         t.add_column("prompt", overflow="fold", max_width=48)
         t.add_column("generated (stops at EOS by itself)", overflow="fold")
         t.add_column("expected", overflow="fold")
         for s in metrics["samples"]:
             ok = "[green]✓[/]" if s["generated"].strip() == s["reference"].strip() else "[red]✗[/]"
-            t.add_row(s["prompt"][-120:], f"{ok} {s['generated']!r}", repr(s["reference"]))
+            t.add_row(escape(s["prompt"][-120:]), f"{ok} {escape(repr(s['generated']))}", escape(repr(s["reference"])))
         console.print(t)
     return metrics
 
@@ -145,19 +157,15 @@ def evaluate_loaded(loaded, cfg, *, limit: int | None, max_new_tokens: int, batc
                     tokenizer=None) -> dict:
     """Loss / perplexity over the completion tokens of ``cfg.data``'s rows, plus generation metrics
     (exact and contains match) for prompt/completion and chat data."""
-    from sftune.data.pipeline import prepare_data
-    from sftune.loss import CausalLMWithLoss
-    from sftune.model import resolve_max_length
 
     tokenizer = tokenizer or loaded.tokenizer
     max_length = resolve_max_length(cfg, tokenizer, loaded.model.config)
     data = prepare_data(cfg.data, tokenizer, max_length, fmt=loaded.fmt)
-    from sftune.attention import enable_varlen
-    from sftune.model import unwrap_causal_lm
 
     device = next(loaded.model.parameters()).device
-    enable_varlen(unwrap_causal_lm(loaded.model))
-    lm = CausalLMWithLoss(loaded.model)
+    caps = capabilities(loaded.model)  # the fastest exact layout this model takes (see sftune.capabilities)
+    layout = caps.layout if caps.layout != "flat" or enable_varlen(unwrap_causal_lm(loaded.model)) else caps.layouts[1]
+    lm = CausalLMWithLoss(loaded.model, fused=caps.fused_loss, layout=layout)
     result = eval_loss(lm, data.train, batch_size=8, max_length=max_length, pad_id=tokenizer.pad_token_id,
                        device=device)
     result = {"loss": result["eval_loss"], "perplexity": result["eval_ppl"], "loss_tokens": result["eval_tokens"]}
@@ -178,14 +186,8 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
              overrides: list[str] | None = None, limit: int | None = 200, max_new_tokens: int = 128,
              batch_size: int = 16, out: str | None = None) -> dict:
     """``sftune eval``: evaluate a run (and optionally a baseline) on held-out data; table + JSON."""
-    import json
-    from pathlib import Path
 
-    from rich.table import Table
 
-    from sftune.config import load_config, parse_override
-    from sftune.inference import load_for_inference
-    from sftune.ui import console, out as stdout
 
     loaded = load_for_inference(model)
     base_cfg = loaded.cfg.model_dump() if loaded.cfg is not None else {}
@@ -198,17 +200,23 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
     results = {model: evaluate_loaded(loaded, cfg, limit=limit, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size)}
     if baseline:
-        base = load_for_inference(baseline)
+        seed = loaded.cfg.train.seed if loaded.cfg is not None else 42
+        base = load_for_inference(baseline, init_seed=seed)  # builtin:quickstart: the run's untrained init
+        if baseline.startswith("builtin:"):
+            console.print(f"baseline {baseline}: the built-in model's initial weights (seed {seed}), i.e. the "
+                          "from-scratch run before training", markup=False)
         # prompt the baseline exactly as the fine-tuned model: same format, same tokenizer when compatible
         base.fmt = loaded.fmt
         same_vocab = len(loaded.tokenizer) <= base.model.get_input_embeddings().weight.shape[0]
         results[baseline] = evaluate_loaded(base, cfg, limit=limit, max_new_tokens=max_new_tokens,
                                             batch_size=batch_size, tokenizer=loaded.tokenizer if same_vocab else None)
 
-    t = Table(title=f"Evaluation on {data_path}", title_justify="left")
+    from rich.markup import escape
+
+    t = Table(title=f"Evaluation on {escape(data_path)}", title_justify="left")
     t.add_column("metric")
     for name in results:
-        t.add_column(name if len(name) < 40 else "…" + name[-39:], justify="right")
+        t.add_column(escape(name if len(name) < 40 else "…" + name[-39:]), justify="right")
     for key, label in (("loss", "loss (completion tokens)"), ("perplexity", "perplexity"),
                        ("exact_match", "exact match"), ("contains_match", "contains match"),
                        ("examples", "examples (loss)"), ("generated", "examples (generation)")):
@@ -223,7 +231,7 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
     path = Path(out) if out else (Path(model) / "eval.json" if (Path(model) / "sftune_config.yaml").exists()
                                   else Path("eval.json"))
     path.write_text(json.dumps({"data": data_path, "results": results}, indent=2, ensure_ascii=False))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
     stdout.print(json.dumps({k: {m: v for m, v in r.items() if m != "samples"} for k, r in results.items()}),
                  markup=False, highlight=False)
     return results

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from sftune.config import SFTConfig, config_to_yaml
 from sftune.data.formats import Format
 from sftune.distributed import is_sharded, plain_copy
+from sftune.inference import load_for_inference
 
 
 def resolved_config(cfg: SFTConfig, fmt) -> SFTConfig:
@@ -69,10 +72,6 @@ def save_final(cfg: SFTConfig, accelerator, lm, tokenizer, out_dir: Path, data) 
 def export_run(run: str, out: str, *, dtype: str = "auto", push_to_hub: str | None = None) -> Path:
     """``sftune export``: merge LoRA into the base weights (when there is an adapter) and save
     safetensors, the tokenizer and its chat/prompt template, so ``transformers.pipeline`` works."""
-    import torch
-
-    from sftune.inference import load_for_inference
-
     loaded = load_for_inference(run, dtype=dtype if dtype != "auto" else "float32", device="cpu")
     model = loaded.model
     if hasattr(model, "merge_and_unload"):

@@ -13,11 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from peft import AutoPeftModelForCausalLM
+from rich.markup import escape
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sftune.config import SFTConfig, validate_config
 from sftune.data.formats import BadRow, Format, format_from_identity
 from sftune.errors import DataError, RowSkip, SftuneError
 from sftune.generation import Streamer, generate_with
+from sftune.model import resolve_path
+from sftune.ui import console
 
 
 @dataclass
@@ -56,13 +62,17 @@ class Loaded:
         return generate_with(self.fmt, self.model, self.tokenizer, prompts, **kwargs)
 
 
-def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = None) -> Loaded:
-    """Load a run directory, a model directory or a hub id, with its tokenizer and training format."""
-    import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _has_weights(p: Path) -> bool:
+    return any(p.glob("*.safetensors")) or any(p.glob("*.bin")) or any(p.glob("*.safetensors.index.json"))
 
-    from sftune.model import resolve_path
 
+def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = None, init_seed: int = 42) -> Loaded:
+    """Load a run directory, a model directory or a hub id, with its tokenizer and training format.
+
+    A built-in model without weights (``builtin:quickstart``) is initialised from its config with
+    ``init_seed``, exactly as a from-scratch run with that ``train.seed`` starts: the untrained
+    baseline of such a run."""
+    builtin = path.startswith("builtin:")
     path = resolve_path(path)
     p = Path(path)
     cfg = None
@@ -76,9 +86,10 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if (p / "adapter_config.json").exists():
-            from peft import AutoPeftModelForCausalLM
-
             model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        elif builtin and not _has_weights(p):
+            torch.manual_seed(init_seed)  # as sftune.model.load_model does for model.from_scratch
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except Exception as e:
@@ -96,14 +107,13 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
 def chat(loaded: Loaded, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
          stdin=None, stdout=None) -> int:
     """A multi-turn REPL (single-turn for prompt/completion models). ``/reset`` and ``/exit``."""
-    from sftune.ui import console
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     interactive = stdin.isatty()
     multi_turn = loaded.is_chat
     mode = "multi-turn chat" if multi_turn else "single-turn (each message is a new prompt)"
-    console.print(f"[bold]sftune chat[/] with {loaded.path}: {mode}. /reset clears history, /exit quits.")
+    console.print(f"[bold]sftune chat[/] with {escape(str(loaded.path))}: {mode}. /reset clears history, /exit quits.")
     history: list[dict] = []
     turns = 0
     while True:

@@ -117,14 +117,17 @@ class CausalLMWithLoss(nn.Module):
     ``position_ids`` restart at every packed example and no 2-D attention mask is passed.
     """
 
-    def __init__(self, model: nn.Module, fused: bool = True):
+    def __init__(self, model: nn.Module, fused: bool = True, layout: str | None = None):
         super().__init__()
+        from sftune.capabilities import logit_transforms
+
         self.model = model
         lm = self.causal_lm
-        cfg = getattr(lm, "config", None)
-        special = any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        special = logit_transforms(getattr(lm, "config", None))  # softcaps, scales, multipliers after lm_head
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         self.fused = fused and not special and isinstance(head, nn.Linear) and hasattr(lm, "base_model")
+        self.layout = layout
+        """The row layout the batches use (``sftune.capabilities.LAYOUTS``); None: flat when ``varlen``."""
 
     @property
     def _no_split_modules(self):
@@ -148,25 +151,38 @@ class CausalLMWithLoss(nn.Module):
     @property
     def varlen(self) -> bool:
         """Whether the model attends per example within a flat row (see ``sftune.attention``)."""
-        from sftune.attention import NAME
+        from sftune.attention import NAMES
 
-        return getattr(self.causal_lm.config, "_attn_implementation", None) == NAME
+        return getattr(self.causal_lm.config, "_attn_implementation", None) in NAMES
+
+    def _call(self, fn, input_ids, position_ids, doc_bounds):
+        if doc_bounds is not None and self.varlen:
+            from sftune.attention import flat_rows
+
+            # per-example attention from the boundaries; no mask is built (all-ones tells
+            # transformers not to derive the [T, T] block mask from the restarting positions)
+            with flat_rows():
+                return fn(input_ids=input_ids, position_ids=position_ids, use_cache=False, doc_bounds=doc_bounds,
+                          attention_mask=torch.ones_like(input_ids))
+        return fn(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+
+    def hidden_states(self, input_ids, position_ids, doc_bounds=None) -> torch.Tensor:
+        """The body's last hidden states ``[rows, T, hidden]`` (what the fused loss reads)."""
+        return self._call(self.causal_lm.base_model, input_ids, position_ids, doc_bounds).last_hidden_state
+
+    def logits(self, input_ids, position_ids, doc_bounds=None) -> torch.Tensor:
+        """The model's logits ``[rows, T, vocab]``, with every transform the model applies."""
+        return self._call(self.causal_lm, input_ids, position_ids, doc_bounds).logits
 
     def forward(self, input_ids, position_ids, loss_index, loss_targets, doc_bounds=None, loss_weights=None):
         """The summed (``loss_weights``: weighted) token loss of the batch."""
         lm = self.causal_lm
-        extra = {}
-        if doc_bounds is not None and self.varlen:
-            # per-example attention from the boundaries; an all-ones mask tells transformers not to
-            # build the [T, T] block mask it would otherwise derive from the restarting positions
-            extra = {"doc_bounds": doc_bounds, "attention_mask": torch.ones_like(input_ids)}
         if self.fused:
-            out = lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
-            hidden = out.last_hidden_state
+            hidden = self.hidden_states(input_ids, position_ids, doc_bounds)
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
             head = lm.get_output_embeddings()
             return linear_cross_entropy_sum(hidden, head.weight, loss_targets, head.bias, row_weights=loss_weights)
-        logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
+        logits = self.logits(input_ids, position_ids, doc_bounds)
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, loss_index)
         if loss_weights is not None:
             return (F.cross_entropy(logits.float(), loss_targets, reduction="none") * loss_weights.float()).sum()

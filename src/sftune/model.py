@@ -9,6 +9,7 @@ really added (for example the ``<|im_start|>``/``<|im_end|>`` of ``data.chat_tem
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -31,7 +32,18 @@ def resolve_path(path: str) -> str:
     return path
 
 
+def _looks_local(path: str) -> bool:
+    """A path a hub id cannot be: ``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``, ``C:\\x``."""
+    import os
+
+    return (path.startswith((".", "/", "~", os.sep)) or path.count("/") > 1 or "\\" in path
+            or (len(path) > 1 and path[1] == ":"))
+
+
 def _from_pretrained_error(what: str, path: str, e: Exception) -> SftuneError:
+    if _looks_local(path) and not Path(path).expanduser().exists():
+        return ConfigError(f"could not load the {what} '{path}': no such directory\n  → model.path must be an "
+                           "existing model directory (with config.json) or a hub id such as distilgpt2")
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return SftuneError(
         f"could not load the {what} '{path}': {first}\n  → check model.path; a hub id needs the network "
@@ -184,14 +196,24 @@ def add_lora(cfg: SFTConfig, model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     from transformers.pytorch_utils import Conv1D
 
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, modules_to_save=cfg.lora.modules_to_save,
-                      fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 style layers
-                      task_type="CAUSAL_LM")
+    from sftune.capabilities import lora_error_hint, lora_settings
+
+    # what peft refuses for this family: modules left out of all-linear, dropout 0 on expert parameters
+    adjust, notes = lora_settings(model, cfg.lora)
+    kwargs = dict(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                  target_modules=cfg.lora.target_modules, modules_to_save=cfg.lora.modules_to_save,
+                  fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 style layers
+                  task_type="CAUSAL_LM")
+    kwargs.update(adjust)
+    if notes and int(os.environ.get("RANK", "0")) == 0:
+        from sftune.ui import console
+
+        for note in notes:
+            console.print(note)
     try:
-        return get_peft_model(model, lcfg)
+        return get_peft_model(model, LoraConfig(**kwargs))
     except ValueError as e:
-        raise ConfigError(f"LoRA could not be applied: {e}\n  → check lora.target_modules") from None
+        raise ConfigError(f"LoRA could not be applied: {e}\n  → {lora_error_hint(str(e))}") from None
 
 
 def count_parameters(model) -> tuple[int, int]:

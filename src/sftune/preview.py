@@ -1,6 +1,7 @@
 """``sftune preview``: training sequences as the model sees them, and the dataset report.
 
-Trained tokens (labels != -100) are shown in green, masked tokens dimmed. ``--json`` prints one
+Trained tokens (labels != -100) are shown in green, masked tokens dimmed; without colour (output not
+a terminal, or ``NO_COLOR``) each run of trained tokens is marked ``«…»`` instead. ``--json`` prints one
 object per training sequence, ``{"input_ids", "labels", "position_ids", "text"}``, on stdout; this
 shape is stable so other tools can check masks against it.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from rich.markup import escape
 from rich.text import Text
 
 from sftune.config import SFTConfig
@@ -20,15 +22,30 @@ from sftune.model import load_model_config, load_tokenizer, resolve_max_length
 from sftune.ui import console, out
 
 
-def colored(tokenizer, ids, labels, weights=None) -> Text:
-    """Trained tokens green (yellow where a message's weight is not 1), masked tokens dim."""
+OPEN, CLOSE = "«", "»"  # trained-token marks when there is no colour
+
+
+def plain_output(console) -> bool:
+    """No colour reaches the reader: marks instead of styles."""
+    return not console.is_terminal or console.no_color or console.color_system is None
+
+
+def colored(tokenizer, ids, labels, weights=None, plain: bool = False) -> Text:
+    """Trained tokens green (yellow where a message's weight is not 1), masked tokens dim; with
+    ``plain``, trained runs are also marked «…» so the text reads without colour."""
     text = Text()
     weights = [1.0] * len(ids) if weights is None else weights
+    trained_run = False
     for tid, lab, w in zip(ids, labels, weights):
         piece = tokenizer.decode([int(tid)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         piece = piece.replace("\n", "↵\n")
-        style = "dim" if lab == IGNORE else "bold green" if w == 1 else "bold yellow"
-        text.append(piece, style=style)
+        trained = lab != IGNORE
+        if plain and trained != trained_run:
+            text.append(OPEN if trained else CLOSE)
+            trained_run = trained
+        text.append(piece, style="dim" if not trained else "bold green" if w == 1 else "bold yellow")
+    if plain and trained_run:
+        text.append(CLOSE)
     return text
 
 
@@ -62,11 +79,15 @@ def preview(cfg: SFTConfig, n: int = 3, as_json: bool = False) -> None:
                                   "rows": rows}), markup=False, highlight=False)
         else:
             trained = sum(lab != IGNORE for lab in labels)
-            console.rule(f"sequence {r}: rows {rows}, {len(ids)} tokens, {trained} trained")
-            console.print(colored(tokenizer, ids, labels, weights))
+            console.rule(f"sequence {r}: rows {escape(str(rows))}, {len(ids)} tokens, {trained} trained")
+            console.print(colored(tokenizer, ids, labels, weights, plain=plain_output(console)))
     if not as_json:
-        weighted = " [bold yellow]trained with a message weight other than 1[/]" if data.train.weighted else ""
-        console.print(f"[dim]legend:[/] [bold green]trained tokens[/]{weighted} [dim]masked tokens (no loss)[/]")
+        weighted = data.train.weighted
+        if plain_output(console):
+            console.print(f"legend: {OPEN}trained tokens{CLOSE}, unmarked: masked tokens (no loss)", markup=False)
+        else:
+            extra = " [bold yellow]trained with a message weight other than 1[/]" if weighted else ""
+            console.print(f"[dim]legend:[/] [bold green]trained tokens[/]{extra} [dim]masked tokens (no loss)[/]")
     data.report.render(console, title="Training data")
     if data.eval_report is not None:
         data.eval_report.render(console, title="Eval data")

@@ -44,6 +44,12 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "↵")
 
 
+def _sample_order(rec: dict) -> tuple:
+    """"before training" first, then the evaluations in step order, "after training" last."""
+    label = rec.get("label", "")
+    return (0 if label == "before training" else 2 if label == "after training" else 1, rec.get("step", 0))
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and its plots into ``run_dir``; returns the report's path."""
     run = Path(run_dir)
@@ -52,7 +58,7 @@ def build_report(run_dir: str | Path) -> Path:
         raise SftuneError(f"{run} has no metrics.jsonl: give a training output directory")
     train = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if "eval_loss" in r and not r.get("final")]
-    samples = [r for r in records if "samples" in r]
+    samples = sorted((r for r in records if "samples" in r), key=_sample_order)
 
     plots = []
     steps = [r["step"] for r in train]
@@ -62,7 +68,7 @@ def build_report(run_dir: str | Path) -> Path:
     plots.append(("Loss", "loss.png"))
     _plot(run / "lr.png", "Learning rate", "learning rate", [("lr", steps, [r["lr"] for r in train])])
     plots.append(("Learning rate", "lr.png"))
-    _plot(run / "throughput.png", "Throughput", "trained tokens / s",
+    _plot(run / "throughput.png", "Throughput", "tokens / s (all non-padding tokens)",
           [("tokens/s", steps, [r.get("tokens_per_s", 0) for r in train])])
     plots.append(("Throughput", "throughput.png"))
 
@@ -81,9 +87,12 @@ def build_report(run_dir: str | Path) -> Path:
                 ("truncated", f"{d['truncated']} (max_length {d['max_length']})"),
                 ("tokens / example", f"p50 {p.get('p50')}, p90 {p.get('p90')}, p99 {p.get('p99')}, max {p.get('max')}"),
                 ("tokens with loss", f"{d['loss_tokens']:,} of {d['total_tokens']:,} ({100 * d['loss_fraction']:.1f}%)"),
-                ("EOS trained everywhere", "yes" if d.get("eos_trained_everywhere") else "no"),
+                ("EOS trained", ("yes, every untruncated example" if d.get("truncated") else "yes, every example")
+                 if d.get("eos_trained_everywhere") else f"no: {d.get('eos_not_trained')} untruncated examples"),
                 ("packing" if d.get("packing") else "padding",
                  f"{100 * d['fill']:.1f}% real tokens" if d.get("packing") else f"{100 * (1 - d['fill']):.1f}% padding")]
+        if d.get("model_check", {}).get("line"):
+            rows.append(("model check", d["model_check"]["line"].removeprefix("model check: ")))
         lines += ["## Training data", "", _table(rows), ""]
     lines += ["## Plots", ""] + [f"![{t}]({f})" for t, f in plots] + [""]
     if samples:

@@ -30,11 +30,11 @@ from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
 from sftune.export import save_final
 from sftune.loss import CausalLMWithLoss
-from sftune.attention import enable_varlen
+from sftune.probe import choose_layout
 from sftune.model import (count_parameters, fast_activations, load_model, load_model_config, load_tokenizer,
                           resolve_max_length, unwrap_causal_lm)
 from sftune.report import build_report
-from sftune.ui import MetricsLogger, console, training_progress
+from sftune.ui import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
 
 
 
@@ -167,6 +167,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     """
     from accelerate.utils import set_seed
 
+    quiet_third_party()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     accelerator = make_accelerator(cfg)
@@ -185,15 +186,6 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     max_length = resolve_max_length(cfg, tokenizer, model_config)
     with accelerator.main_process_first():
         data: PreparedData = prepare_data(cfg.data, tokenizer, max_length, source=source, fmt=fmt)
-    # one flat row per micro-batch with per-example attention, unless the user picked a kernel (or
-    # torch.compile, which would recompile for every new set of example boundaries)
-    flat = cfg.model.attn_implementation in (None, "sdpa") and not cfg.train.compile
-    plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                           world_size=world, packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed,
-                           flat=flat, hidden_size=getattr(model_config, "hidden_size", 768))
-    describe_plan(data.report, plan)
-    if main:
-        data.report.render(console, title="Training data")
 
     # ---- model, loss, optimizer, schedule
     if model is None:
@@ -203,8 +195,17 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
 
         model = add_lora(cfg, model)
     fast_activations(model)
-    if flat and not enable_varlen(unwrap_causal_lm(model)):
-        plan.flat = False  # a model without the attention interface: rows with block masks instead
+    # the row layout and loss the model can take, checked on a few of this run's examples: chosen once
+    choice = choose_layout(cfg, model, data, data.report, console if main else None, device, is_sharded(accelerator))
+    plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                           world_size=world, packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed,
+                           layout=choice.layout, hidden_size=getattr(model_config, "hidden_size", 768))
+    describe_plan(data.report, plan)
+    if main:
+        data.report.render(console, title="Training data")
+        if cfg.train.eval_every and data.eval is None:
+            console.print(f"note: train.eval_every={cfg.train.eval_every} is ignored: the data has no eval split "
+                          "(set data.eval_split, e.g. data.eval_split=0.05)")
     if want_checkpointing(cfg, model_config, max_length, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if main:
@@ -212,7 +213,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     trainable, total = count_parameters(model)
     if main:
         console.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
-    lm = CausalLMWithLoss(model)
+    lm = CausalLMWithLoss(model, fused=choice.fused, layout=choice.layout)
     if cfg.train.compile:
         lm.compile(dynamic=True)
     optimizer = make_optimizer(cfg, lm, device)
@@ -246,7 +247,9 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
         state = load_checkpoint(accelerator, out_dir)
         start_step = state["step"]
         if main:
-            console.print(f"resumed from {state['path']} at step {start_step}")
+            console.print(f"resumed from {state['path']} at step {start_step}", markup=False)
+            if truncate_metrics(out_dir, start_step):  # steps after the checkpoint were abandoned
+                console.print(f"metrics.jsonl: dropped the records after step {start_step}")
     elif main and (out_dir / "metrics.jsonl").exists():
         (out_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
@@ -370,6 +373,6 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     if main:
         (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         report = build_report(out_dir)
-        console.print(f"saved to [bold]{out_dir}[/] (report: {report})")
+        console.print(f"saved to [bold]{escape(str(out_dir))}[/] (report: {escape(str(report))})")
     accelerator.end_training()
     return TrainResult(str(out_dir), total_steps, last_loss, metrics)

@@ -7,7 +7,11 @@ both can be piped. Only the main process prints and writes metrics.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +21,68 @@ console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
 
-def training_progress(enabled: bool) -> Progress:
+class PlainProgress:
+    """The progress bar's stand-in when stderr is not a terminal (a log file, CI): a plain line every
+    ``every_s`` seconds (env ``SFTUNE_PROGRESS_SECONDS``, default 30) with the step and the latest
+    logged loss, and always one for the last step, so a log shows the run moving without ``\\r``
+    redraws::
+
+        step 150/2000 (7%)  loss 1.2345  lr 1.00e-03  12,345 tok/s  elapsed 0:00:15  ETA 0:03:05
+    """
+
+    def __init__(self, enabled: bool, every_s: float | None = None):
+        self.enabled = enabled
+        if every_s is None:
+            try:
+                every_s = float(os.environ.get("SFTUNE_PROGRESS_SECONDS", "30"))
+            except ValueError:
+                every_s = 30.0
+        self.every_s = every_s
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: int, completed: int = 0, **fields) -> int:
+        now = time.monotonic()
+        self.tasks[0] = {"total": total, "completed": completed, "start": completed, "t0": now, "last": now,
+                         "printed": completed, **fields}
+        return 0
+
+    def update(self, task: int, completed: int | None = None, **fields) -> None:
+        t = self.tasks[task]
+        t.update(fields)  # new metrics: printed with the step count that follows them
+        if completed is None:
+            return
+        t["completed"] = completed
+        now = time.monotonic()
+        done = t["completed"] >= t["total"]
+        if self.enabled and completed > t["printed"] and (done or now - t["last"] >= self.every_s):
+            t["last"], t["printed"] = now, completed
+            console.print(self.line(t, now), markup=False, highlight=False, soft_wrap=True)
+
+    @staticmethod
+    def line(t: dict, now: float) -> str:
+        def hms(seconds: float) -> str:
+            seconds = int(round(seconds))
+            return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+        elapsed = now - t["t0"]
+        steps = t["completed"] - t["start"]
+        left = t["total"] - t["completed"]
+        eta = hms(elapsed / steps * left) if steps > 0 else "-"
+        pct = 100 * t["completed"] / max(t["total"], 1)
+        return (f"step {t['completed']}/{t['total']} ({pct:.0f}%)  loss {t.get('loss', '-')}  lr {t.get('lr', '-')}  "
+                f"{t.get('tps', '-')} tok/s  elapsed {hms(elapsed)}  ETA {eta}")
+
+
+def training_progress(enabled: bool) -> Progress | PlainProgress:
+    """A live progress bar on a terminal; plain periodic lines otherwise (see :class:`PlainProgress`)."""
+    if not console.is_terminal:
+        return PlainProgress(enabled)
     return Progress(
         TextColumn("[bold]step"),
         MofNCompleteColumn(),
@@ -30,6 +95,52 @@ def training_progress(enabled: bool) -> Progress:
         disable=not enabled,
         transient=False,
     )
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not any(part in msg for part in self.parts)
+
+
+_quieted = False
+
+
+def quiet_third_party() -> None:
+    """Silence library noise that says nothing to an sftune user, so a log reads cleanly:
+
+    * datasets' and transformers' ``\\r`` progress bars when stderr is not a terminal;
+    * accelerate's ``Removed shared tensor {...} while saving`` at every checkpoint (tied
+      embeddings, saved once and tied again on load: expected);
+    * transformers' ``is_gradient_checkpointing is deprecated`` FutureWarning (raised inside peft);
+    * "Token indices sequence length is longer than ..." (sftune truncates and reports it itself).
+    """
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    if not sys.stderr.isatty() and "ipykernel" not in sys.modules:  # notebooks draw widgets, not \r lines
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except Exception:  # pragma: no cover - datasets is a dependency, but keep this harmless
+            pass
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except Exception:  # pragma: no cover
+            pass
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    logging.getLogger("accelerate.utils.other").addFilter(_DropMessages("Removed shared tensor"))
+    logging.getLogger("transformers.tokenization_utils_base").addFilter(
+        _DropMessages("Token indices sequence length is longer"))
 
 
 class MetricsLogger:
@@ -47,14 +158,14 @@ class MetricsLogger:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:
-                    console.print("[yellow]report_to tensorboard needs: pip install 'sftune[tensorboard]'[/]")
+                    console.print(r"[yellow]report_to tensorboard needs: pip install 'sftune\[tensorboard]'[/]")
                     continue
                 self.backends.append(("tensorboard", SummaryWriter(str(Path(output_dir) / "tensorboard"))))
             elif name == "wandb":
                 try:
                     import wandb
                 except ImportError:
-                    console.print("[yellow]report_to wandb needs: pip install 'sftune[wandb]'[/]")
+                    console.print(r"[yellow]report_to wandb needs: pip install 'sftune\[wandb]'[/]")
                     continue
                 self.backends.append(("wandb", wandb.init(project="sftune", config=config or {})))
 
@@ -76,6 +187,29 @@ class MetricsLogger:
     def close(self) -> None:
         for kind, backend in self.backends:
             backend.close() if kind == "tensorboard" else backend.finish()
+
+
+def truncate_metrics(output_dir: str | Path, step: int) -> int:
+    """Drop the records after ``step`` from ``metrics.jsonl`` (a resume from an earlier checkpoint
+    abandons them: the log then reads as one run and the loss plot does not draw back). Returns
+    the number of records dropped."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            rec_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if not isinstance(rec_step, (int, float)) or rec_step <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

@@ -36,9 +36,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich.markup import escape
+from transformers.utils.chat_template_utils import render_jinja_template
+
 from sftune.config import DataConfig
 from sftune.data.templates import PromptCompletionTemplate, is_template, named_template, parse_fields
 from sftune.errors import ConfigError, RowSkip
+from sftune.ui import console, is_main_process
 
 # ----------------------------------------------------------------------------- rendered rows
 
@@ -273,10 +277,6 @@ class TextFormat(Format):
     def review(self, report) -> None:
         n = report.skipped.get(NOT_FOUND, 0)
         if n:
-            from rich.markup import escape
-
-            from sftune.ui import console, is_main_process
-
             if is_main_process():
                 rows = ", ".join(map(str, report.skipped_rows[NOT_FOUND])) + (", …" if n > 5 else "")
                 console.print(f"[yellow]warning:[/] {n:,} of {report.rows_used:,} texts in {escape(report.split)} do "
@@ -285,10 +285,6 @@ class TextFormat(Format):
                               "template exactly, spaces and newlines included.")
         n = report.notes.get(TEMPLATE_REPEATED, 0)
         if n:
-            from rich.markup import escape
-
-            from sftune.ui import console, is_main_process
-
             if is_main_process():
                 rows = ", ".join(map(str, report.note_rows[TEMPLATE_REPEATED])) + (", …" if n > 5 else "")
                 console.print(f"[yellow]note:[/] in {n:,} texts the response template "
@@ -382,6 +378,9 @@ class PromptCompletionFormat(Format):
         for c in self.template.fields:
             if c in self.completion_columns:
                 values[c] = ""
+            elif row.get(c) is None and c not in self.template.optional_fields:
+                raise BadRow(f"no value for the prompt column {c!r}", c,
+                             f"each row needs the training prompt's columns: {', '.join(self.prompt_columns)}")
             else:
                 values[c] = _string_field(row, c, optional=True)
         return self.template.render(values)[0]
@@ -503,8 +502,6 @@ class MessagesFormat(Format):
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False, *, index: int | None = None) -> str:
         try:
             if not messages:  # an assistant-first conversation: the template's own text for "no history"
-                from transformers.utils.chat_template_utils import render_jinja_template
-
                 rendered, _ = render_jinja_template(
                     conversations=[[]], chat_template=self.tokenizer.get_chat_template(),
                     add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map)

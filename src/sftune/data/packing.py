@@ -95,20 +95,28 @@ class BatchPlan:
     max_length: int
     seed: int
     packing: bool
-    flat: bool = False
-    """The model attends per example within a row (``sftune.attention``): lay every micro-batch
-    out as one flat row, which needs no padding and no block mask."""
+    mode: str = "rows"
+    """The row layout, chosen once from the model (``sftune.capabilities`` and ``sftune.probe``):
+    ``flat``: the model attends per example within a row (``sftune.attention``), so every
+    micro-batch is one flat row, with no padding and no block mask; ``rows``: several examples per
+    row, boundaries read from ``position_ids``; ``per_example``: one example per row."""
     attn_weight: float = 1 / (6 * 768)
     """Cost of attending to one more context token, relative to a token's linear-layer cost
     (about 1 / (6 * hidden size)); used to choose micro-batch layouts when not ``flat``."""
 
     @classmethod
     def build(cls, lengths, *, batch_size: int, grad_accum: int, world_size: int = 1, packing: bool,
-              max_length: int, seed: int, flat: bool = False, hidden_size: int = 768) -> "BatchPlan":
+              max_length: int, seed: int, flat: bool = False, hidden_size: int = 768,
+              layout: str | None = None) -> "BatchPlan":
         lengths = np.asarray(lengths, dtype=np.int64)
         units = best_fit_decreasing(lengths, max_length) if packing else [[i] for i in range(len(lengths))]
+        mode = layout or ("flat" if flat else "rows")
         return cls(lengths, units, batch_size * grad_accum * world_size, batch_size * world_size, max_length, seed,
-                   packing, flat, 1 / (6 * hidden_size))
+                   packing, mode, 1 / (6 * hidden_size))
+
+    @property
+    def flat(self) -> bool:
+        return self.mode == "flat"
 
     def __post_init__(self):
         self.unit_lengths = np.array([int(self.lengths[u].sum()) for u in self.units], dtype=np.int64)
@@ -137,7 +145,8 @@ class BatchPlan:
     def layout(self, units: list[int]) -> list[list[int]]:
         """Rows (lists of example indices) for a micro-batch of units.
 
-        ``flat``: one row holding every example. Otherwise, with packing, one row per packed unit;
+        ``flat``: one row holding every example. ``per_example``: one row per example (a packed
+        unit is split again). Otherwise, with packing, one row per packed unit;
         without, the cheapest layout by :meth:`layout_cost`: one example per row (plain causal
         attention; best for similar lengths), or packed best-fit-decreasing into rows of
         ``max_length`` or longer (no padding; a block mask over a longer row costs more).
@@ -146,6 +155,8 @@ class BatchPlan:
         if self.flat:
             row = [i for u in units for i in self.units[u]]
             return [row] if row else []
+        if self.mode == "per_example":
+            return [[i] for u in units for i in self.units[u]]
         if self.packing:
             return [self.units[u] for u in units]
         examples = [self.units[u][0] for u in units]

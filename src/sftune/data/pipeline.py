@@ -120,7 +120,7 @@ def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig
                    source: str) -> datasets.Dataset:
     fn = Tokenizer(fmt, tokenizer, max_length, on_bad_row=cfg.on_bad_row, source=source)
     fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length, fmt)
-    quiet = len(ds) < 20_000
+    quiet = len(ds) < 20_000 and datasets.is_progress_bar_enabled()  # leave a caller's setting as it was
     if quiet:
         datasets.disable_progress_bars()
     try:
@@ -165,7 +165,8 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source 
         raise DataError("the training split has no rows", source=source.name)
 
     tok = tokenize_split(source.train, fmt, tokenizer, cfg, max_length, source.name)
-    report, kept = _report(tok, source, fmt, cfg.split, max_length, source.rows_read)
+    train_split = getattr(source, "split", None) or cfg.split
+    report, kept = _report(tok, source, fmt, train_split, max_length, source.rows_read)
     fmt.review(report)
     if report.kept == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.items())
@@ -177,7 +178,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source 
     if source.eval is not None and len(source.eval):
         check_columns(source.eval, fmt.columns, source.name, what)
         etok = tokenize_split(source.eval, fmt, tokenizer, cfg, max_length, source.name)
-        split = cfg.eval_split if isinstance(cfg.eval_split, str) else f"{cfg.split} (held out {cfg.eval_split})"
+        split = cfg.eval_split if isinstance(cfg.eval_split, str) else f"{train_split} (held out {cfg.eval_split})"
         eval_report, ekept = _report(etok, source, fmt, split, max_length, len(source.eval))
         fmt.review(eval_report)
         if len(ekept):

@@ -51,6 +51,9 @@ class DataReport:
     packing: bool = False
     fill: float = 0.0
     """Real tokens / (sequences x max_length) when packing; real / padded batch tokens otherwise."""
+    model_check: dict = field(default_factory=dict)
+    """The start-up equivalence probe (``sftune.probe``): the row layout and loss chosen for the
+    model, whether they matched the model run one example at a time, and its ``line``."""
 
     @property
     def loss_fraction(self) -> float:
@@ -147,13 +150,17 @@ class DataReport:
             t.add_row("tokens/example", f"p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}")
         t.add_row("tokens", f"{self.total_tokens:,} total, {self.loss_tokens:,} with loss "
                   f"({100 * self.loss_fraction:.1f}%)")
-        eos = "[green]yes[/], every example" if self.eos_not_trained == 0 else \
+        every = "every untruncated example (a cut example has no end)" if self.truncated else "every example"
+        eos = f"[green]yes[/], {every}" if self.eos_not_trained == 0 else \
             f"[red]no[/]: {self.eos_not_trained} untruncated examples end without a trained EOS/end-of-turn"
         t.add_row("EOS trained", eos)
         if self.packing:
             t.add_row("packing", f"{self.kept} examples in {self.sequences} sequences, "
                       f"{100 * self.fill:.1f}% of tokens are real")
         elif self.sequences:
-            t.add_row("padding", f"{100 * (1 - self.fill):.1f}% of batch tokens are padding "
-                      "(each micro-batch is packed into rows, padding-free)")
+            how = "one example per row" if self.model_check.get("layout") == "per_example" else \
+                "each micro-batch is packed into rows, padding-free"
+            t.add_row("padding", f"{100 * (1 - self.fill):.1f}% of batch tokens are padding ({how})")
+        if self.model_check.get("line"):
+            t.add_row("model check", escape(self.model_check["line"].removeprefix("model check: ")))
         console.print(t)

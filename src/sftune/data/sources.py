@@ -34,6 +34,9 @@ class Source:
     eval: datasets.Dataset | None
     name: str
     rows_read: int
+    split: str | None = None
+    """The split the training rows came from, when it is not ``data.split`` (a single local file is
+    its own split, whatever ``data.split`` says)."""
 
 
 def _local_files(path: Path) -> tuple[str, dict[str, list[str]]]:
@@ -139,8 +142,9 @@ def with_row_index(ds: datasets.Dataset) -> datasets.Dataset:
 def load_source(cfg: DataConfig) -> Source:
     """Load, select and split rows as configured."""
     dd, name = _load(cfg)
+    split = None
     if cfg.split not in dd and len(dd) == 1 and Path(name).is_file():
-        train = next(iter(dd.values()))  # a single file is its own (only) split, whatever data.split says
+        split, train = next(iter(dd.items()))  # a single file is its own (only) split, whatever data.split says
     else:
         train = _split(dd, cfg.split, name)
     rows_read = len(train)
@@ -152,7 +156,8 @@ def load_source(cfg: DataConfig) -> Source:
             match = difflib.get_close_matches(col, train.column_names, n=1)
             raise DataError(
                 f"data.remove_columns names '{col}', which is not a column", source=name,
-                hint=f"the columns are {train.column_names}" + (f"; did you mean '{match[0]}'?" if match else ""),
+                hint=f"the columns are {train.column_names}" + (f"; did you mean '{match[0]}'?" if match else
+                                                                 "; data.remove_columns=[] removes none"),
             )
     if cfg.remove_columns:
         train = train.remove_columns(cfg.remove_columns)
@@ -172,7 +177,7 @@ def load_source(cfg: DataConfig) -> Source:
         train = train.select(range(min(cfg.limit, len(train))))
     if eval_ds is not None and cfg.eval_limit is not None:
         eval_ds = eval_ds.select(range(min(cfg.eval_limit, len(eval_ds))))
-    return Source(train=train, eval=eval_ds, name=name, rows_read=rows_read)
+    return Source(train=train, eval=eval_ds, name=name, rows_read=rows_read, split=split)
 
 
 def check_columns(ds: datasets.Dataset, needed: list[str], source: str, what: str) -> None:
@@ -184,5 +189,7 @@ def check_columns(ds: datasets.Dataset, needed: list[str], source: str, what: st
             hint = f"the columns are {columns}" + (f"; did you mean '{match[0]}'?" if match else "")
             if {"messages", "conversations"} & set(columns):
                 hint += "; this looks like chat data: set data.format=messages"
+            elif {"instruction", "output"} <= set(columns):
+                hint += "; this looks like Alpaca data (instruction, input, output): set data.template=alpaca"
             raise DataError(f"{what} uses the column '{col}', which does not exist", source=source, column=col,
                             hint=hint)

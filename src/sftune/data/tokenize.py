@@ -97,10 +97,22 @@ class SequenceEncoder:
         bounds = [0] + sorted(set(c for c in cuts if 0 < c < len(text))) + [len(text)]
         ids, starts = [], []
         for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            piece_ids, piece_starts = self.batch([text[a:b]])[0] if k == 0 else self.continuation(text[a:b])
+            if k == 0:
+                piece_ids, piece_starts = self.batch([text[a:b]])[0]
+            else:
+                piece_ids, piece_starts = self.continuation(text[a:b])
+                if not self._continues(ids, piece_ids, text[a:b]):  # e.g. a marker prepended after every special
+                    plain = self.batch([text[a:b]])[0]
+                    if self._continues(ids, plain[0], text[a:b]):
+                        piece_ids, piece_starts = plain
             ids += piece_ids
             starts.append(np.full(len(piece_ids), a, dtype=np.int64) if piece_starts is None else piece_starts + a)
         return ids, (np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64))
+
+    def _continues(self, before: list[int], piece: list[int], text: str) -> bool:
+        decode = lambda ids: self.tok.decode(ids, skip_special_tokens=False,  # noqa: E731
+                                             clean_up_tokenization_spaces=False)
+        return decode(list(before) + list(piece)) == decode(list(before)) + text
 
     # -- one sequence
     def encode(self, seq: Sequence, full=None, contexts=None) -> list[Example]:

@@ -1,0 +1,230 @@
+"""The start-up equivalence probe: is the chosen row layout exact for *this* model on *this* data?
+
+``sftune.capabilities`` predicts which row layouts and which loss a model can take; this module
+checks the prediction before the first step. A few (3) of the run's own training examples, the
+longest of the first few hundred (so sliding windows are exercised), are run without gradients:
+
+* one at a time through the plain model: the reference;
+* through each candidate layout (``flat`` -> ``rows`` -> ``per_example``), until one gives every
+  example's last hidden states (what the logits are a per-token function of) within fp tolerance
+  of the reference;
+* through the loss: the fused lm_head + cross-entropy sum against the cross-entropy of the model's
+  own logits (which include every logit transform). On a mismatch the unfused loss is used.
+
+With ``model.check=auto`` a mismatch falls back and says so in the run's one ``model check`` line;
+``strict`` refuses; ``off`` skips. The decision is all-reduced (safest wins), so every rank of a
+data-parallel run lays its batches out the same way. The result goes into the data report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sftune.attention import BoundsLost
+from sftune.capabilities import LAYOUTS, Capabilities, capabilities
+from sftune.data.packing import collate
+from sftune.errors import ConfigError
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+"""Relative tolerance per dtype (fp32 rounding gives ~1e-6); half precision gets 5e-2."""
+
+
+@dataclass
+class Choice:
+    layout: str
+    fused: bool
+    caps: Capabilities
+    line: str
+    record: dict = field(default_factory=dict)
+
+
+def probe_examples(data, k: int = 3, scan: int = 256) -> list[tuple[list[int], list[int]]]:
+    """The ``k`` longest of the first ``scan`` training examples (deterministic: same on every rank)."""
+    lengths = np.asarray(data.lengths[:scan])
+    order = np.argsort(-lengths, kind="stable")[:k]
+    out = []
+    for i in sorted(order.tolist()):
+        ids, labels = data.example(i)
+        out.append(([int(x) for x in ids], [int(x) for x in labels]))
+    return out
+
+
+def _batch(rows, device):
+    b = collate(rows, pad_id=0)
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+def _per_example(hidden: torch.Tensor, rows) -> list[torch.Tensor]:
+    out = []
+    for r, row in enumerate(rows):
+        pos = 0
+        for ids, _ in row:
+            out.append(hidden[r, pos:pos + len(ids)])
+            pos += len(ids)
+    return out
+
+
+def _rel_diff(h: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest per-position relative L2 difference: robust to outlier features (one large
+    hidden dimension would hide differences in a max-abs metric), and a leak into any single
+    position of an example shows."""
+    return float(((h - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-6)).max())
+
+
+def _layout_rows(layout: str, examples):
+    return [[e] for e in examples] if layout == "per_example" else [list(examples)]
+
+
+def _loss(lm, b, doc_bounds, fused: bool) -> float:
+    was, lm.fused = lm.fused, fused
+    try:
+        return float(lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"], doc_bounds))
+    finally:
+        lm.fused = was
+
+
+def compare(lm, examples, candidates, fused: bool, device) -> dict:
+    """Run the probe; returns ``{"layout", "fused", "diffs": {layout: max rel diff}, "loss_diff"}``
+    (``layout`` None: no candidate matched)."""
+    dtype = next(lm.parameters()).dtype
+    tol = TOLERANCE.get(dtype, 5e-2)
+    with torch.no_grad():
+        ref_hidden, ref_loss = [], 0.0
+        for e in examples:
+            b = _batch([[e]], device)
+            ref_hidden.append(lm.hidden_states(b["input_ids"], b["position_ids"])[0].float())
+            logits = lm.logits(b["input_ids"], b["position_ids"])[0].index_select(0, b["loss_index"])
+            ref_loss += float(F.cross_entropy(logits.float(), b["loss_targets"], reduction="sum"))
+        result = {"layout": None, "fused": fused, "diffs": {}, "loss_diff": None}
+        for layout in candidates:
+            rows = _layout_rows(layout, examples)
+            b = _batch(rows, device)
+            doc_bounds = b["doc_bounds"] if layout == "flat" else None
+            try:
+                hidden = lm.hidden_states(b["input_ids"], b["position_ids"], doc_bounds).float()
+            except BoundsLost:  # the layers drop extra arguments: no per-example attention
+                result["diffs"][layout] = float("inf")
+                continue
+            diff = max(_rel_diff(h, r) for h, r in zip(_per_example(hidden, rows), ref_hidden))
+            result["diffs"][layout] = diff
+            if diff > tol:
+                continue
+            result["layout"] = layout
+            norm = max(abs(ref_loss), 1.0)
+            loss_diff = abs(_loss(lm, b, doc_bounds, fused) - ref_loss) / norm
+            result["loss_diff"] = loss_diff
+            if fused and loss_diff > tol:
+                result["fused"] = False
+                result["fused_diff"] = loss_diff
+                result["loss_diff"] = loss_diff = abs(_loss(lm, b, doc_bounds, False) - ref_loss) / norm
+            if loss_diff > tol:
+                result["layout"] = None
+            break
+    return result
+
+
+def _agree(values: list[int], device) -> list[int]:
+    """The element-wise maximum over ranks (the safest choice), so every rank decides the same."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def choose_layout(cfg, model, data, report=None, console=None, device=None, sharded: bool = False) -> Choice:
+    """Capabilities, then the probe: the row layout and loss of the run, chosen once.
+
+    Switches the model to per-example attention when the layout is ``flat`` (and back otherwise),
+    records the result in ``report`` (a DataReport) and prints the one ``model check`` line. The
+    probe runs on ``device`` (the model is moved there, as training would); a model that will be
+    sharded (FSDP, ZeRO-3) may not fit one device, so there the capabilities decide alone."""
+    from sftune.attention import disable_varlen, enable_varlen
+    from sftune.loss import CausalLMWithLoss
+    from sftune.model import unwrap_causal_lm
+
+    causal = unwrap_causal_lm(model)
+    caps = capabilities(model, kernel=cfg.model.attn_implementation, compile=cfg.train.compile)
+    candidates = list(caps.layouts)
+    why_not = dict(caps.why_not)
+    if "flat" in candidates and not enable_varlen(causal):
+        candidates.remove("flat")
+        why_not["flat"] = "the model does not accept a custom attention implementation"
+    mode = cfg.model.check
+    if device is not None and not sharded and next(model.parameters()).device != torch.device(device):
+        model.to(device)
+    device = next(model.parameters()).device
+    lm = CausalLMWithLoss(model, fused=caps.fused_loss)
+    reasons: dict[str, list[str]] = {}
+    for k, v in why_not.items():
+        reasons.setdefault(v, []).append(k)
+    left_out = "; ".join(f"{', '.join(ks)}: {v}" for v, ks in reasons.items())
+    record = {"check": mode, "layout": candidates[0], "fused_loss": lm.fused, "left_out": why_not}
+    start = time.perf_counter()
+    examples = probe_examples(data.train) if mode != "off" and not sharded else []
+    if not examples:
+        layout, fused = candidates[0], lm.fused
+        why = "off" if mode == "off" else "skipped (sharded model)" if sharded else "skipped (no examples)"
+        line = f"model check: {why}; {layout} layout from the model's capabilities"
+        record["status"] = "off"
+    else:
+        was = model.training
+        model.eval()
+        try:
+            res = compare(lm, examples, candidates, lm.fused, device)
+        finally:
+            model.train(was)
+        code = [LAYOUTS.index(res["layout"]) if res["layout"] else len(LAYOUTS), int(not res["fused"])]
+        code = _agree(code, device)
+        ms = 1000 * (time.perf_counter() - start)
+        n = len(examples)
+        record.update(examples=n, tokens=sum(len(e[0]) for e in examples), ms=round(ms, 1), diffs=res["diffs"],
+                      loss_diff=res["loss_diff"])
+        if code[0] >= len(LAYOUTS):
+            record["status"] = "refused"
+            raise ConfigError(
+                f"model check: no row layout reproduces {caps.model_type} run one example at a time on {n} of this "
+                f"run's examples (relative differences {_fmt(res['diffs'])}); the model gives different outputs "
+                "for the same example in a batch. Set model.check=off to train anyway")
+        layout, fused = LAYOUTS[code[0]], not code[1] and lm.fused
+        changed = layout != candidates[0] or fused != lm.fused
+        if changed and mode == "strict":
+            raise ConfigError(
+                f"model check (strict): the {candidates[0]} layout{' with the fused loss' if lm.fused else ''} does "
+                f"not match {caps.model_type} run one example at a time (relative differences {_fmt(res['diffs'])}"
+                f"{', loss ' + format(res.get('fused_diff', 0), '.2g') if fused != lm.fused else ''}); "
+                f"model.check=auto would use the {layout} layout{'' if fused else ' and the unfused loss'}")
+        what = f"{layout} layout{'' if fused else ', unfused loss'}"
+        if changed:
+            tol = TOLERANCE.get(next(lm.parameters()).dtype, 5e-2)
+            bad = {k: v for k, v in res["diffs"].items() if v > tol}
+            if fused != lm.fused:
+                bad["fused loss"] = res.get("fused_diff", float("nan"))
+            line = (f"model check: [yellow]{', '.join(bad) or 'another rank'} differed[/] from the model run one "
+                    f"example at a time ({_fmt(bad)}) → {what} (exact)")
+            record["status"] = "fallback"
+        else:
+            line = f"model check: {what} matches the model run one example at a time"
+            record["status"] = "exact"
+        line += f" ({n} examples, max diff {res['diffs'].get(layout, 0):.1e}, {ms:.0f} ms)"
+    if left_out:
+        line += f"; left out {left_out}"
+    if layout != "flat":
+        disable_varlen(causal)
+    record.update(layout=layout, fused_loss=fused, line=line.replace("[yellow]", "").replace("[/]", ""))
+    if report is not None:
+        report.model_check = record
+    if console is not None:
+        console.print(line)
+    return Choice(layout, fused, caps, line, record)
+
+
+def _fmt(diffs: dict) -> str:
+    return ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
