@@ -19,6 +19,8 @@ from sftune.train import make_accelerator, train
 
 from conftest import build_model_dir, write_jsonl
 
+pytestmark = pytest.mark.distributed  # FSDP2 and two-node runs: tests/test_fsdp.py
+
 ROWS = [{"instruction": "word " * (1 + (i * 7) % 23), "output": "answer " * (1 + (i * 5) % 11)} for i in range(37)]
 
 
@@ -106,21 +108,6 @@ def test_resume_under_two_ranks(dropout_model_dir, data_file, tmp_path):
     # the same checkpoint cannot resume in one process
     with pytest.raises(SftuneError, match="2 process"):
         train(load_config("codealpaca", {**overrides(dropout_model_dir, data_file, cut, **over), "train.resume": True}))
-
-
-def test_fsdp_on_cpu_or_stated_skip(tmp_path):
-    """FSDP through accelerate on CPU: accelerate only enables FSDP on accelerators, so on a CPU-only
-    machine it falls back to plain multi-process data parallel; this test says so instead of passing."""
-    probe = tmp_path / "probe.py"
-    probe.write_text("from accelerate import Accelerator\nprint(Accelerator(cpu=True).distributed_type)\n")
-    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(30500 + os.getpid() % 1000), str(probe)], capture_output=True, text=True,
-                          timeout=120, env=env)
-    if "FSDP" not in proc.stdout:
-        pytest.skip("accelerate runs FSDP only on accelerators; on CPU it falls back to plain multi-process data "
-                    "parallel (MULTI_CPU), so FSDP needs GPUs (configs/accelerate/fsdp.yaml)")
-    pytest.fail("accelerate now enables FSDP on CPU: extend this test to compare FSDP with one process")
 
 
 def test_deepspeed_config_without_deepspeed(monkeypatch):

@@ -28,6 +28,7 @@ from sftune.config import SFTConfig, config_to_yaml
 from sftune.data.formats import Format, normalize_messages
 from sftune.data.sources import load_source
 from sftune.data.tokenize import SequenceEncoder, special_prefix
+from sftune.distributed import is_sharded, plain_copy
 from sftune.errors import ConfigError, SftuneError
 from sftune.inference import load_for_inference
 
@@ -67,6 +68,9 @@ def save_final(cfg: SFTConfig, accelerator, lm, tokenizer, out_dir: Path, data) 
         out_dir.mkdir(parents=True, exist_ok=True)
         prefix = "model."
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+        if cfg.lora.enabled and is_sharded(accelerator):
+            # the live model holds shards; peft's save and merge need the whole adapter and base
+            model = plain_copy(model, state_dict)
         set_generation_stops(model, tokenizer, data.fmt)
         if cfg.lora.enabled and cfg.lora.merge:
             merged = model.merge_and_unload()

@@ -134,6 +134,14 @@ class CausalLMWithLoss(nn.Module):
         """The transformer block classes, for FSDP's transformer-layer auto wrap."""
         return getattr(self.causal_lm, "_no_split_modules", None)
 
+    def tie_weights(self, *args, **kwargs):
+        """Re-tie input and output embeddings. accelerate's FSDP2 preparation with
+        ``fsdp_cpu_ram_efficient_loading`` moves the model to the meta device, which unties shared
+        parameters, and calls ``tie_weights`` on the model it prepares (this wrapper) to restore
+        them; without it a tied head would train as a separate copy."""
+        tie = getattr(self.causal_lm, "tie_weights", None)
+        return tie(*args, **kwargs) if callable(tie) else None
+
     @property
     def causal_lm(self) -> nn.Module:
         from sftune.model import unwrap_causal_lm

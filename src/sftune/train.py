@@ -26,6 +26,7 @@ from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import SFTConfig, config_to_yaml
 from sftune.data.packing import BatchPlan
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
+from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
 from sftune.export import save_final
@@ -81,18 +82,11 @@ def make_accelerator(cfg: SFTConfig):
                            ("ACCELERATE_GRADIENT_CLIPPING", cfg.train.max_grad_norm or 0.0)):
             if os.environ.get(key, "auto") == "auto":
                 os.environ[key] = str(value)
-    return Accelerator(mixed_precision=mp, cpu=multi_cpu,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **extra)
-
-
-def is_sharded(accelerator) -> bool:
-    """FSDP or ZeRO-3: every rank must take part in every forward (generation included)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+    accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **extra)
+    if use_ds:
+        fill_deepspeed_batch_size(accelerator, cfg.train.batch_size)
+    return accelerator
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -218,8 +212,9 @@ class Run:
         return self.accelerator.unwrap_model(self.lm).model
 
     def exact_match(self, label: str) -> dict:
-        return generation_eval(self.cfg, self.model(), self.tokenizer, self.data, label=label, show=self.main,
-                               synced=self.sharded)
+        with whole_root(self.lm):  # FSDP2: the root's own parameters gathered for generate()
+            return generation_eval(self.cfg, self.model(), self.tokenizer, self.data, label=label, show=self.main,
+                                   synced=self.sharded)
 
     def evaluate(self, step: int) -> dict:
         """Eval loss / perplexity, and a few fixed sample prompts generated, logged with the metrics."""
@@ -233,7 +228,8 @@ class Run:
         if self.main:
             console.print(f"step {step}: eval loss {m['eval_loss']:.4f}, perplexity {m['eval_ppl']:.2f}")
         if self.generates and cfg.eval.samples:
-            samples = sample_generations(cfg, self.model(), self.tokenizer, self.data, synced=self.sharded)
+            with whole_root(self.lm):
+                samples = sample_generations(cfg, self.model(), self.tokenizer, self.data, synced=self.sharded)
             self.logger.log({"step": step, "label": f"step {step}", "samples": samples})
             if self.main:
                 for smp in samples[:2]:
