@@ -396,6 +396,8 @@ def loop(run: Run) -> LoopResult:
                     step_loss += loss_sum.detach().double()
                 grad_norm = acc.clip_grad_norm_(lm.parameters(), cfg.train.max_grad_norm) \
                     if cfg.train.max_grad_norm else None
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the (already global) norm as a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 done = step + 1
                 skip = guard.check(done, step_loss, grad_norm)  # NaN / inf: stop, or skip the update
                 with boundary.commit(done):  # a Ctrl-C from here waits until the step is whole
