@@ -110,3 +110,23 @@ def shared_file(name: str) -> Path:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+QA_ROWS = [{"instruction": "word " * (1 + (i * 7) % 23), "output": "answer " * (1 + (i * 5) % 11)} for i in range(40)]
+
+
+@pytest.fixture(scope="session")
+def qa_rows_file(tmp_path_factory):
+    """40 question/answer rows of varied lengths (the `qa` template's instruction/output columns)."""
+    return write_jsonl(tmp_path_factory.mktemp("qa") / "qa.jsonl", QA_ROWS)
+
+
+def train_config(model_dir, data_file, out, **over):
+    """A small, fast training config over the qa rows; ``over`` adds or replaces keys."""
+    from sftune.config import load_config
+
+    base = {"model.path": str(model_dir), "data.path": str(data_file), "data.template": "qa",
+            "data.max_length": 128, "train.output_dir": str(out), "train.log_every": 1, "train.lr": 1e-3,
+            "train.max_grad_norm": 1e9, "train.warmup_steps": 0}
+    base.update(over)
+    return load_config(None, base)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sftune.config import load_config
-from sftune.train import train
+from sftune.train import loop, setup, train
 
 from conftest import build_model_dir, write_jsonl
 
@@ -100,28 +100,27 @@ def dropout_model_dir(tmp_path_factory, tiny_tokenizer):
                            embd_pdrop=0.1, attn_pdrop=0.1)
 
 
-def test_resume_matches_uninterrupted_run(dropout_model_dir, qa_file, tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted_run(dropout_model_dir, qa_file, tmp_path):
     """Ctrl-C at step 4 saves a checkpoint; resume=true then reproduces the uninterrupted run."""
     over = {"train.batch_size": 4, "train.grad_accum": 2, "train.max_steps": 8, "train.epochs": 1,
             "train.scheduler": "cosine", "train.warmup_steps": 2, "train.max_grad_norm": 1.0}
     full = tmp_path / "full"
     train(cfg_for(dropout_model_dir, qa_file, full, **over))
 
-    import sftune.train as tr
+    # an interruption at step 4, through the public seams: setup() builds the run, loop() trains it
+    cut = tmp_path / "cut"
+    run = setup(cfg_for(dropout_model_dir, qa_file, cut, **over))
+    batches = run.batches
 
-    original = tr.Batches.__call__
-
-    def interrupt_at_4(self, step):
+    def interrupt_at_4(step):
         if step == 4:
             raise KeyboardInterrupt
-        return original(self, step)
+        return batches(step)
 
-    cut = tmp_path / "cut"
-    monkeypatch.setattr(tr.Batches, "__call__", interrupt_at_4)
-    result = train(cfg_for(dropout_model_dir, qa_file, cut, **over))
-    assert result.interrupted and result.steps == 4
+    run.batches = interrupt_at_4
+    result = loop(run)
+    assert result.interrupted and result.step == 4
     assert (cut / "checkpoints" / "step-0000004" / "trainer_state.json").exists()
-    monkeypatch.setattr(tr.Batches, "__call__", original)
     train(cfg_for(dropout_model_dir, qa_file, cut, **over, **{"train.resume": True}))
 
     a, b = train_losses(full), train_losses(cut)
@@ -130,21 +129,6 @@ def test_resume_matches_uninterrupted_run(dropout_model_dir, qa_file, tmp_path, 
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6), step
         assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-9), step
     assert_same_weights(weights(full), weights(cut), tol=1e-6)
-
-
-def test_checkpoints_keep_last_k(tiny_model_dir, qa_file, tmp_path):
-    out = tmp_path / "ck"
-    train(cfg_for(tiny_model_dir, qa_file, out, **{"train.max_steps": 7, "train.save_every": 2,
-                                                    "train.keep_checkpoints": 2, "train.batch_size": 4}))
-    names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["step-0000006", "step-0000007"]  # the final step is saved too; no .tmp leftovers
-
-
-def test_resume_without_checkpoint_is_clear_error(tiny_model_dir, qa_file, tmp_path):
-    from sftune.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="no checkpoint"):
-        train(cfg_for(tiny_model_dir, qa_file, tmp_path / "none", **{"train.resume": True}))
 
 
 def test_final_save_is_standard_hf(tiny_model_dir, qa_file, tmp_path):

@@ -29,6 +29,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 NAME = "sftune_varlen"
 NAME_EAGER = "sftune_varlen_eager"
@@ -111,7 +114,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         if _eager:
             return family_eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                         sliding_window=sliding_window, **kwargs)
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
@@ -138,8 +140,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     AttentionInterface.register(NAME, varlen_attention_forward)
     AttentionInterface.register(NAME_EAGER, functools.partial(varlen_attention_forward, _eager=True))

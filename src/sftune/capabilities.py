@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from sftune.attention import NAMES
+
 LAYOUTS = ("flat", "rows", "per_example")
 """Row layouts, fastest (and least safe) first."""
 
@@ -165,8 +167,6 @@ def capabilities(model, *, kernel: str | None = None, compile: bool = False) -> 
     """Capabilities of a loaded causal LM (plain or peft-wrapped). ``kernel`` is the attention
     implementation the user chose (None: the transformers default); ``compile`` rules out ``flat``
     (each new set of example boundaries would recompile)."""
-    from sftune.attention import NAMES
-
     get_base = getattr(model, "get_base_model", None)  # peft wrapper -> the transformers model
     lm = get_base() if callable(get_base) else model
     cfg = _config(lm)

@@ -13,8 +13,12 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from sftune.errors import SftuneError
 from sftune.faults import disk_errors, dumps
+from sftune.ui import console
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -65,8 +69,6 @@ class CheckpointDamaged(SftuneError):
 
 def damaged_file(path: Path) -> tuple[Path, str] | None:
     """The first file of checkpoint ``path`` that does not load, and why (``None``: all load)."""
-    import torch
-
     def first_line(e: Exception) -> str:
         return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -75,8 +77,6 @@ def damaged_file(path: Path) -> tuple[Path, str] | None:
             if f.suffix == ".json":
                 json.loads(f.read_text())
             elif f.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
                 load_file(str(f))
             elif f.suffix in (".bin", ".pt", ".pth", ".pkl"):
                 torch.load(str(f), map_location="cpu", weights_only=False)
@@ -115,8 +115,6 @@ def load_checkpoint(accelerator, output_dir: str | Path) -> dict | None:
 
     A damaged checkpoint (a file that does not load) is named, with a warning, and the previous
     one is tried; when none loads the error names every damaged file."""
-    from sftune.ui import console
-
     ckpts = list_checkpoints(output_dir)
     if not ckpts:
         return None

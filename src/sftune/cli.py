@@ -8,7 +8,6 @@ short message and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

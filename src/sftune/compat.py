@@ -11,10 +11,11 @@ wraps the datasets into a :class:`~sftune.data.sources.Source`, and ``.train()``
 became, so a run can move to a recipe.
 
 ``DataCollatorForCompletionOnlyLM`` keeps its meaning (loss only after the response template) but
-is never run as a collator: every formatted text is split at the first occurrence of the template
-*as a string*, and prompt and completion are tokenized as separate segments by the data pipeline.
-No token ids are matched, so "could not find response key" cannot happen; a text without the
-template is a counted skip with a warning.
+is never run as a collator: it becomes ``data.response_template``, a text format that splits every
+text after the *last* occurrence of the template as a string (as TRL 0.7 kept the last match; rows
+where it occurs more than once are counted and named), and labels come from the whole text
+tokenized once (``sftune.data.tokenize``). No token ids are matched, so "could not find response
+key" cannot happen; a text without the template is a counted skip with a warning.
 
 Multi-turn data: with ``instruction_template``, every span after a response template up to the next
 instruction template is trained, as TRL did.
@@ -25,24 +26,34 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import shlex
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import datasets
 import torch
+from peft import LoraConfig
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+from rich.markup import escape
+from rich.table import Table
 from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
-from sftune.config import DataConfig, SFTConfig, load_config
-from sftune.data.formats import EMPTY, NOT_FOUND, Format, TextFormat, split_at_response  # noqa: F401 (re-exported)
-from sftune.data.sources import Source, with_row_index
-from sftune.data.templates import NAMED_TEMPLATES
-from sftune.errors import ConfigError, DataError, RowSkip, SftuneError
-from sftune.ui import console, is_main_process
+from sftune.config import SFTConfig, load_config
 
+# the completion-only split and TRL's formatting_func are data formats; re-exported for the old import paths
+from sftune.data.formats import (  # noqa: F401
+    EMPTY,
+    NOT_FOUND,
+    Format,
+    FunctionFormat,
+    named_equivalent,
+    split_at_response,
+)
+from sftune.data.sources import Source, with_row_index
+from sftune.errors import ConfigError, SftuneError
+from sftune.model import add_lora, load_model, load_tokenizer, ready_tokenizer
+from sftune.ui import console, is_main_process
 
 # ----------------------------------------------------------------------------- completion-only loss
 
@@ -89,98 +100,6 @@ class DataCollatorForCompletionOnlyLM:
     def __repr__(self) -> str:
         extra = f", instruction_template={self.instruction_template!r}" if self.instruction_template else ""
         return f"DataCollatorForCompletionOnlyLM({self.response_template!r}{extra})"
-
-
-class FunctionFormat(TextFormat):
-    """The text of TRL's ``formatting_func``.
-
-    TRL 0.7 called it with a batch (a dict of lists) and expected a list of texts; with
-    ``packing=True`` it called it with one row and expected a string. Both kinds work: the row is
-    passed as a batch of one, and a function that fails on that or returns a string is called with
-    the plain row instead (the kind is decided on the first row).
-    """
-
-    name = "formatting_func"
-
-    def __init__(self, func: Callable, response_template: str | None = None, instruction_template: str | None = None,
-                 add_eos: bool = True):
-        super().__init__(DataConfig(format="text", text_column="text", response_template=response_template,
-                                    instruction_template=instruction_template, add_eos=add_eos))
-        self.columns = []
-        self.func = func
-        self.batched: bool | None = None
-        self.named: str | None = None
-        """The built-in template that gives the same texts (see :func:`named_equivalent`), if any."""
-
-    def identity(self) -> dict:
-        """The function itself cannot be saved: a run reloads with the equivalent built-in template,
-        or as text split at the response template."""
-        if self.named:
-            return {"format": "prompt_completion", "template": self.named, "prompt": None, "completion": None,
-                    "train_on_prompt": self.response_template is None}
-        return super().identity()
-
-    def _failure(self, error: Exception, kind: str, row: dict) -> DataError:
-        return DataError(f"formatting_func raised {type(error).__name__}: {error} (called with {kind})",
-                         hint=f"check the columns it reads; the rows have {sorted(row)}")
-
-    def text_of(self, row: dict) -> str:
-        row = {k: v for k, v in row.items() if k != "__row__"}
-        batch_error = None
-        if self.batched is not False:
-            try:
-                out = self.func({k: [v] for k, v in row.items()})
-            except Exception as e:
-                if self.batched:
-                    raise self._failure(e, "a batch", row) from None
-                batch_error, out = e, None
-            if isinstance(out, list):
-                if len(out) != 1 or not isinstance(out[0], str):
-                    raise DataError(f"formatting_func returned {out!r:.80} for a batch of one row",
-                                    hint="return one string per row of the batch: a list of strings")
-                self.batched = True
-                return out[0]
-            if self.batched:
-                raise DataError(f"formatting_func returned {type(out).__name__} for a batch, and a list for "
-                                "earlier rows", hint="return a list of strings, one per row of the batch")
-        try:
-            out = self.func(row)
-        except Exception as e:
-            raise (self._failure(batch_error, "a batch of one row, as TRL did", row) if batch_error
-                   else self._failure(e, "one row", row)) from None
-        if not isinstance(out, str):
-            raise DataError(f"formatting_func returned {type(out).__name__}",
-                            hint="return a list of strings for a batch (a dict of lists), or a string for one row")
-        self.batched = False
-        return out
-
-    def cache_key(self) -> str:
-        from datasets.fingerprint import Hasher
-
-        try:
-            return Hasher.hash((self.func, self.response_template, self.instruction_template))
-        except Exception:  # a function that cannot be pickled: never reuse a cached tokenization
-            return uuid.uuid4().hex
-
-
-def named_equivalent(fmt: FunctionFormat, ds: datasets.Dataset, n: int = 20) -> str | None:
-    """The built-in ``data.template`` that gives the same text and split on the first rows, if any."""
-    rows = [{k: v for k, v in r.items() if k != "__row__"} for r in ds.select(range(min(n, len(ds))))]
-    try:
-        examples = [(r, fmt(r)) for r in rows]
-    except (RowSkip, DataError):
-        return None
-    for name, tpl in NAMED_TEMPLATES.items():
-        if not all(f in ds.column_names for f in tpl.fields if f not in tpl.optional_fields):
-            continue
-        ok = True
-        for row, ex in examples:
-            prompt, completion = tpl.render({f: row.get(f) or "" for f in tpl.fields})
-            split = fmt.response_template is None or ex.segments[0][0] == prompt
-            ok = ok and ex.text == prompt + completion and split
-        if ok:
-            return name
-    return None
 
 
 # ----------------------------------------------------------------------------- argument mapping
@@ -239,9 +158,6 @@ class Guidance:
             self.rows.append((legacy, (text + ("  " if text and note else "") + note) or "-"))
 
     def print(self, output_dir: str) -> None:
-        from rich.markup import escape
-        from rich.table import Table
-
         t = Table(title="SFTTrainer (TRL 0.7 API) → sftune config: each legacy argument and its key",
                   title_justify="left")
         t.add_column("legacy argument", style="bold", overflow="fold", ratio=1)
@@ -331,8 +247,6 @@ def map_training_args(args: TrainingArguments, n_rows: int, g: Guidance) -> None
 
 def map_peft(peft_config, model) -> dict[str, Any]:
     """A ``peft.LoraConfig`` -> ``lora.*`` keys (``target_modules=None`` resolved as peft would)."""
-    from peft import LoraConfig
-
     if not isinstance(peft_config, LoraConfig):
         raise ConfigError(f"peft_config={type(peft_config).__name__}: sftune trains LoRA adapters (peft.LoraConfig)")
     if peft_config.bias != "none":
@@ -342,8 +256,6 @@ def map_peft(peft_config, model) -> dict[str, Any]:
             raise ConfigError(f"LoraConfig({flag}=True) is not supported by sftune")
     targets = peft_config.target_modules
     if targets is None:
-        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
-
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in defaults:
             raise ConfigError(f"LoraConfig(target_modules=None): peft has no default modules for the model type "
@@ -394,14 +306,6 @@ def _check_extra(kwargs: dict, g: Guidance) -> None:
             match = difflib.get_close_matches(k, SUPPORTED + sorted(IGNORED | set(UNSUPPORTED)), n=1)
             hint = f"; did you mean {match[0]!r}?" if match else f"; it takes {', '.join(SUPPORTED)}"
             raise TypeError(f"SFTTrainer() got an unexpected keyword argument {k!r}{hint}")
-
-
-def _ready_tokenizer(tok) -> None:
-    if tok.eos_token is None:
-        raise SftuneError("the tokenizer has no EOS token, so the model could not learn to stop; "
-                          "use a tokenizer with an eos_token")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # safe: sftune never derives labels from pad ids, so EOS stays trained
 
 
 def _map_model(g: Guidance, model, tok, tok_arg: str, model_init_kwargs: dict | None) -> None:
@@ -502,8 +406,6 @@ class SFTTrainer:
                  tokenizer=None, *, processing_class=None, peft_config=None, dataset_text_field: str | None = None,
                  formatting_func: Callable | None = None, max_seq_length: int | None = None, packing: bool = False,
                  dataset_num_proc: int | None = None, model_init_kwargs: dict | None = None, **kwargs):
-        from sftune.model import add_lora, load_model, load_tokenizer
-
         g = Guidance()
         _check_extra(kwargs, g)
         if model is None:
@@ -536,7 +438,7 @@ class SFTTrainer:
         if tok is None:
             tok, _ = load_tokenizer(cfg)
         else:
-            _ready_tokenizer(tok)
+            ready_tokenizer(tok)
         if isinstance(model, (str, Path)):
             model = load_model(cfg, tok)
         if peft_config is not None:

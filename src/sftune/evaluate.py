@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import unicodedata
@@ -25,18 +24,17 @@ from rich.table import Table
 from sftune.attention import enable_varlen
 from sftune.capabilities import capabilities
 from sftune.config import load_config, parse_override
-
 from sftune.data.formats import BadRow, Format, TextFormat
 from sftune.data.packing import BatchPlan
-from sftune.errors import RowSkip
 from sftune.data.pipeline import prepare_data
+from sftune.errors import RowSkip
+from sftune.faults import dumps
 from sftune.generation import generate_with
 from sftune.inference import load_for_inference
 from sftune.loss import CausalLMWithLoss
 from sftune.model import resolve_max_length, unwrap_causal_lm
 from sftune.ui import console
 from sftune.ui import out as stdout
-from sftune.faults import dumps
 
 
 @torch.no_grad()
@@ -212,7 +210,6 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
         results[baseline] = evaluate_loaded(base, cfg, limit=limit, max_new_tokens=max_new_tokens,
                                             batch_size=batch_size, tokenizer=loaded.tokenizer if same_vocab else None)
 
-    from rich.markup import escape
 
     t = Table(title=f"Evaluation on {escape(data_path)}", title_justify="left")
     t.add_column("metric")

@@ -14,15 +14,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from peft import AutoPeftModelForCausalLM
 from rich.markup import escape
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sftune.config import SFTConfig, validate_config
 from sftune.data.formats import BadRow, Format, format_from_identity
 from sftune.errors import DataError, RowSkip, SftuneError
 from sftune.generation import Streamer, generate_with
-from sftune.model import resolve_path
+from sftune.model import load_pretrained, resolve_path
 from sftune.ui import console
 
 
@@ -90,25 +88,8 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
     if (p / "sftune_config.yaml").exists():
         cfg = validate_config(yaml.safe_load((p / "sftune_config.yaml").read_text()) or {},
                               str(p / "sftune_config.yaml"))
-    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
-    if torch_dtype == "auto" and not torch.cuda.is_available():
-        torch_dtype = torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if (p / "adapter_config.json").exists():
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        elif builtin and not _has_weights(p):
-            torch.manual_seed(init_seed)  # as sftune.model.load_model does for model.from_scratch
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch_dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SftuneError(f"could not load '{path}': {first}\n  → give a training output directory, a model "
-                          "directory or a hub id") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer = load_pretrained(path, dtype=dtype, init_seed=init_seed if builtin and not _has_weights(p)
+                                       else None)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev).eval()
     fmt = format_from_identity(cfg.data if cfg is not None else None, tokenizer)
@@ -118,7 +99,6 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
 def chat(loaded: Loaded, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
          stdin=None, stdout=None) -> int:
     """A multi-turn REPL (single-turn for prompt/completion models). ``/reset`` and ``/exit``."""
-
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     interactive = stdin.isatty()

@@ -20,6 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sftune.attention import NAMES, flat_rows
+from sftune.capabilities import logit_transforms
+from sftune.model import unwrap_causal_lm
+
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
 
 
@@ -119,8 +123,6 @@ class CausalLMWithLoss(nn.Module):
 
     def __init__(self, model: nn.Module, fused: bool = True, layout: str | None = None):
         super().__init__()
-        from sftune.capabilities import logit_transforms
-
         self.model = model
         lm = self.causal_lm
         special = logit_transforms(getattr(lm, "config", None))  # softcaps, scales, multipliers after lm_head
@@ -144,21 +146,15 @@ class CausalLMWithLoss(nn.Module):
 
     @property
     def causal_lm(self) -> nn.Module:
-        from sftune.model import unwrap_causal_lm
-
         return unwrap_causal_lm(self.model)
 
     @property
     def varlen(self) -> bool:
         """Whether the model attends per example within a flat row (see ``sftune.attention``)."""
-        from sftune.attention import NAMES
-
         return getattr(self.causal_lm.config, "_attn_implementation", None) in NAMES
 
     def _call(self, fn, input_ids, position_ids, doc_bounds):
         if doc_bounds is not None and self.varlen:
-            from sftune.attention import flat_rows
-
             # per-example attention from the boundaries; no mask is built (all-ones tells
             # transformers not to derive the [T, T] block mask from the restarting positions)
             with flat_rows():

@@ -13,9 +13,16 @@ import os
 from pathlib import Path
 
 import torch
+from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.pytorch_utils import Conv1D
 
+from sftune.capabilities import lora_error_hint, lora_settings
 from sftune.config import SFTConfig
+from sftune.data.templates import resolve_chat_template
 from sftune.errors import ConfigError, SftuneError
+from sftune.ui import console
 
 ASSETS = Path(__file__).parent / "assets"
 log = logging.getLogger("sftune")
@@ -34,8 +41,6 @@ def resolve_path(path: str) -> str:
 
 def _looks_local(path: str) -> bool:
     """A path a hub id cannot be: ``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``, ``C:\\x``."""
-    import os
-
     return (path.startswith((".", "/", "~", os.sep)) or path.count("/") > 1 or "\\" in path
             or (len(path) > 1 and path[1] == ":"))
 
@@ -56,10 +61,6 @@ def load_tokenizer(cfg: SFTConfig):
 
     Returns ``(tokenizer, n_added)``: ``n_added`` tokens were added to the vocabulary.
     """
-    from transformers import AutoTokenizer
-
-    from sftune.data.templates import resolve_chat_template
-
     path = resolve_path(cfg.model.tokenizer or cfg.model.path)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
@@ -67,11 +68,7 @@ def load_tokenizer(cfg: SFTConfig):
     except Exception as e:
         raise _from_pretrained_error("tokenizer", path, e) from None
     n_added = 0
-    if tok.eos_token is None:
-        raise SftuneError(f"the tokenizer '{path}' has no EOS token, so the model could not learn to stop; "
-                          "use a tokenizer with an eos_token")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # safe: labels never come from pad ids (see module docstring)
+    ready_tokenizer(tok, f"the tokenizer '{path}'")
     if cfg.data.chat_template:
         template, needed = resolve_chat_template(cfg.data.chat_template)
         missing = [t for t in needed if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
@@ -81,6 +78,46 @@ def load_tokenizer(cfg: SFTConfig):
         tok.chat_template = template
     tok.padding_side = "right"
     return tok, n_added
+
+
+def ready_tokenizer(tok, what: str = "the tokenizer") -> None:
+    """The one pad rule, for training and inference alike: an EOS is required (or the model could
+    not learn to stop), and EOS doubles as pad when there is none (safe: see the module docstring)."""
+    if tok.eos_token is None:
+        raise SftuneError(f"{what} has no EOS token, so the model could not learn to stop; "
+                          "use a tokenizer with an eos_token")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``auto`` (float32 without a CUDA GPU, bfloat16 with one that supports it), or a dtype name."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_pretrained(path: str, *, dtype: str = "auto", init_seed: int | None = None):
+    """A saved model and its tokenizer, for inference and export: a full model directory, a LoRA
+    adapter directory (``AutoPeftModelForCausalLM``), or, with ``init_seed``, a config-only model
+    initialised exactly as a from-scratch run with that seed starts. Returns ``(model, tokenizer)``."""
+    p = Path(path)
+    dt = torch_dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if (p / "adapter_config.json").exists():
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dt)
+        elif init_seed is not None:
+            torch.manual_seed(init_seed)  # as load_model does for model.from_scratch
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dt)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SftuneError(f"could not load '{path}': {first}\n  → give a training output directory, a model "
+                          "directory or a hub id") from None
+    ready_tokenizer(tokenizer, f"the tokenizer of '{path}'")
+    return model, tokenizer
 
 
 def model_max_positions(config) -> int | None:
@@ -109,8 +146,6 @@ def resolve_max_length(cfg: SFTConfig, tokenizer, model_config=None) -> int:
 
 
 def load_model_config(cfg: SFTConfig):
-    from transformers import AutoConfig
-
     path = resolve_path(cfg.model.path)
     try:
         return AutoConfig.from_pretrained(path, revision=cfg.model.revision,
@@ -130,8 +165,6 @@ def _dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype:
 
 def load_model(cfg: SFTConfig, tokenizer, n_added: int = 0, device: torch.device | None = None):
     """Load (or initialise) the causal LM, resize embeddings for added tokens, and add LoRA."""
-    from transformers import AutoModelForCausalLM
-
     device = device or torch.device("cpu")
     path = resolve_path(cfg.model.path)
     dtype = _dtype(cfg, device)
@@ -164,8 +197,6 @@ def fast_activations(model) -> int:
     """Swap transformers' Python tanh-GELU (``gelu_new``: pow, mul, tanh, each kept for backward)
     for the same function as one fused torch kernel (``GELUTanh``). Faster, far less activation
     memory, same values to float rounding; the saved config is unchanged. Returns the count."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
     swapped = 0
     for module in model.modules():
         for name, child in list(module.named_children()):
@@ -188,15 +219,11 @@ def _bnb_config(cfg: SFTConfig, device: torch.device):
 
 
 def add_lora(cfg: SFTConfig, model):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if not cfg.lora.enabled and cfg.lora.load_in_4bit:
         raise ConfigError("lora.load_in_4bit needs lora.enabled=true")
     if cfg.lora.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    from transformers.pytorch_utils import Conv1D
 
-    from sftune.capabilities import lora_error_hint, lora_settings
 
     # what peft refuses for this family: modules left out of all-linear, dropout 0 on expert parameters
     adjust, notes = lora_settings(model, cfg.lora)
@@ -206,8 +233,6 @@ def add_lora(cfg: SFTConfig, model):
                   task_type="CAUSAL_LM")
     kwargs.update(adjust)
     if notes and int(os.environ.get("RANK", "0")) == 0:
-        from sftune.ui import console
-
         for note in notes:
             console.print(note)
     try:

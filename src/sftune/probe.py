@@ -19,18 +19,20 @@ data-parallel run lays its batches out the same way. The result goes into the da
 from __future__ import annotations
 
 import dataclasses
-
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from sftune.attention import BoundsLost
+from sftune.attention import BoundsLost, disable_varlen, enable_varlen
 from sftune.capabilities import LAYOUTS, Capabilities, capabilities
 from sftune.data.packing import collate
 from sftune.errors import ConfigError
+from sftune.loss import CausalLMWithLoss
+from sftune.model import unwrap_causal_lm
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 """Relative tolerance per dtype (fp32 rounding gives ~1e-6); half precision gets 5e-2."""
@@ -133,8 +135,6 @@ def compare(lm, examples, candidates, fused: bool, device) -> dict:
 
 def _agree(values: list[int], device) -> list[int]:
     """The element-wise maximum over ranks (the safest choice), so every rank decides the same."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return values
     t = torch.tensor(values, dtype=torch.long, device=device)
@@ -149,10 +149,6 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
     records the result in ``report`` (a DataReport) and prints the one ``model check`` line. The
     probe runs on ``device`` (the model is moved there, as training would); a model that will be
     sharded (FSDP, ZeRO-3) may not fit one device, so there the capabilities decide alone."""
-    from sftune.attention import disable_varlen, enable_varlen
-    from sftune.loss import CausalLMWithLoss
-    from sftune.model import unwrap_causal_lm
-
     causal = unwrap_causal_lm(model)
     caps = capabilities(model, kernel=cfg.model.attn_implementation, compile=cfg.train.compile)
     candidates = list(caps.layouts)

@@ -11,6 +11,7 @@ weight is all-reduced once per step, and ``world_size`` undoes DDP's gradient av
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import time
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from rich.markup import escape
+from transformers import get_scheduler
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import SFTConfig, config_to_yaml
@@ -32,13 +35,19 @@ from sftune.evaluate import eval_loss, generation_eval, sample_generations
 from sftune.export import save_final
 from sftune.faults import NonFiniteGuard, StepBoundary, disk_errors, dumps
 from sftune.loss import CausalLMWithLoss
+from sftune.model import (
+    add_lora,
+    count_parameters,
+    fast_activations,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    resolve_max_length,
+)
 from sftune.probe import choose_layout
-from sftune.model import (add_lora, count_parameters, fast_activations, load_model, load_model_config,
-                          load_tokenizer, resolve_max_length)
 from sftune.report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
 from sftune.ui import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
-
 
 
 @dataclass
@@ -56,11 +65,6 @@ class TrainResult:
 def make_accelerator(cfg: SFTConfig):
     """The accelerate state: devices, mixed precision, and the engine chosen at launch (DDP, FSDP,
     DeepSpeed). Refuses set-ups that cannot work, with the fix."""
-    import importlib.util
-
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if use_ds and importlib.util.find_spec("deepspeed") is None:
@@ -111,8 +115,6 @@ def make_optimizer(cfg: SFTConfig, model: torch.nn.Module, device: torch.device)
 
 
 def make_scheduler(cfg: SFTConfig, optimizer, total_steps: int):
-    from transformers import get_scheduler
-
     warmup = cfg.train.warmup_steps or int(math.ceil(cfg.train.warmup_ratio * total_steps))
     name = {"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
@@ -244,8 +246,6 @@ class Run:
 
 def setup(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
     """Data, model, layout, loss, optimizer, schedule and state: everything before the first step."""
-    from accelerate.utils import set_seed
-
     quiet_third_party()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from rich.markup import escape
+from rich.table import Table
 
 
 @dataclass
@@ -112,9 +114,6 @@ class DataReport:
         return rep
 
     def render(self, console, title: str = "Dataset report") -> None:
-        from rich.markup import escape
-        from rich.table import Table
-
         t = Table(title=title, show_header=False, title_justify="left")
         t.add_column(style="bold")
         t.add_column()
