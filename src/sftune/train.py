@@ -28,6 +28,7 @@ from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
 from sftune.export import save_final
+from sftune.levers import adamw_8bit, apply_kernels, bucket_for, device_metrics, needs_checkpointing
 from sftune.loss import CausalLMWithLoss
 from sftune.probe import choose_layout
 from sftune.model import (count_parameters, fast_activations, load_model, load_model_config, load_tokenizer,
@@ -107,6 +108,8 @@ def make_optimizer(cfg: SFTConfig, model: torch.nn.Module, device: torch.device)
     several times faster than foreach and without its temporaries), else foreach."""
     kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
     groups = param_groups(model, cfg.train.weight_decay)
+    if cfg.train.optimizer == "adamw_8bit":  # sftune.levers: bitsandbytes, CUDA only
+        return adamw_8bit(groups, kw, device)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, ValueError):
@@ -138,12 +141,10 @@ def available_bytes(device: torch.device) -> int:
         return 8 * 2**30
 
 
-def want_checkpointing(cfg: SFTConfig, model_config, max_length: int, device: torch.device) -> bool:
+def want_checkpointing(cfg: SFTConfig, model_config, max_length: int, device: torch.device, model=None) -> bool:
     if cfg.model.gradient_checkpointing != "auto":
         return bool(cfg.model.gradient_checkpointing)
-    rows = cfg.train.batch_size
-    need = activation_bytes(model_config, rows * max_length, rows, max_length)
-    return need > 0.6 * available_bytes(device)
+    return needs_checkpointing(cfg, model_config, max_length, device, model)  # sftune.levers
 
 
 class Batches:
@@ -201,18 +202,20 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
 
         model = add_lora(cfg, model)
     fast_activations(model)
+    model = apply_kernels(cfg.model.kernels, model, device)  # model.kernels (sftune.levers)
     # the row layout and loss the model can take, checked on a few of this run's examples: chosen once
     choice = choose_layout(cfg, model, data, data.report, console if main else None, device, is_sharded(accelerator))
     plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                            world_size=world, packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed,
-                           layout=choice.layout, hidden_size=getattr(model_config, "hidden_size", 768))
+                           layout=choice.layout, hidden_size=getattr(model_config, "hidden_size", 768),
+                           bucket=bucket_for(cfg))
     describe_plan(data.report, plan)
     if main:
         data.report.render(console, title="Training data")
         if cfg.train.eval_every and data.eval is None:
             console.print(f"note: train.eval_every={cfg.train.eval_every} is ignored: the data has no eval split "
                           "(set data.eval_split, e.g. data.eval_split=0.05)")
-    if want_checkpointing(cfg, model_config, max_length, device):
+    if want_checkpointing(cfg, model_config, max_length, device, model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if main:
             console.print("gradient checkpointing: on")
@@ -340,6 +343,7 @@ def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
                               "tokens_per_s": round(tps, 1), "loss_tokens": int(stats[1].item())}
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
+                    record.update(device_metrics(device))  # peak GPU memory on CUDA (sftune.levers)
                     logger.log(record)
                     progress.update(task, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
                     window_loss.zero_()

@@ -103,16 +103,18 @@ class BatchPlan:
     attn_weight: float = 1 / (6 * 768)
     """Cost of attending to one more context token, relative to a token's linear-layer cost
     (about 1 / (6 * hidden size)); used to choose micro-batch layouts when not ``flat``."""
+    bucket: int = 0
+    """Pad every row's width up to a multiple of this (``train.bucket``; 0: no padding)."""
 
     @classmethod
     def build(cls, lengths, *, batch_size: int, grad_accum: int, world_size: int = 1, packing: bool,
               max_length: int, seed: int, flat: bool = False, hidden_size: int = 768,
-              layout: str | None = None) -> "BatchPlan":
+              layout: str | None = None, bucket: int = 0) -> "BatchPlan":
         lengths = np.asarray(lengths, dtype=np.int64)
         units = best_fit_decreasing(lengths, max_length) if packing else [[i] for i in range(len(lengths))]
         mode = layout or ("flat" if flat else "rows")
         return cls(lengths, units, batch_size * grad_accum * world_size, batch_size * world_size, max_length, seed,
-                   packing, mode, 1 / (6 * hidden_size))
+                   packing, mode, 1 / (6 * hidden_size), bucket)
 
     @property
     def flat(self) -> bool:
@@ -187,8 +189,8 @@ class BatchPlan:
         weights join them when the data has weights other than 0 and 1)."""
         if getattr(data, "weighted", False):
             return collate([[(*data.example(i), data.example_weights(i)) for i in row] for row in self.layout(units)],
-                           pad_id)
-        return collate([[data.example(i) for i in row] for row in self.layout(units)], pad_id)
+                           pad_id, self.bucket)
+        return collate([[data.example(i) for i in row] for row in self.layout(units)], pad_id, self.bucket)
 
     def fill(self, epoch: int = 0) -> float:
         """Real tokens / (rows x row width) over an epoch's micro-batches: 1 - padding waste."""
@@ -203,6 +205,11 @@ class BatchPlan:
         return real / padded if padded else 1.0
 
 
+def bucket_width(width: int, bucket: int) -> int:
+    """``width`` rounded up to a multiple of ``bucket`` (0 or 1: unchanged)."""
+    return width if bucket <= 1 else -(-width // bucket) * bucket
+
+
 MODEL_INPUTS = ("input_ids", "position_ids", "loss_index", "loss_targets")
 
 
@@ -215,7 +222,7 @@ def model_inputs(batch: dict, device) -> dict:
     return inputs
 
 
-def collate(examples: list[list[tuple]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> dict[str, torch.Tensor]:
     """Rows of ``(input_ids, labels)`` or ``(input_ids, labels, weights)`` examples -> padded tensors.
 
     With weights (per-token loss weights, from messages' ``weight``), ``loss_weights`` holds the
@@ -227,8 +234,14 @@ def collate(examples: list[list[tuple]], pad_id: int) -> dict[str, torch.Tensor]
     their targets (computed here, on the CPU, so the model never syncs to find them);
     ``n_loss``, their number, and ``real_tokens``, the non-padding tokens, as Python ints; and
     ``doc_bounds``, the examples' cumulative offsets when the batch is a single row (else None).
+
+    ``bucket`` > 1 pads the row width up to a multiple of it (so ``torch.compile`` sees few distinct
+    shapes). That padding carries no loss, comes after every example (causal: no example sees it),
+    restarts its positions at 0 (within any position table) and is its own segment of a flat row's
+    ``doc_bounds``, so every example's result is unchanged.
     """
-    width = max((sum(len(ex[0]) for ex in row) for row in examples), default=1) or 1
+    natural = max((sum(len(ex[0]) for ex in row) for row in examples), default=1) or 1
+    width = bucket_width(natural, bucket)
     weighted = any(len(ex) > 2 for row in examples for ex in row)
     target_w = torch.zeros((max(len(examples), 1), width), dtype=torch.float32) if weighted else None
     n = max(len(examples), 1)
@@ -248,9 +261,10 @@ def collate(examples: list[list[tuple]], pad_id: int) -> dict[str, torch.Tensor]
                     target_w[r, pos:pos + k - 1] = torch.from_numpy(np.array(ex[2][1:], dtype=np.float32))
             pos += k
         # padding continues the last example's positions: no new "document" starts in the padding
-        if pos < width:
+        if pos < natural:
             start = int(position_ids[r, pos - 1]) + 1 if pos > 0 else 0
-            position_ids[r, pos:] = torch.arange(start, start + width - pos)
+            position_ids[r, pos:natural] = torch.arange(start, start + natural - pos)
+    position_ids[:, natural:] = torch.arange(width - natural)
     flat = targets.view(-1)
     loss_index = (flat != IGNORE).nonzero().squeeze(1)
     loss_weights = target_w.view(-1).index_select(0, loss_index) if weighted else None
@@ -264,6 +278,6 @@ def collate(examples: list[list[tuple]], pad_id: int) -> dict[str, torch.Tensor]
         "loss_weights": loss_weights,
         "w_loss": float(loss_weights.sum()) if weighted else float(loss_index.numel()),
         "real_tokens": sum(len(ex[0]) for row in examples for ex in row),
-        "doc_bounds": tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]]).tolist())
-        if len(examples) == 1 and examples[0] else None,
+        "doc_bounds": tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]] + [width - natural][:width > natural])
+                            .tolist()) if len(examples) == 1 and examples[0] else None,
     }
