@@ -128,3 +128,30 @@ def test_flex_trains_exact_on_cuda(name, backend):
 def test_flash_matches_on_cuda(name, backend):
     diff, loss, ref_loss, _, _ = _grads_match(name, "flash")  # bf16 inside the kernel
     assert diff < 5e-2 * 20 and loss == pytest.approx(ref_loss, rel=2e-2)
+
+
+@pytest.mark.parametrize("fault", ["differs", "fails"])
+def test_probe_falls_back_to_the_loop_when_the_kernel_is_wrong(fault, backend, monkeypatch):
+    from sftune import backends
+    from test_model_families import probe
+
+    def broken(module, q, k, v, bounds, *a, **kw):
+        if fault == "fails":
+            raise RuntimeError("no kernel for this device")
+        return torch.zeros_like(q).transpose(1, 2)
+
+    monkeypatch.setenv("SFTUNE_ATTENTION", "flex")
+    monkeypatch.setattr(backends, "flex_forward", broken)
+    choice = probe(build("llama"))
+    assert choice.layout == "flat" and choice.record["attention"] == "loop"
+    assert attention.get_backend() == "loop" and choice.record["attention_diff"]
+
+
+def test_flex_rows_are_bucketed(backend):
+    from sftune.config import SFTConfig
+    from sftune.levers import bucket_for
+
+    backend("flex")
+    assert bucket_for(SFTConfig()) == 128
+    backend("loop")
+    assert bucket_for(SFTConfig()) == 0

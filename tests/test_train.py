@@ -209,6 +209,19 @@ def test_compile_gives_the_same_loss(tiny_model_dir, qa_file, tmp_path):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4)
 
 
+def test_bucketed_rows_train_to_the_same_loss(tiny_model_dir, qa_file, tmp_path):
+    """train.bucket (rows padded to multiples of 64, what train.compile uses at 128) changes no loss
+    and no trained-token count: the padding carries no loss and no example sees it."""
+    plain, bucketed = tmp_path / "plain", tmp_path / "bucketed"
+    over = {"train.max_steps": 3, "train.batch_size": 4, "data.limit": 12}
+    train(cfg_for(tiny_model_dir, qa_file, plain, **over))
+    train(cfg_for(tiny_model_dir, qa_file, bucketed, **over, **{"train.bucket": 64}))
+    a, b = train_losses(plain), train_losses(bucketed)
+    for step in (1, 2, 3):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+        assert b[step]["loss_tokens"] == a[step]["loss_tokens"]
+
+
 CHAT_ROWS = [{"messages": [{"role": "user", "content": "word " * (1 + i % 5)},
                            {"role": "assistant", "content": "answer " * (1 + i % 4), "weight": 0.25 + (i % 3)},
                            {"role": "user", "content": "more"},

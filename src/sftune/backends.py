@@ -83,8 +83,8 @@ def _flex_fn(device):
 
     if device.type != "cuda":
         return flex_attention
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    if _flex_compiled is None:  # automatic dynamic shapes: a second row length compiles a dynamic kernel
+        _flex_compiled = torch.compile(flex_attention)
     return _flex_compiled
 
 
@@ -111,7 +111,8 @@ def block_mask(doc_bounds, window: int | None, device):
         return keep
 
     t = int(doc_bounds[-1])
-    mask = create_block_mask(mask_mod, None, None, t, t, device=device)
+    # on CUDA built block by block (compiled), never as a [T, T] tensor
+    mask = create_block_mask(mask_mod, None, None, t, t, device=device, _compile=torch.device(device).type == "cuda")
     if len(_MASKS) >= 8:
         _MASKS.clear()
     _MASKS[key] = mask

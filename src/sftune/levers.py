@@ -79,9 +79,12 @@ def activation_bytes(model_config, tokens: int, rows: int, seq: int, device: tor
 
 
 def bucket_for(cfg) -> int:
-    """``train.bucket``: ``auto`` is 128 with ``train.compile``, else 0."""
+    """``train.bucket``: ``auto`` is 128 with ``train.compile`` or when flat rows run through the
+    compiled FlexAttention kernel (``sftune.backends``), else 0 (the CPU path: no padding)."""
+    from sftune.attention import get_backend
+
     b = cfg.train.bucket
-    return (128 if cfg.train.compile else 0) if b == "auto" else int(b)
+    return (128 if cfg.train.compile or get_backend() == "flex" else 0) if b == "auto" else int(b)
 
 
 def needs_checkpointing(cfg, model_config, max_length: int, device, model=None) -> bool:

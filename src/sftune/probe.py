@@ -182,10 +182,15 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         model.eval()
         try:
             # flash-attention computes in half precision: judged at half-precision tolerance
-            res = compare(lm, examples, candidates, lm.fused, device, 5e-2 if backend == "flash" else None)
+            try:
+                res = compare(lm, examples, candidates, lm.fused, device, 5e-2 if backend == "flash" else None)
+            except Exception as e:  # noqa: BLE001 - a kernel that fails here falls back to the loop
+                if backend == "loop":
+                    raise
+                res = {"layout": None, "diffs": {}, "error": f"{type(e).__name__}: {e}"[:200]}
             if backend != "loop" and res["layout"] != "flat":  # the kernel differed: the per-example loop
-                record["attention_diff"] = res["diffs"].get("flat")
-                backend, why_backend = "loop", f"{backend} differed from the model run one example at a time"
+                record["attention_diff"] = res.get("error") or res["diffs"].get("flat")
+                backend, why_backend = "loop", f"{backend} {'failed' if 'error' in res else 'differed'}"
                 set_backend(backend)
                 res = compare(lm, examples, candidates, lm.fused, device)
         finally:
