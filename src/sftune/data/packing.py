@@ -238,7 +238,10 @@ def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> dict[s
     ``bucket`` > 1 pads the row width up to a multiple of it (so ``torch.compile`` sees few distinct
     shapes). That padding carries no loss, comes after every example (causal: no example sees it),
     restarts its positions at 0 (within any position table) and is its own segment of a flat row's
-    ``doc_bounds``, so every example's result is unchanged.
+    ``doc_bounds``, so every example's result is unchanged. The loss positions are padded to a
+    multiple of ``bucket`` too (the count varies with every batch, and would recompile as much):
+    the extra slots read the last position with weight 0 in ``loss_weights``, so they add nothing
+    to the loss or the gradients; ``n_loss`` and ``w_loss`` count the real ones only.
     """
     natural = max((sum(len(ex[0]) for ex in row) for row in examples), default=1) or 1
     width = bucket_width(natural, bucket)
@@ -267,16 +270,24 @@ def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> dict[s
     position_ids[:, natural:] = torch.arange(width - natural)
     flat = targets.view(-1)
     loss_index = (flat != IGNORE).nonzero().squeeze(1)
+    n_loss = int(loss_index.numel())
     loss_weights = target_w.view(-1).index_select(0, loss_index) if weighted else None
+    w_loss = float(loss_weights.sum()) if weighted else float(n_loss)
+    loss_targets = flat.index_select(0, loss_index)
+    extra = bucket_width(max(n_loss, 1), bucket) - n_loss if bucket > 1 else 0
+    if extra:  # bucketed: as many loss slots as a multiple of bucket; the extra ones weigh 0
+        loss_weights = torch.cat([loss_weights if weighted else torch.ones(n_loss), torch.zeros(extra)])
+        loss_index = torch.cat([loss_index, torch.full((extra,), flat.numel() - 1, dtype=torch.long)])
+        loss_targets = torch.cat([loss_targets, torch.zeros(extra, dtype=torch.long)])
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
         "targets": targets,
         "loss_index": loss_index,
-        "loss_targets": flat.index_select(0, loss_index),
-        "n_loss": int(loss_index.numel()),
+        "loss_targets": loss_targets,
+        "n_loss": n_loss,
         "loss_weights": loss_weights,
-        "w_loss": float(loss_weights.sum()) if weighted else float(loss_index.numel()),
+        "w_loss": w_loss,
         "real_tokens": sum(len(ex[0]) for row in examples for ex in row),
         "doc_bounds": tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]] + [width - natural][:width > natural])
                             .tolist()) if len(examples) == 1 and examples[0] else None,
