@@ -199,7 +199,8 @@ def test_loss_decreases(tiny_model_dir, qa_file, tmp_path):
 
 @pytest.mark.slow
 def test_compile_gives_the_same_loss(tiny_model_dir, qa_file, tmp_path):
-    """train.compile=true (torch.compile) trains to the same losses as eager mode."""
+    """train.compile=true (torch.compile) trains to the same losses as eager mode (with its rows and
+    loss slots bucketed to 128 by train.bucket=auto)."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     over = {"train.max_steps": 2, "train.batch_size": 4, "data.limit": 8}
     train(cfg_for(tiny_model_dir, qa_file, eager, **over))
