@@ -183,7 +183,8 @@ def test_loss_decreases(tiny_model_dir, qa_file, tmp_path):
 
 @pytest.mark.slow
 def test_compile_gives_the_same_loss(tiny_model_dir, qa_file, tmp_path):
-    """train.compile=true (torch.compile) trains to the same losses as eager mode."""
+    """train.compile=true (torch.compile) trains to the same losses as eager mode (with its rows and
+    loss slots bucketed to 128 by train.bucket=auto)."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     over = {"train.max_steps": 2, "train.batch_size": 4, "data.limit": 8}
     train(cfg_for(tiny_model_dir, qa_file, eager, **over))
@@ -191,6 +192,19 @@ def test_compile_gives_the_same_loss(tiny_model_dir, qa_file, tmp_path):
     a, b = train_losses(eager), train_losses(compiled)
     for step in (1, 2):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4)
+
+
+def test_bucketed_rows_train_to_the_same_loss(tiny_model_dir, qa_file, tmp_path):
+    """train.bucket (rows padded to multiples of 64, what train.compile uses at 128) changes no loss
+    and no trained-token count: the padding carries no loss and no example sees it."""
+    plain, bucketed = tmp_path / "plain", tmp_path / "bucketed"
+    over = {"train.max_steps": 3, "train.batch_size": 4, "data.limit": 12}
+    train(cfg_for(tiny_model_dir, qa_file, plain, **over))
+    train(cfg_for(tiny_model_dir, qa_file, bucketed, **over, **{"train.bucket": 64}))
+    a, b = train_losses(plain), train_losses(bucketed)
+    for step in (1, 2, 3):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+        assert b[step]["loss_tokens"] == a[step]["loss_tokens"]
 
 
 CHAT_ROWS = [{"messages": [{"role": "user", "content": "word " * (1 + i % 5)},

@@ -38,6 +38,7 @@ NAME_EAGER = "sftune_varlen_eager"
 NAMES = (NAME, NAME_EAGER)
 _registered = False
 _flat = contextvars.ContextVar("sftune_flat_rows", default=False)
+_backend = "loop"  # the kernel inside a flat row (sftune.backends): loop, flex or flash
 
 # keyword arguments that attention layers pass and that do not change what one example attends to
 _NEUTRAL = {"position_ids", "output_attentions", "use_cache", "cache_position", "is_causal", "cu_seq_lens_q",
@@ -59,6 +60,20 @@ def flat_rows():
         yield
     finally:
         _flat.reset(token)
+
+
+def set_backend(name: str) -> None:
+    """The kernel that runs a flat row's attention (see :func:`sftune.backends.choose_attention`)."""
+    from sftune.backends import BACKENDS
+
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
 
 
 def family_eager(module):
@@ -121,6 +136,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         scaling = query.shape[-1] ** -0.5
     # softcap, sinks or anything else the family reads: run the family's own eager attention
     special = {k: v for k, v in kwargs.items() if v is not None and k not in _NEUTRAL}
+    if _backend != "loop":
+        from sftune import backends
+
+        out = backends.run(_backend, module, query, key, value, doc_bounds, dropout, scaling, sliding_window, special)
+        if out is not None:
+            return out, None
     eager = _eager or bool(special) or getattr(module, "sinks", None) is not None
     outputs = [_one_example(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout, scaling,
                             sliding_window, eager, special)

@@ -37,7 +37,30 @@ class ModelConfig(_Section):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype of the loaded weights. ``auto`` is float32 for full fine-tuning, and bfloat16 for a
-    LoRA base model on a GPU that supports it. Train in float32 on CPU."""
+    LoRA base model on a GPU that supports it. Train in float32 on CPU.
+
+    What is stored in which precision (with ``train.mixed_precision``):
+
+    * ``float32`` weights (full fine-tuning, ``auto``): weights, gradients and AdamW states
+      (``train.optimizer=adamw``) in fp32, 16 bytes per parameter; with ``mixed_precision=bf16``
+      the matmuls and attention run in bf16 (autocast) and activations are mostly bf16. Like TRL's
+      ``bf16=True`` on an fp32 model.
+    * ``bfloat16`` / ``float16`` weights: weights, gradients and AdamW states in that dtype (8 bytes
+      per parameter): half the memory, but updates smaller than the weights' rounding step are
+      lost; for short runs or LoRA base models.
+    * LoRA: the frozen base in ``dtype`` (bf16 on a GPU by ``auto``; 4-bit with
+      ``lora.load_in_4bit``), the adapters, their gradients and AdamW states in fp32.
+    * ``train.optimizer=adamw_8bit``: the two AdamW states in 8 bits (blockwise-quantised) instead
+      of the parameter dtype.
+
+    The fused lm_head + cross-entropy always accumulates the loss and the head's weight gradient
+    in fp32 (or fp64 for fp64 models), whatever the weights' dtype."""
+
+    kernels: Literal["none", "liger"] = "none"
+    """Extra kernels patched into the model. ``liger``: liger-kernel's RMSNorm, RoPE and SwiGLU
+    Triton kernels (CUDA only; ``pip install 'sftune[gpu]'``) for the families Liger supports
+    (Llama, Mistral, Qwen2/3, Gemma, Phi-3, ...). sftune's own fused lm_head + cross-entropy is
+    kept (Liger's would be bypassed: sftune computes the loss on the loss positions only)."""
 
     attn_implementation: str | None = None
     """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
@@ -52,7 +75,10 @@ class ModelConfig(_Section):
 
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     """Recompute activations in the backward pass to save memory. ``auto`` turns it on only when
-    the estimated activation memory of one micro-batch does not fit the device."""
+    the estimated activation memory of one micro-batch does not fit the device: on a GPU, the free
+    memory after loading the model, less the gradients and optimizer states still to come, with
+    bf16 activations under ``train.mixed_precision`` and no ``[seq, seq]`` scores in flat rows
+    (flash-attention, FlexAttention and the per-example loop never store them)."""
 
     check: Literal["auto", "strict", "off"] = "auto"
     """Start-up equivalence check: before the first step, a few of the run's own examples go through
@@ -256,10 +282,24 @@ class TrainConfig(_Section):
     """Extra metric loggers. Metrics always go to ``output_dir/metrics.jsonl``."""
 
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """Autocast precision. ``auto`` is bf16 on a GPU that supports it and off on CPU."""
+    """Autocast precision of the forward and backward (through accelerate). ``auto`` is ``bf16`` on
+    a GPU that supports it (as TRL's default), ``no`` (fp32) on CPU and on GPUs without bf16.
+    ``bf16``/``fp16`` run matmuls and attention in half precision while the weights, gradients and
+    optimizer states stay in ``model.dtype`` (see there); ``fp16`` adds loss scaling. The fused
+    loss accumulates in fp32 in every setting."""
+
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """``adamw``: torch's fused AdamW, states in the parameters' dtype. ``adamw_8bit``:
+    bitsandbytes' 8-bit AdamW (the two states in 8 bits: 2 instead of 8 bytes per fp32
+    parameter); CUDA only, ``pip install 'sftune[gpu]'``."""
 
     compile: bool = False
     """Run the model through ``torch.compile``."""
+
+    bucket: Union[int, Literal["auto"]] = "auto"
+    """Pad each micro-batch's rows to a multiple of this many tokens (padding carries no loss and
+    changes no example's result), so ``torch.compile`` meets a few shapes instead of one per
+    batch. ``auto``: 128 with ``train.compile``, else 0 (no padding)."""
 
     num_threads: int | None = Field(None, ge=1)
     """CPU threads for torch. ``None`` keeps torch's default."""

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sftune.attention import BoundsLost, disable_varlen, enable_varlen
+from sftune.attention import BoundsLost, disable_varlen, enable_varlen, set_backend
+from sftune.backends import attention_line, choose_attention
 from sftune.capabilities import LAYOUTS, Capabilities, capabilities
 from sftune.data.packing import collate
 from sftune.errors import ConfigError
@@ -93,11 +94,11 @@ def _loss(lm, b, doc_bounds, fused: bool) -> float:
         lm.fused = was
 
 
-def compare(lm, examples, candidates, fused: bool, device) -> dict:
+def compare(lm, examples, candidates, fused: bool, device, tol: float | None = None) -> dict:
     """Run the probe; returns ``{"layout", "fused", "diffs": {layout: max rel diff}, "loss_diff"}``
     (``layout`` None: no candidate matched)."""
     dtype = next(lm.parameters()).dtype
-    tol = TOLERANCE.get(dtype, 5e-2)
+    tol = tol or TOLERANCE.get(dtype, 5e-2)
     with torch.no_grad():
         ref_hidden, ref_loss = [], 0.0
         for e in examples:
@@ -160,6 +161,8 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
     if device is not None and not sharded and next(model.parameters()).device != torch.device(device):
         model.to(device)
     device = next(model.parameters()).device
+    backend, why_backend = choose_attention(device, caps) if "flat" in candidates else ("loop", "")
+    set_backend(backend)
     lm = CausalLMWithLoss(model, fused=caps.fused_loss)
     reasons: dict[str, list[str]] = {}
     for k, v in why_not.items():
@@ -177,7 +180,18 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         was = model.training
         model.eval()
         try:
-            res = compare(lm, examples, candidates, lm.fused, device)
+            # flash-attention computes in half precision: judged at half-precision tolerance
+            try:
+                res = compare(lm, examples, candidates, lm.fused, device, 5e-2 if backend == "flash" else None)
+            except Exception as e:  # noqa: BLE001 - a kernel that fails here falls back to the loop
+                if backend == "loop":
+                    raise
+                res = {"layout": None, "diffs": {}, "error": f"{type(e).__name__}: {e}"[:200]}
+            if backend != "loop" and res["layout"] != "flat":  # the kernel differed: the per-example loop
+                record["attention_diff"] = res.get("error") or res["diffs"].get("flat")
+                backend, why_backend = "loop", f"{backend} {'failed' if 'error' in res else 'differed'}"
+                set_backend(backend)
+                res = compare(lm, examples, candidates, lm.fused, device)
         finally:
             model.train(was)
         code = [LAYOUTS.index(res["layout"]) if res["layout"] else len(LAYOUTS), int(not res["fused"])]
@@ -217,11 +231,16 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         line += f"; left out {left_out}"
     if layout != "flat":
         disable_varlen(causal)
+        set_backend("loop")
+    else:
+        record["attention"] = backend
     record.update(layout=layout, fused_loss=fused, line=line.replace("[yellow]", "").replace("[/]", ""))
     if report is not None:
         report.model_check = record
     if console is not None:
         console.print(line)
+        if layout == "flat":
+            console.print(attention_line(backend, why_backend), markup=False)
     return Choice(layout, fused, caps, line, record)
 
 

@@ -74,8 +74,11 @@ def build_report(run_dir: str | Path) -> Path:
 
     lines = [f"# Run report: {run.name}", ""]
     final = json.loads((run / "final_metrics.json").read_text()) if (run / "final_metrics.json").exists() else {}
-    if final:
+    peak = max((r["peak_mem_gib"] for r in train if "peak_mem_gib" in r), default=None)  # CUDA runs only
+    if final or peak is not None:
         rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in final.items() if v is not None]
+        if peak is not None:
+            rows.append(("peak GPU memory", f"{peak:.2f} GiB (torch.cuda.max_memory_allocated)"))
         lines += ["## Final metrics", "", _table(rows), ""]
     if (run / "data_report.json").exists():
         d = json.loads((run / "data_report.json").read_text())

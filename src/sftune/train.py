@@ -34,6 +34,7 @@ from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
 from sftune.export import save_final
 from sftune.faults import NonFiniteGuard, StepBoundary, disk_errors, dumps
+from sftune.levers import adamw_8bit, apply_kernels, bucket_for, device_metrics, needs_checkpointing
 from sftune.loss import CausalLMWithLoss
 from sftune.model import (
     add_lora,
@@ -108,6 +109,8 @@ def make_optimizer(cfg: SFTConfig, model: torch.nn.Module, device: torch.device)
     several times faster than foreach and without its temporaries), else foreach."""
     kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
     groups = param_groups(model, cfg.train.weight_decay)
+    if cfg.train.optimizer == "adamw_8bit":  # sftune.levers: bitsandbytes, CUDA only
+        return adamw_8bit(groups, kw, device)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, ValueError):
@@ -118,31 +121,6 @@ def make_scheduler(cfg: SFTConfig, optimizer, total_steps: int):
     warmup = cfg.train.warmup_steps or int(math.ceil(cfg.train.warmup_ratio * total_steps))
     name = {"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def activation_bytes(model_config, tokens: int, rows: int, seq: int) -> int:
-    """Rough activation memory of one micro-batch without checkpointing (fp32)."""
-    d = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 768)
-    layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", 12)
-    heads = getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head", 12)
-    return int(layers * (tokens * d * 34 + rows * heads * seq * seq * 5) * 2)
-
-
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
-def want_checkpointing(cfg: SFTConfig, model_config, max_length: int, device: torch.device) -> bool:
-    if cfg.model.gradient_checkpointing != "auto":
-        return bool(cfg.model.gradient_checkpointing)
-    rows = cfg.train.batch_size
-    need = activation_bytes(model_config, rows * max_length, rows, max_length)
-    return need > 0.6 * available_bytes(device)
 
 
 class Batches:
@@ -271,18 +249,19 @@ def setup(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) 
     elif cfg.lora.enabled and not hasattr(model, "peft_config"):
         model = add_lora(cfg, model)
     fast_activations(model)
+    model = apply_kernels(cfg.model.kernels, model, device)  # model.kernels (sftune.levers)
     choice = choose_layout(cfg, model, data, data.report, console if main else None, device, is_sharded(accelerator))
     plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                            world_size=accelerator.num_processes, packing=cfg.data.packing, max_length=max_length,
                            seed=cfg.train.seed, layout=choice.layout,
-                           hidden_size=getattr(model_config, "hidden_size", 768))
+                           hidden_size=getattr(model_config, "hidden_size", 768), bucket=bucket_for(cfg))
     describe_plan(data.report, plan)
     if main:
         data.report.render(console, title="Training data")
         if cfg.train.eval_every and data.eval is None:
             console.print(f"note: train.eval_every={cfg.train.eval_every} is ignored: the data has no eval split "
                           "(set data.eval_split, e.g. data.eval_split=0.05)")
-    if want_checkpointing(cfg, model_config, max_length, device):
+    if needs_checkpointing(cfg, model_config, max_length, device, model):  # model.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if main:
             console.print("gradient checkpointing: on")
@@ -345,6 +324,7 @@ class LogWindow:
             record["grad_norm"] = float(grad_norm)
         if skipped:
             record["skipped_steps"] = len(skipped)
+        record.update(device_metrics(run.device))  # peak GPU memory on CUDA (sftune.levers)
         self.__init__(self.loss.device)
         return record
 

@@ -103,16 +103,18 @@ class BatchPlan:
     attn_weight: float = 1 / (6 * 768)
     """Cost of attending to one more context token, relative to a token's linear-layer cost
     (about 1 / (6 * hidden size)); used to choose micro-batch layouts when not ``flat``."""
+    bucket: int = 0
+    """Pad every row's width up to a multiple of this (``train.bucket``; 0: no padding)."""
 
     @classmethod
     def build(cls, lengths, *, batch_size: int, grad_accum: int, world_size: int = 1, packing: bool,
               max_length: int, seed: int, flat: bool = False, hidden_size: int = 768,
-              layout: str | None = None) -> "BatchPlan":
+              layout: str | None = None, bucket: int = 0) -> "BatchPlan":
         lengths = np.asarray(lengths, dtype=np.int64)
         units = best_fit_decreasing(lengths, max_length) if packing else [[i] for i in range(len(lengths))]
         mode = layout or ("flat" if flat else "rows")
         return cls(lengths, units, batch_size * grad_accum * world_size, batch_size * world_size, max_length, seed,
-                   packing, mode, 1 / (6 * hidden_size))
+                   packing, mode, 1 / (6 * hidden_size), bucket)
 
     @property
     def flat(self) -> bool:
@@ -187,8 +189,8 @@ class BatchPlan:
         weights join them when the data has weights other than 0 and 1)."""
         if getattr(data, "weighted", False):
             return collate([[(*data.example(i), data.example_weights(i)) for i in row] for row in self.layout(units)],
-                           pad_id)
-        return collate([[data.example(i) for i in row] for row in self.layout(units)], pad_id)
+                           pad_id, self.bucket)
+        return collate([[data.example(i) for i in row] for row in self.layout(units)], pad_id, self.bucket)
 
     def fill(self, epoch: int = 0) -> float:
         """Real tokens / (rows x row width) over an epoch's micro-batches: 1 - padding waste."""
@@ -201,6 +203,11 @@ class BatchPlan:
                     real += sum(widths)
                     padded += len(rows) * max(widths)
         return real / padded if padded else 1.0
+
+
+def bucket_width(width: int, bucket: int) -> int:
+    """``width`` rounded up to a multiple of ``bucket`` (0 or 1: unchanged)."""
+    return width if bucket <= 1 else -(-width // bucket) * bucket
 
 
 @dataclass
@@ -239,14 +246,23 @@ class Batch:
         return kw
 
 
-def collate(examples: list[list[tuple]], pad_id: int) -> Batch:
+def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> Batch:
     """Rows of ``(input_ids, labels)`` or ``(input_ids, labels, weights)`` examples -> a :class:`Batch`.
 
     With weights (per-token loss weights, from messages' ``weight``), ``loss_weights`` holds the
     weight of each loss position's target and ``w_loss`` their sum; without, ``loss_weights`` is
     None and ``w_loss`` equals ``n_loss``.
+
+    ``bucket`` > 1 pads the row width up to a multiple of it (so ``torch.compile`` sees few distinct
+    shapes). That padding carries no loss, comes after every example (causal: no example sees it),
+    restarts its positions at 0 (within any position table) and is its own segment of a flat row's
+    ``doc_bounds``, so every example's result is unchanged. The loss positions are padded to a
+    multiple of ``bucket`` too (the count varies with every batch, and would recompile as much):
+    the extra slots read the last position with weight 0 in ``loss_weights``, so they add nothing
+    to the loss or the gradients; ``n_loss`` and ``w_loss`` count the real ones only.
     """
-    width = max((sum(len(ex[0]) for ex in row) for row in examples), default=1) or 1
+    natural = max((sum(len(ex[0]) for ex in row) for row in examples), default=1) or 1
+    width = bucket_width(natural, bucket)
     weighted = any(len(ex) > 2 for row in examples for ex in row)
     target_w = torch.zeros((max(len(examples), 1), width), dtype=torch.float32) if weighted else None
     n = max(len(examples), 1)
@@ -266,22 +282,31 @@ def collate(examples: list[list[tuple]], pad_id: int) -> Batch:
                     target_w[r, pos:pos + k - 1] = torch.from_numpy(np.array(ex[2][1:], dtype=np.float32))
             pos += k
         # padding continues the last example's positions: no new "document" starts in the padding
-        if pos < width:
+        if pos < natural:
             start = int(position_ids[r, pos - 1]) + 1 if pos > 0 else 0
-            position_ids[r, pos:] = torch.arange(start, start + width - pos)
+            position_ids[r, pos:natural] = torch.arange(start, start + natural - pos)
+    position_ids[:, natural:] = torch.arange(width - natural)
     flat = targets.view(-1)
     loss_index = (flat != IGNORE).nonzero().squeeze(1)
+    n_loss = int(loss_index.numel())
     loss_weights = target_w.view(-1).index_select(0, loss_index) if weighted else None
+    w_loss = float(loss_weights.sum()) if weighted else float(n_loss)
+    loss_targets = flat.index_select(0, loss_index)
+    extra = bucket_width(max(n_loss, 1), bucket) - n_loss if bucket > 1 else 0
+    if extra:  # bucketed: as many loss slots as a multiple of bucket; the extra ones weigh 0
+        loss_weights = torch.cat([loss_weights if weighted else torch.ones(n_loss), torch.zeros(extra)])
+        loss_index = torch.cat([loss_index, torch.full((extra,), flat.numel() - 1, dtype=torch.long)])
+        loss_targets = torch.cat([loss_targets, torch.zeros(extra, dtype=torch.long)])
     return Batch(
         input_ids=input_ids,
         position_ids=position_ids,
         targets=targets,
         loss_index=loss_index,
-        loss_targets=flat.index_select(0, loss_index),
-        n_loss=int(loss_index.numel()),
-        w_loss=float(loss_weights.sum()) if weighted else float(loss_index.numel()),
+        loss_targets=loss_targets,
+        n_loss=n_loss,
+        w_loss=w_loss,
         real_tokens=sum(len(ex[0]) for row in examples for ex in row),
         loss_weights=loss_weights,
-        doc_bounds=tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]]).tolist())
-        if len(examples) == 1 and examples[0] else None,
+        doc_bounds=tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]] + [width - natural][:width > natural])
+                         .tolist()) if len(examples) == 1 and examples[0] else None,
     )
