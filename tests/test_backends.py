@@ -37,10 +37,10 @@ def flat_logits(model, exs, device="cpu", grad=False):
     assert attention.enable_varlen(model)
     lm = CausalLMWithLoss(model, fused=False, layout="flat")
     b = collate([list(exs)], pad_id=0)
-    b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+    b = b.to(device)
     with torch.set_grad_enabled(grad), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FlexAttention warns that it runs uncompiled on CPU
-        out = lm.logits(b["input_ids"], b["position_ids"], b["doc_bounds"])
+        out = lm.logits(b.input_ids, b.position_ids, b.doc_bounds)
     per, pos = [], 0
     for ids, _ in exs:
         per.append(out[0, pos:pos + len(ids)])
@@ -108,7 +108,7 @@ def _grads_match(name, kernel):
     attention.set_backend(kernel)
     model.train()
     logits, lm, b = flat_logits(model, exs, "cuda", grad=True)
-    loss = lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"], b["doc_bounds"])
+    loss = lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, b.doc_bounds)
     loss.backward()
     return max_logit_diff([x.detach() for x in logits], ref_logits), float(loss), float(ref_loss), model, ref_grads
 

@@ -35,18 +35,18 @@ def test_bucket_padding_changes_no_result(layout):
     results = []
     for bucket in (0, 64):
         b = collate(rows, pad_id=0, bucket=bucket)
-        assert b["input_ids"].shape[1] == (bucket_width(72, bucket) if layout != "per_example" else
+        assert b.input_ids.shape[1] == (bucket_width(72, bucket) if layout != "per_example" else
                                            bucket_width(30, bucket))
-        bounds = b["doc_bounds"] if layout == "flat" else None
+        bounds = b.doc_bounds if layout == "flat" else None
         if bounds and bucket:
-            assert bounds[-1] == b["input_ids"].shape[1] and bounds[-2] == 72
+            assert bounds[-1] == b.input_ids.shape[1] and bounds[-2] == 72
         lm = CausalLMWithLoss(model, layout=layout)
         model.zero_grad()
         if bucket:  # the loss slots are bucketed too, the extra ones weighing 0
-            assert b["loss_index"].numel() % bucket == 0 and float(b["loss_weights"].sum()) == b["n_loss"]
-        loss = lm(b["input_ids"], b["position_ids"], b["loss_index"], b["loss_targets"], bounds, b["loss_weights"])
+            assert b.loss_index.numel() % bucket == 0 and float(b.loss_weights.sum()) == b.n_loss
+        loss = lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, bounds, b.loss_weights)
         loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], b["real_tokens"], b["n_loss"]))
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], b.real_tokens, b.n_loss))
     (l0, g0, r0, n0), (l1, g1, r1, n1) = results
     assert (r0, n0) == (r1, n1)
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-5)

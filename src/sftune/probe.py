@@ -18,7 +18,6 @@ data-parallel run lays its batches out the same way. The result goes into the da
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -60,9 +59,7 @@ def probe_examples(data, k: int = 3, scan: int = 256) -> list[tuple[list[int], l
 
 
 def _batch(rows, device):
-    b = collate(rows, pad_id=0)
-    return dataclasses.replace(b, **{f.name: getattr(b, f.name).to(device) for f in dataclasses.fields(b)
-                                     if isinstance(getattr(b, f.name), torch.Tensor)})
+    return collate(rows, pad_id=0).to(device)
 
 
 def _per_example(hidden: torch.Tensor, rows) -> list[torch.Tensor]:

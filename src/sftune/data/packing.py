@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -235,6 +236,11 @@ class Batch:
     """Per loss position weight (messages' ``weight``), or None when every weight is 1."""
     doc_bounds: tuple[int, ...] | None = None
     """Cumulative example offsets when the batch is one flat row (per-example attention), else None."""
+
+    def to(self, device) -> "Batch":
+        """The same batch with its tensors on ``device``."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def inputs(self, device) -> dict:
         """The keyword arguments of :class:`~sftune.loss.CausalLMWithLoss`, on ``device``."""
