@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -97,17 +98,31 @@ def launch(over: dict, *, engine: dict | None = None, nproc: int = 2, torchrun_a
             *target, "train", "codealpaca", *(f"{k}={'null' if v is None else v}" for k, v in over.items())]
     if not torchrun_args:
         args[5:5] = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(**engine))
+    # output goes to files, not pipes: with two launches at once (two "nodes"), a pipe nobody reads
+    # yet could fill up and block one node while the test waits on the other
+    logs = (tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+"))
+    proc = subprocess.Popen(args, stdout=logs[0], stderr=logs[1], text=True, env=base_env(**engine))
+    proc.logs = logs
     return finish(proc) if wait else proc
+
+
+def _read(f) -> str:
+    f.seek(0)
+    text = f.read()
+    f.close()
+    return text
 
 
 def finish(proc) -> subprocess.CompletedProcess:
     try:
-        out, err = proc.communicate(timeout=240)
+        proc.wait(timeout=240)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
-        pytest.fail("torchrun timed out (a rank waiting for a collective the others never joined?)\n" + err[-3000:])
+        proc.wait()
+        _read(proc.logs[0])
+        pytest.fail("torchrun timed out (a rank waiting for a collective the others never joined?)\n"
+                    + _read(proc.logs[1])[-3000:])
+    out, err = _read(proc.logs[0]), _read(proc.logs[1])
     assert proc.returncode == 0, err[-4000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
