@@ -92,6 +92,8 @@ class MessagesFormat(Format):
         added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
         specials = set(added) | {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
         self._specials = sorted((s for s in specials if s), key=len, reverse=True)
+        ends = {tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)}
+        self._end_tokens = sorted((s for s in ends if isinstance(s, str) and s in specials), key=len, reverse=True)
 
     @property
     def is_chat(self) -> bool:
@@ -129,12 +131,17 @@ class MessagesFormat(Format):
                 if at >= 0:
                     start = at + len(probe)
                     break
-        best = None
-        for s in self._specials:
-            at = text.find(s, start)
-            if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(s) > best[1])):
-                best = (at, len(s))
-        return best[0] + best[1] if best else len(text)
+        # known end-of-turn tokens first (EOS, <|im_end|>, <|eot_id|>, ...), so a special token the
+        # template writes inside a reply (a tool-call tag) does not end it; then any special token
+        for candidates in (self._end_tokens, self._specials):
+            best = None
+            for s in candidates:
+                at = text.find(s, start)
+                if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(s) > best[1])):
+                    best = (at, len(s))
+            if best:
+                return best[0] + best[1]
+        return len(text)
 
     def turn_text(self, messages: list[dict], i: int, prompt: str) -> str:
         """What the template writes for assistant turn ``i`` after the inference ``prompt``, up to
