@@ -14,6 +14,8 @@ import copy
 import pytest
 import torch
 
+from sftune.probe import per_example
+
 from sftune.capabilities import capabilities
 from sftune.data.packing import collate
 from sftune.loss import CausalLMWithLoss
@@ -166,13 +168,7 @@ def run_layout(model, layout: str, exs, fused: bool):
     model.zero_grad()
     with torch.no_grad():
         out = lm.logits(b.input_ids, b.position_ids, bounds)
-    per = []
-    for r, row in enumerate(rows):
-        pos = 0
-        for ids, _ in row:
-            per.append(out[r, pos:pos + len(ids)])
-            pos += len(ids)
-    return per, loss.detach(), grads
+    return per_example(out, rows), loss.detach(), grads
 
 
 def max_logit_diff(a, b):

@@ -6,25 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftune.config import load_config
 from sftune.train import loop, setup, train
 
 from conftest import build_model_dir, write_jsonl
-
-ROWS = [{"instruction": "word " * (1 + (i * 7) % 23), "output": "answer " * (1 + (i * 5) % 11)} for i in range(40)]
-
+from conftest import train_config as cfg_for
 
 @pytest.fixture(scope="module")
-def qa_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", ROWS)
-
-
-def cfg_for(model_dir, data_file, out, **over):
-    base = {"model.path": str(model_dir), "data.path": str(data_file), "data.template": "qa",
-            "data.max_length": 128, "train.output_dir": str(out), "train.log_every": 1, "train.lr": 1e-3,
-            "train.max_grad_norm": 1e9, "train.warmup_steps": 0}
-    base.update(over)
-    return load_config(None, base)
+def qa_file(qa_rows_file):
+    return qa_rows_file
 
 
 def metrics(out):

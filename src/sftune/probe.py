@@ -62,7 +62,8 @@ def _batch(rows, device):
     return collate(rows, pad_id=0).to(device)
 
 
-def _per_example(hidden: torch.Tensor, rows) -> list[torch.Tensor]:
+def per_example(hidden: torch.Tensor, rows) -> list[torch.Tensor]:
+    """Each example's slice of ``[rows, T, ...]`` outputs, for rows laid out as :func:`collate` does."""
     out = []
     for r, row in enumerate(rows):
         pos = 0
@@ -113,7 +114,7 @@ def compare(lm, examples, candidates, fused: bool, device, tol: float | None = N
             except BoundsLost:  # the layers drop extra arguments: no per-example attention
                 result["diffs"][layout] = float("inf")
                 continue
-            diff = max(_rel_diff(h, r) for h, r in zip(_per_example(hidden, rows), ref_hidden))
+            diff = max(_rel_diff(h, r) for h, r in zip(per_example(hidden, rows), ref_hidden))
             result["diffs"][layout] = diff
             if diff > tol:
                 continue

@@ -45,7 +45,8 @@ def check_output_dir(out_dir: Path) -> None:
                           "choose another train.output_dir or fix its permissions")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -73,7 +74,7 @@ def refuse_if_locked(out_dir: str | Path) -> None:
         owner = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    if owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", -1))):
+    if owner.get("host") != socket.gethostname() or pid_alive(int(owner.get("pid", -1))):
         raise _locked(path, owner)
 
 
@@ -96,7 +97,7 @@ class RunLock:
                 if owner is None:  # being written this instant, or unreadable: look again
                     time.sleep(0.2)
                     owner = self._owner()
-                if owner and owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
+                if owner and owner.get("host") == me["host"] and not pid_alive(int(owner.get("pid", -1))):
                     from sftune.ui import console
 
                     console.print(f"[yellow]taking over the stale lock {self.path} of process {owner['pid']}, "

@@ -27,7 +27,7 @@ from transformers import get_scheduler
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import SFTConfig, config_to_yaml
-from sftune.data.packing import BatchPlan
+from sftune.data.packing import Batch, BatchPlan
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
@@ -130,7 +130,7 @@ class Batches:
         self.plan, self.data, self.pad_id, self.rank, self.world = plan, data, pad_id, rank, world
         self._epoch, self._steps = -1, []
 
-    def __call__(self, step: int) -> list[dict]:
+    def __call__(self, step: int) -> list[Batch]:
         epoch, index = divmod(step, self.plan.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._steps = epoch, self.plan.epoch_steps(epoch)

@@ -8,7 +8,6 @@ here writes; names are paths relative to RUNS_DIR and never leave it.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from sftune.checkpoint import list_checkpoints
+from sftune.runlock import pid_alive
 
 # A running trainer holds ``.sftune.lock`` ({"pid", "host", "started"}) in its output directory; the
 # other names are read too. Without a lock, a run is "running" while its files keep changing.
@@ -142,16 +142,6 @@ def _lock_owner(run: Path) -> tuple[int, str | None] | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def state(run: Path, now: float | None = None) -> str:
     """``finished`` (final metrics written), ``running`` (the lock's process is alive, or without a lock,
     files changed in the last two minutes), ``interrupted`` (a checkpoint to resume from), else ``failed``."""
@@ -160,7 +150,7 @@ def state(run: Path, now: float | None = None) -> str:
     owner = _lock_owner(run)
     if owner is not None:
         pid, host = owner
-        if (host not in (None, socket.gethostname())) or _alive(pid):  # another host's PID cannot be checked
+        if (host not in (None, socket.gethostname())) or pid_alive(pid):  # another host's PID cannot be checked
             return "running"
     else:
         now = time.time() if now is None else now

@@ -237,7 +237,7 @@ class MessagesFormat(Format):
                 tid = tokenizer.convert_tokens_to_ids(last)
                 if isinstance(tid, int) and tid >= 0:
                     ids.add(tid)
-        except (BadRow, Exception):  # noqa: BLE001 - a template that cannot render a probe: keep the defaults
+        except Exception:  # noqa: BLE001 - a template that cannot render a probe: keep the defaults
             pass
         return sorted(ids)
 

@@ -106,21 +106,25 @@ class TextFormat(Format):
         return text
 
     def review(self, report) -> None:
+        if not is_main_process():
+            return
+        template = escape(repr(self.response_template))
         n = report.skipped.get(NOT_FOUND, 0)
         if n:
-            if is_main_process():
-                rows = ", ".join(map(str, report.skipped_rows[NOT_FOUND])) + (", …" if n > 5 else "")
-                console.print(f"[yellow]warning:[/] {n:,} of {report.rows_used:,} texts in {escape(report.split)} do "
-                              f"not contain the response template {escape(repr(self.response_template))} and were "
-                              f"skipped, since the loss goes after it (rows {rows}). Check that the text writes the "
-                              "template exactly, spaces and newlines included.")
+            console.print(f"[yellow]warning:[/] {n:,} of {report.rows_used:,} texts in {escape(report.split)} do not "
+                          f"contain the response template {template} and were skipped, since the loss goes after it "
+                          f"(rows {_some(report.skipped_rows[NOT_FOUND], n)}). Check that the text writes the "
+                          "template exactly, spaces and newlines included.")
         n = report.notes.get(TEMPLATE_REPEATED, 0)
         if n:
-            if is_main_process():
-                rows = ", ".join(map(str, report.note_rows[TEMPLATE_REPEATED])) + (", …" if n > 5 else "")
-                console.print(f"[yellow]note:[/] in {n:,} texts the response template "
-                              f"{escape(repr(self.response_template))} occurs more than once; the loss starts after "
-                              f"the last occurrence, as TRL's collator does (rows {rows}).")
+            console.print(f"[yellow]note:[/] in {n:,} texts the response template {template} occurs more than once; "
+                          "the loss starts after the last occurrence, as TRL's collator does "
+                          f"(rows {_some(report.note_rows[TEMPLATE_REPEATED], n)}).")
+
+
+def _some(rows: list[int], n: int) -> str:
+    """The first row numbers the report keeps, and an ellipsis when there are more."""
+    return ", ".join(map(str, rows)) + (", …" if n > len(rows) else "")
 
 
 NOT_FOUND = "response template not found"
