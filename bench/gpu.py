@@ -151,8 +151,8 @@ def _peak(device: str) -> float:
 
 def run_sftune(a: dict, work: str) -> dict:
     from sftune.config import load_config
-    from sftune.train import train
-    from sftune.ui import read_metrics
+    from sftune.training import train
+    from sftune.console import read_metrics
 
     data = Path(work) / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in a["rows"]))

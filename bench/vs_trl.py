@@ -166,8 +166,8 @@ def run_sftune(workload: str, rows: list[dict], heldout: list[dict], model_dir: 
     import torch
 
     from sftune.config import load_config
-    from sftune.train import train
-    from sftune.ui import read_metrics
+    from sftune.training import train
+    from sftune.console import read_metrics
 
     torch.set_num_threads(os.cpu_count() or 2)
     data = Path(work) / "data.jsonl"

@@ -148,10 +148,10 @@ def test_probe_falls_back_to_the_loop_when_the_kernel_is_wrong(fault, backend, m
 
 
 def test_flex_rows_are_bucketed(backend):
-    from sftune.config import SFTConfig
+    from sftune.config import Config
     from sftune.levers import bucket_for
 
     backend("flex")
-    assert bucket_for(SFTConfig()) == 128
+    assert bucket_for(Config()) == 128
     backend("loop")
-    assert bucket_for(SFTConfig()) == 0
+    assert bucket_for(Config()) == 0

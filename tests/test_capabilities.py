@@ -61,10 +61,10 @@ def test_lora_settings_and_hints():
 
 
 def test_lora_explicit_mamba_targets_name_the_fix():
-    from sftune.config import SFTConfig
+    from sftune.config import Config
     from sftune.model import add_lora
 
-    cfg = SFTConfig.model_validate({"lora": {"enabled": True, "target_modules": ["in_proj", "out_proj"]}})
+    cfg = Config.model_validate({"lora": {"enabled": True, "target_modules": ["in_proj", "out_proj"]}})
     with pytest.raises(ConfigError, match="remove out_proj and conv1d from lora.target_modules"):
         add_lora(cfg, build("falcon_h1"))
 

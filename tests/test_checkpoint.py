@@ -5,7 +5,7 @@ import pytest
 
 from sftune.checkpoint import list_checkpoints
 from sftune.errors import ConfigError
-from sftune.train import train
+from sftune.training import train
 
 from conftest import train_config as cfg_for
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from sftune import DataCollatorForCompletionOnlyLM, SFTTrainer
-from sftune.compat import EMPTY, NOT_FOUND, FunctionFormat, split_at_response
+from sftune.compat.trl07 import EMPTY, NOT_FOUND, FunctionFormat, split_at_response
 from sftune.config import load_config
 from sftune.data.formats import choose_format
 from sftune.data.pipeline import prepare_data

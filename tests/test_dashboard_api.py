@@ -75,9 +75,9 @@ def test_compare_overlays_and_diffs_configs(client):
     assert diff == {"train.max_steps": {"done": 12, "sweep/a": 6}, "train.lr": {"done": 0.001, "sweep/a": 0.002}}
 
 def test_compare_fills_in_defaults(client, root):
-    from sftune.config import SFTConfig
+    from sftune.config import Config
 
-    default = SFTConfig().train.batch_size
+    default = Config().train.batch_size
     with (root / "done" / "sftune_config.yaml").open("a") as f:
         f.write(f"  batch_size: {default}\n")  # written in one config only, with the default value
     c = client.get("/api/compare", params=[("name", "done"), ("name", "sweep/a")]).json()
@@ -200,7 +200,7 @@ def test_new_run_form_schema_and_validation(client, root, monkeypatch):
     assert fields["data.prompt"]["value"] == "Q: {instruction}\nA:" and fields["train.lr"]["description"]
     assert client.get("/api/schema", params={"recipe": "../x.yaml"}).status_code == 400
 
-    from sftune.dashboard import newrun
+    import sftune.dashboard.newrun as newrun
 
     started = []
     monkeypatch.setattr(newrun, "_children", [])

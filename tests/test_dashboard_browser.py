@@ -30,7 +30,7 @@ LIVE_STEPS = 40
 def server(tmp_path):
     import uvicorn
 
-    from sftune.dashboard import free_port
+    from sftune.dashboard.server import free_port
     from sftune.dashboard.app import create_app
 
     root = tmp_path / "runs"
@@ -80,7 +80,7 @@ def points(page, chart: str = "chart-loss", trace: int = 0) -> int:
 
 
 def test_dashboard_in_a_browser(server, page, tmp_path):
-    from sftune.dashboard import newrun
+    import sftune.dashboard.newrun as newrun
 
     root, url = server
     t0, times = time.time(), []

@@ -15,7 +15,7 @@ import torch
 
 from sftune.config import load_config
 from sftune.errors import ConfigError, SftuneError
-from sftune.train import make_accelerator, train
+from sftune.training import make_accelerator, train
 
 from conftest import build_model_dir, write_jsonl
 

@@ -3,8 +3,8 @@
 import torch
 
 from sftune.config import load_config
-from sftune.export import export_run
-from sftune.train import train
+from sftune.export.hf import export_run
+from sftune.training import train
 
 from conftest import write_jsonl
 

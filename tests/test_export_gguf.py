@@ -14,7 +14,8 @@ from sftune.cli import main  # noqa: E402
 from sftune.config import DataConfig, load_config  # noqa: E402
 from sftune.data.formats import MessagesFormat, PromptCompletionFormat, format_from_identity  # noqa: E402
 from sftune.data.templates import resolve_chat_template  # noqa: E402
-from sftune.export_gguf import FAMILIES, chat_pieces, gguf_tensors, ollama_template, write_gguf  # noqa: E402
+from sftune.export.gguf import FAMILIES, gguf_tensors, write_gguf  # noqa: E402
+from sftune.export.ollama import chat_pieces, ollama_template  # noqa: E402
 
 from conftest import CORPUS, write_jsonl  # noqa: E402
 
@@ -152,7 +153,7 @@ def test_rope_scaling_that_cannot_be_checked_is_refused():
     from transformers import LlamaConfig
 
     from sftune.errors import ConfigError
-    from sftune.export_gguf import family_of
+    from sftune.export.gguf import family_of
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -204,7 +205,7 @@ def spm_llama_run(tmp_path_factory):
     """A LoRA run on a tiny Llama with a SentencePiece-style tokenizer that adds BOS, qa format."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftune.train import train
+    from sftune.training import train
 
     root = tmp_path_factory.mktemp("spm-run")
     tok = spm_tokenizer(root / "base")
@@ -241,7 +242,8 @@ def test_export_gguf_verify_end_to_end(spm_llama_run, tmp_path, capsys):
 
 
 def test_verify_fails_when_the_exported_template_drifts(spm_llama_run, tmp_path):
-    from sftune.export import export_run, verify_export
+    from sftune.export.hf import export_run
+    from sftune.export.verify import verify_export
 
     out = export_run(str(spm_llama_run / "run"), str(tmp_path / "out"))
     assert verify_export(str(spm_llama_run / "run"), out).ok
@@ -257,7 +259,7 @@ def test_verify_fails_when_the_exported_template_drifts(spm_llama_run, tmp_path)
 
 def test_chat_run_export_gguf_verify(tiny_model_dir, tmp_path, capsys):
     """A chatml run on the tiny GPT-2: the Modelfile is a per-role Go template, stops include <|im_end|>."""
-    from sftune.train import train
+    from sftune.training import train
 
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"hi {i}"},
                                                                {"role": "assistant", "content": f"hello {i}"}]}

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("trl", reason="TRL is an optional test dependency (pip install trl): the hand-off tests need it")
 
 from sftune.config import load_config  # noqa: E402
-from sftune.export import export_run  # noqa: E402
+from sftune.export.hf import export_run  # noqa: E402
 
 from conftest import build_tokenizer, write_jsonl  # noqa: E402
 
@@ -24,7 +24,7 @@ def sft(tmp_path_factory):
     """A tiny Llama SFT'd with LoRA on chatml conversations, and its merged export."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftune.train import train
+    from sftune.training import train
 
     root = tmp_path_factory.mktemp("handoff")
     tok = build_tokenizer(root / "base")

@@ -17,7 +17,7 @@ import torch
 
 from sftune.cli import main
 from sftune.config import load_config
-from sftune.train import train
+from sftune.training import train
 
 from conftest import build_model_dir, write_jsonl
 
@@ -28,7 +28,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
     """The report's plots take most of a tiny run's time and are not what these tests check."""
-    monkeypatch.setattr("sftune.train.build_report", lambda out: Path(out) / "report.md")
+    monkeypatch.setattr("sftune.training.build_report", lambda out: Path(out) / "report.md")
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,7 @@ def test_huge_lr_stops_with_a_message(tiny_model_dir, qa_file, tmp_path, capsys)
 
 
 def test_json_never_holds_nan():
-    from sftune.faults import dumps
+    from sftune.safeio import dumps
 
     text = dumps({"loss": float("nan"), "ppl": float("inf"), "xs": [1.0, float("-inf")]})
     assert strict_json(text) == {"loss": None, "ppl": None, "xs": [1.0, None]}

@@ -33,18 +33,20 @@ def test_train_is_callable_from_the_package_in_a_fresh_process():
     code = ("from sftune import load_config, train\n"
             "assert callable(train), train\n"
             "import inspect; assert 'cfg' in inspect.signature(train).parameters\n"
-            "import sftune.train as tr; assert tr.Batches and tr.train\n")
+            "import sftune.training as tr; assert tr.Batches and tr.train\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 
 
-def test_train_is_callable_after_the_submodule_was_imported():
+def test_train_is_a_plain_function_whichever_import_comes_first():
+    import inspect
+
     import sftune
-    import sftune.train as tr
+    import sftune.training as tr
     from sftune import train
 
-    assert callable(train) and callable(sftune.train) and "function" in repr(train)
-    assert train is tr and tr.train.__name__ == "train"
+    assert inspect.isfunction(train) and train is tr.train and sftune.train is tr.train
+    assert type(sftune).__name__ == "module" and not callable(tr)  # no module pretends to be a function
 
 
 # ----------------------------------------------------------------------------- 7. error wording
@@ -90,7 +92,7 @@ def test_config_keys_keeps_square_brackets(capsys):
 
 
 def test_missing_extra_hint_keeps_the_extra_name(tmp_path, monkeypatch, capsys):
-    from sftune.ui import MetricsLogger
+    from sftune.console import MetricsLogger
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
     monkeypatch.setitem(sys.modules, "wandb", None)
@@ -103,7 +105,7 @@ def test_missing_extra_hint_keeps_the_extra_name(tmp_path, monkeypatch, capsys):
 
 
 def test_plain_progress_lines():
-    from sftune.ui import PlainProgress, console, training_progress
+    from sftune.console import PlainProgress, console, training_progress
 
     assert isinstance(training_progress(True), PlainProgress)  # pytest captures: not a terminal
     buf = io.StringIO()
@@ -126,7 +128,7 @@ def test_plain_progress_lines():
 
 
 def test_third_party_noise_is_silenced(caplog):
-    from sftune.ui import quiet_third_party
+    from sftune.console import quiet_third_party
 
     quiet_third_party()
     with caplog.at_level(logging.WARNING):
@@ -241,7 +243,7 @@ def test_quickstart_recipe_comment_matches_the_data():
 def test_report_order_labels_and_eos_wording(tmp_path):
     from sftune.data.report import DataReport
     from sftune.report import build_report
-    from sftune.ui import console
+    from sftune.console import console
 
     recs = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "tokens_per_s": 100.0} for s in (1, 2)]
     sample = [{"prompt": "p", "generated": "g", "reference": "r"}]
@@ -271,7 +273,7 @@ def test_throughput_plot_label(tmp_path, monkeypatch):
 
 
 def test_resume_from_an_earlier_checkpoint_drops_abandoned_records(tmp_path):
-    from sftune.ui import read_metrics, truncate_metrics
+    from sftune.console import read_metrics, truncate_metrics
 
     recs = [{"step": s, "loss": 1.0} for s in (100, 200, 300, 400)] + [{"step": 400, "final": True}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -280,7 +282,7 @@ def test_resume_from_an_earlier_checkpoint_drops_abandoned_records(tmp_path):
 
 
 def test_ctrl_c_prints_the_resume_command(monkeypatch, capsys):
-    import sftune.train as tr
+    import sftune.training as tr
 
     monkeypatch.setattr(tr, "train", lambda cfg: tr.TrainResult(cfg.train.output_dir, 7, 1.0, interrupted=True))
     code, _, err = run_cli(["train", "quickstart", "train.max_steps=50", "train.resume=false"], capsys)

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from sftune.config import load_config
-from sftune.train import train
+from sftune.training import train
 
 from conftest import build_model_dir, write_jsonl
 

@@ -1,4 +1,5 @@
-"""The package's import graph has no cycle: each module only imports the stages below it."""
+"""The package's import graph has no cycle (package ``__init__`` files included), and the layers below
+the loop never import the loop's own modules."""
 
 import ast
 from pathlib import Path
@@ -28,12 +29,14 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def test_no_import_cycle():
+def import_graph() -> dict[str, set[str]]:
     files = {module_name(p): p for p in SRC.rglob("*.py")}
     modules = set(files)
-    graph = {m: imports_of(p, modules) - {m} for m, p in files.items() if m != "sftune"}
-    for m in graph:  # a package's __init__ re-exports; importing it is not a dependency on its children
-        graph[m] = {d for d in graph[m] if not (files[d].name == "__init__.py" and m.startswith(d + "."))}
+    return {m: imports_of(p, modules) - {m} for m, p in files.items() if m != "sftune"}
+
+
+def test_no_import_cycle():
+    graph = import_graph()
     state: dict[str, int] = {}
 
     def visit(m, stack):
@@ -49,3 +52,26 @@ def test_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+LOOP = ("sftune.training", "sftune.faults", "sftune.checkpoint")
+BELOW_THE_LOOP = ("sftune.data", "sftune.model", "sftune.console", "sftune.safeio", "sftune.config",
+                  "sftune.errors", "sftune.capabilities", "sftune.attention", "sftune.loss")
+
+
+def reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for d in graph.get(todo.pop(), ()):
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+def test_layers_below_the_loop_never_import_the_loop():
+    graph = import_graph()
+    for m in graph:
+        if m.startswith(BELOW_THE_LOOP):
+            bad = sorted(d for d in reach(graph, m) if d.startswith(LOOP))
+            assert not bad, f"{m} imports the loop's modules (directly or through others): {bad}"

@@ -9,7 +9,7 @@ import yaml
 from sftune.config import load_config
 from sftune.data.templates import CHATML
 from sftune.errors import DataError, SftuneError
-from sftune.export import resolved_config
+from sftune.export.hf import resolved_config
 from sftune.data.formats import choose_format
 from sftune.inference import load_for_inference
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sftune import levers
-from sftune.config import SFTConfig
+from sftune.config import Config
 from sftune.data.packing import bucket_width, collate
 from sftune.errors import ConfigError
 from sftune.loss import CausalLMWithLoss
@@ -55,9 +55,9 @@ def test_bucket_padding_changes_no_result(layout):
 
 
 def test_bucket_auto_follows_compile():
-    assert levers.bucket_for(SFTConfig()) == 0
-    assert levers.bucket_for(SFTConfig.model_validate({"train": {"compile": True}})) == 128
-    assert levers.bucket_for(SFTConfig.model_validate({"train": {"compile": True, "bucket": 64}})) == 64
+    assert levers.bucket_for(Config()) == 0
+    assert levers.bucket_for(Config.model_validate({"train": {"compile": True}})) == 128
+    assert levers.bucket_for(Config.model_validate({"train": {"compile": True, "bucket": 64}})) == 64
 
 
 def test_adamw_8bit_refuses_clearly_on_cpu():
@@ -84,7 +84,7 @@ def test_checkpointing_auto_unchanged_on_cpu(monkeypatch):
     mc = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8)
     old = 4 * (8 * 2048 * 512 * 34 + 8 * 8 * 2048 * 2048 * 5) * 2
     assert levers.activation_bytes(mc, 8 * 2048, 8, 2048, torch.device("cpu")) == old
-    cfg = SFTConfig.model_validate({"train": {"batch_size": 8}})
+    cfg = Config.model_validate({"train": {"batch_size": 8}})
     monkeypatch.setattr("sftune.levers.available_bytes", lambda d: int(old / 0.6) + 1)
     assert not levers.needs_checkpointing(cfg, mc, 2048, "cpu")
     monkeypatch.setattr("sftune.levers.available_bytes", lambda d: int(old / 0.6) - 1000)

@@ -222,11 +222,11 @@ class _Data:
 def probe(model, check="auto"):
     from types import SimpleNamespace
 
-    from sftune.config import SFTConfig
+    from sftune.config import Config
     from sftune.data.report import DataReport
     from sftune.probe import choose_layout
 
-    cfg = SFTConfig.model_validate({"model": {"check": check}})
+    cfg = Config.model_validate({"model": {"check": check}})
     report = DataReport(source="t", format="t", split="train", max_length=64)
     choice = choose_layout(cfg, model, SimpleNamespace(train=_Data(examples((12, 30, 9, 22), seed=1))), report)
     assert report.model_check["line"] == choice.line.replace("[yellow]", "").replace("[/]", "")
@@ -235,10 +235,10 @@ def probe(model, check="auto"):
 
 def lora_two_steps(model, layout: str, fused: bool):
     from sftune.attention import enable_varlen
-    from sftune.config import SFTConfig
+    from sftune.config import Config
     from sftune.model import add_lora
 
-    cfg = SFTConfig.model_validate({"lora": {"enabled": True, "r": 4, "alpha": 8}})
+    cfg = Config.model_validate({"lora": {"enabled": True, "r": 4, "alpha": 8}})
     peft_model = add_lora(cfg, model)
     if layout == "flat":
         enable_varlen(model)
@@ -282,7 +282,7 @@ def test_train_prints_and_reports_the_model_check(tiny_tokenizer, tmp_path, caps
 
     from conftest import write_jsonl
     from sftune.config import load_config
-    from sftune.train import train
+    from sftune.training import train
 
     model_dir = tmp_path / "model"
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftune.train import loop, setup, train
+from sftune.training import loop, setup, train
 
 from conftest import build_model_dir, write_jsonl
 from conftest import train_config as cfg_for

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from sftune.errors import SftuneError
-from sftune.faults import disk_errors, dumps
-from sftune.ui import console
+from sftune.safeio import disk_errors, dumps
+from sftune.console import console
 
 _NAME = re.compile(r"^step-(\d+)$")
 

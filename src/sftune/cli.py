@@ -141,7 +141,7 @@ def cmd_generate(args) -> int:
     from sftune.data.sources import read_json_rows
     from sftune.errors import DataError, RowSkip
     from sftune.inference import load_for_inference
-    from sftune.ui import out
+    from sftune.console import out
 
     loaded = load_for_inference(args.model)
     if args.prompt is not None:
@@ -162,7 +162,7 @@ def cmd_generate(args) -> int:
     if rows is None:
         out.print(outputs[0], markup=False, highlight=False)
         return 0
-    from sftune.faults import dumps
+    from sftune.safeio import dumps
 
     lines = [dumps({**r, "prompt": p, "generated": g}, ensure_ascii=False) for r, p, g in zip(rows, prompts, outputs)]
     if args.out:
@@ -192,8 +192,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from sftune.export import export_run, verify_export
-    from sftune.ui import console
+    from sftune.export.hf import export_run
+    from sftune.export.verify import verify_export
+    from sftune.console import console
 
     from rich.markup import escape
 
@@ -215,7 +216,7 @@ def cmd_export(args) -> int:
 
 def cmd_report(args) -> int:
     from sftune.report import build_report
-    from sftune.ui import console
+    from sftune.console import console
 
     console.print(f"wrote {build_report(args.model)}", markup=False)
     return 0
@@ -241,13 +242,13 @@ def cmd_train(args) -> int:
         return 2
     cfg = load_config(args.recipe, args.overrides)
     refuse_if_locked(cfg.train.output_dir)  # a busy output directory is refused before the training stack loads
-    from sftune.train import train
+    from sftune.training import train
 
     result = train(cfg)
     if result.interrupted:
         import shlex
 
-        from sftune.ui import console
+        from sftune.console import console
 
         again = [o for o in args.overrides if o.partition("=")[0].strip() != "train.resume"]
         command = " ".join(shlex.quote(a) for a in ["sftune", "train", args.recipe, *again, "train.resume=true"])
@@ -271,7 +272,7 @@ def cmd_config(args) -> int:
     from rich.markup import escape
 
     from sftune.config import config_to_yaml, describe_keys, load_config
-    from sftune.ui import out
+    from sftune.console import out
 
     if args.keys or not args.recipe:
         for key, default, desc in describe_keys():
@@ -282,7 +283,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from sftune.dashboard import serve
+    from sftune.dashboard.server import serve
 
     serve(args.runs_dir, host=args.host, port=args.port, token=args.token)
     return 0
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    from sftune.ui import console, quiet_third_party
+    from sftune.console import console, quiet_third_party
 
     quiet_third_party()
     try:

@@ -28,13 +28,13 @@ from sftune.data.formats import BadRow, Format, TextFormat
 from sftune.data.packing import BatchPlan
 from sftune.data.pipeline import prepare_data
 from sftune.errors import RowSkip
-from sftune.faults import dumps
+from sftune.safeio import dumps
 from sftune.generation import generate_with
 from sftune.inference import load_for_inference
 from sftune.loss import CausalLMWithLoss
 from sftune.model import resolve_max_length, unwrap_causal_lm
-from sftune.ui import console
-from sftune.ui import out as stdout
+from sftune.console import console
+from sftune.console import out as stdout
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Faults during a run: non-finite numbers, Ctrl-C between steps, a full disk, JSON that stays JSON.
+"""Faults during a run: non-finite numbers and Ctrl-C between steps.
 
 The training loop calls these helpers with a line or two each:
 
@@ -9,56 +9,26 @@ The training loop calls these helpers with a line or two each:
   the middle of a step saves the state of the step boundary (the interrupted step's dropout draws
   are undone), and resume is bit-exact with the uninterrupted run. The optimizer update and the
   step's log record are shielded from Ctrl-C, so a step is either wholly done or not begun.
-* :func:`disk_errors` turns "no space left on device" (which torch reports as ``unexpected pos``)
-  into one clear line naming the directory.
-* :func:`json_safe` / :func:`dumps` write NaN and infinity as ``null``: every JSON file a run
-  writes is valid JSON.
+
+The JSON writer and the disk-full wrapper that every writer of run files uses live in the leaf
+module :mod:`sftune.safeio`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import math
 import random
 import signal
 import threading
-from pathlib import Path
 
 from sftune.errors import SftuneError
 
-# torch and numpy are imported where they are used: the JSON helpers serve light commands too.
+# torch and numpy are imported where they are used.
 
 
 class TrainingDiverged(SftuneError):
     """The loss or the gradient norm became NaN or infinite."""
-
-
-class DiskFull(SftuneError):
-    """A write failed because the disk (or quota) is full."""
-
-
-# ----------------------------------------------------------------------------- JSON
-
-
-def json_safe(obj):
-    """``obj`` with every non-finite float replaced by ``None`` (JSON ``null``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def dumps(obj, **kw) -> str:
-    """``json.dumps`` that never writes the invalid literals ``NaN`` / ``Infinity``."""
-    return json.dumps(json_safe(obj), allow_nan=False, **kw)
-
-
-# ----------------------------------------------------------------------------- non-finite values
 
 
 def _describe(value) -> str:
@@ -203,32 +173,3 @@ class StepBoundary:
             self._previous = None
         held, self._held = bool(self._held), []
         return held
-
-
-# ----------------------------------------------------------------------------- disk full
-
-
-def is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e).lower()
-    return "no space left" in text or "unexpected pos" in text or "disk quota" in text
-
-
-@contextlib.contextmanager
-def disk_errors(directory: str | Path, what: str, *, kept: str | None = None, cleanup: Path | None = None):
-    """Inside the block, a full disk becomes :class:`DiskFull` naming ``directory``; ``cleanup``
-    (a temporary directory) is removed first."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        if not is_disk_full(e):
-            raise
-        if cleanup is not None:
-            import shutil
-
-            shutil.rmtree(cleanup, ignore_errors=True)
-        extra = f" {kept}" if kept else ""
-        raise DiskFull(f"no space left on device while writing {what} to {directory}.{extra}\n"
-                       f"  → free some space (or point train.output_dir at a larger disk) and run again"
-                       + (" with train.resume=true" if kept else "")) from None

@@ -16,12 +16,12 @@ import torch
 import yaml
 from rich.markup import escape
 
-from sftune.config import SFTConfig, validate_config
+from sftune.config import Config, validate_config
 from sftune.data.formats import BadRow, Format, format_from_identity
 from sftune.errors import DataError, RowSkip, SftuneError
 from sftune.generation import Streamer, generate_with
 from sftune.model import load_pretrained, resolve_path
-from sftune.ui import console
+from sftune.console import console
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Loaded:
 
     model: torch.nn.Module
     tokenizer: object
-    cfg: SFTConfig | None
+    cfg: Config | None
     fmt: Format
     path: str
 

@@ -19,10 +19,10 @@ from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
 from sftune.capabilities import lora_error_hint, lora_settings
-from sftune.config import SFTConfig
+from sftune.config import Config
 from sftune.data.templates import resolve_chat_template
 from sftune.errors import ConfigError, SftuneError
-from sftune.ui import console
+from sftune.console import console
 
 ASSETS = Path(__file__).parent / "assets"
 log = logging.getLogger("sftune")
@@ -56,7 +56,7 @@ def _from_pretrained_error(what: str, path: str, e: Exception) -> SftuneError:
     )
 
 
-def load_tokenizer(cfg: SFTConfig):
+def load_tokenizer(cfg: Config):
     """Load the tokenizer and make it ready for training: pad token and chat template.
 
     Returns ``(tokenizer, n_added)``: ``n_added`` tokens were added to the vocabulary.
@@ -128,7 +128,7 @@ def model_max_positions(config) -> int | None:
     return None
 
 
-def resolve_max_length(cfg: SFTConfig, tokenizer, model_config=None) -> int:
+def resolve_max_length(cfg: Config, tokenizer, model_config=None) -> int:
     """``data.max_length``, or ``min(model max positions, tokenizer max length, 1024)``."""
     limits = [1024]
     tml = getattr(tokenizer, "model_max_length", None)
@@ -145,7 +145,7 @@ def resolve_max_length(cfg: SFTConfig, tokenizer, model_config=None) -> int:
     return cfg.data.max_length
 
 
-def load_model_config(cfg: SFTConfig):
+def load_model_config(cfg: Config):
     path = resolve_path(cfg.model.path)
     try:
         return AutoConfig.from_pretrained(path, revision=cfg.model.revision,
@@ -154,7 +154,7 @@ def load_model_config(cfg: SFTConfig):
         raise _from_pretrained_error("model config", path, e) from None
 
 
-def _dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype:
+def _dtype(cfg: Config, device: torch.device) -> torch.dtype:
     name = cfg.model.dtype
     if name == "auto":
         if cfg.lora.enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -163,7 +163,7 @@ def _dtype(cfg: SFTConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_model(cfg: SFTConfig, tokenizer, n_added: int = 0, device: torch.device | None = None):
+def load_model(cfg: Config, tokenizer, n_added: int = 0, device: torch.device | None = None):
     """Load (or initialise) the causal LM, resize embeddings for added tokens, and add LoRA."""
     device = device or torch.device("cpu")
     path = resolve_path(cfg.model.path)
@@ -206,7 +206,7 @@ def fast_activations(model) -> int:
     return swapped
 
 
-def _bnb_config(cfg: SFTConfig, device: torch.device):
+def _bnb_config(cfg: Config, device: torch.device):
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -218,7 +218,7 @@ def _bnb_config(cfg: SFTConfig, device: torch.device):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def add_lora(cfg: SFTConfig, model):
+def add_lora(cfg: Config, model):
     if not cfg.lora.enabled and cfg.lora.load_in_4bit:
         raise ConfigError("lora.load_in_4bit needs lora.enabled=true")
     if cfg.lora.load_in_4bit:

@@ -13,13 +13,13 @@ import json
 from rich.markup import escape
 from rich.text import Text
 
-from sftune.config import SFTConfig
+from sftune.config import Config
 from sftune.data.packing import BatchPlan
 from sftune.data.pipeline import describe_plan, prepare_data
 from sftune.data.tokenize import IGNORE
 from sftune.errors import SftuneError
 from sftune.model import load_model_config, load_tokenizer, resolve_max_length
-from sftune.ui import console, out
+from sftune.console import console, out
 
 
 OPEN, CLOSE = "«", "»"  # trained-token marks when there is no colour
@@ -53,7 +53,7 @@ def colored(tokenizer, ids, labels, weights=None, plain: bool = False) -> Text:
     return text
 
 
-def preview_sequences(cfg: SFTConfig, n: int = 3):
+def preview_sequences(cfg: Config, n: int = 3):
     """The tokenizer, the data (with its report) and the first ``n`` training sequences exactly as
     training builds them: dicts of ``input_ids``, ``labels``, ``weights``, ``position_ids``, ``rows``."""
     tokenizer, _ = load_tokenizer(cfg)
@@ -83,7 +83,7 @@ def preview_sequences(cfg: SFTConfig, n: int = 3):
     return tokenizer, data, sequences
 
 
-def preview(cfg: SFTConfig, n: int = 3, as_json: bool = False) -> None:
+def preview(cfg: Config, n: int = 3, as_json: bool = False) -> None:
     tokenizer, data, sequences = preview_sequences(cfg, n)
     for r, seq in enumerate(sequences):
         ids, labels, weights, positions, rows = (seq[k] for k in ("input_ids", "labels", "weights", "position_ids",

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from sftune.errors import SftuneError
-from sftune.ui import read_metrics
+from sftune.console import read_metrics
 
 
 def _plot(path: Path, title: str, ylabel: str, series: list[tuple[str, list, list]], logy: bool = False) -> None:

@@ -98,7 +98,7 @@ class RunLock:
                     time.sleep(0.2)
                     owner = self._owner()
                 if owner and owner.get("host") == me["host"] and not pid_alive(int(owner.get("pid", -1))):
-                    from sftune.ui import console
+                    from sftune.console import console
 
                     console.print(f"[yellow]taking over the stale lock {self.path} of process {owner['pid']}, "
                                   "which is no longer running[/]")
@@ -151,7 +151,7 @@ def set_aside_earlier_run(out_dir: Path) -> Path | None:
     target.mkdir()
     for name in found:
         (out_dir / name).rename(target / name)
-    from sftune.ui import console
+    from sftune.console import console
 
     console.print(f"this is a fresh run: the earlier run's {', '.join(found)} in {out_dir} were moved to "
                   f"{target.name}/ (train.resume=true continues a run instead)", soft_wrap=True)

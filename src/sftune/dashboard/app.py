@@ -21,7 +21,7 @@ from fastapi import Body, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from sftune.dashboard import runs as R
+import sftune.dashboard.runs as R
 from sftune.errors import SftuneError
 
 STATIC = Path(__file__).parent / "static"

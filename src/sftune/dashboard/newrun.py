@@ -36,7 +36,8 @@ def _kind(annotation) -> tuple[str, list | None, bool]:
 
 def schema(recipe: str) -> list[dict]:
     """Every key of the config with its recipe value, default, kind and description."""
-    from sftune.config import SFTConfig, _section_models, load_config
+    from sftune.config import Config, load_config
+    from sftune.config.loading import _section_models
 
     values = load_config(recipe).model_dump(mode="json")
     fields = []
@@ -45,7 +46,7 @@ def schema(recipe: str) -> list[dict]:
             kind, choices, nullable = _kind(field.annotation)
             fields.append({"key": f"{section}.{name}", "section": section, "kind": kind, "choices": choices,
                            "nullable": nullable, "value": values[section][name],
-                           "default": getattr(SFTConfig(), section).model_dump(mode="json")[name],
+                           "default": getattr(Config(), section).model_dump(mode="json")[name],
                            "description": (field.description or "").strip()})
     return fields
 
@@ -53,7 +54,7 @@ def schema(recipe: str) -> list[dict]:
 def start(root: Path, recipe: str, overrides: dict, name: str) -> dict:
     """Validate and start ``sftune train`` for ``recipe`` with ``overrides`` into ``root/name``."""
     from sftune.config import config_to_yaml, load_config
-    from sftune.dashboard import runs as R
+    import sftune.dashboard.runs as R
 
     for p in [p for p in _children if p.poll() is not None]:
         _children.remove(p)

@@ -39,7 +39,7 @@ from sftune.data.contract import (BadRow, Format, FormattedExample, Rendered, Se
 from sftune.data.templates import PromptCompletionTemplate, is_template, named_template, parse_fields
 from sftune.data.templates import NAMED_TEMPLATES
 from sftune.errors import ConfigError, DataError, RowSkip
-from sftune.ui import console, is_main_process
+from sftune.console import console, is_main_process
 
 __all__ = ["BadRow", "Format", "FormattedExample", "MessagesFormat", "PromptCompletionFormat", "RawFormat", "Rendered",
            "Sequence", "TextFormat", "Turn", "choose_format", "end_of_turn_ids", "format_from_identity",

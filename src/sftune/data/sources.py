@@ -63,7 +63,7 @@ def _local_files(path: Path) -> tuple[str, dict[str, list[str]]]:
     splits: dict[str, list[str]] = {}
     for p in files:
         splits.setdefault(_split_of(p, path), []).append(str(p))
-    from sftune.ui import console
+    from sftune.console import console
 
     mapping = "; ".join(f"{split} ← {', '.join(str(Path(f).relative_to(path)) for f in fs)}"
                         for split, fs in splits.items())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sftune.faults import disk_errors, dumps
+from sftune.safeio import disk_errors, dumps
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)

@@ -26,14 +26,15 @@ from rich.markup import escape
 from transformers import get_scheduler
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from sftune.config import SFTConfig, config_to_yaml
+from sftune.config import Config, config_to_yaml
 from sftune.data.packing import Batch, BatchPlan
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
-from sftune.export import save_final
-from sftune.faults import NonFiniteGuard, StepBoundary, disk_errors, dumps
+from sftune.export.hf import save_final
+from sftune.faults import NonFiniteGuard, StepBoundary
+from sftune.safeio import disk_errors, dumps
 from sftune.levers import adamw_8bit, apply_kernels, bucket_for, device_metrics, needs_checkpointing
 from sftune.loss import CausalLMWithLoss
 from sftune.model import (
@@ -48,7 +49,7 @@ from sftune.model import (
 from sftune.probe import choose_layout
 from sftune.report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
-from sftune.ui import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
+from sftune.console import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
 
 
 @dataclass
@@ -63,7 +64,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------- setup helpers
 
 
-def make_accelerator(cfg: SFTConfig):
+def make_accelerator(cfg: Config):
     """The accelerate state: devices, mixed precision, and the engine chosen at launch (DDP, FSDP,
     DeepSpeed). Refuses set-ups that cannot work, with the fix."""
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -104,7 +105,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(cfg: SFTConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW, fused where torch has a fused kernel for the device (CUDA, and CPU since torch 2.4:
     several times faster than foreach and without its temporaries), else foreach."""
     kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
@@ -117,7 +118,7 @@ def make_optimizer(cfg: SFTConfig, model: torch.nn.Module, device: torch.device)
         return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
-def make_scheduler(cfg: SFTConfig, optimizer, total_steps: int):
+def make_scheduler(cfg: Config, optimizer, total_steps: int):
     warmup = cfg.train.warmup_steps or int(math.ceil(cfg.train.warmup_ratio * total_steps))
     name = {"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
@@ -146,7 +147,7 @@ class Run:
     """Everything a training run is made of, built once by :func:`setup` and read by :func:`loop`
     and :func:`finish`. ``lm`` and ``optimizer`` are as ``accelerator.prepare`` returned them."""
 
-    cfg: SFTConfig
+    cfg: Config
     accelerator: Any
     out_dir: Path
     tokenizer: Any
@@ -222,7 +223,7 @@ class Run:
                          "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints)
 
 
-def setup(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
+def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
     """Data, model, layout, loss, optimizer, schedule and state: everything before the first step."""
     quiet_third_party()
     if cfg.train.num_threads:
@@ -444,7 +445,7 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
     return TrainResult(str(out_dir), run.total_steps, result.last_loss, metrics)
 
 
-def train(cfg: SFTConfig, *, model=None, tokenizer=None, source=None, fmt=None) -> TrainResult:
+def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> TrainResult:
     """Fine-tune as configured: :func:`setup`, :func:`loop`, :func:`finish`. Returns where the model
     went and the final metrics.
 

@@ -5,9 +5,9 @@ Notebooks written for the old ``trl`` API run with one changed import::
     from sftune import SFTTrainer, DataCollatorForCompletionOnlyLM   # was: from trl import ...
 
 This module is a translation layer, not a second engine. ``SFTTrainer(...)`` turns its arguments
-(and the fields of ``transformers.TrainingArguments``) into an :class:`~sftune.config.SFTConfig`,
+(and the fields of ``transformers.TrainingArguments``) into an :class:`~sftune.config.Config`,
 wraps the datasets into a :class:`~sftune.data.sources.Source`, and ``.train()`` calls
-:func:`sftune.train.train` once. At construction it prints which config key each legacy argument
+:func:`sftune.training.train` once. At construction it prints which config key each legacy argument
 became, so a run can move to a recipe.
 
 ``DataCollatorForCompletionOnlyLM`` keeps its meaning (loss only after the response template) but
@@ -39,7 +39,7 @@ from rich.markup import escape
 from rich.table import Table
 from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
-from sftune.config import SFTConfig, load_config
+from sftune.config import Config, load_config
 
 # the completion-only split and TRL's formatting_func are data formats; re-exported for the old import paths
 from sftune.data.formats import (  # noqa: F401
@@ -53,7 +53,7 @@ from sftune.data.formats import (  # noqa: F401
 from sftune.data.sources import Source, with_row_index
 from sftune.errors import ConfigError, SftuneError
 from sftune.model import add_lora, load_model, load_tokenizer, ready_tokenizer
-from sftune.ui import console, is_main_process
+from sftune.console import console, is_main_process
 
 # ----------------------------------------------------------------------------- completion-only loss
 
@@ -397,7 +397,7 @@ class SFTTrainer:
     after its response template. ``.train()`` trains and saves the final model to
     ``args.output_dir``; ``.save_model(dir)`` copies it elsewhere.
 
-    After construction: ``config`` (the :class:`~sftune.config.SFTConfig`), ``source`` (the rows),
+    After construction: ``config`` (the :class:`~sftune.config.Config`), ``source`` (the rows),
     ``format`` (the custom format, or ``None`` for a config-built one), ``model`` and ``tokenizer``.
     """
 
@@ -448,7 +448,7 @@ class SFTTrainer:
             g.add(f"peft_config={type(peft_config).__name__}(r={peft_config.r}, …)", map_peft(peft_config, model))
         elif hasattr(model, "peft_config"):
             g.overrides["lora.enabled"] = True  # so the final save writes the adapter
-        self.config: SFTConfig = load_config(None, g.overrides)
+        self.config: Config = load_config(None, g.overrides)
         if self.config.lora.enabled and not hasattr(model, "peft_config"):
             model = add_lora(self.config, model)
 
@@ -466,9 +466,9 @@ class SFTTrainer:
         return self.tokenizer
 
     def train(self, resume_from_checkpoint: bool | None = None):
-        """Train once with :func:`sftune.train.train`; returns its ``TrainResult`` (steps, train_loss,
+        """Train once with :func:`sftune.training.train`; returns its ``TrainResult`` (steps, train_loss,
         metrics). ``resume_from_checkpoint=True`` continues from the newest checkpoint in output_dir."""
-        from sftune.train import train
+        from sftune.training import train
 
         if isinstance(resume_from_checkpoint, (str, Path)):
             raise ConfigError("sftune resumes from the newest checkpoint in args.output_dir; "

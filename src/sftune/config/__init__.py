@@ -1,0 +1,22 @@
+"""The one typed config: the schema (:mod:`.schema`, a pydantic model with a docstring on every
+field) and its loading from YAML recipes and ``key=value`` overrides (:mod:`.loading`)."""
+
+from sftune.config.loading import (
+    ALIASES,
+    RECIPES_DIR,
+    builtin_recipes,
+    config_to_yaml,
+    describe_keys,
+    load_config,
+    load_yaml,
+    parse_override,
+    parse_value,
+    resolve_recipe,
+    valid_keys,
+    validate_config,
+)
+from sftune.config.schema import Config, DataConfig, EvalConfig, LoraConfig, ModelConfig, TrainConfig
+
+__all__ = ["ALIASES", "RECIPES_DIR", "Config", "DataConfig", "EvalConfig", "LoraConfig", "ModelConfig",
+           "TrainConfig", "builtin_recipes", "config_to_yaml", "describe_keys", "load_config", "load_yaml",
+           "parse_override", "parse_value", "resolve_recipe", "valid_keys", "validate_config"]
