@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model from a recipe", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune a model. Checkpoints, metrics.jsonl and the final model go to "
-                                   "train.output_dir. Ctrl-C saves a checkpoint; train.resume=true continues.")
+                                   "train.output_dir. Ctrl-C saves a checkpoint; train.resume=true continues. "
+                                   "SIGTERM saves a checkpoint and exits with status 75 (requeue); "
+                                   "train.resume=auto continues when there is something to continue.")
     _add_recipe_args(p)
     p.set_defaults(subparser=p)
 
@@ -245,6 +247,14 @@ def cmd_train(args) -> int:
     from sftune.training import train
 
     result = train(cfg)
+    if result.preempted:  # SIGTERM: the state is saved; the same command continues (sftune.cluster)
+        from sftune.cluster import REQUEUE_EXIT
+        from sftune.console import console
+
+        console.print(f"preempted: saved at step {result.steps}; exit status {REQUEUE_EXIT} (requeue). The same "
+                      "command with train.resume=auto continues (auto is the default on a torchrun or SLURM "
+                      "restart)", markup=False, highlight=False, soft_wrap=True)
+        return REQUEUE_EXIT
     if result.interrupted:
         import shlex
 

@@ -78,7 +78,7 @@ class PlainProgress:
         eta = hms(elapsed / steps * left) if steps > 0 else "-"
         pct = 100 * t["completed"] / max(t["total"], 1)
         return (f"step {t['completed']}/{t['total']} ({pct:.0f}%)  loss {t.get('loss', '-')}  lr {t.get('lr', '-')}  "
-                f"{t.get('tps', '-')} tok/s  elapsed {hms(elapsed)}  ETA {eta}")
+                f"{t.get('tps', '-')} tok/s{t.get('ckpt', '')}  elapsed {hms(elapsed)}  ETA {eta}")
 
 
 def training_progress(enabled: bool) -> Progress | PlainProgress:
@@ -89,7 +89,7 @@ def training_progress(enabled: bool) -> Progress | PlainProgress:
         TextColumn("[bold]step"),
         MofNCompleteColumn(),
         BarColumn(bar_width=24),
-        TextColumn("loss [cyan]{task.fields[loss]}[/] lr {task.fields[lr]} {task.fields[tps]} tok/s"),
+        TextColumn("loss [cyan]{task.fields[loss]}[/] lr {task.fields[lr]} {task.fields[tps]} tok/s{task.fields[ckpt]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

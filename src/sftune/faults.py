@@ -124,19 +124,24 @@ class StepBoundary:
 
     def __init__(self, step: int):
         self.step, self._rng, self._held, self._previous = step, None, [], None
+        self.in_step = self.committing = False  # read by the SIGTERM handler (sftune.cluster)
 
     def begin(self, step: int) -> None:
         self.settle()
         self.step, self._rng = step, rng_states()
+        self.in_step = True
 
     @contextlib.contextmanager
     def commit(self, done: int):
         self._hold()
+        self.in_step, self.committing = False, True
         try:
             yield
         except BaseException:
             self._release()
             raise
+        finally:
+            self.committing = False
         self.step, self._rng = done, None
 
     def settle(self) -> None:

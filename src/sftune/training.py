@@ -26,6 +26,7 @@ from rich.markup import escape
 from transformers import get_scheduler
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kwargs, resolve_resume
 from sftune.config import Config, config_to_yaml
 from sftune.data.packing import Batch, BatchPlan
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
@@ -59,6 +60,8 @@ class TrainResult:
     train_loss: float | None
     metrics: dict = field(default_factory=dict)
     interrupted: bool = False
+    preempted: bool = False
+    """Stopped by SIGTERM (a scheduler's preemption) after saving: the CLI exits with status 75."""
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -89,7 +92,8 @@ def make_accelerator(cfg: Config):
             if os.environ.get(key, "auto") == "auto":
                 os.environ[key] = str(value)
     accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **extra)
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
+                                              *rendezvous_kwargs()], **extra)
     if use_ds:
         fill_deepspeed_batch_size(accelerator, cfg.train.batch_size)
     return accelerator
@@ -162,6 +166,8 @@ class Run:
     start_step: int = 0
     before: dict | None = None
     """Held-out exact match before training (when ``eval.exact_match``)."""
+    cluster: Preemption | None = None
+    """SIGTERM, the per-step agreement of the ranks and the checkpoint clock (:mod:`sftune.cluster`)."""
 
     @property
     def main(self) -> bool:
@@ -221,6 +227,8 @@ class Run:
         save_checkpoint(self.accelerator, self.out_dir, step,
                         {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
                          "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints)
+        if self.cluster is not None:
+            self.cluster.saved()
 
 
 def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
@@ -231,7 +239,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
     out_dir = Path(cfg.train.output_dir)
-    if cfg.train.resume and not list_checkpoints(out_dir):
+    resume = resolve_resume(cfg, out_dir, accelerator.num_processes, main)  # train.resume=auto (sftune.cluster)
+    if resume is True and not list_checkpoints(out_dir):
         raise ConfigError(f"train.resume=true but {out_dir}/checkpoints holds no checkpoint to resume from")
     set_seed(cfg.train.seed)
 
@@ -282,14 +291,15 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     batches = Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
-              total_steps)
+              total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
+                                              accelerator))
 
     # the quickstart's "before": held-out exact match of the untrained model
-    if run.generates and cfg.eval.exact_match and data.source.eval is not None and not cfg.train.resume:
+    if run.generates and cfg.eval.exact_match and data.source.eval is not None and not resume:
         run.before = run.exact_match("before")
 
     # resume, or start fresh with the earlier run's files set aside
-    if cfg.train.resume:
+    if resume:
         state = load_checkpoint(accelerator, out_dir)
         run.start_step = state["step"]
         if main:
@@ -336,6 +346,7 @@ class LoopResult:
     last_loss: float | None
     interrupted: bool = False
     skipped: list[int] = field(default_factory=list)
+    preempted: bool = False
 
 
 def loop(run: Run) -> LoopResult:
@@ -344,13 +355,14 @@ def loop(run: Run) -> LoopResult:
     lm.train()
     window, last_loss, step = LogWindow(run.device), None, run.start_step
     boundary = StepBoundary(run.start_step)  # Ctrl-C saves the state of the last step boundary, RNG included
+    run.cluster.watch(boundary)  # SIGTERM too (sftune.cluster)
     guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, acc,
                            lambda: ([None] + list_checkpoints(run.out_dir))[-1])
     progress = training_progress(run.main)
     try:
         with progress:
             task = progress.add_task("train", total=run.total_steps, completed=run.start_step, loss="-", lr="-",
-                                     tps="-")
+                                     tps="-", ckpt="")
             for step in range(run.start_step, run.total_steps):
                 boundary.begin(step)
                 micro_batches = run.batches(step)
@@ -391,24 +403,29 @@ def loop(run: Run) -> LoopResult:
                     optimizer.zero_grad(set_to_none=True)
                     if (done % cfg.train.log_every == 0 or done == run.total_steps) and not skip:
                         record = window.record(run, done, grad_norm, guard.skipped)
+                        record["checkpoint_age_s"] = round(run.cluster.checkpoint_age(), 1)
                         run.logger.log(record)
                         last_loss = record["loss"]
                         progress.update(task, loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
                                         tps=f"{record['tokens_per_s']:,.0f}")
-                    progress.update(task, completed=done)
+                    progress.update(task, completed=done, ckpt=run.cluster.progress_field())
                 boundary.settle()  # a Ctrl-C held back during the update and the log goes through here
+                stop, save_due = run.cluster.at_boundary(done)  # SIGTERM on any rank; save_every_minutes
+                if stop and done != run.total_steps:
+                    raise Preempted
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != run.total_steps:
                     run.evaluate(done)
-                if cfg.train.save_every and done % cfg.train.save_every == 0 and done != run.total_steps:
+                if (save_due or cfg.train.save_every and done % cfg.train.save_every == 0) and done != run.total_steps:
                     run.save(done)
             step = run.total_steps
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         step = boundary.rewind(optimizer)  # the partial step is undone, RNG included
+        preempted = isinstance(stop, Preempted)  # SIGTERM (sftune.cluster)
         if run.main:
-            console.print(f"\n[yellow]interrupted: saving a checkpoint at step {step}[/]")
+            console.print(f"\n[yellow]{'preempted' if preempted else 'interrupted'}: saving a checkpoint at step {step}[/]")
         run.save(step)
         run.logger.close()
-        return LoopResult(step, last_loss, interrupted=True, skipped=guard.skipped)
+        return LoopResult(step, last_loss, interrupted=True, skipped=guard.skipped, preempted=preempted)
     return LoopResult(step, last_loss, skipped=guard.skipped)
 
 
@@ -459,7 +476,13 @@ def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
         check_output_dir(Path(cfg.train.output_dir))
     with RunLock(cfg.train.output_dir, enabled=main):
         run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt)
-        result = loop(run)
-        if result.interrupted:
-            return TrainResult(str(run.out_dir), result.step, result.last_loss, interrupted=True)
-        return finish(run, result)
+        with run.cluster.handling():  # SIGTERM = Ctrl-C, then exit status 75 (sftune.cluster)
+            result = loop(run)
+            run.cluster.watch(None)  # from here a SIGTERM lets the final save finish
+            if result.interrupted:
+                out = TrainResult(str(run.out_dir), result.step, result.last_loss, interrupted=True,
+                                  preempted=result.preempted)
+            else:
+                out = finish(run, result)
+        end_distributed(run)  # barrier, free the DDP model, destroy the process group: a clean exit
+        return out

@@ -267,8 +267,15 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     """Keep only the newest K checkpoints."""
 
-    resume: bool = False
-    """Continue from the newest checkpoint in ``output_dir``."""
+    resume: Union[bool, Literal["auto"], None] = None
+    """``true``: continue from the newest checkpoint in ``output_dir`` (refused when there is
+    none). ``false``: a fresh run (an earlier run's files are moved to ``previous-N/``). ``auto``:
+    resume when ``output_dir`` holds a checkpoint of this config (keys that do not change what is
+    trained, such as ``save_every``, may differ) and world size and the run is not complete, else
+    start fresh; one line says which. Unset: ``auto`` when the launch is a restart
+    (``TORCHELASTIC_RESTART_COUNT`` or ``SLURM_RESTART_COUNT`` above 0: torchrun
+    ``--max-restarts``, a SLURM requeue), else ``false``: a first launch is only a continuation
+    when the command says so. Put ``train.resume=auto`` in jobs that other schedulers requeue."""
 
     report_to: list[Literal["tensorboard", "wandb"]] = []
     """Extra metric loggers. Metrics always go to ``output_dir/metrics.jsonl``."""
@@ -304,6 +311,18 @@ class TrainConfig(_Section):
 
     max_skipped_steps: int = Field(10, ge=0)
     """With ``on_nonfinite=skip``: the most steps that may be skipped before the run stops."""
+
+    save_every_minutes: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """Also save a checkpoint when this many minutes have passed since the last one (rank 0's clock,
+    agreed by every rank at a step boundary), so a preempted or crashed run loses at most about
+    that much work. Works alone or with ``save_every``. ``None``: by steps only."""
+
+    preempt_grace_seconds: float = Field(30.0, ge=0, allow_inf_nan=False)
+    """The time between SIGTERM and SIGKILL that the scheduler gives (SLURM ``KillWait``, Kubernetes
+    ``terminationGracePeriodSeconds``, torchrun: 30 s). On SIGTERM one process finishes the current
+    step when it ends within half of this, else undoes it; then saves a checkpoint at that step
+    boundary and exits with status 75 ("requeue me"). Several ranks always stop together at the
+    end of the current step."""
 
 
 class EvalConfig(_Section):

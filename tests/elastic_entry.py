@@ -1,0 +1,40 @@
+"""Test harness: ``python tests/elastic_entry.py train RECIPE key=value ...`` runs ``sftune`` under
+torchrun, and on the first attempt (``TORCHELASTIC_RESTART_COUNT=0``) the rank named by
+``SFTUNE_TEST_DIE_RANK`` kills itself with SIGKILL when step ``SFTUNE_TEST_DIE_STEP`` begins (a lost
+node, an OOM kill: no handler runs). ``SFTUNE_TEST_SIGTERM_STEP`` instead sends SIGTERM to the
+launcher (the parent process: what a scheduler's preemption does) when that step begins, from rank 0.
+Used by ``tests/test_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _arm() -> None:
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    rank = os.environ.get("RANK", "0")
+    die_step = os.environ.get("SFTUNE_TEST_DIE_STEP")
+    term_step = os.environ.get("SFTUNE_TEST_SIGTERM_STEP")
+    from sftune import training
+
+    original = training.Batches.__call__
+
+    def batches(self, step):
+        if die_step is not None and step == int(die_step) and rank == os.environ.get("SFTUNE_TEST_DIE_RANK", "1"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if term_step is not None and step == int(term_step) and rank == "0":
+            os.kill(os.getppid(), signal.SIGTERM)
+        return original(self, step)
+
+    training.Batches.__call__ = batches
+
+
+if __name__ == "__main__":
+    _arm()
+    from sftune.cli import main
+
+    sys.exit(main(sys.argv[1:]))
