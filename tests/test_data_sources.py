@@ -230,3 +230,36 @@ def test_json_list_of_strings_is_a_text_column(tmp_path):
 
     with pytest.raises(DataError, match="row 0 is a JSON str, expected an object"):
         read_json_rows(str(f))
+
+
+QA_BAD = {
+    # name: (files, what the message must name)
+    "strings.json": ({"strings.json": b'["first text", "second text"]'},
+                     ["JSON list of plain strings, not of rows", "column 'instruction'", '[{"instruction": "..."']),
+    "shards": ({"shards/part-0.jsonl": b'{"instruction": "a", "output": "b"}\n',
+                "shards/part-1.jsonl": b'{"question": "a", "answer": "b"}\n'},
+               ["the train shards have different columns", "part-0.jsonl has instruction, output",
+                "part-1.jsonl has answer, question"]),
+    "surrogate.jsonl": ({"surrogate.jsonl": b'{"instruction": "a", "output": "b"}\n'
+                                            b'{"instruction": "x \\ud800 y", "output": "b"}\n'},
+                        ["line 2 holds a lone UTF-16 surrogate escape", "'instruction'"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QA_BAD))
+def test_unclear_reader_errors_name_file_and_fix(name, tiny_model_dir, tmp_path, capsys):
+    """A JSON list of strings for a Q/A recipe, shards whose columns differ, a lone surrogate escape:
+    one clear error each (exit 2, no traceback) naming the file and what to do."""
+    from sftune.cli import main
+
+    files, says = QA_BAD[name]
+    for rel, content in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(content)
+    path = tmp_path / name
+    code = main(["preview", "codealpaca", f"model.path={tiny_model_dir}", f"data.path={path}", "data.limit=null"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(path) in err
+    for text in says:
+        assert text in err, err

@@ -190,11 +190,73 @@ def read_json_rows(path: str, encoding: str = "utf-8") -> list[dict]:
                                 hint="fix or delete that line; each line must be one JSON object") from None
             lines.append(n)
     for i, (row, n) in enumerate(zip(rows, lines)):
+        where = f"line {n}" if n else f"row {i}"
         if not isinstance(row, dict):
-            where = f"line {n}" if n else f"row {i}"
             raise DataError(f"{where} is a JSON {type(row).__name__}, expected an object", source=path,
                             hint="each row must be one JSON object such as {\"text\": \"...\"}")
+        if (key := _lone_surrogate(row)) is not None:
+            raise DataError(f"{where} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair) "
+                            f"in the value of '{key}': that is not a character, and the JSON reader refuses it",
+                            source=path, column=key,
+                            hint="fix that escape: a character beyond U+FFFF is written as a pair such as "
+                                 "\\ud83d\\ude00, or as the character itself; or delete that row")
     return rows
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value, key: str | None = None) -> str | None:
+    """The key whose string holds a lone surrogate (json.loads joins a valid pair into one character,
+    so any surrogate left is a lone one), or ``None``."""
+    if isinstance(value, str):
+        return key or "?" if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(k, str) and _SURROGATE.search(k):
+            return k
+        found = _lone_surrogate(v, key or str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def _columns_of(file: Path, builder: str, encoding: str) -> list[str] | None:
+    """The columns of a data file as its first row (JSON), header (CSV) or schema (parquet) has them."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return sorted(pq.read_schema(file).names)
+        if builder == "csv":
+            with file.open(newline="", encoding=encoding) as f:
+                return sorted(next(csv.reader(f), []))
+        rows = read_json_rows(str(file), encoding)
+        return sorted(rows[0]) if rows else None
+    except (DataError, OSError, ValueError):
+        return None
+
+
+def check_same_columns(files: dict[str, list[str]], builder: str, encoding: str, source: str) -> None:
+    """Refuse, naming two shards and their columns, a directory whose files have different columns."""
+    for split, fs in files.items():
+        if len(fs) < 2:
+            continue
+        seen: dict[tuple, str] = {}
+        for f in fs:
+            cols = _columns_of(Path(f), builder, encoding)
+            if cols is not None:
+                seen.setdefault(tuple(cols), f)
+        if len(seen) > 1:
+            (a_cols, a), (b_cols, b) = list(seen.items())[:2]
+            only_a, only_b = sorted(set(a_cols) - set(b_cols)), sorted(set(b_cols) - set(a_cols))
+            raise DataError(
+                f"the {split} shards have different columns: {Path(a).name} has {', '.join(a_cols)}; "
+                f"{Path(b).name} has {', '.join(b_cols)}"
+                + (f" ({', '.join(only_a)} only in the first" if only_a else " (")
+                + (f"{'; ' if only_a else ''}{', '.join(only_b)} only in the second)" if only_b else ")"),
+                source=source, hint="give every shard the same columns (rename them), or move the odd shards "
+                                    "out of the directory")
 
 
 def _load(cfg: DataConfig) -> tuple[datasets.DatasetDict | dict, str]:
@@ -219,6 +281,7 @@ def _load(cfg: DataConfig) -> tuple[datasets.DatasetDict | dict, str]:
             if builder == "json":  # name the malformed line, if that is what failed
                 for f in (f for fs in files.values() for f in fs):
                     read_json_rows(f, encoding=cfg.encoding)
+            check_same_columns(files, builder, cfg.encoding, str(path))  # shards that disagree: name two
             cause = _root_cause(e)
             msg = f"{type(cause).__name__}: {_first_line(cause)}" if cause is not e else _first_line(e)
             raise DataError(f"could not read the data: {msg}", source=str(path),
@@ -313,9 +376,28 @@ def check_columns(ds: datasets.Dataset, needed: list[str], source: str, what: st
         if col not in columns:
             match = difflib.get_close_matches(col, columns, n=1)
             hint = f"the columns are {columns}" + (f"; did you mean '{match[0]}'?" if match else "")
+            if columns == ["text"] and _json_list_of_strings(source):
+                raise DataError(f"the file is a JSON list of plain strings, not of rows: {what} needs the column "
+                                f"'{col}'", source=source, column=col,
+                                hint=f"write each row as an object with the columns, e.g. "
+                                     f"[{{\"{col}\": \"...\", ...}}]; for plain text, "
+                                     f"[{{\"text\": \"...\"}}] with data.format=text")
             if {"messages", "conversations"} & set(columns):
                 hint += "; this looks like chat data: set data.format=messages"
             elif {"instruction", "output"} <= set(columns):
                 hint += "; this looks like Alpaca data (instruction, input, output): set data.template=alpaca"
             raise DataError(f"{what} uses the column '{col}', which does not exist", source=source, column=col,
                             hint=hint)
+
+
+def _json_list_of_strings(source: str) -> bool:
+    """Whether ``source`` is a local JSON file holding a list whose first item is a string."""
+    p = Path(source)
+    if not (p.is_file() and p.suffix.lower() == ".json"):
+        return False
+    try:
+        with p.open(encoding="utf-8", errors="replace") as f:
+            head = f.read(1 << 16).lstrip()
+    except OSError:
+        return False
+    return head.startswith("[") and head[1:].lstrip().startswith('"')
