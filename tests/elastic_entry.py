@@ -1,8 +1,10 @@
 """Test harness: ``python tests/elastic_entry.py train RECIPE key=value ...`` runs ``sftune`` under
 torchrun, and on the first attempt (``TORCHELASTIC_RESTART_COUNT=0``) the rank named by
-``SFTUNE_TEST_DIE_RANK`` kills itself with SIGKILL when step ``SFTUNE_TEST_DIE_STEP`` begins (a lost
-node, an OOM kill: no handler runs). ``SFTUNE_TEST_SIGTERM_STEP`` instead sends SIGTERM to the
-launcher (the parent process: what a scheduler's preemption does) when that step begins, from rank 0.
+``SFTUNE_TEST_DIE_RANK`` kills itself with SIGKILL (a lost node, an OOM kill: no handler runs) when
+step ``SFTUNE_TEST_DIE_STEP`` begins, or in the middle of writing the checkpoint of step
+``SFTUNE_TEST_DIE_SAVING`` (its own files written, the checkpoint not yet complete).
+``SFTUNE_TEST_SIGTERM_STEP`` instead sends SIGTERM to the launcher (the parent process: what a
+scheduler's preemption does) when that step begins, from rank 0.
 Used by ``tests/test_cluster.py``.
 """
 
@@ -19,7 +21,25 @@ def _arm() -> None:
     rank = os.environ.get("RANK", "0")
     die_step = os.environ.get("SFTUNE_TEST_DIE_STEP")
     term_step = os.environ.get("SFTUNE_TEST_SIGTERM_STEP")
-    from sftune import training
+    die_saving = os.environ.get("SFTUNE_TEST_DIE_SAVING")
+    from sftune import checkpoint, training
+
+    if die_saving is not None and rank == os.environ.get("SFTUNE_TEST_DIE_RANK", "1"):
+        save = checkpoint.save_checkpoint
+
+        def save_then_die(accelerator, output_dir, step, state, keep):
+            if step != int(die_saving):
+                return save(accelerator, output_dir, step, state, keep)
+            original = accelerator.save_state
+
+            def half(*a, **kw):
+                original(*a, **kw)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            accelerator.save_state = half
+            return save(accelerator, output_dir, step, state, keep)
+
+        training.save_checkpoint = save_then_die
 
     original = training.Batches.__call__
 

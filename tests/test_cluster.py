@@ -185,16 +185,18 @@ def read_logs(out: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_rank_killed_torchrun_restarts_and_resumes_exactly(dropout_model_dir, qa_file, two_rank_reference, tmp_path):
-    """Rank 1 is SIGKILLed when step 5 begins (the last checkpoint is step 3); torchrun
-    --max-restarts=1 restarts the group, which resumes (resume unset: auto on a restart) and ends
+    """Rank 0 is SIGKILLed while the step-6 checkpoint is being written (its files are on disk, the
+    checkpoint is not complete; the lock it held is stale); torchrun --max-restarts=1 restarts the
+    group, which resumes (train.resume unset: auto on a restart) from the step-3 checkpoint and ends
     with the uninterrupted 2-rank run's losses and weights."""
     out = tmp_path / "killed"
     proc = torchrun(over(dropout_model_dir, qa_file, out, **ELASTIC),
-                    {"SFTUNE_TEST_DIE_STEP": "4", "SFTUNE_TEST_DIE_RANK": "1"}, out, restarts=1)
+                    {"SFTUNE_TEST_DIE_SAVING": "6", "SFTUNE_TEST_DIE_RANK": "0"}, out, restarts=1)
     assert proc.wait(timeout=300) == 0, read_logs(out)
     log = read_logs(out)
     assert "a restart (TORCHELASTIC_RESTART_COUNT=1), so train.resume=auto: resuming from the newest " \
-           "checkpoint, step-0000003" in log
+           "checkpoint, step-0000003" in log, log
+    assert "taking over the stale lock" in log
     ref_losses, ref_weights = two_rank_reference
     assert losses(out) == ref_losses
     w = final_weights(out)
