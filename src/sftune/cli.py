@@ -330,6 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
+    except RuntimeError as e:  # a collective failed because another rank died: one line, not a traceback
+        from sftune.cluster import peer_lost
+
+        why = peer_lost(e)
+        if why is None:
+            raise
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(why)}", highlight=False, soft_wrap=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -261,6 +261,23 @@ def rendezvous_kwargs() -> list:
     return [InitProcessGroupKwargs(init_method=f"{_SCHEME}://")]
 
 
+# ----------------------------------------------------------------------------- a lost rank
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "connectFullMesh",
+              "NCCL communicator was aborted", "Socket Timeout")
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """One clear line for a collective that failed because another rank died, else ``None``."""
+    text = str(e)
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not any(s in text for s in _PEER_GONE):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    return (f"rank {os.environ.get('RANK', '?')}: another rank of this run is gone ({first[:200]})\n"
+            "  → see that rank's log for why; torchrun --max-restarts=N restarts the group, which resumes from "
+            "the last checkpoint (train.resume=auto is the default on a restart)")
+
+
 # ----------------------------------------------------------------------------- the end of a distributed run
 
 

@@ -182,6 +182,7 @@ def summary(root: Path, name: str) -> dict:
         "loss": train[-1]["loss"] if train else final.get("train_loss"),
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "tokens_per_s": train[-1].get("tokens_per_s") if train else None,
+        "checkpoint_age_s": train[-1].get("checkpoint_age_s") if train else None,  # at the last log line
         "start_time": start,
         "chat": has_final_model(run),
     }

@@ -147,7 +147,9 @@ async function runView(name) {
   function render() {
     for (const c of CHARTS) drawChart(`chart-${c.id}`, c, traces(c, records));
     const last = records.filter((r) => "step" in r).pop();
-    steps.textContent = `step ${last ? last.step : 0}${d.max_steps ? " / " + d.max_steps : ""}`;
+    const aged = records.filter((r) => "checkpoint_age_s" in r).pop();  // the work a preemption would lose
+    steps.textContent = `step ${last ? last.step : 0}${d.max_steps ? " / " + d.max_steps : ""}` +
+      (aged && state === "running" ? ` · last checkpoint ${Math.round(aged.checkpoint_age_s / 60)} min before step ${aged.step}` : "");
     put(samples, samplesBlock(records));
     const fin = records.find((r) => r.final);
     put(finalBox, fin || d.final_metrics ? kvTable(d.final_metrics || fin) : el("p", {class: "muted"}, "not finished"));
