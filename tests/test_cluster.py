@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sftune.cli import main
-from sftune.cluster import REQUEUE_EXIT, config_differences, resolve_resume
+from sftune.cluster import REQUEUE_EXIT, config_differences, peer_lost, rendezvous_kwargs, resolve_resume
 from sftune.config import config_to_yaml, load_config
 from sftune.training import train
 
@@ -152,6 +152,40 @@ def test_resume_auto_decisions(tiny_model_dir, qa_file, tmp_path, monkeypatch, c
     assert "a restart (TORCHELASTIC_RESTART_COUNT=1), so train.resume=auto: resuming" in capsys.readouterr().err
     (out / "final_metrics.json").write_text("{}")
     assert resolve_resume(unset, out, 2, False) is False  # a complete run is not continued
+
+
+def test_each_torchrun_attempt_has_its_own_store_namespace(monkeypatch):
+    """torchrun's static rendezvous keeps one store across restarts: attempt N's keys go under
+    sftune/attempt-N/, so a restarted rank never reads the dead attempt's gloo addresses."""
+    import torch.distributed as dist
+
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(master.port), "TORCHELASTIC_RESTART_COUNT": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    master.set("default_pg/0//rank_0", "the dead attempt's address")
+    [kwargs] = rendezvous_kwargs()
+    url = kwargs.to_kwargs()["init_method"]
+    store, rank, world = next(dist.rendezvous(url))
+    assert (rank, world) == (1, 2)
+    store.set("k", "v")
+    assert master.check(["sftune/attempt-1/k"]) and master.get("sftune/attempt-1/k") == b"v"
+    assert not store.check(["default_pg/0//rank_0"])
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert rendezvous_kwargs() == []
+
+
+def test_a_lost_peer_is_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    e = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:43692. This is "
+                     "typically caused by a remote worker crashing.")
+    assert peer_lost(e).startswith("rank 0: another rank of this run is gone (")
+    assert "--max-restarts" in peer_lost(e)
+    assert peer_lost(RuntimeError("shape mismatch")) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert peer_lost(e) is None
 
 
 # ----------------------------------------------------------------------------- torchrun: a lost rank, a preempted launcher

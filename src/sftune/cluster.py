@@ -237,9 +237,11 @@ def _attempt_rendezvous(url: str, timeout=None, **kwargs):
     """env:// with the store under ``sftune/attempt-N/`` (N: TORCHELASTIC_RESTART_COUNT)."""
     import torch.distributed as dist
 
-    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    from torch.distributed.constants import default_pg_timeout
+
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout or default_pg_timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    yield dist.PrefixStore(f"sftune/attempt-{attempt}/", store), rank, world
+    yield dist.PrefixStore(f"sftune/attempt-{attempt}", store), rank, world
     raise RuntimeError("sftune-attempt:// cannot re-rendezvous; torchrun restarts the processes instead")
 
 

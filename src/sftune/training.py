@@ -355,11 +355,11 @@ def loop(run: Run) -> LoopResult:
     lm.train()
     window, last_loss, step = LogWindow(run.device), None, run.start_step
     boundary = StepBoundary(run.start_step)  # Ctrl-C saves the state of the last step boundary, RNG included
-    run.cluster.watch(boundary)  # SIGTERM too (sftune.cluster)
     guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, acc,
                            lambda: ([None] + list_checkpoints(run.out_dir))[-1])
     progress = training_progress(run.main)
     try:
+        run.cluster.watch(boundary)  # SIGTERM too (sftune.cluster)
         with progress:
             task = progress.add_task("train", total=run.total_steps, completed=run.start_step, loss="-", lr="-",
                                      tps="-", ckpt="")
@@ -426,6 +426,8 @@ def loop(run: Run) -> LoopResult:
         run.save(step)
         run.logger.close()
         return LoopResult(step, last_loss, interrupted=True, skipped=guard.skipped, preempted=preempted)
+    finally:
+        run.cluster.watch(None)  # from here a SIGTERM lets the final save finish
     return LoopResult(step, last_loss, skipped=guard.skipped)
 
 
@@ -478,7 +480,6 @@ def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
         run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt)
         with run.cluster.handling():  # SIGTERM = Ctrl-C, then exit status 75 (sftune.cluster)
             result = loop(run)
-            run.cluster.watch(None)  # from here a SIGTERM lets the final save finish
             if result.interrupted:
                 out = TrainResult(str(run.out_dir), result.step, result.last_loss, interrupted=True,
                                   preempted=result.preempted)
