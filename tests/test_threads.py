@@ -30,7 +30,7 @@ def restore_threads():
 
 def test_parsers():
     cpus = T.parse_proc_stat("cpu  9 9 9 9 9 9 9 9\ncpu0 10 1 2 80 5 1 1 0 3 0\ncpu3 1 0 0 9 0 0 0 0\n")
-    assert cpus == {0: (15, 100), 3: (1, 10)}  # idle = idle + iowait; guest not added twice
+    assert cpus == {0: (14, 100), 3: (1, 10)}  # free: nice, idle, iowait; guest not added twice
     assert T.parse_self_stat(SELF.format(ut=7, st=5)) == 12  # the name holds spaces and parentheses
     assert T.parse_cgroup_quota("max 100000") is None
     assert T.parse_cgroup_quota("150000 100000\n") == 1.5

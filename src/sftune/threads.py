@@ -9,7 +9,8 @@ default, and at ~0.7x with one thread fewer. So on CPU, with ``train.num_threads
 1. **starts from the idle cores**: the CPUs this process may run on (``os.sched_getaffinity``),
    capped by the cgroup CPU quota (``cpu.max``, or v1 ``cpu.cfs_quota_us``), less what other
    processes keep busy on them (``/proc/stat`` busy time over 0.25 s minus this process's own,
-   from ``/proc/self/stat``; ``os.getloadavg`` where there is no ``/proc``);
+   from ``/proc/self/stat``; niced processes' time counts as free, they yield to us;
+   ``os.getloadavg`` where there is no ``/proc``);
 2. **measures the first steps** (seconds per trained token; the run's first step is warm-up) at
    that count, at one fewer when other processes use the CPU, and at one more when part of a core
    beyond it looks idle, and keeps the fastest (within 5%, the fewest: gentler on the neighbours).
@@ -59,7 +60,9 @@ class Sample:
 
 def parse_proc_stat(text: str) -> dict[int, tuple[int, int]]:
     """``cpuN user nice system idle iowait irq softirq steal ...`` lines -> {N: (busy, total)}.
-    Idle time is ``idle + iowait``; guest time is already inside user time and is not added twice."""
+    Busy is user + system + irq + softirq + steal: idle and iowait are free, and so is ``nice``
+    time (processes that lowered their priority yield the core to us); guest time is already
+    inside user time and is not added twice."""
     cpus = {}
     for line in text.splitlines():
         parts = line.split()
@@ -71,8 +74,8 @@ def parse_proc_stat(text: str) -> dict[int, tuple[int, int]]:
         except ValueError:
             continue
         total = sum(values)
-        idle = values[3] + (values[4] if len(values) > 4 else 0)
-        cpus[n] = (total - idle, total)
+        free = values[1] + values[3] + (values[4] if len(values) > 4 else 0)
+        cpus[n] = (total - free, total)
     return cpus
 
 
