@@ -248,3 +248,18 @@ def test_same_results_for_any_thread_count(wider_model_dir, qa_rows_file, tmp_pa
         assert other[0] == pytest.approx(one[0], rel=1e-5, abs=1e-6)
         for k in one[1]:
             torch.testing.assert_close(other[1][k], one[1][k], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_same_for_any_thread_count(wider_model_dir, restore_threads):
+    """Greedy generation (sftune generate / eval / chat, the dashboard's chat) picks the same tokens
+    at 1 and 2 threads."""
+    from sftune.generation import generate
+    from sftune.model import load_pretrained
+
+    model, tok = load_pretrained(str(wider_model_dir))
+    prompts = ["### Question: What is the capital", "def add(a, b):", "The quick brown"]
+    outs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        outs.append(generate(model.eval(), tok, prompts, max_new_tokens=12, batch_size=3))
+    assert outs[0] == outs[1]
