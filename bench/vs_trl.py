@@ -4,6 +4,7 @@
     python bench/vs_trl.py               # W1-W3, about 10 minutes on 2 CPU cores
     python bench/vs_trl.py --quick       # fewer examples per workload
     python bench/vs_trl.py --workloads W1 --contenders sftune,trl_best
+    python bench/vs_trl.py --busy --quick --workloads W1   # each contender beside one busy process
 
 Every contender trains the same model (distilgpt2's exact shape, initialised from one seed, fp32 on
 CPU, the real GPT-2 tokenizer from ../shared) on the same examples, for one epoch, with the same
@@ -25,6 +26,11 @@ the final model on 16 held-out rows (one measurement for all, so "learned the sa
 equal terms); for sftune,
 ratios against both TRL columns and MFU (FLOP formula printed). The table is printed and written as
 JSON; the last line is a one-line summary per workload.
+
+``--busy``: each contender runs beside one busy neighbour (a plain Python loop pinned to the last
+CPU), started before the contender and stopped after it, as on a laptop with a browser or a CI box
+running tests in parallel. Both use their default thread choice: torch's one thread per core for
+TRL, ``sftune.threads`` for sftune. Written to ``bench/results_busy.json``.
 """
 
 from __future__ import annotations
@@ -163,14 +169,11 @@ def _peak_rss() -> int:
 
 
 def run_sftune(workload: str, rows: list[dict], heldout: list[dict], model_dir: str, work: str) -> dict:
-    import torch
-
     from sftune.config import load_config
     from sftune.training import train
     from sftune.console import read_metrics
 
-    torch.set_num_threads(os.cpu_count() or 2)
-    data = Path(work) / "data.jsonl"
+    data = Path(work) / "data.jsonl"  # threads: sftune's own choice (sftune.threads)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     over = {"model.path": model_dir, "data.path": str(data), "data.max_length": MAX_LENGTH,
             "train.output_dir": str(Path(work) / "out"), "train.epochs": 1, "train.batch_size": BATCH,
@@ -269,13 +272,29 @@ def child(contender: str, workload: str, rows: list[dict], heldout: list[dict], 
         queue.put({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
 
 
-def measure(contender: str, workload: str, rows: list[dict], heldout: list[dict], model_dir: str, stats: dict) -> dict:
+def busy_neighbour():
+    """A plain Python busy loop pinned to the last CPU this process may use (``--busy``)."""
+    import subprocess
+
+    cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    code = f"import os\nif hasattr(os, 'sched_setaffinity'): os.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def measure(contender: str, workload: str, rows: list[dict], heldout: list[dict], model_dir: str, stats: dict,
+            busy: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=child, args=(contender, workload, rows, heldout, model_dir, queue))
-    p.start()
-    res = queue.get()
-    p.join()
+    neighbour = busy_neighbour() if busy else None
+    try:
+        p = ctx.Process(target=child, args=(contender, workload, rows, heldout, model_dir, queue))
+        p.start()
+        res = queue.get()
+        p.join()
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
     if "error" in res:
         return res
     times = res["step_times"]
@@ -300,8 +319,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="W1,W2,W3")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--examples", type=int, help="examples per workload (default 48, quick 24)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--busy", action="store_true", help="run each contender beside one busy process")
+    parser.add_argument("--out", help="default: bench/results.json (bench/results_busy.json with --busy)")
     args = parser.parse_args(argv)
+    args.out = args.out or str(ROOT / "bench" / ("results_busy.json" if args.busy else "results.json"))
     if not TOKENIZER.exists() or not CODEALPACA.exists():
         print(f"needs ../shared (the GPT-2 tokenizer and data) beside the repository: {SHARED} is missing")
         return 2
@@ -316,7 +337,7 @@ def main(argv=None) -> int:
     console.print(f"fp32 matmul peak (2048x2048): {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} cores "
                   f"({platform.processor() or platform.machine()})")
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
-               "matmul_gflops": peak / 1e9, "examples": n, "batch_size": BATCH, "max_length": MAX_LENGTH,
+               "matmul_gflops": peak / 1e9, "examples": n, "busy_neighbour": args.busy, "batch_size": BATCH, "max_length": MAX_LENGTH,
                "workloads": {}}
     summaries = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -330,7 +351,7 @@ def main(argv=None) -> int:
             per = {}
             for c in contenders:
                 console.print(f"[bold]{w}[/] {c} …")
-                per[c] = measure(c, w, rows, heldout, str(model_dir), stats)
+                per[c] = measure(c, w, rows, heldout, str(model_dir), stats, busy=args.busy)
                 if "error" in per[c]:
                     console.print(f"[red]{c} failed: {per[c]['error']}[/]\n{per[c].get('trace', '')}")
             ok = {c: r for c, r in per.items() if "error" not in r}

@@ -21,6 +21,7 @@ from sftune.data.formats import BadRow, Format, format_from_identity
 from sftune.errors import DataError, RowSkip, SftuneError
 from sftune.generation import Streamer, generate_with
 from sftune.model import load_pretrained, resolve_path
+from sftune.threads import for_inference
 from sftune.console import console
 
 
@@ -92,6 +93,7 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
                                        else None)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev).eval()
+    for_inference(dev)  # CPU threads from the idle cores (sftune.threads)
     fmt = format_from_identity(cfg.data if cfg is not None else None, tokenizer)
     return Loaded(model, tokenizer, cfg, fmt, path)
 

@@ -48,6 +48,7 @@ from sftune.model import (
     resolve_max_length,
 )
 from sftune.probe import choose_layout
+from sftune import threads as cpu_threads
 from sftune.report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
 from sftune.console import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
@@ -168,6 +169,8 @@ class Run:
     """Held-out exact match before training (when ``eval.exact_match``)."""
     cluster: Preemption | None = None
     """SIGTERM, the per-step agreement of the ranks and the checkpoint clock (:mod:`sftune.cluster`)."""
+    threads: Any = None
+    """Fits the CPU thread count to the machine between steps (:mod:`sftune.threads`)."""
 
     @property
     def main(self) -> bool:
@@ -234,10 +237,9 @@ class Run:
 def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
     """Data, model, layout, loss, optimizer, schedule and state: everything before the first step."""
     quiet_third_party()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
+    threads = cpu_threads.for_training(cfg.train.num_threads, device, main)  # train.num_threads (sftune.threads)
     out_dir = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg, out_dir, accelerator.num_processes, main)  # train.resume=auto (sftune.cluster)
     if resume is True and not list_checkpoints(out_dir):
@@ -292,7 +294,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
               total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
-                                              accelerator))
+                                              accelerator), threads=threads)
 
     # the quickstart's "before": held-out exact match of the untrained model
     if run.generates and cfg.eval.exact_match and data.source.eval is not None and not resume:
@@ -358,6 +360,7 @@ def loop(run: Run) -> LoopResult:
     guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, acc,
                            lambda: ([None] + list_checkpoints(run.out_dir))[-1])
     progress = training_progress(run.main)
+    threads = run.threads or cpu_threads.Pinned()  # CPU threads fitted to the machine between steps
     try:
         run.cluster.watch(boundary)  # SIGTERM too (sftune.cluster)
         with progress:
@@ -365,6 +368,7 @@ def loop(run: Run) -> LoopResult:
                                      tps="-", ckpt="")
             for step in range(run.start_step, run.total_steps):
                 boundary.begin(step)
+                threads.begin()
                 micro_batches = run.batches(step)
                 # The normaliser: the loss weight of the whole step, over every micro-batch and rank (a
                 # plain token count unless messages carry weights). Each micro-batch's backward takes
@@ -410,6 +414,7 @@ def loop(run: Run) -> LoopResult:
                                         tps=f"{record['tokens_per_s']:,.0f}")
                     progress.update(task, completed=done, ckpt=run.cluster.progress_field())
                 boundary.settle()  # a Ctrl-C held back during the update and the log goes through here
+                threads.end(sum(mb.real_tokens for mb in micro_batches))
                 stop, save_due = run.cluster.at_boundary(done)  # SIGTERM on any rank; save_every_minutes
                 if stop and done != run.total_steps:
                     raise Preempted

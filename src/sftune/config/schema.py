@@ -301,7 +301,9 @@ class TrainConfig(_Section):
     batch. ``auto``: 128 with ``train.compile``, else 0 (no padding)."""
 
     num_threads: int | None = Field(None, ge=1)
-    """CPU threads for torch. ``None`` keeps torch's default."""
+    """CPU threads for torch; a number pins it. ``None`` (on CPU, without ``OMP_NUM_THREADS`` set):
+    sftune starts from the cores idle now, measures the first steps at that count and one fewer or
+    more, and re-checks when steps slow down (``sftune.threads``; results equal to fp32 rounding)."""
 
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """What a non-finite (NaN or infinite) loss or gradient norm does: ``stop`` ends the run with an
