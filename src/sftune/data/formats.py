@@ -379,6 +379,12 @@ def find_messages_column(columns: list[str], cfg: DataConfig) -> str | None:
     return None
 
 
+def find_tools_column(columns: list[str], cfg: DataConfig) -> str | None:
+    if cfg.tools_column:
+        return cfg.tools_column
+    return "tools" if "tools" in columns else None
+
+
 def choose_format(cfg: DataConfig, columns: list[str], tokenizer) -> Format:
     """Build the configured format (resolving ``auto`` from the columns)."""
     kind = cfg.format
@@ -401,7 +407,7 @@ def choose_format(cfg: DataConfig, columns: list[str], tokenizer) -> Format:
         if not (cfg.template or cfg.prompt or cfg.completion) and "prompt" in columns and "completion" in columns:
             cfg = cfg.model_copy(update={"prompt": "prompt", "completion": "completion"})
         return PromptCompletionFormat(cfg)
-    return MessagesFormat(cfg, tokenizer, msg_col or "messages")
+    return MessagesFormat(cfg, tokenizer, msg_col or "messages", find_tools_column(columns, cfg))
 
 
 def format_from_identity(cfg: DataConfig | None, tokenizer) -> Format:
