@@ -89,6 +89,9 @@ def normalize_messages(value: Any, column: str, *, need_assistant: bool = True) 
     return out
 
 
+_ABSENT = object()  # a message key left out
+
+
 def _link_result(msg: dict, calls: list[dict], earlier: list[dict]) -> None:
     """A tool result without ``tool_call_id`` / ``name`` gets those of the call it answers (the
     calls of the last assistant message, in order)."""
@@ -130,6 +133,7 @@ class MessagesFormat(Format):
         """Tool schemas for prompts built without a data row (``chat`` / ``generate --tools``)."""
         self._style: str | None = None  # how the template takes tool-call arguments (tools.arguments_style)
         self._reasoning_key: str | None = None
+        self._empty: tuple | None = None  # how a call turn without text is passed (_empty_call_content)
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 "the messages format needs a chat template, and this tokenizer has none. "
@@ -191,11 +195,44 @@ class MessagesFormat(Format):
 
     def _public(self, messages: list[dict]) -> list[dict]:
         out = _public(messages)
+        if any(m.get("tool_calls") and not m.get("content") for m in out):
+            empty = self._empty_call_content()
+            for m in out:  # a call turn with no text: None, "" or no key, whichever the template takes
+                if m.get("tool_calls") and not m.get("content"):
+                    if empty is _ABSENT:
+                        m.pop("content", None)
+                    else:
+                        m["content"] = empty
         if any("reasoning_content" in m for m in out) and self._reasoning() == "thinking":
             for m in out:  # a template that reads `thinking` (gpt-oss) gets the reasoning there
                 if "reasoning_content" in m and "thinking" not in m:
                     m["thinking"] = m.pop("reasoning_content")
         return out
+
+    def _empty_call_content(self):
+        """How a tool-call message without text must be written for this template: DeepSeek's test
+        ``content is none``, gpt-oss's fail on ``None`` and take ``""``."""
+        if self._empty is None:
+            for candidate in (None, "", _ABSENT):
+                call = {"role": "assistant", "tool_calls": [
+                    {"type": "function", "id": "abcdefghi", "function": {"name": "probe" + T.MARK, "arguments": "{}"}}]}
+                if candidate is not _ABSENT:
+                    call["content"] = candidate
+                ok = False
+                for args in ("{}", {}):
+                    call["tool_calls"][0]["function"]["arguments"] = args
+                    try:
+                        text = self.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, call],
+                                                                  tokenize=False, **self.kwargs)
+                    except Exception:  # noqa: BLE001 - this form is refused: try the next
+                        continue
+                    ok = ok or "probe" + T.MARK in text
+                if ok:
+                    self._empty = (candidate,)
+                    break
+            if self._empty is None:
+                self._empty = (None,)
+        return self._empty[0]
 
     def _reasoning(self) -> str:
         """Which message key the template writes reasoning from: ``reasoning_content`` or ``thinking``."""
@@ -299,6 +336,13 @@ class MessagesFormat(Format):
         if prompt_tail.startswith(between):  # the generation prompt adds text the turn does not repeat
             extra = prompt_tail[len(between):]
             return body[len(extra):] if body.startswith(extra) else body
+        if messages[i].get("tool_calls"):  # a call's header is the model's to write, after what the prompt has
+            k = T.common_prefix(between, prompt_tail)
+            for sp in self._specials:  # never cut inside a special token
+                j = between.find(sp, max(0, k - len(sp) + 1))
+                if 0 <= j < k:
+                    k = j
+            return between[k:] + body
         return body  # headers that differ otherwise: the model is asked for the content and its end
 
     def _spans(self, message: dict, trained: str, start: int, w: float) -> list[tuple[int, int, float]]:
@@ -322,15 +366,14 @@ class MessagesFormat(Format):
             raise RowSkip("no trained assistant turn")
         full = self.render_text(messages, index=len(messages) - 1, extra=extra)
         if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-            T.check_rendered(full, messages, self.template_name, self.column)
+            T.check_rendered(lambda msgs: self.render_text(msgs, extra=extra), messages, self.template_name,
+                             self.column)
         shared, alone, why = [], [], set()
         for i in targets:
             prompt = self.render_text(messages[:i], add_generation_prompt=True, index=i - 1, extra=extra)
             trained = self.turn_text(messages, i, prompt, extra)
             if not trained:
                 continue
-            if messages[i].get("tool_calls"):
-                T.check_rendered(prompt + trained, messages[i:i + 1], self.template_name, self.column)
             spans = self._spans(messages[i], trained, len(prompt), messages[i]["_weight"])
             own = Sequence(prompt + trained, [Turn(len(prompt), spans)])
             if full.startswith(prompt + trained):

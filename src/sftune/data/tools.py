@@ -199,20 +199,38 @@ def common_suffix(a: str, b: str) -> int:
     return k
 
 
-def _shown(text: str, s: str) -> bool:
-    return s in text or json.dumps(s, ensure_ascii=False)[1:-1] in text or json.dumps(s)[1:-1] in text
-
-
-def check_rendered(text: str, messages: list[dict], template: str, column: str) -> None:
-    """Every call's name and every tool result must appear in the rendering."""
-    for i, m in enumerate(messages):
+def marked(messages: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """A copy in which every tool call's arguments and every tool result carry a marker of their
+    own; and ``(marker, what)`` for each, to look for in the rendering."""
+    out, marks = copy.deepcopy(messages), []
+    for i, m in enumerate(out):
         for k, call in enumerate(m.get("tool_calls") or []):
-            if not _shown(text, call["function"]["name"]):
-                raise BadRow(f"{template} drops tool call {k} ({call['function']['name']!r}) of message {i}: its "
-                             "name does not appear in the rendered conversation", column,
-                             "use a chat template that renders tool calls (one call per message for some), or set "
-                             "data.on_bad_row=skip to skip such rows")
-        if m["role"] == "tool" and isinstance(m.get("content"), str) and m["content"].strip() and \
-                not _shown(text, m["content"].strip()):
-            raise BadRow(f"{template} drops the tool result in message {i}: its content does not appear in the "
-                         "rendered conversation", column, "use a chat template that renders tool messages")
+            tag = f"{MARK}{i}.{k}{MARK}"
+            fn = call["function"]
+            if isinstance(fn["arguments"], dict):
+                fn["arguments"] = {**fn["arguments"], tag: tag}
+            elif isinstance(fn["arguments"], str):
+                fn["arguments"] = fn["arguments"] + tag
+            else:
+                continue
+            marks.append((tag, f"tool call {k} ({fn['name']!r}) of message {i}"))
+        if m["role"] == "tool" and isinstance(m.get("content"), str):
+            tag = f"{MARK}{i}{MARK}"
+            m["content"] = m["content"] + tag
+            marks.append((tag, f"the tool result in message {i}"))
+    return out, marks
+
+
+def check_rendered(render: Callable[[list[dict]], str], messages: list[dict], template: str, column: str) -> None:
+    """Every tool call and every tool result must be written by the template: rendered with a
+    marker in each, each marker must appear."""
+    copy_, marks = marked(messages)
+    try:
+        text = render(copy_)
+    except BadRow:
+        return  # a template that refuses the markers: the unmarked rendering decides
+    for tag, what in marks:
+        if tag not in text:
+            raise BadRow(f"{template} drops {what}: it does not appear in the rendered conversation", column,
+                         "use a chat template that renders tool calls and results (some take one call per message), "
+                         "or set data.on_bad_row=skip to skip such rows")
