@@ -261,3 +261,160 @@ def test_every_tool_turn_matches_inference(base_tok, family, name):
 @pytest.mark.parametrize("family", ["qwen3", "gptoss", "llama31"])
 def test_last_assistant_of_trajectory(base_tok, family):
     check(family_tok(base_tok, family), family, ROUNDS, train_on="last_assistant")
+
+
+# ----------------------------------------------------------------------------- arguments, reasoning, kwargs
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) |
+                    st.text(st.characters(blacklist_categories=("Cs", "Cf"), blacklist_characters="<>"), max_size=8),
+                    lambda children: st.lists(children, max_size=3) |
+                    st.dictionaries(st.text(st.characters(blacklist_categories=("Cs", "Cf"),
+                                                          blacklist_characters="<>"), max_size=6), children, max_size=3),
+                    max_leaves=6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=st.dictionaries(st.text(st.characters(blacklist_categories=("Cs", "Cf"), blacklist_characters="<>"),
+                                    min_size=1, max_size=6), JSON, max_size=3),
+       as_string=st.booleans(), family=st.sampled_from(["qwen25", "deepseek", "gptoss", "mistral"]))
+def test_property_arguments(base_tok, args, as_string, family):
+    """Unicode, nested, empty arguments, given as an object or as a JSON string: the same trained
+    text as an agent loop's prompt; strings are parsed for tojson templates (never double-encoded)
+    and objects dumped for templates that write them as text."""
+    tok = family_tok(base_tok, family)
+    conv = copy.deepcopy(SINGLE)
+    conv[1]["tool_calls"][0]["function"]["arguments"] = args
+    data = copy.deepcopy(conv)
+    if as_string:
+        data[1]["tool_calls"][0]["function"]["arguments"] = json.dumps(args, ensure_ascii=False)
+    fmt, out = tokenize_rows(tok, [{"messages": data, "tools": TOOLS}])
+    converted = as_string != (family == "deepseek")
+    assert (out["note"][0] == "tool-call arguments converted to the template's form (JSON string <-> object)") \
+        == converted
+    want = [expected_turn(tok, family, conv, i) for i in (1, 3)]
+    texts = [decode(tok, ids) for ids in out["input_ids"]]
+    for prompt, turn in want:
+        full = decode(tok, tok(prompt + turn, add_special_tokens=False)["input_ids"])
+        assert any(t.startswith(full) for t in texts), (family, turn)
+
+
+def trained_text(tok, out):
+    return ["".join(decode(tok, ids[a:b]) for a, b in runs(labels)) for ids, labels in zip(out["input_ids"],
+                                                                                             out["labels"])]
+
+
+def test_reasoning_masked_but_kept_in_context(base_tok):
+    tok = family_tok(base_tok, "qwen3")
+    out = check(tok, "qwen3", REASONING)  # trained by default
+    assert any("I need the weather tool." in t for t in trained_text(tok, out))
+    _, masked = tokenize_rows(tok, [{"messages": REASONING, "tools": TOOLS}], train_reasoning=False)
+    texts = trained_text(tok, masked)
+    assert not any("I need the weather tool." in t or "The tool answered." in t for t in texts)
+    assert any('"get_weather"' in t for t in texts) and any("It is 22C and sunny." in t for t in texts)
+    assert masked["input_ids"] == out["input_ids"]  # the same context: only the loss moves
+
+
+def test_template_kwargs_from_config_and_row(base_tok):
+    tok = family_tok(base_tok, "qwen3")
+    fmt = MessagesFormat(DataConfig(chat_template_kwargs={"enable_thinking": False}), tok, "messages", "tools")
+    assert fmt.prompt({"messages": UNUSED, "tools": TOOLS}).endswith("<think>\n\n</think>\n\n")
+    assert fmt.identity()["chat_template_kwargs"] == {"enable_thinking": False}
+    row = {"messages": UNUSED, "tools": TOOLS, "chat_template_kwargs": json.dumps({"enable_thinking": True})}
+    assert not fmt.prompt(row).endswith("</think>\n\n")  # the row wins
+    _, out = tokenize_rows(tok, [{"messages": UNUSED, "tools": TOOLS}], chat_template_kwargs={"enable_thinking": False})
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    start = runs(labels)[0][0]
+    assert decode(tok, ids[:start]).endswith("<think>\n\n</think>\n\n")
+
+
+def test_template_that_drops_tool_calls_is_an_error(base_tok):
+    tok = copy.copy(base_tok)
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + (m['content'] or '') + "
+                         "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                         "{% endif %}")
+    tok.eos_token = "<|im_end|>"
+    with pytest.raises(DataError, match=r"drops tool call 0 \('get_weather'\) of message 1"):
+        tokenize_rows(tok, [{"messages": SINGLE, "tools": TOOLS}])
+    fmt = MessagesFormat(DataConfig(on_bad_row="skip"), tok, "messages", "tools")
+    out = Tokenizer(fmt, tok, 10_000, on_bad_row="skip", source="t")({"messages": [SINGLE, UNUSED],
+                                                                       "tools": [TOOLS, TOOLS]})
+    assert out["skip"][0].startswith("bad row: the chat template drops") and out["skip"][1] == ""
+
+
+def test_refused_rows_follow_on_bad_row(base_tok):
+    tok = family_tok(base_tok, "llama31")
+    fmt = MessagesFormat(DataConfig(), tok, "messages", "tools")
+    out = Tokenizer(fmt, tok, 10_000, on_bad_row="skip", source="t")({"messages": [PARALLEL, SINGLE],
+                                                                       "tools": [TOOLS, TOOLS]})
+    assert "only supports single tool-calls" in out["skip"][0] and out["skip"][-1] == ""
+
+
+def test_eom_after_a_builtin_tool_call(base_tok):
+    """Llama 3.1 with builtin_tools: a call turn ends with <|eom_id|>, trained, and it is a stop token."""
+    tok = family_tok(base_tok, "llama31")
+    conv = copy.deepcopy(SINGLE)
+    conv[1]["tool_calls"][0]["function"] = {"name": "brave_search", "arguments": {"query": "Paris weather"}}
+    conv[2]["name"] = "brave_search"
+    kw = {"builtin_tools": ["brave_search"]}
+    fmt, out = tokenize_rows(tok, [{"messages": conv, "tools": TOOLS}], chat_template_kwargs=kw)
+    texts = trained_text(tok, out)
+    assert any('<|python_tag|>brave_search.call(query="Paris weather")<|eom_id|>' in t for t in texts), texts
+    assert tok.convert_tokens_to_ids("<|eom_id|>") in fmt.stop_ids(tok)
+
+
+def test_gptoss_call_is_a_stop_token(base_tok):
+    tok = family_tok(base_tok, "gptoss")
+    fmt = MessagesFormat(DataConfig(), tok, "messages", "tools")
+    assert tok.convert_tokens_to_ids("<|call|>") in fmt.stop_ids(tok)
+
+
+# ----------------------------------------------------------------------------- packed == unpacked
+
+
+def test_packed_equals_unpacked_with_tool_rows():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sftune.data.packing import collate
+    from sftune.loss import CausalLMWithLoss
+
+    tok = family_tok(build("bytelevel"), "qwen25")
+    _, out = tokenize_rows(tok, [{"messages": c, "tools": TOOLS} for c in (SINGLE, ROUNDS, PARALLEL, REASONING)])
+    examples = [(ids, labels) for ids, labels in zip(out["input_ids"], out["labels"])]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=2048, n_embd=32, n_layer=2, n_head=2))
+    lm = CausalLMWithLoss(model).eval()
+
+    def loss(rows):
+        b = collate(rows, pad_id=0)
+        return lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, b.doc_bounds)
+
+    with torch.no_grad():
+        one_by_one = sum(loss([[e]]) for e in examples)
+        packed = loss([examples])
+    torch.testing.assert_close(packed, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- agent dataset shapes
+
+
+@pytest.mark.parametrize("name", ["agent_sharegpt.json", "agent_apigen.json", "agent_openai.jsonl"])
+def test_agent_datasets_load_as_they_are(base_tok, name):
+    from pathlib import Path
+
+    from sftune.data.pipeline import prepare_data
+
+    tok = family_tok(base_tok, "qwen25")
+    path = Path(__file__).parent / "data" / name
+    data = prepare_data(DataConfig(path=str(path), max_length=4096), tok, 4096)
+    rows = json.loads(path.read_text()) if name.endswith(".json") else \
+        [json.loads(line) for line in path.read_text().splitlines()]
+    assert data.report.kept_rows == len(rows) and not data.report.skipped
+    texts = [decode(tok, data.train.example(i)[0].tolist()) for i in range(len(data.train))]
+    assert any('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in t for t in texts)
+    assert all('"name": "get_weather", "description"' in t for t in texts)  # the schemas in every context
+    if name != "agent_openai.jsonl":
+        assert any("You are a" in t for t in texts)  # the ShareGPT system column
+    if name == "agent_apigen.json":
+        assert any("<tool_response>\n22C\n</tool_response>\n<tool_response>\n25C\n</tool_response>" in t
+                   for t in texts)

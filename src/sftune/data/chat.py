@@ -74,15 +74,17 @@ def normalize_messages(value: Any, column: str, *, need_assistant: bool = True) 
             if not msg["tool_calls"]:
                 del msg["tool_calls"]
             calls += msg.get("tool_calls", [])
-        if role == "tool":
-            _link_result(msg, calls, out)
         train, weight = m.get("train", True), m.get("weight", 1.0)
         if not isinstance(train, bool):
             raise BadRow(f"message {i} has train={train!r}; use true or false", column)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise BadRow(f"message {i} has weight={weight!r}; use a finite number >= 0", column)
         msg["_weight"] = float(weight) if train else 0.0
-        out.append(msg)
+        parts = T.split_observation(msg, out) if role == "tool" and "from" in m else [msg]
+        for part in parts:
+            if role == "tool":
+                _link_result(part, calls, out)
+            out.append(part)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise BadRow("the conversation has no assistant turn, so nothing would be trained", column,
                      "add an assistant reply, or set data.on_bad_row=skip to skip such rows")
@@ -185,7 +187,7 @@ class MessagesFormat(Format):
                     conversations=[[]], tools=tools, chat_template=self.tokenizer.get_chat_template(),
                     add_generation_prompt=add_generation_prompt, **{**self.tokenizer.special_tokens_map, **kwargs})
                 return rendered[0]
-            return self.tokenizer.apply_chat_template(self._public(messages), tools=tools, tokenize=False,
+            return self.tokenizer.apply_chat_template(self.public_messages(messages), tools=tools, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as e:  # jinja errors, raise_exception() in templates
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -193,7 +195,9 @@ class MessagesFormat(Format):
             raise BadRow(f"the chat template failed to render this conversation{at}: {first}", self.column,
                          "fix the conversation, or set data.on_bad_row=skip to skip such rows") from None
 
-    def _public(self, messages: list[dict]) -> list[dict]:
+    def public_messages(self, messages: list[dict]) -> list[dict]:
+        """Messages as the template is given them: sftune's keys dropped, reasoning under the key
+        the template reads, a call turn without text in the form the template takes."""
         out = _public(messages)
         if any(m.get("tool_calls") and not m.get("content") for m in out):
             empty = self._empty_call_content()
@@ -258,6 +262,11 @@ class MessagesFormat(Format):
     def messages_of(self, row: dict, *, need_assistant: bool = True) -> tuple[list[dict], int]:
         """The row's messages, tool-call arguments in the template's form; and how many were converted."""
         messages = normalize_messages(row.get(self.column), self.column, need_assistant=need_assistant)
+        system = row.get("system")
+        raw = row.get(self.column)
+        if isinstance(system, str) and system.strip() and messages[0]["role"] != "system" and \
+                isinstance(raw[0], dict) and "from" in raw[0]:  # LLaMA-Factory's ShareGPT: the system prompt apart
+            messages.insert(0, {"role": "system", "content": system, "_weight": 0.0})
         converted = 0
         if any(m.get("tool_calls") for m in messages):
             converted = T.convert_arguments(messages, self._arguments_style(), self.column)
@@ -402,9 +411,20 @@ class MessagesFormat(Format):
             return None
         return messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
 
-    def prompt_from_text(self, text: str, history: list[dict] | None = None) -> str:
+    def prompt_from_text(self, text: str, history: list[dict] | None = None, tools: list[dict] | None = None) -> str:
+        """The prompt for a typed message, with ``tools`` (default: :attr:`tools`) rendered in."""
         messages = list(history or []) + [{"role": "user", "content": text}]
-        return self.render_text(messages, add_generation_prompt=True, extra={"tools": self.tools, "kwargs": self.kwargs})
+        return self.render_text(messages, add_generation_prompt=True,
+                                extra={"tools": tools if tools is not None else self.tools, "kwargs": self.kwargs})
+
+    def prompt_messages(self, row: dict) -> tuple[list[dict], dict]:
+        """The messages before the row's last assistant turn as the template is given them, and the
+        other arguments of that render (``tools`` and the template kwargs): for checks that call
+        ``apply_chat_template`` themselves (``export --verify``)."""
+        messages, _ = self.messages_of(row, need_assistant=False)
+        last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+        extra = self.row_extra(row, default_tools=True)
+        return self.public_messages(messages[:last]), {"tools": extra["tools"], **extra["kwargs"]}
 
     def stop_ids(self, tokenizer) -> list[int]:
         """EOS, the usual end-of-turn tokens, and the ones this template ends a reply or a tool call with."""

@@ -47,6 +47,26 @@ def parse_tools(value: Any, column: str) -> list[dict] | None:
     return value or None
 
 
+def read_tools_file(path: str) -> list[dict]:
+    """``--tools FILE``: a JSON file holding a list of tool schemas (or one schema)."""
+    from pathlib import Path
+
+    from sftune.errors import DataError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot read the tools file: {e.strerror}", source=path) from None
+    try:
+        tools = parse_tools(text, "tools")
+    except BadRow as e:
+        raise DataError(e.message, source=path, hint=e.hint) from None
+    if not tools:
+        raise DataError("the tools file holds no tool schema", source=path,
+                        hint="write a JSON list of schemas such as [{\"type\": \"function\", \"function\": {...}}]")
+    return tools
+
+
 def parse_kwargs(value: Any, column: str) -> dict:
     """A row's ``chat_template_kwargs``: an object, or a JSON string of one (``None``: none)."""
     if value is None or value == "":
@@ -106,6 +126,28 @@ def sharegpt_call(value: Any, i: int, column: str, counter: int) -> list[dict]:
     for k, c in enumerate(calls):
         c.setdefault("id", f"call{counter + k:05d}")
     return calls
+
+
+def split_observation(msg: dict, earlier: list[dict]) -> list[dict]:
+    """A ShareGPT ``observation`` answering several calls at once (APIGen-MT: a JSON list with one
+    result per call) -> one tool message per call; any other observation stays one message."""
+    last = earlier[-1] if earlier else {}
+    n = len(last.get("tool_calls") or []) if last.get("role") == "assistant" else 0
+    if n < 2:
+        return [msg]
+    try:
+        results = json.loads(msg["content"])
+    except (json.JSONDecodeError, TypeError):
+        return [msg]
+    if not isinstance(results, list) or len(results) != n:
+        return [msg]
+    out = []
+    for r in results:
+        part = {k: v for k, v in msg.items() if k not in ("tool_call_id", "name")}
+        content = r.get("content", r) if isinstance(r, dict) else r
+        part["content"] = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+        out.append(part)
+    return out
 
 
 def tool_content(content: Any) -> Any:
