@@ -20,7 +20,9 @@ from typing import Any
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftune.config import DataConfig
-from sftune.data import tools as T
+from sftune.data.tools import (CONVERTED, MARK, arguments_style, check_rendered, common_prefix, common_suffix,
+                               convert_arguments, normalize_tool_calls, parse_kwargs, parse_tools, perturbed,
+                               sharegpt_call, split_observation, tool_content)
 from sftune.data.contract import BadRow, Format, Rendered, Sequence, Turn, end_of_turn_ids
 from sftune.errors import ConfigError, RowSkip
 
@@ -42,13 +44,13 @@ def normalize_messages(value: Any, column: str, *, need_assistant: bool = True) 
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise BadRow(f"message {i} is {type(m).__name__}, expected an object with role and content", column)
-        sharegpt_call = None
+        share_calls = None
         if "role" in m and m.get("role") is not None:
             role, content = m.get("role"), m.get("content")
         elif "from" in m:
             role, content = _SHAREGPT_ROLES.get(str(m.get("from")).lower(), m.get("from")), m.get("value")
             if str(m.get("from")).lower() == "function_call":  # LLaMA-Factory / APIGen-MT: the value is the call
-                sharegpt_call, content = T.sharegpt_call(content, i, column, len(calls)), ""
+                share_calls, content = sharegpt_call(content, i, column, len(calls)), ""
         else:
             raise BadRow(f"message {i} has neither 'role' nor 'from'", column)
         if role not in ("system", "user", "assistant", "tool"):
@@ -57,20 +59,20 @@ def normalize_messages(value: Any, column: str, *, need_assistant: bool = True) 
                                                         or m.get("thinking")):
             content = ""
         if role == "tool":
-            content = T.tool_content(content)
+            content = tool_content(content)
         if not isinstance(content, str):
             raise BadRow(f"message {i} content is {type(content).__name__}, expected a string", column)
         msg = {"role": role, "content": content}
         for key in _PASS_THROUGH:
             if m.get(key) is not None:
                 msg[key] = m[key]
-        if sharegpt_call is not None:
-            msg["tool_calls"] = sharegpt_call
+        if share_calls is not None:
+            msg["tool_calls"] = share_calls
         if msg.get("tool_calls") is not None:
             if role != "assistant":
                 raise BadRow(f"message {i} is a {role} message with tool_calls; only assistant messages call tools",
                              column)
-            msg["tool_calls"] = T.normalize_tool_calls(msg["tool_calls"], i, column)
+            msg["tool_calls"] = normalize_tool_calls(msg["tool_calls"], i, column)
             if not msg["tool_calls"]:
                 del msg["tool_calls"]
             calls += msg.get("tool_calls", [])
@@ -80,7 +82,7 @@ def normalize_messages(value: Any, column: str, *, need_assistant: bool = True) 
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise BadRow(f"message {i} has weight={weight!r}; use a finite number >= 0", column)
         msg["_weight"] = float(weight) if train else 0.0
-        parts = T.split_observation(msg, out) if role == "tool" and "from" in m else [msg]
+        parts = split_observation(msg, out) if role == "tool" and "from" in m else [msg]
         for part in parts:
             if role == "tool":
                 _link_result(part, calls, out)
@@ -171,8 +173,8 @@ class MessagesFormat(Format):
 
     # -- what a row passes to every render: its tools and template arguments
     def row_extra(self, row: dict, *, default_tools: bool = False) -> dict:
-        tools = T.parse_tools(row.get(self.tools_column), self.tools_column) if self.tools_column else None
-        kwargs = {**self.kwargs, **T.parse_kwargs(row.get("chat_template_kwargs"), "chat_template_kwargs")}
+        tools = parse_tools(row.get(self.tools_column), self.tools_column) if self.tools_column else None
+        kwargs = {**self.kwargs, **parse_kwargs(row.get("chat_template_kwargs"), "chat_template_kwargs")}
         return {"tools": tools if tools is not None or not default_tools else self.tools, "kwargs": kwargs}
 
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False, *, index: int | None = None,
@@ -219,7 +221,7 @@ class MessagesFormat(Format):
         if self._empty is None:
             for candidate in (None, "", _ABSENT):
                 call = {"role": "assistant", "tool_calls": [
-                    {"type": "function", "id": "abcdefghi", "function": {"name": "probe" + T.MARK, "arguments": "{}"}}]}
+                    {"type": "function", "id": "abcdefghi", "function": {"name": "probe" + MARK, "arguments": "{}"}}]}
                 if candidate is not _ABSENT:
                     call["content"] = candidate
                 ok = False
@@ -230,7 +232,7 @@ class MessagesFormat(Format):
                                                                   tokenize=False, **self.kwargs)
                     except Exception:  # noqa: BLE001 - this form is refused: try the next
                         continue
-                    ok = ok or "probe" + T.MARK in text
+                    ok = ok or "probe" + MARK in text
                 if ok:
                     self._empty = (candidate,)
                     break
@@ -243,19 +245,19 @@ class MessagesFormat(Format):
         if self._reasoning_key is None:
             self._reasoning_key = "reasoning_content"
             for key in ("reasoning_content", "thinking"):
-                msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", key: T.MARK + "r"}]
+                msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", key: MARK + "r"}]
                 try:
                     text = self.tokenizer.apply_chat_template(msgs, tokenize=False, **self.kwargs)
                 except Exception:  # noqa: BLE001 - a template that cannot render the probe
                     continue
-                if T.MARK + "r" in text:
+                if MARK + "r" in text:
                     self._reasoning_key = key
                     break
         return self._reasoning_key
 
     def _arguments_style(self) -> str:
         if self._style is None:
-            self._style = T.arguments_style(
+            self._style = arguments_style(
                 lambda msgs, tools: self.render_text(msgs, extra={"tools": tools, "kwargs": self.kwargs}))
         return self._style
 
@@ -269,7 +271,7 @@ class MessagesFormat(Format):
             messages.insert(0, {"role": "system", "content": system, "_weight": 0.0})
         converted = 0
         if any(m.get("tool_calls") for m in messages):
-            converted = T.convert_arguments(messages, self._arguments_style(), self.column)
+            converted = convert_arguments(messages, self._arguments_style(), self.column)
         return messages, converted
 
     # -- the turn as the template writes it
@@ -310,13 +312,13 @@ class MessagesFormat(Format):
         upto = self.render_text(messages[: i + 1], index=i, extra=extra)
         other = None
         if messages[i].get("tool_calls") or not upto.startswith(prompt):
-            other = self.render_text(messages[:i] + [T.perturbed(messages[i])], index=i, extra=extra)
+            other = self.render_text(messages[:i] + [perturbed(messages[i])], index=i, extra=extra)
         if upto.startswith(prompt):
             raw = upto[len(prompt):]
         else:
             raw = self._turn_text_unaligned(messages, i, prompt, upto, other)
         if messages[i].get("tool_calls"):
-            start = max(0, len(raw) - T.common_suffix(upto, other))
+            start = max(0, len(raw) - common_suffix(upto, other))
         else:
             start = self._content_end(raw, messages[i]["content"])
         return raw[: self._end_after(raw, start)]
@@ -325,7 +327,7 @@ class MessagesFormat(Format):
         """The generation prompt is not a prefix of the rendered turn (a different system prompt,
         a ``<think>`` the generation prompt adds): align on the turn's own header instead (what the
         template writes before the message's first own character)."""
-        s = T.common_prefix(upto, other)
+        s = common_prefix(upto, other)
         prev = next((m["content"] for m in reversed(messages[:i]) if m["content"].strip()), "")
         if s >= len(upto) or (s == 0 and i > 0):
             raise BadRow(f"message {i}: cannot find where the chat template writes this assistant turn", self.column,
@@ -346,7 +348,7 @@ class MessagesFormat(Format):
             extra = prompt_tail[len(between):]
             return body[len(extra):] if body.startswith(extra) else body
         if messages[i].get("tool_calls"):  # a call's header is the model's to write, after what the prompt has
-            k = T.common_prefix(between, prompt_tail)
+            k = common_prefix(between, prompt_tail)
             for sp in self._specials:  # never cut inside a special token
                 j = between.find(sp, max(0, k - len(sp) + 1))
                 if 0 <= j < k:
@@ -375,7 +377,7 @@ class MessagesFormat(Format):
             raise RowSkip("no trained assistant turn")
         full = self.render_text(messages, index=len(messages) - 1, extra=extra)
         if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-            T.check_rendered(lambda msgs: self.render_text(msgs, extra=extra), messages, self.template_name,
+            check_rendered(lambda msgs: self.render_text(msgs, extra=extra), messages, self.template_name,
                              self.column)
         shared, alone, why = [], [], set()
         for i in targets:
@@ -395,7 +397,7 @@ class MessagesFormat(Format):
             raise RowSkip("no trained assistant turn")
         sequences = ([Sequence(full, shared)] if shared else []) + alone
         return Rendered(sequences, expanded=len(alone) if shared else max(0, len(alone) - 1), why="; ".join(sorted(why)),
-                        note=T.CONVERTED if converted else "")
+                        note=CONVERTED if converted else "")
 
     # -- inference direction
     def prompt(self, row: dict) -> str:
@@ -427,7 +429,7 @@ class MessagesFormat(Format):
         return self.public_messages(messages[:last]), {"tools": extra["tools"], **extra["kwargs"]}
 
     def stop_ids(self, tokenizer) -> list[int]:
-        """EOS, the usual end-of-turn tokens, and the ones this template ends a reply or a tool call with."""
+        """EOS, the usual end-of-turn tokens, and those this template ends a reply or a call with."""
         ids = end_of_turn_ids(tokenizer)
         msgs = [{"role": "user", "content": "hi", "_weight": 1.0}, {"role": "assistant", "content": "hello", "_weight": 1.0}]
         probes = [(msgs, {"kwargs": self.kwargs})]
