@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import tool_templates as TT
 from sftune.config import DataConfig
 from sftune.data.chat import MessagesFormat
+from sftune.data.tools import CONVERTED
 from sftune.data.tokenize import IGNORE, Tokenizer
 from sftune.errors import DataError
 
@@ -289,8 +290,7 @@ def test_property_arguments(base_tok, args, as_string, family):
         data[1]["tool_calls"][0]["function"]["arguments"] = json.dumps(args, ensure_ascii=False)
     fmt, out = tokenize_rows(tok, [{"messages": data, "tools": TOOLS}])
     converted = as_string != (family == "deepseek")
-    assert (out["note"][0] == "tool-call arguments converted to the template's form (JSON string <-> object)") \
-        == converted
+    assert (out["note"][0] == CONVERTED) == converted
     want = [expected_turn(tok, family, conv, i) for i in (1, 3)]
     texts = [decode(tok, ids) for ids in out["input_ids"]]
     for prompt, turn in want:

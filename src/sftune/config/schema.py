@@ -190,7 +190,8 @@ class DataConfig(_Section):
     template up to the next instruction template (``"### Human:"``)."""
 
     chat_template: str | None = None
-    """Chat template for ``messages`` when the tokenizer has none: a named template (``chatml``)
+    """Chat template for ``messages`` when the tokenizer has none: a named template (``chatml``;
+    ``chatml_tools`` adds Qwen2.5-style tool calling)
     or a Jinja string. When the tokenizer has its own, this replaces it."""
 
     max_length: int | None = Field(None, ge=2)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from sftune.data.contract import BadRow
 
 MARK = "\u2063"  # INVISIBLE SEPARATOR: not whitespace, so templates that trim keep it
-CONVERTED = "tool-call arguments converted to the template's form (JSON string <-> object)"
+CONVERTED = "rows with tool-call arguments converted to the template's form (JSON string <-> object)"
 
 
 def parse_tools(value: Any, column: str) -> list[dict] | None:
