@@ -68,12 +68,16 @@ def sftune_argv(command: str) -> list[str]:
     return shlex.split(command.split("|")[-1].strip())
 
 
-def test_readme_commands_parse_and_configs_load():
+def test_readme_commands_parse_and_configs_load(tmp_path, monkeypatch):
     """Every README command is valid for the parser, and every recipe + overrides loads (offline)."""
     from sftune.cli import build_parser
     from sftune.config import load_config
 
     commands = readme_commands()
+    monkeypatch.chdir(tmp_path)  # recipes the README writes with echo ... > FILE
+    for command in commands:
+        if command.startswith("echo ") and ">" in command and "sftune" not in command:
+            subprocess.run(["bash", "-c", command], check=True, cwd=tmp_path)
     assert any(c.startswith("sftune train quickstart") for c in commands)
     assert any("--baseline builtin:quickstart" in c for c in commands)
     parser = build_parser()
