@@ -418,3 +418,41 @@ def test_agent_datasets_load_as_they_are(base_tok, name):
     if name == "agent_apigen.json":
         assert any("<tool_response>\n22C\n</tool_response>\n<tool_response>\n25C\n</tool_response>" in t
                    for t in texts)
+
+
+# ----------------------------------------------------------------------------- inference side
+
+
+def test_identity_rebuilds_tools_and_kwargs(base_tok):
+    from sftune.data.formats import choose_format, format_from_identity
+
+    tok = family_tok(base_tok, "qwen3")
+    cfg = DataConfig(chat_template_kwargs={"enable_thinking": False}, train_reasoning=False)
+    fmt = choose_format(cfg, ["messages", "tools"], tok)
+    assert fmt.tools_column == "tools"
+    again = format_from_identity(DataConfig(**fmt.identity()), tok)
+    row = {"messages": SINGLE, "tools": TOOLS}
+    assert again.prompt(row) == fmt.prompt(row)
+    assert '"name": "get_weather"' in again.prompt(row) and again.prompt(row).endswith("</think>\n\n")
+
+
+def test_tools_file_for_chat_and_generate(base_tok, tmp_path):
+    from sftune.errors import SftuneError
+    from sftune.data.formats import TextFormat
+    from sftune.inference import Loaded
+
+    tok = family_tok(base_tok, "qwen25")
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    loaded = Loaded(None, tok, None, MessagesFormat(DataConfig(), tok, "messages"), "run")
+    assert "get_weather" not in loaded.prompt_from_text("Weather?")
+    loaded.use_tools(str(tmp_path / "tools.json"))
+    prompt = loaded.prompt_from_text("Weather?")
+    assert prompt == tok.apply_chat_template([{"role": "user", "content": "Weather?"}], tools=TOOLS, tokenize=False,
+                                             add_generation_prompt=True)
+    assert loaded.fmt.prompt({"messages": UNUSED}) == render(tok, "qwen25", UNUSED[:1], add_generation_prompt=True)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="not JSON"):
+        loaded.use_tools(str(tmp_path / "bad.json"))
+    text = Loaded(None, tok, None, TextFormat(DataConfig()), "run")
+    with pytest.raises(SftuneError, match="needs a chat model"):
+        text.use_tools(str(tmp_path / "tools.json"))
