@@ -1,8 +1,12 @@
 """Chat data: conversations rendered with a chat template, turn by turn.
 
-For each assistant turn ``i`` the context is ``apply_chat_template(messages[:i],
-add_generation_prompt=True)`` and the trained text is what the template writes for turn ``i``
-(rendered as the last message) after that prompt, up to and including its end-of-turn token. When
+For each assistant turn ``i`` the context is ``apply_chat_template(messages[:i], tools=...,
+add_generation_prompt=True, **chat_template_kwargs)`` and the trained text is what the template
+writes for turn ``i`` (rendered as the last message) after that prompt, up to and including the
+token that ends it: the first special token the template writes after the message's own text (and
+any written right after it), where the message's own text ends is found by rendering the turn again
+with its texts changed (tool calls) or by its content. Tool calls, results and schemas: see
+:mod:`sftune.data.tools`. When
 the whole conversation rendered at once starts with that context followed by that turn (a
 prefix-stable template), the turn is trained inside one sequence per conversation; otherwise
 (templates that strip earlier reasoning, end the final turn differently, drop the system prompt, or
