@@ -456,3 +456,24 @@ def test_tools_file_for_chat_and_generate(base_tok, tmp_path):
     text = Loaded(None, tok, None, TextFormat(DataConfig()), "run")
     with pytest.raises(SftuneError, match="needs a chat model"):
         text.use_tools(str(tmp_path / "tools.json"))
+
+
+def test_config_keys_from_the_command_line():
+    from sftune.config import load_config
+
+    cfg = load_config(None, ["data.chat_template_kwargs={enable_thinking: false, date_string: 26 Jul 2024}",
+                             "data.train_reasoning=false", "data.tools_column=functions"])
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False, "date_string": "26 Jul 2024"}
+    assert cfg.data.train_reasoning is False and cfg.data.tools_column == "functions"
+
+
+def test_train_false_and_weight_on_call_turns(base_tok):
+    tok = family_tok(base_tok, "qwen25")
+    conv = copy.deepcopy(ROUNDS)
+    conv[2]["train"] = False  # the first call: context only
+    conv[6]["weight"] = 0.5
+    _, out = tokenize_rows(tok, [{"messages": conv, "tools": TOOLS}])
+    texts = trained_text(tok, out)
+    assert not any('"city": "Paris"' in t for t in texts) and any('"tz": "Europe/Paris"' in t for t in texts)
+    weights = {round(w, 3) for ws in out["weights"] for w in ws if w}
+    assert weights == {0.5, 1.0}

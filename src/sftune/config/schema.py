@@ -227,6 +227,18 @@ class DataConfig(_Section):
             raise ValueError("a fractional eval_split must be between 0 and 1, for example 0.05")
         return v
 
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _parse_template_kwargs(cls, v):
+        if isinstance(v, str):  # from the command line: data.chat_template_kwargs='{enable_thinking: false}'
+            import yaml
+
+            try:
+                return yaml.safe_load(v)
+            except yaml.YAMLError:
+                pass
+        return v
+
 
 class TrainConfig(_Section):
     output_dir: str | None = None
