@@ -160,8 +160,6 @@ def agent_form(family, messages):
     out = copy.deepcopy(messages)
     for m in out:
         if family == "gptoss":
-            if "reasoning_content" in m:
-                m["thinking"] = m.pop("reasoning_content")
             if m.get("content") is None:
                 m.pop("content", None)
         if family == "deepseek":  # transformers drops None values; the template then takes ""
@@ -477,3 +475,27 @@ def test_train_false_and_weight_on_call_turns(base_tok):
     assert not any('"city": "Paris"' in t for t in texts) and any('"tz": "Europe/Paris"' in t for t in texts)
     weights = {round(w, 3) for ws in out["weights"] for w in ws if w}
     assert weights == {0.5, 1.0}
+
+
+def test_gptoss_thinking_before_a_call(base_tok):
+    """gpt-oss writes `thinking` (not reasoning_content) as an analysis message: trained with the
+    call turn when the call is the last message, dropped from history once a final answer follows."""
+    tok = family_tok(base_tok, "gptoss")
+    conv = copy.deepcopy(REASONING)
+    for m in conv:
+        if "reasoning_content" in m:
+            m["thinking"] = m.pop("reasoning_content")
+    out = check(tok, "gptoss", conv)
+    texts = trained_text(tok, out)
+    assert any(t.startswith("<|channel|>analysis<|message|>I need the weather tool.<|end|><|start|>assistant to=")
+               and t.endswith("<|call|>") for t in texts), texts
+    out = check(tok, "gptoss", REASONING)  # reasoning_content: transformers passes it as `thinking` too
+    assert any(t.startswith("<|channel|>analysis<|message|>I need the weather tool.<|end|>")
+               for t in trained_text(tok, out))
+
+
+def test_reasoning_a_template_does_not_write_is_reported(base_tok):
+    from sftune.data.tools import UNWRITTEN_REASONING
+
+    _, out = tokenize_rows(family_tok(base_tok, "llama31"), [{"messages": REASONING, "tools": TOOLS}])
+    assert UNWRITTEN_REASONING in out["note"][0]

@@ -24,7 +24,7 @@ from typing import Any
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftune.config import DataConfig
-from sftune.data.tools import (CONVERTED, MARK, arguments_style, check_rendered, common_prefix, common_suffix,
+from sftune.data.tools import (CONVERTED, MARK, UNWRITTEN_REASONING, arguments_style, check_rendered, common_prefix, common_suffix,
                                convert_arguments, normalize_tool_calls, parse_kwargs, parse_tools, perturbed,
                                sharegpt_call, split_observation, tool_content)
 from sftune.data.contract import BadRow, Format, Rendered, Sequence, Turn, end_of_turn_ids
@@ -202,8 +202,8 @@ class MessagesFormat(Format):
                          "fix the conversation, or set data.on_bad_row=skip to skip such rows") from None
 
     def public_messages(self, messages: list[dict]) -> list[dict]:
-        """Messages as the template is given them: sftune's keys dropped, reasoning under the key
-        the template reads, a call turn without text in the form the template takes."""
+        """Messages as the template is given them: sftune's keys dropped, a call turn without
+        text in the form the template takes."""
         out = _public(messages)
         if any(m.get("tool_calls") and not m.get("content") for m in out):
             empty = self._empty_call_content()
@@ -213,10 +213,6 @@ class MessagesFormat(Format):
                         m.pop("content", None)
                     else:
                         m["content"] = empty
-        if any("reasoning_content" in m for m in out) and self._reasoning() == "thinking":
-            for m in out:  # a template that reads `thinking` (gpt-oss) gets the reasoning there
-                if "reasoning_content" in m and "thinking" not in m:
-                    m["thinking"] = m.pop("reasoning_content")
         return out
 
     def _empty_call_content(self):
@@ -245,13 +241,15 @@ class MessagesFormat(Format):
         return self._empty[0]
 
     def _reasoning(self) -> str:
-        """Which message key the template writes reasoning from: ``reasoning_content`` or ``thinking``."""
+        """The message key the template writes reasoning from (transformers passes it under both
+        ``reasoning_content`` and ``thinking``, gpt-oss's name), or ``""`` when it writes none."""
         if self._reasoning_key is None:
-            self._reasoning_key = "reasoning_content"
+            self._reasoning_key = ""
+            msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
             for key in ("reasoning_content", "thinking"):
-                msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", key: MARK + "r"}]
                 try:
-                    text = self.tokenizer.apply_chat_template(msgs, tokenize=False, **self.kwargs)
+                    text = self.tokenizer.apply_chat_template([msgs[0], {**msgs[1], key: MARK + "r"}],
+                                                              tokenize=False, **self.kwargs)
                 except Exception:  # noqa: BLE001 - a template that cannot render the probe
                     continue
                 if MARK + "r" in text:
@@ -400,8 +398,11 @@ class MessagesFormat(Format):
         if not shared and not alone:
             raise RowSkip("no trained assistant turn")
         sequences = ([Sequence(full, shared)] if shared else []) + alone
+        notes = [CONVERTED] if converted else []
+        if any(m.get("reasoning_content") or m.get("thinking") for m in messages) and not self._reasoning():
+            notes.append(UNWRITTEN_REASONING)
         return Rendered(sequences, expanded=len(alone) if shared else max(0, len(alone) - 1), why="; ".join(sorted(why)),
-                        note=CONVERTED if converted else "")
+                        note="; ".join(notes))
 
     # -- inference direction
     def prompt(self, row: dict) -> str:

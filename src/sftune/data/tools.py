@@ -26,6 +26,7 @@ from typing import Any, Callable
 from sftune.data.contract import BadRow
 
 MARK = "\u2063"  # INVISIBLE SEPARATOR: not whitespace, so templates that trim keep it
+UNWRITTEN_REASONING = "rows with reasoning the chat template does not write (not in context, not trained)"
 CONVERTED = "rows with tool-call arguments converted to the template's form (JSON string <-> object)"
 
 
