@@ -499,3 +499,11 @@ def test_reasoning_a_template_does_not_write_is_reported(base_tok):
 
     _, out = tokenize_rows(family_tok(base_tok, "llama31"), [{"messages": REASONING, "tools": TOOLS}])
     assert UNWRITTEN_REASONING in out["note"][0]
+
+
+def test_a_configured_tools_column_must_exist(base_tok):
+    from sftune.data.formats import choose_format
+    from sftune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'tools'"):
+        choose_format(DataConfig(tools_column="tool"), ["messages", "tools"], family_tok(base_tok, "qwen25"))

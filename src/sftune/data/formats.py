@@ -380,7 +380,14 @@ def find_messages_column(columns: list[str], cfg: DataConfig) -> str | None:
 
 
 def find_tools_column(columns: list[str], cfg: DataConfig) -> str | None:
+    """``data.tools_column``, or a ``tools`` column; a configured column the data lacks is an error."""
     if cfg.tools_column:
+        if columns and cfg.tools_column not in columns:
+            import difflib
+
+            match = difflib.get_close_matches(cfg.tools_column, columns, n=1)
+            raise ConfigError(f"data.tools_column is '{cfg.tools_column}', which is not a column of the data "
+                              f"(the columns are {columns}" + (f"; did you mean '{match[0]}'?)" if match else ")"))
         return cfg.tools_column
     return "tools" if "tools" in columns else None
 
