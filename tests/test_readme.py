@@ -68,12 +68,16 @@ def sftune_argv(command: str) -> list[str]:
     return shlex.split(command.split("|")[-1].strip())
 
 
-def test_readme_commands_parse_and_configs_load():
+def test_readme_commands_parse_and_configs_load(tmp_path, monkeypatch):
     """Every README command is valid for the parser, and every recipe + overrides loads (offline)."""
     from sftune.cli import build_parser
     from sftune.config import load_config
 
     commands = readme_commands()
+    monkeypatch.chdir(tmp_path)  # recipes the README writes with echo ... > FILE
+    for command in commands:
+        if command.startswith("echo ") and ">" in command and "sftune" not in command:
+            subprocess.run(["bash", "-c", command], check=True, cwd=tmp_path)
     assert any(c.startswith("sftune train quickstart") for c in commands)
     assert any("--baseline builtin:quickstart" in c for c in commands)
     parser = build_parser()
@@ -130,8 +134,9 @@ def test_readme_runs_as_written(tmp_path, monkeypatch, capsys):
         argv = sftune_argv(command)
         if needs_hub(argv):
             continue
-        if argv[1] == "train":
-            argv += SHORT["quickstart" if argv[2] == "quickstart" else "other"]
+        if argv[1] == "train":  # the short settings, but not over a key the README sets itself
+            argv += [a for a in SHORT["quickstart" if argv[2] == "quickstart" else "other"]
+                     if not any(b.startswith(a.split("=")[0] + "=") for b in argv)]
         if argv[1] == "eval":
             argv += ["--limit", "20"]
         if argv[1] == "ui":  # a server that runs until Ctrl-C: start it with uvicorn.run stubbed

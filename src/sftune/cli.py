@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (left-padded), default 16")
     p.add_argument("--raw", action="store_true", help="send --prompt as is, without the training template")
+    p.add_argument("--tools", metavar="FILE", help="JSON list of tool schemas rendered into every chat prompt")
 
     p = sub.add_parser("chat", help="interactive chat with a trained run (works with a pipe too)",
                        description="A multi-turn REPL for chat-format models; single-turn for prompt/completion "
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "quits. Reads stdin, so `echo hi | sftune chat RUN` works.")
     p.add_argument("model", metavar="MODEL_OR_RUN")
     _add_generation_args(p, default_tokens=256)
+    p.add_argument("--tools", metavar="FILE", help="JSON list of tool schemas rendered into the chat prompt")
 
     p = sub.add_parser("eval", help="loss, perplexity and exact match on held-out data (optionally vs a baseline)",
                        description="Evaluate on held-out data: loss and perplexity over the completion tokens, and "
@@ -146,6 +148,7 @@ def cmd_generate(args) -> int:
     from sftune.console import out
 
     loaded = load_for_inference(args.model)
+    loaded.use_tools(args.tools)
     if args.prompt is not None:
         prompts = [args.prompt if args.raw else loaded.prompt_from_text(args.prompt)]
         rows = None
@@ -180,8 +183,9 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from sftune.inference import chat, load_for_inference
 
-    chat(load_for_inference(args.model), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-         top_p=args.top_p)
+    loaded = load_for_inference(args.model)
+    loaded.use_tools(args.tools)
+    chat(loaded, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     return 0
 
 

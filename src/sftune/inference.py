@@ -44,9 +44,27 @@ class Loaded:
     def add_bos(self) -> bool:
         return self.fmt.add_bos
 
-    def prompt_from_text(self, text: str, history: list[dict] | None = None) -> str:
-        """The full prompt for a user message (and earlier turns, for chat models)."""
+    def prompt_from_text(self, text: str, history: list[dict] | None = None, tools: list[dict] | None = None) -> str:
+        """The full prompt for a user message (and earlier turns, for chat models), with ``tools``
+        (tool schemas; default: those given to :meth:`use_tools`) rendered by the chat template."""
+        if tools is not None:
+            self._need_chat("tools")
+            return self.fmt.prompt_from_text(text, history, tools=tools)
         return self.fmt.prompt_from_text(text, history)
+
+    def use_tools(self, path: str | None) -> None:
+        """``--tools FILE``: every prompt of this model renders these tool schemas (rows without a
+        tools column of their own included)."""
+        if path:
+            from sftune.data.tools import read_tools_file
+
+            self._need_chat("--tools")
+            self.fmt.tools = read_tools_file(path)
+
+    def _need_chat(self, what: str) -> None:
+        if not hasattr(self.fmt, "tools"):
+            raise SftuneError(f"{what} needs a chat model: {self.path} prompts with the {self.fmt.name} format, "
+                              "which has no chat template to render tool schemas")
 
     def prompt_from_row(self, row: dict) -> str:
         """The prompt for a data row (only the prompt's columns are needed)."""

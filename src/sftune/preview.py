@@ -83,6 +83,58 @@ def preview_sequences(cfg: Config, n: int = 3):
     return tokenizer, data, sequences
 
 
+def tool_summary(tokenizer, fmt, source, seq) -> str | None:
+    """For chat rows with tools: where the schemas went (masked context tokens) and how many
+    trained turns call a tool. ``None`` when the sequence's rows have no tools."""
+    tools_column = getattr(fmt, "tools_column", None)
+    ds = getattr(source, "train", None)
+    if not tools_column or ds is None or tools_column not in ds.column_names:
+        return None
+    from sftune.data.tools import parse_tools
+
+    names = []
+    for r in seq["rows"]:
+        if r < len(ds) and ds[r].get("__row__", r) == r:
+            try:
+                names += [(t.get("function") or t).get("name") for t in parse_tools(ds[r][tools_column], "tools") or []]
+            except Exception:  # noqa: BLE001 - a row the report already counts as bad
+                continue
+    names = sorted({n for n in names if isinstance(n, str) and n})
+    if not names:
+        return None
+    pieces = token_pieces(tokenizer, seq["input_ids"])
+    starts, pos = [], 0
+    for p in pieces:
+        starts.append(pos)
+        pos += len(p)
+    text = "".join(pieces)
+    labels = seq["labels"]
+    first = next((k for k, lab in enumerate(labels) if lab != IGNORE), len(labels))
+    limit = starts[first] if first < len(starts) else len(text)
+    at = [text.find(n) for n in names]
+    at = [a for a in at if 0 <= a < limit]
+    import bisect
+
+    if at:
+        before = text[:min(at)].rsplit("\n", 3)
+        where = (f"in the context, no loss (from token {bisect.bisect_right(starts, min(at)) - 1}, after "
+                 f"{chr(10).join(before[-3:])[-60:]!r})")
+    else:
+        where = "not in the rendered context"
+    runs, k = [], 0
+    while k < len(labels):
+        if labels[k] != IGNORE:
+            j = k
+            while j < len(labels) and labels[j] != IGNORE:
+                j += 1
+            runs.append("".join(pieces[k:j]))
+            k = j
+        else:
+            k += 1
+    calls = sum(any(n in r for n in names) for r in runs)
+    return f"tools {', '.join(names)}: schemas {where}; {calls} of {len(runs)} trained turns call a tool"
+
+
 def preview(cfg: Config, n: int = 3, as_json: bool = False) -> None:
     tokenizer, data, sequences = preview_sequences(cfg, n)
     for r, seq in enumerate(sequences):
@@ -98,6 +150,9 @@ def preview(cfg: Config, n: int = 3, as_json: bool = False) -> None:
             trained = sum(lab != IGNORE for lab in labels)
             console.rule(f"sequence {r}: rows {escape(str(rows))}, {len(ids)} tokens, {trained} trained")
             console.print(colored(tokenizer, ids, labels, weights, plain=plain_output(console)))
+            tools = tool_summary(tokenizer, data.fmt, data.source, seq)
+            if tools:
+                console.print(f"[dim]{escape(tools)}[/]")
     if not as_json:
         weighted = data.train.weighted
         if plain_output(console):

@@ -7,7 +7,7 @@ recipes mirror them. Loading (recipes, ``key=value`` overrides, closest-key sugg
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -162,8 +162,23 @@ class DataConfig(_Section):
     A message may carry ``reasoning_content`` (trained where the chat template writes it),
     ``"train": false`` (context only) or a float ``"weight"`` (its tokens' share of the loss)."""
 
+    tools_column: str | None = None
+    """Column of tool schemas for the ``messages`` format: a list of JSON schemas (or a JSON string
+    of one), passed as ``tools=`` to every render of its row (training, preview, eval prompts).
+    ``None`` uses a ``tools`` column when there is one."""
+
+    chat_template_kwargs: dict[str, Any] = {}
+    """Extra arguments for every render of the chat template (``enable_thinking``,
+    ``builtin_tools``, ``date_string``, ...). A row's ``chat_template_kwargs`` column (an object or
+    a JSON string of one) is merged over these, key by key."""
+
+    train_reasoning: bool = True
+    """Train an assistant message's ``reasoning_content`` where the chat template writes it;
+    ``false`` keeps it in the context but puts no loss on its text."""
+
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
-    """Which assistant turns of a conversation carry loss: every one, or only the last."""
+    """Which assistant turns of a conversation carry loss: every one, or only the last (with
+    tools: the last assistant turn of each trajectory, usually the final answer)."""
 
     response_template: str | None = None
     """For the ``text`` format: put the loss only after the last occurrence of this string in
@@ -175,7 +190,8 @@ class DataConfig(_Section):
     template up to the next instruction template (``"### Human:"``)."""
 
     chat_template: str | None = None
-    """Chat template for ``messages`` when the tokenizer has none: a named template (``chatml``)
+    """Chat template for ``messages`` when the tokenizer has none: a named template (``chatml``;
+    ``chatml_tools`` adds Qwen2.5-style tool calling)
     or a Jinja string. When the tokenizer has its own, this replaces it."""
 
     max_length: int | None = Field(None, ge=2)
@@ -209,6 +225,18 @@ class DataConfig(_Section):
     def _check_eval_split(cls, v):
         if isinstance(v, float) and not 0.0 < v < 1.0:
             raise ValueError("a fractional eval_split must be between 0 and 1, for example 0.05")
+        return v
+
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _parse_template_kwargs(cls, v):
+        if isinstance(v, str):  # from the command line: data.chat_template_kwargs='{enable_thinking: false}'
+            import yaml
+
+            try:
+                return yaml.safe_load(v)
+            except yaml.YAMLError:
+                pass
         return v
 
 

@@ -275,7 +275,8 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
         max_new = max(1, min(int(body.get("max_new_tokens") or 128), 1024))
         temperature = float(body.get("temperature") or 0.0)
         loaded, lock = models.get(run, bool(body.get("base")))
-        prompt = loaded.prompt_from_text(message, history if loaded.is_chat else None)
+        tools = body.get("tools") if isinstance(body.get("tools"), list) and loaded.is_chat else None
+        prompt = loaded.prompt_from_text(message, history if loaded.is_chat else None, tools=tools)
         sink = _QueueWriter()
         done = object()
 

@@ -1,8 +1,12 @@
 """Chat data: conversations rendered with a chat template, turn by turn.
 
-For each assistant turn ``i`` the context is ``apply_chat_template(messages[:i],
-add_generation_prompt=True)`` and the trained text is what the template writes for turn ``i``
-(rendered as the last message) after that prompt, up to and including its end-of-turn token. When
+For each assistant turn ``i`` the context is ``apply_chat_template(messages[:i], tools=...,
+add_generation_prompt=True, **chat_template_kwargs)`` and the trained text is what the template
+writes for turn ``i`` (rendered as the last message) after that prompt, up to and including the
+token that ends it: the first special token the template writes after the message's own text (and
+any written right after it), where the message's own text ends is found by rendering the turn again
+with its texts changed (tool calls) or by its content. Tool calls, results and schemas: see
+:mod:`sftune.data.tools`. When
 the whole conversation rendered at once starts with that context followed by that turn (a
 prefix-stable template), the turn is trained inside one sequence per conversation; otherwise
 (templates that strip earlier reasoning, end the final turn differently, drop the system prompt, or
@@ -13,17 +17,22 @@ as at inference, and the data report counts it.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from typing import Any
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftune.config import DataConfig
+from sftune.data.tools import (CONVERTED, MARK, UNWRITTEN_REASONING, arguments_style, check_rendered, common_prefix, common_suffix,
+                               convert_arguments, normalize_tool_calls, parse_kwargs, parse_tools, perturbed,
+                               sharegpt_call, split_observation, tool_content)
 from sftune.data.contract import BadRow, Format, Rendered, Sequence, Turn, end_of_turn_ids
 from sftune.errors import ConfigError, RowSkip
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
+                   "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
+                   "function_call": "assistant"}
 _PASS_THROUGH = ("reasoning_content", "thinking", "tool_calls", "tool_call_id", "name")
 
 
@@ -35,37 +44,79 @@ def normalize_messages(value: Any, column: str, *, need_assistant: bool = True) 
     """
     if not isinstance(value, list) or not value:
         raise BadRow("expected a non-empty list of messages", column)
-    out = []
+    out, calls = [], []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise BadRow(f"message {i} is {type(m).__name__}, expected an object with role and content", column)
+        share_calls = None
         if "role" in m and m.get("role") is not None:
             role, content = m.get("role"), m.get("content")
         elif "from" in m:
             role, content = _SHAREGPT_ROLES.get(str(m.get("from")).lower(), m.get("from")), m.get("value")
+            if str(m.get("from")).lower() == "function_call":  # LLaMA-Factory / APIGen-MT: the value is the call
+                share_calls, content = sharegpt_call(content, i, column, len(calls)), ""
         else:
             raise BadRow(f"message {i} has neither 'role' nor 'from'", column)
         if role not in ("system", "user", "assistant", "tool"):
             raise BadRow(f"message {i} has the unknown role {role!r} (use system, user, assistant or tool)", column)
-        if content is None and role == "assistant" and (m.get("tool_calls") or m.get("reasoning_content")):
+        if content is None and role == "assistant" and (m.get("tool_calls") or m.get("reasoning_content")
+                                                        or m.get("thinking")):
             content = ""
+        if role == "tool":
+            content = tool_content(content)
         if not isinstance(content, str):
             raise BadRow(f"message {i} content is {type(content).__name__}, expected a string", column)
         msg = {"role": role, "content": content}
         for key in _PASS_THROUGH:
             if m.get(key) is not None:
                 msg[key] = m[key]
+        if share_calls is not None:
+            msg["tool_calls"] = share_calls
+        if msg.get("tool_calls") is not None:
+            if role != "assistant":
+                raise BadRow(f"message {i} is a {role} message with tool_calls; only assistant messages call tools",
+                             column)
+            msg["tool_calls"] = normalize_tool_calls(msg["tool_calls"], i, column)
+            if not msg["tool_calls"]:
+                del msg["tool_calls"]
+            calls += msg.get("tool_calls", [])
         train, weight = m.get("train", True), m.get("weight", 1.0)
         if not isinstance(train, bool):
             raise BadRow(f"message {i} has train={train!r}; use true or false", column)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise BadRow(f"message {i} has weight={weight!r}; use a finite number >= 0", column)
         msg["_weight"] = float(weight) if train else 0.0
-        out.append(msg)
+        parts = split_observation(msg, out) if role == "tool" and "from" in m else [msg]
+        for part in parts:
+            if role == "tool":
+                _link_result(part, calls, out)
+            out.append(part)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise BadRow("the conversation has no assistant turn, so nothing would be trained", column,
                      "add an assistant reply, or set data.on_bad_row=skip to skip such rows")
     return out
+
+
+_ABSENT = object()  # a message key left out
+
+
+def _link_result(msg: dict, calls: list[dict], earlier: list[dict]) -> None:
+    """A tool result without ``tool_call_id`` / ``name`` gets those of the call it answers (the
+    calls of the last assistant message, in order)."""
+    answered = 0
+    while answered < len(earlier) and earlier[len(earlier) - 1 - answered]["role"] == "tool":
+        answered += 1
+    before = earlier[len(earlier) - 1 - answered] if answered < len(earlier) else {}
+    own = before.get("tool_calls") or [] if before.get("role") == "assistant" else []
+    call = None
+    if msg.get("tool_call_id") is not None:
+        call = next((c for c in calls if c.get("id") == msg["tool_call_id"]), None)
+    elif answered < len(own):
+        call = own[answered]
+        if call.get("id") is not None:
+            msg["tool_call_id"] = call["id"]
+    if call is not None and msg.get("name") is None:
+        msg["name"] = call["function"]["name"]
 
 
 def _public(messages: list[dict]) -> list[dict]:
@@ -78,11 +129,19 @@ class MessagesFormat(Format):
     name = "messages"
     add_bos = False
 
-    def __init__(self, cfg: DataConfig, tokenizer, column: str):
+    def __init__(self, cfg: DataConfig, tokenizer, column: str, tools_column: str | None = None):
         self.column = column
+        self.tools_column = tools_column or cfg.tools_column
         self.columns = [column]
         self.tokenizer = tokenizer
         self.train_on = cfg.train_on
+        self.kwargs = dict(cfg.chat_template_kwargs or {})
+        self.train_reasoning = cfg.train_reasoning
+        self.tools: list[dict] | None = None
+        """Tool schemas for prompts built without a data row (``chat`` / ``generate --tools``)."""
+        self._style: str | None = None  # how the template takes tool-call arguments (tools.arguments_style)
+        self._reasoning_key: str | None = None
+        self._empty: tuple | None = None  # how a call turn without text is passed (_empty_call_content)
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 "the messages format needs a chat template, and this tokenizer has none. "
@@ -92,81 +151,194 @@ class MessagesFormat(Format):
         added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
         specials = set(added) | {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
         self._specials = sorted((s for s in specials if s), key=len, reverse=True)
-        ends = {tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)}
-        self._end_tokens = sorted((s for s in ends if isinstance(s, str) and s in specials), key=len, reverse=True)
 
     @property
     def is_chat(self) -> bool:
         return True
 
+    @property
+    def template_name(self) -> str:
+        where = getattr(self.tokenizer, "name_or_path", "") or ""
+        return f"the chat template of {where}" if where else "the chat template"
+
     def identity(self) -> dict:
-        return {"format": "messages", "messages_column": self.column, "train_on": self.train_on}
+        out = {"format": "messages", "messages_column": self.column, "train_on": self.train_on}
+        if self.tools_column:
+            out["tools_column"] = self.tools_column
+        if self.kwargs:
+            out["chat_template_kwargs"] = self.kwargs
+        if not self.train_reasoning:
+            out["train_reasoning"] = False
+        return out
 
     def cache_key(self) -> str:
-        return hashlib.sha256((self.tokenizer.chat_template or "").encode()).hexdigest()[:16]
+        extra = json.dumps([self.tools_column, self.kwargs, self.train_reasoning], sort_keys=True, default=str)
+        return hashlib.sha256(((self.tokenizer.chat_template or "") + extra).encode()).hexdigest()[:16]
 
-    def render_text(self, messages: list[dict], add_generation_prompt: bool = False, *, index: int | None = None) -> str:
+    # -- what a row passes to every render: its tools and template arguments
+    def row_extra(self, row: dict, *, default_tools: bool = False) -> dict:
+        tools = parse_tools(row.get(self.tools_column), self.tools_column) if self.tools_column else None
+        kwargs = {**self.kwargs, **parse_kwargs(row.get("chat_template_kwargs"), "chat_template_kwargs")}
+        return {"tools": tools if tools is not None or not default_tools else self.tools, "kwargs": kwargs}
+
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = False, *, index: int | None = None,
+                    extra: dict | None = None) -> str:
+        extra = extra or {}
+        tools = extra.get("tools")
+        kwargs = {k: v for k, v in (extra.get("kwargs") or self.kwargs).items()
+                  if k not in ("tokenize", "add_generation_prompt", "conversation", "tools", "chat_template")}
         try:
             if not messages:  # an assistant-first conversation: the template's own text for "no history"
                 rendered, _ = render_jinja_template(
-                    conversations=[[]], chat_template=self.tokenizer.get_chat_template(),
-                    add_generation_prompt=add_generation_prompt, **self.tokenizer.special_tokens_map)
+                    conversations=[[]], tools=tools, chat_template=self.tokenizer.get_chat_template(),
+                    add_generation_prompt=add_generation_prompt, **{**self.tokenizer.special_tokens_map, **kwargs})
                 return rendered[0]
-            return self.tokenizer.apply_chat_template(_public(messages), tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(self.public_messages(messages), tools=tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as e:  # jinja errors, raise_exception() in templates
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             at = f" (rendering messages 0..{index})" if index is not None else ""
             raise BadRow(f"the chat template failed to render this conversation{at}: {first}", self.column,
                          "fix the conversation, or set data.on_bad_row=skip to skip such rows") from None
 
+    def public_messages(self, messages: list[dict]) -> list[dict]:
+        """Messages as the template is given them: sftune's keys dropped, a call turn without
+        text in the form the template takes."""
+        out = _public(messages)
+        if any(m.get("tool_calls") and not m.get("content") for m in out):
+            empty = self._empty_call_content()
+            for m in out:  # a call turn with no text: None, "" or no key, whichever the template takes
+                if m.get("tool_calls") and not m.get("content"):
+                    if empty is _ABSENT:
+                        m.pop("content", None)
+                    else:
+                        m["content"] = empty
+        return out
+
+    def _empty_call_content(self):
+        """How a tool-call message without text must be written for this template: DeepSeek's test
+        ``content is none``, gpt-oss's fail on ``None`` and take ``""``."""
+        if self._empty is None:
+            for candidate in (None, "", _ABSENT):
+                call = {"role": "assistant", "tool_calls": [
+                    {"type": "function", "id": "abcdefghi", "function": {"name": "probe" + MARK, "arguments": "{}"}}]}
+                if candidate is not _ABSENT:
+                    call["content"] = candidate
+                ok = False
+                for args in ("{}", {}):
+                    call["tool_calls"][0]["function"]["arguments"] = args
+                    try:
+                        text = self.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, call],
+                                                                  tokenize=False, **self.kwargs)
+                    except Exception:  # noqa: BLE001 - this form is refused: try the next
+                        continue
+                    ok = ok or "probe" + MARK in text
+                if ok:
+                    self._empty = (candidate,)
+                    break
+            if self._empty is None:
+                self._empty = (None,)
+        return self._empty[0]
+
+    def _reasoning(self) -> str:
+        """The message key the template writes reasoning from (transformers passes it under both
+        ``reasoning_content`` and ``thinking``, gpt-oss's name), or ``""`` when it writes none."""
+        if self._reasoning_key is None:
+            self._reasoning_key = ""
+            msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+            for key in ("reasoning_content", "thinking"):
+                try:
+                    text = self.tokenizer.apply_chat_template([msgs[0], {**msgs[1], key: MARK + "r"}],
+                                                              tokenize=False, **self.kwargs)
+                except Exception:  # noqa: BLE001 - a template that cannot render the probe
+                    continue
+                if MARK + "r" in text:
+                    self._reasoning_key = key
+                    break
+        return self._reasoning_key
+
+    def _arguments_style(self) -> str:
+        if self._style is None:
+            self._style = arguments_style(
+                lambda msgs, tools: self.render_text(msgs, extra={"tools": tools, "kwargs": self.kwargs}))
+        return self._style
+
+    def messages_of(self, row: dict, *, need_assistant: bool = True) -> tuple[list[dict], int]:
+        """The row's messages, tool-call arguments in the template's form; and how many were converted."""
+        messages = normalize_messages(row.get(self.column), self.column, need_assistant=need_assistant)
+        system = row.get("system")
+        raw = row.get(self.column)
+        if isinstance(system, str) and system.strip() and messages[0]["role"] != "system" and \
+                isinstance(raw[0], dict) and "from" in raw[0]:  # LLaMA-Factory's ShareGPT: the system prompt apart
+            messages.insert(0, {"role": "system", "content": system, "_weight": 0.0})
+        converted = 0
+        if any(m.get("tool_calls") for m in messages):
+            converted = convert_arguments(messages, self._arguments_style(), self.column)
+        return messages, converted
+
     # -- the turn as the template writes it
-    def _end_of_turn(self, text: str, content: str) -> int:
-        """Where the trained text ends: after the first special token that follows the message
-        content (its end-of-turn), or the whole text when no special token follows."""
-        start = 0
+    def _end_after(self, text: str, start: int) -> int:
+        """After the first special token at or after ``start`` (and any special tokens written right
+        after it, such as DeepSeek's ``<｜tool▁calls▁end｜><｜end▁of▁sentence｜>``); the whole text
+        when no special token follows."""
+        best = None
+        for s in self._specials:
+            at = text.find(s, start)
+            if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(s) > best[1])):
+                best = (at, len(s))
+        if best is None:
+            return len(text)
+        end = best[0] + best[1]
+        while True:
+            nxt = next((s for s in self._specials if text.startswith(s, end)), None)
+            if nxt is None:
+                return end
+            end += len(nxt)
+
+    def _content_end(self, text: str, content: str) -> int:
         for probe in (content, content.strip(), content.strip()[-24:]):
             if probe:
                 at = text.rfind(probe)
                 if at >= 0:
-                    start = at + len(probe)
-                    break
-        # known end-of-turn tokens first (EOS, <|im_end|>, <|eot_id|>, ...), so a special token the
-        # template writes inside a reply (a tool-call tag) does not end it; then any special token
-        for candidates in (self._end_tokens, self._specials):
-            best = None
-            for s in candidates:
-                at = text.find(s, start)
-                if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(s) > best[1])):
-                    best = (at, len(s))
-            if best:
-                return best[0] + best[1]
-        return len(text)
+                    return at + len(probe)
+        return 0
 
-    def turn_text(self, messages: list[dict], i: int, prompt: str) -> str:
+    def turn_text(self, messages: list[dict], i: int, prompt: str, extra: dict | None = None) -> str:
         """What the template writes for assistant turn ``i`` after the inference ``prompt``, up to
-        and including its end-of-turn token."""
-        upto = self.render_text(messages[: i + 1], index=i)
+        and including the token the model must emit to stop or hand over.
+
+        Where the message's own text ends is found from the template itself: for a turn with tool
+        calls, by rendering it again with every text it carries changed (the renders differ up to
+        its last own character); otherwise by its content. The turn ends after the first special
+        token the template writes after that."""
+        upto = self.render_text(messages[: i + 1], index=i, extra=extra)
+        other = None
+        if messages[i].get("tool_calls") or not upto.startswith(prompt):
+            other = self.render_text(messages[:i] + [perturbed(messages[i])], index=i, extra=extra)
         if upto.startswith(prompt):
             raw = upto[len(prompt):]
         else:
-            raw = self._turn_text_unaligned(messages, i, prompt, upto)
-        content = messages[i]["content"]
-        return raw[: self._end_of_turn(raw, content)]
+            raw = self._turn_text_unaligned(messages, i, prompt, upto, other)
+        if messages[i].get("tool_calls"):
+            start = max(0, len(raw) - common_suffix(upto, other))
+        else:
+            start = self._content_end(raw, messages[i]["content"])
+        return raw[: self._end_after(raw, start)]
 
-    def _turn_text_unaligned(self, messages: list[dict], i: int, prompt: str, upto: str) -> str:
+    def _turn_text_unaligned(self, messages: list[dict], i: int, prompt: str, upto: str, other: str) -> str:
         """The generation prompt is not a prefix of the rendered turn (a different system prompt,
-        a ``<think>`` the generation prompt adds): align on the turn's own header instead."""
-        sentinel = "\u2063sftune\u2063"
-        probe = self.render_text(messages[:i] + [{"role": "assistant", "content": sentinel}], index=i)
-        s = probe.find(sentinel)
+        a ``<think>`` the generation prompt adds): align on the turn's own header instead (what the
+        template writes before the message's first own character)."""
+        s = common_prefix(upto, other)
         prev = next((m["content"] for m in reversed(messages[:i]) if m["content"].strip()), "")
-        if s < 0 or probe[:s] != upto[:s]:
+        if s >= len(upto) or (s == 0 and i > 0):
             raise BadRow(f"message {i}: cannot find where the chat template writes this assistant turn", self.column,
                          "use a template that writes the message content verbatim, or set data.on_bad_row=skip")
-        header = probe[:s]
-        e = header.rfind(prev) if prev else 0  # no earlier content: align from the start
-        p = prompt.rfind(prev) if prev else 0
+        header = upto[:s]
+        e, p = (header.rfind(prev), prompt.rfind(prev)) if prev else (0, 0)  # no earlier content: from the start
+        if (e < 0 or p < 0) and prev:  # a template that escapes the text (tool results as JSON)
+            quoted = json.dumps(prev, ensure_ascii=False)[1:-1]
+            e, p, prev = header.rfind(quoted), prompt.rfind(quoted), quoted
         if e < 0 or p < 0:
             raise BadRow(f"message {i}: cannot align the generation prompt with the rendered turn", self.column,
                          "set data.on_bad_row=skip to skip such rows")
@@ -177,27 +349,48 @@ class MessagesFormat(Format):
         if prompt_tail.startswith(between):  # the generation prompt adds text the turn does not repeat
             extra = prompt_tail[len(between):]
             return body[len(extra):] if body.startswith(extra) else body
+        if messages[i].get("tool_calls"):  # a call's header is the model's to write, after what the prompt has
+            k = common_prefix(between, prompt_tail)
+            for sp in self._specials:  # never cut inside a special token
+                j = between.find(sp, max(0, k - len(sp) + 1))
+                if 0 <= j < k:
+                    k = j
+            return between[k:] + body
         return body  # headers that differ otherwise: the model is asked for the content and its end
 
+    def _spans(self, message: dict, trained: str, start: int, w: float) -> list[tuple[int, int, float]]:
+        """The trained character spans of a turn: all of it, or all but its reasoning text
+        (``data.train_reasoning=false``)."""
+        reasoning = (message.get("reasoning_content") or message.get("thinking") or "").strip()
+        at = trained.find(reasoning) if reasoning and not self.train_reasoning else -1
+        if at < 0:
+            return [(start, start + len(trained), w)]
+        spans = [(start, start + at, w), (start + at + len(reasoning), start + len(trained), w)]
+        return [sp for sp in spans if sp[1] > sp[0]]
+
     def render(self, row: dict) -> Rendered:
-        messages = normalize_messages(row.get(self.column), self.column)
+        messages, converted = self.messages_of(row)
+        extra = self.row_extra(row)
         targets = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m["_weight"] > 0]
         if self.train_on == "last_assistant":
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             targets = [i for i in targets if i == last]
         if not targets:
             raise RowSkip("no trained assistant turn")
-        full = self.render_text(messages, index=len(messages) - 1)
+        full = self.render_text(messages, index=len(messages) - 1, extra=extra)
+        if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            check_rendered(lambda msgs: self.render_text(msgs, extra=extra), messages, self.template_name,
+                             self.column)
         shared, alone, why = [], [], set()
         for i in targets:
-            prompt = self.render_text(messages[:i], add_generation_prompt=True, index=i - 1)
-            trained = self.turn_text(messages, i, prompt)
+            prompt = self.render_text(messages[:i], add_generation_prompt=True, index=i - 1, extra=extra)
+            trained = self.turn_text(messages, i, prompt, extra)
             if not trained:
                 continue
-            w = messages[i]["_weight"]
-            own = Sequence(prompt + trained, [Turn(len(prompt), [(len(prompt), len(prompt) + len(trained), w)])])
+            spans = self._spans(messages[i], trained, len(prompt), messages[i]["_weight"])
+            own = Sequence(prompt + trained, [Turn(len(prompt), spans)])
             if full.startswith(prompt + trained):
-                shared.append(Turn(len(prompt), [(len(prompt), len(prompt) + len(trained), w)], standalone=own))
+                shared.append(Turn(len(prompt), spans, standalone=own))
             else:
                 alone.append(own)
                 why.add("the generation prompt is not a prefix of the conversation" if not full.startswith(prompt)
@@ -205,14 +398,18 @@ class MessagesFormat(Format):
         if not shared and not alone:
             raise RowSkip("no trained assistant turn")
         sequences = ([Sequence(full, shared)] if shared else []) + alone
-        return Rendered(sequences, expanded=len(alone) if shared else max(0, len(alone) - 1), why="; ".join(sorted(why)))
+        notes = [CONVERTED] if converted else []
+        if any(m.get("reasoning_content") or m.get("thinking") for m in messages) and not self._reasoning():
+            notes.append(UNWRITTEN_REASONING)
+        return Rendered(sequences, expanded=len(alone) if shared else max(0, len(alone) - 1), why="; ".join(sorted(why)),
+                        note="; ".join(notes))
 
     # -- inference direction
     def prompt(self, row: dict) -> str:
-        messages = normalize_messages(row.get(self.column), self.column, need_assistant=False)
+        messages, _ = self.messages_of(row, need_assistant=False)
         if messages[-1]["role"] == "assistant":  # the reply to predict is the last message
             messages = messages[:-1]
-        return self.render_text(messages, add_generation_prompt=True)
+        return self.render_text(messages, add_generation_prompt=True, extra=self.row_extra(row, default_tools=True))
 
     def reference(self, row: dict) -> str | None:
         try:
@@ -221,24 +418,42 @@ class MessagesFormat(Format):
             return None
         return messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
 
-    def prompt_from_text(self, text: str, history: list[dict] | None = None) -> str:
+    def prompt_from_text(self, text: str, history: list[dict] | None = None, tools: list[dict] | None = None) -> str:
+        """The prompt for a typed message, with ``tools`` (default: :attr:`tools`) rendered in."""
         messages = list(history or []) + [{"role": "user", "content": text}]
-        return self.render_text(messages, add_generation_prompt=True)
+        return self.render_text(messages, add_generation_prompt=True,
+                                extra={"tools": tools if tools is not None else self.tools, "kwargs": self.kwargs})
+
+    def prompt_messages(self, row: dict) -> tuple[list[dict], dict]:
+        """The messages before the row's last assistant turn as the template is given them, and the
+        other arguments of that render (``tools`` and the template kwargs): for checks that call
+        ``apply_chat_template`` themselves (``export --verify``)."""
+        messages, _ = self.messages_of(row, need_assistant=False)
+        last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+        extra = self.row_extra(row, default_tools=True)
+        return self.public_messages(messages[:last]), {"tools": extra["tools"], **extra["kwargs"]}
 
     def stop_ids(self, tokenizer) -> list[int]:
-        """EOS, the usual end-of-turn tokens, and the one this template ends a reply with."""
+        """EOS, the usual end-of-turn tokens, and those this template ends a reply or a call with."""
         ids = end_of_turn_ids(tokenizer)
-        try:
-            msgs = [{"role": "user", "content": "hi", "_weight": 1.0}, {"role": "assistant", "content": "hello", "_weight": 1.0}]
-            prompt = self.render_text(msgs[:1], add_generation_prompt=True)
-            turn = self.turn_text(msgs, 1, prompt)
+        msgs = [{"role": "user", "content": "hi", "_weight": 1.0}, {"role": "assistant", "content": "hello", "_weight": 1.0}]
+        probes = [(msgs, {"kwargs": self.kwargs})]
+        if self._arguments_style() != "unknown":
+            call = {"role": "assistant", "content": "", "_weight": 1.0, "tool_calls": [
+                {"type": "function", "id": "abcdefghi", "function": {
+                    "name": "probe_fn", "arguments": {"a": "b"} if self._style == "object" else '{"a": "b"}'}}]}
+            tools = [{"type": "function", "function": {"name": "probe_fn", "description": "probe",
+                                                       "parameters": {"type": "object", "properties": {}}}}]
+            probes.append((msgs[:1] + [call], {"tools": tools, "kwargs": self.kwargs}))
+        for conv, extra in probes:
+            try:
+                prompt = self.render_text(conv[:1], add_generation_prompt=True, extra=extra)
+                turn = self.turn_text(conv, 1, prompt, extra)
+            except Exception:  # noqa: BLE001 - a template that cannot render a probe: keep the defaults
+                continue
             last = max((s for s in self._specials if turn.endswith(s)), key=len, default=None)
             if last is not None:
                 tid = tokenizer.convert_tokens_to_ids(last)
                 if isinstance(tid, int) and tid >= 0:
                     ids.add(tid)
-        except Exception:  # noqa: BLE001 - a template that cannot render a probe: keep the defaults
-            pass
         return sorted(ids)
-
-

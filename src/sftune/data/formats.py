@@ -379,6 +379,19 @@ def find_messages_column(columns: list[str], cfg: DataConfig) -> str | None:
     return None
 
 
+def find_tools_column(columns: list[str], cfg: DataConfig) -> str | None:
+    """``data.tools_column``, or a ``tools`` column; a configured column the data lacks is an error."""
+    if cfg.tools_column:
+        if columns and cfg.tools_column not in columns:
+            import difflib
+
+            match = difflib.get_close_matches(cfg.tools_column, columns, n=1)
+            raise ConfigError(f"data.tools_column is '{cfg.tools_column}', which is not a column of the data "
+                              f"(the columns are {columns}" + (f"; did you mean '{match[0]}'?)" if match else ")"))
+        return cfg.tools_column
+    return "tools" if "tools" in columns else None
+
+
 def choose_format(cfg: DataConfig, columns: list[str], tokenizer) -> Format:
     """Build the configured format (resolving ``auto`` from the columns)."""
     kind = cfg.format
@@ -401,7 +414,7 @@ def choose_format(cfg: DataConfig, columns: list[str], tokenizer) -> Format:
         if not (cfg.template or cfg.prompt or cfg.completion) and "prompt" in columns and "completion" in columns:
             cfg = cfg.model_copy(update={"prompt": "prompt", "completion": "completion"})
         return PromptCompletionFormat(cfg)
-    return MessagesFormat(cfg, tokenizer, msg_col or "messages")
+    return MessagesFormat(cfg, tokenizer, msg_col or "messages", find_tools_column(columns, cfg))
 
 
 def format_from_identity(cfg: DataConfig | None, tokenizer) -> Format:

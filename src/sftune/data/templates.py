@@ -155,9 +155,37 @@ SIMPLE_CHAT = (
     "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
 )
 
+# ChatML with tool calling as Qwen2.5 writes it: schemas in the system turn, calls in <tool_call>,
+# results in <tool_response> inside a user turn (a template for models that have none).
+CHATML_TOOLS = (
+    "{%- if tools %}{{ '<|im_start|>system\n' }}{%- if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{ '# Tools\n\nYou may call functions. Their signatures are within <tools></tools>:\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\n' + tool | tojson }}{%- endfor %}"
+    "{{ '\n</tools>\n\nWrite each call as <tool_call>\n{\"name\": ..., \"arguments\": {...}}\n</tool_call>"
+    "<|im_end|>\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{ '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}{{ '<|im_start|>assistant' }}"
+    "{%- if message.content %}{{ '\n' + message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls or [] %}{%- set call = call.function or call %}"
+    "{{ '\n<tool_call>\n{\"name\": \"' + call.name + '\", \"arguments\": ' + call.arguments | tojson + '}\n"
+    "</tool_call>' }}{%- endfor %}{{ '<|im_end|>\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{ '<|im_start|>user' }}{%- endif %}"
+    "{{ '\n<tool_response>\n' + message.content + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
 NAMED_CHAT_TEMPLATES: dict[str, tuple[str, list[str]]] = {
     # name: (jinja template, special tokens it needs)
     "chatml": (CHATML, ["<|im_start|>", "<|im_end|>"]),
+    "chatml_tools": (CHATML_TOOLS, ["<|im_start|>", "<|im_end|>"]),
     "simple": (SIMPLE_CHAT, []),
 }
 

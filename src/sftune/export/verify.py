@@ -47,13 +47,17 @@ def _first_diff(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _cases(fmt: Format, rows: list[dict], n: int, notes: list[str]) -> list[tuple[str, str, list[dict]]]:
-    """``(label, sftune prompt, the same prompt as chat messages)`` for each usable row."""
+def _cases(fmt: Format, rows: list[dict], n: int, notes: list[str]) -> list[tuple[str, str, list[dict], dict]]:
+    """``(label, sftune prompt, the same prompt as chat messages, the render's other arguments:
+    tools and template kwargs)`` for each usable row."""
     cases = []
     for i, row in enumerate(rows):
         try:
             prompt = fmt.prompt(row)
-            if fmt.is_chat:
+            kw: dict = {}
+            if hasattr(fmt, "prompt_messages"):  # chat: the row's tools and template kwargs too
+                msgs, kw = fmt.prompt_messages(row)
+            elif fmt.is_chat:
                 msgs = normalize_messages(row.get(fmt.column), fmt.column, need_assistant=False)
                 last = max((k for k, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
                 msgs = [{k: v for k, v in m.items() if not k.startswith("_")} for m in msgs[:last]]
@@ -66,10 +70,11 @@ def _cases(fmt: Format, rows: list[dict], n: int, notes: list[str]) -> list[tupl
         except Exception as e:  # noqa: BLE001 - a row the format cannot prompt from
             notes.append(f"  row {i}: skipped ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
             continue
-        cases.append((f"row {i}", prompt, msgs))
+        cases.append((f"row {i}", prompt, msgs, kw))
     if not cases:
         for j, text in enumerate(["Hello! Who are you?", "Write a haiku about the sea.", "2+2=?"][:n]):
-            cases.append((f"probe {j}", fmt.prompt_from_text(text), [{"role": "user", "content": text}]))
+            kw = {"tools": fmt.tools, **fmt.kwargs} if hasattr(fmt, "prompt_messages") else {}
+            cases.append((f"probe {j}", fmt.prompt_from_text(text), [{"role": "user", "content": text}], kw))
     return cases
 
 
@@ -101,17 +106,17 @@ def verify_export(run: str, out: str | Path, *, n: int = 5) -> VerifyResult:
         gguf_template = meta.get("tokenizer.chat_template")
     res.lines += [f"verifying {len(cases)} prompts ({where}) against {out}"] + notes
     encoder = SequenceEncoder(tok, add_bos=fmt.add_bos)
-    for label, prompt, msgs in cases:
+    for label, prompt, msgs, kw in cases:
         trained = prefix + tok(prompt, add_special_tokens=False)["input_ids"]
         row = rows[int(label.split()[1])] if label.startswith("row") else None
         if row is not None and not _starts_a_training_sequence(fmt, encoder, row, trained):
             res.ok = False
             res.lines.append(f"  FAIL {label}: no training sequence of this row starts with its inference prompt")
-        rendered = exported.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        rendered = exported.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
         checks = [("chat template", exported(rendered, add_special_tokens=False)["input_ids"])]
         if gguf_tok is not None:
             text = exported.apply_chat_template(msgs, chat_template=gguf_template, tokenize=False,
-                                                add_generation_prompt=True) if gguf_template else ""
+                                                add_generation_prompt=True, **kw) if gguf_template else ""
             checks.append(("GGUF", gguf_bos + gguf_tok(text, add_special_tokens=False)["input_ids"]))
         for what, ids in checks:
             if ids == trained:
