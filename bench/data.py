@@ -20,9 +20,14 @@ Modes:
              same Alpaca template, then ``SFTTrainer(...)`` (its dataset preparation: tokenization,
              completion mask, truncation) with a tiny GPT-2 model, TRL's defaults otherwise
   trl_np     the same with ``dataset_num_proc`` equal to sftune's default ``num_proc``
+  before     ``sftune`` on another checkout's source tree (``--before PATH/src``), interleaved with
+             the others so that both see the same machine load
 
 Reported per mode and size: preparation seconds (from loading the rows to prepared data, after
-imports and the tokenizer), rows/s, tokens/s (tokens of the prepared examples), and peak memory:
+imports and the tokenizer), the CPU seconds of that preparation (user + system of the process, its
+threads and its worker processes: the work done, which machine load inflates far less than wall
+time; the JSON also has ``cpu_total``, imports included), rows/s,
+tokens/s (tokens of the prepared examples), and peak memory:
 the proportional set size (PSS) summed over the child and its worker processes, sampled every
 0.2 s. The table gives the median and the range over ``--repeats``; JSON goes to ``--out``.
 """
@@ -33,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,7 +52,7 @@ SHARED = ROOT.parent / "shared"
 TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
 ALPACA = SHARED / "data" / "alpaca_5000.json"
 MAX_LENGTH = 1024
-MODES = ("sftune", "streaming", "trl", "trl_np")
+MODES = ("sftune", "streaming", "trl", "trl_np", "before")
 
 
 # ----------------------------------------------------------------------------- rows
@@ -70,6 +76,12 @@ def make_rows(n: int, workdir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- children
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process (all threads) and of the workers it has waited for."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def default_num_proc(n_rows: int) -> int | None:
@@ -100,7 +112,7 @@ def child_sftune(path: str, streaming: bool) -> dict:
             return {"unavailable": f"data.streaming is not a key of this version ({str(e).splitlines()[0][:120]})"}
         raise
     tok, _ = load_tokenizer(cfg)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     data = prepare_data(cfg.data, tok, MAX_LENGTH)
     train = data.train
     if hasattr(train, "lengths"):
@@ -110,8 +122,8 @@ def child_sftune(path: str, streaming: bool) -> dict:
         for ex in train:
             examples += 1
             tokens += len(ex["input_ids"] if isinstance(ex, dict) else ex[0])
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "examples": examples, "tokens": tokens, "rows": data.report.rows_read}
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return {"seconds": seconds, "cpu": cpu, "examples": examples, "tokens": tokens, "rows": data.report.rows_read}
 
 
 def child_trl(path: str, num_proc: int | None) -> dict:
@@ -130,7 +142,7 @@ def child_trl(path: str, num_proc: int | None) -> dict:
     work = tempfile.mkdtemp()
     args = SFTConfig(output_dir=work, max_length=MAX_LENGTH, report_to=[], use_cpu=True, save_strategy="no",
                      dataset_num_proc=num_proc)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
 
     def to_pc(row):
         prompt, completion = tpl.render({"instruction": row["instruction"], "input": row["input"] or "",
@@ -140,10 +152,10 @@ def child_trl(path: str, num_proc: int | None) -> dict:
     ds = datasets.load_dataset("json", data_files=path, split="train")
     ds = ds.map(to_pc, remove_columns=ds.column_names, num_proc=num_proc)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     train = trainer.train_dataset
     tokens = sum(len(x) for x in train.with_format("arrow")["input_ids"].to_pylist()) if len(train) else 0
-    return {"seconds": seconds, "examples": len(train), "tokens": tokens, "rows": len(ds)}
+    return {"seconds": seconds, "cpu": cpu, "examples": len(train), "tokens": tokens, "rows": len(ds)}
 
 
 def child_main(mode: str, path: str, num_proc: int | None) -> None:
@@ -210,9 +222,10 @@ class PeakMemory:
 def measure(mode: str, path: Path, num_proc: int | None, src: Path, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src), HF_DATASETS_CACHE=tempfile.mkdtemp(prefix="bench-data-cache-"),
                TOKENIZERS_PARALLELISM="true")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--data", str(path),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "sftune" if mode == "before" else mode, "--data", str(path),
            "--num-proc", str(num_proc or 0)]
     wall = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     mem = PeakMemory(proc.pid)
     try:
@@ -223,6 +236,8 @@ def measure(mode: str, path: Path, num_proc: int | None, src: Path, timeout: flo
         mem.stop()
         return {"error": f"timed out after {timeout:.0f} s"}
     peak = mem.stop()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and every worker it waited for
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     subprocess.run(["rm", "-rf", env["HF_DATASETS_CACHE"]], check=False)
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -230,7 +245,7 @@ def measure(mode: str, path: Path, num_proc: int | None, src: Path, timeout: flo
                 "trace": err[-3000:]}
     res = json.loads(lines[-1][len("RESULT "):])
     if "unavailable" not in res:
-        res.update(peak_pss=peak, wall=time.perf_counter() - wall, rows_per_s=res["rows"] / res["seconds"],
+        res.update(peak_pss=peak, cpu_total=cpu, wall=time.perf_counter() - wall, rows_per_s=res["rows"] / res["seconds"],
                    tokens_per_s=res["tokens"] / res["seconds"])
     return res
 
@@ -248,9 +263,10 @@ def _fmt_range(values: list[float], f: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="100000", help="comma-separated sizes (default 100000)")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--modes", default="sftune,streaming,trl,trl_np", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode and size (median and range reported)")
     parser.add_argument("--src", default=str(ROOT / "src"), help="the sftune source tree to measure (PYTHONPATH)")
+    parser.add_argument("--before", help="another sftune source tree, measured as the mode 'before'")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "sftune-bench-data"),
                         help="where the generated JSONL rows are kept between runs")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
@@ -275,11 +291,16 @@ def main(argv=None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if args.before and "before" not in modes:
+        modes.append("before")
+    if "before" in modes and not args.before:
+        parser.error("the mode 'before' needs --before PATH (another checkout's src)")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     machine = f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
     console.print(f"{machine}; src {args.src}; {args.repeats} repeat(s)")
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "src": args.src, "max_length": MAX_LENGTH,
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "src": args.src, "before": args.before,
+               "max_length": MAX_LENGTH,
                "repeats": args.repeats, "runs": {}}
     for n in sizes:
         path = make_rows(n, workdir)
@@ -288,33 +309,37 @@ def main(argv=None) -> int:
         for rep in range(args.repeats):
             for m in modes:  # interleaved, so machine load drifts hit every mode alike
                 console.print(f"[bold]{n:,} rows[/] {m} (run {rep + 1}/{args.repeats}) …")
-                r = measure(m, path, num_proc, Path(args.src), args.timeout)
+                r = measure(m, path, num_proc, Path(args.before if m == "before" else args.src), args.timeout)
                 if "error" in r:
                     console.print(f"[red]{m} failed: {r['error']}[/]\n{r.get('trace', '')}")
                 elif "unavailable" in r:
                     console.print(f"[yellow]{m}: not available[/] ({r['unavailable']})")
                 else:
-                    console.print(f"  {r['seconds']:.1f} s, {r['rows_per_s']:,.0f} rows/s, "
+                    console.print(f"  {r['seconds']:.1f} s ({r['cpu']:.1f} CPU s), {r['rows_per_s']:,.0f} rows/s, "
                                   f"{r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_pss'] / 2**30:.2f} GB")
                 runs[m].append(r)
         results["runs"][str(n)] = runs
         t = Table(title=f"{n:,} rows (num_proc {num_proc or 1} for sftune and trl_np), median (min-max) "
                         f"of {args.repeats}", title_justify="left")
-        for col in ("mode", "seconds", "rows/s", "tokens/s", "peak memory (GB)", "examples", "vs trl"):
+        for col in ("mode", "seconds", "CPU seconds", "rows/s", "tokens/s", "peak memory (GB)", "examples", "vs trl", "vs trl (CPU)"):
             t.add_column(col, justify="right")
         trl_s = [r["seconds"] for r in runs.get("trl", []) if "seconds" in r]
+        trl_cpu = [r["cpu"] for r in runs.get("trl", []) if "seconds" in r]
         for m, rs in runs.items():
             ok = [r for r in rs if "seconds" in r]
             if not ok:
                 why = next((r.get("unavailable") or r.get("error") for r in rs), "")
-                t.add_row(m, "not available" if any("unavailable" in r for r in rs) else "failed", "", "", "", "",
-                          str(why)[:40])
+                t.add_row(m, "not available" if any("unavailable" in r for r in rs) else "failed", "", "", "", "", "",
+                          "", str(why)[:40])
                 continue
             secs = [r["seconds"] for r in ok]
             ratio = f"{statistics.median(trl_s) / statistics.median(secs):.2f}x" if trl_s and m != "trl" else ""
-            t.add_row(m, _fmt_range(secs, ".1f"), _fmt_range([r["rows_per_s"] for r in ok], ",.0f"),
+            cpu_ratio = (f"{statistics.median(trl_cpu) / statistics.median([r['cpu'] for r in ok]):.2f}x"
+                         if trl_cpu and m != "trl" else "")
+            t.add_row(m, _fmt_range(secs, ".1f"), _fmt_range([r["cpu"] for r in ok], ".1f"),
+                      _fmt_range([r["rows_per_s"] for r in ok], ",.0f"),
                       _fmt_range([r["tokens_per_s"] for r in ok], ",.0f"),
-                      _fmt_range([r["peak_pss"] / 2**30 for r in ok], ".2f"), f"{ok[0]['examples']:,}", ratio)
+                      _fmt_range([r["peak_pss"] / 2**30 for r in ok], ".2f"), f"{ok[0]['examples']:,}", ratio, cpu_ratio)
         console.print(t)
     Path(args.out).write_text(json.dumps(results, indent=2))
     console.print(f"wrote {args.out}")
