@@ -220,8 +220,7 @@ class PeakMemory:
 
 
 def measure(mode: str, path: Path, num_proc: int | None, src: Path, timeout: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(src), HF_DATASETS_CACHE=tempfile.mkdtemp(prefix="bench-data-cache-"),
-               TOKENIZERS_PARALLELISM="true")
+    env = dict(os.environ, PYTHONPATH=str(src), HF_DATASETS_CACHE=tempfile.mkdtemp(prefix="bench-data-cache-"))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "sftune" if mode == "before" else mode, "--data", str(path),
            "--num-proc", str(num_proc or 0)]
     wall = time.perf_counter()
@@ -318,6 +317,8 @@ def main(argv=None) -> int:
                     console.print(f"  {r['seconds']:.1f} s ({r['cpu']:.1f} CPU s), {r['rows_per_s']:,.0f} rows/s, "
                                   f"{r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_pss'] / 2**30:.2f} GB")
                 runs[m].append(r)
+                results["runs"][str(n)] = runs
+                Path(args.out).write_text(json.dumps(results, indent=2))  # after every run: a partial result survives
         results["runs"][str(n)] = runs
         t = Table(title=f"{n:,} rows (num_proc {num_proc or 1} for sftune and trl_np), median (min-max) "
                         f"of {args.repeats}", title_justify="left")
