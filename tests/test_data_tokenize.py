@@ -151,3 +151,103 @@ def test_mask_property_every_row_real_data(gpt2_tokenizer, name, template):
     skipped = run(fmt, gpt2_tokenizer, rows, 100_000)["skip"]
     assert checked + sum(1 for s in skipped if s) == len(rows)
     assert checked >= len(rows) - 10  # only empty outputs may be skipped
+
+
+# ----------------------------------------------------------------------------- the fast path == the per-row path
+
+VARIED = [
+    {"instruction": "Say hi", "input": "", "output": "Hello world!"},
+    {"instruction": "Sort", "input": "[3, 1, 2]", "output": "\n[1, 2, 3]"},  # "\n" + "\n": a straddling token
+    {"instruction": "Poem", "input": "", "output": "\n\nRoses\n\nare red  "},
+    {"instruction": "Emoji", "input": "🙂 héllo 日本語", "output": " 🙂 wörld"},
+    {"instruction": "Empty", "input": "", "output": ""},  # a counted skip
+    {"instruction": 7, "input": "", "output": "x"},  # a bad row, skipped
+    {"instruction": "Long " * 40, "input": "", "output": "word " * 60},  # truncated, or its prompt does not fit
+    {"instruction": "Spaces", "input": "  ", "output": "   lead and trail   "},
+    {"instruction": "Specials </s> <s> inside", "input": "", "output": "end </s> here"},
+]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+     {"role": "user", "content": "Bye\n"}, {"role": "assistant", "content": "\nBye!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}],
+]
+
+
+def per_row(fmt, tok, rows, max_length):
+    """The reference: one row at a time, every tokenization through the transformers call."""
+    from sftune.data.tokenize import SequenceEncoder
+
+    fn = Tokenizer(fmt, tok, max_length, on_bad_row="skip", source="test")
+    fn.encoder = SequenceEncoder(tok, add_bos=fmt.add_bos, fast=False)
+    out = {}
+    for i, row in enumerate(rows):
+        for k, v in fn({**{k: [v] for k, v in row.items()}, "__row__": [i]}).items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
+def check_fast_equals_per_row(fmt, tok, rows, max_length):
+    import numpy as np
+
+    fn = Tokenizer(fmt, tok, max_length, on_bad_row="skip", source="test")
+    assert fn.encoder.backend is not None  # the fast path is the one under test
+    batch = {**{k: [r.get(k) for r in rows] for k in rows[0]}, "__row__": list(range(len(rows)))}
+    want = per_row(fmt, tok, rows, max_length)
+    for got in (fn(batch), fn.table(batch).to_pydict()):
+        assert set(got) == set(want)
+        for k in want:
+            if k == "weights":  # stored as float32
+                assert [np.float32(w).tolist() for w in got[k]] == [np.float32(w).tolist() for w in want[k]]
+            else:
+                assert got[k] == want[k], k
+    return want
+
+
+@pytest.mark.parametrize("style", ["tiny", "gpt2", "bytelevel", "metaspace", "metaspace_never"])
+@pytest.mark.parametrize("template,max_length", [("alpaca", 4096), ("qa", 4096), ("alpaca", 60)])
+def test_fast_path_equals_per_row_path(style, template, max_length, request):
+    from test_data_chat_templates import build
+
+    tok = {"tiny": lambda: request.getfixturevalue("tiny_tokenizer"),
+           "gpt2": lambda: request.getfixturevalue("gpt2_tokenizer")}.get(style, lambda: build(style))()
+    fmt = PromptCompletionFormat(DataConfig(template=template))
+    want = check_fast_equals_per_row(fmt, tok, VARIED, max_length)
+    assert sum(1 for s in want["skip"] if s) >= 2 and len(want["row"]) >= len(VARIED)
+    if max_length == 60:
+        assert any(want["truncated"]) or any("max_length" in s for s in want["skip"])
+
+
+@pytest.mark.parametrize("style", ["bytelevel", "metaspace"])
+def test_fast_path_equals_per_row_path_chat_and_text(style):
+    from test_data_chat_templates import CHATML as CHAT, build
+
+    tok = build(style)
+    tok.chat_template = CHAT
+    want = check_fast_equals_per_row(MessagesFormat(DataConfig(), tok, "messages"), tok,
+                                     [{"messages": c} for c in CONVERSATIONS], 4096)
+    assert len(want["row"]) >= len(CONVERSATIONS)
+    fmt = TextFormat(DataConfig(response_template="### Answer:"))
+    rows = [{"text": "### Question: a\n### Answer:\nb"}, {"text": "no template"}, {"text": "x ### Answer: y z"}]
+    check_fast_equals_per_row(fmt, tok, rows, 4096)
+
+
+def test_straddling_token_is_counted_by_both_paths():
+    from test_data_chat_templates import build
+
+    tok = build("bytelevel")  # "\n\n" is one token: a prompt ending "\n" and a reply starting "\n" straddle
+    fmt = PromptCompletionFormat(DataConfig(prompt="Q: {q}\n", completion="{a}"))
+    want = check_fast_equals_per_row(fmt, tok, [{"q": "x", "a": "\nyes"}, {"q": "y", "a": "no"}], 4096)
+    assert want["straddled"] == [True, False]
+
+
+def test_fast_backend_ignores_the_tokenizers_truncation(gpt2_tokenizer):
+    from sftune.data.tokenize import SequenceEncoder, plain_backend
+
+    tok = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
+    tok.backend_tokenizer.enable_truncation(3)  # a setting left on the Rust tokenizer
+    assert plain_backend(tok) is not None
+    text = "one two three four five six"
+    fast = SequenceEncoder(tok, add_bos=False)
+    assert fast.batch([text])[0][0] == fast.ids([text])[0] == tok(text, add_special_tokens=False)["input_ids"]
+    assert len(fast.ids([text])[0]) == 6

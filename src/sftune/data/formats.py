@@ -181,7 +181,8 @@ class PromptCompletionFormat(Format):
             parse_fields(prompt, "data.prompt")
             parse_fields(completion, "data.completion")
             self.template = PromptCompletionTemplate(prompt=prompt, completion=completion)
-        self.columns = [c for c in self.template.fields if c not in self.template.optional_fields]
+        self.fields, self.optional = self.template.fields, self.template.optional_fields  # parsed once
+        self.columns = [c for c in self.fields if c not in self.optional]
         self.completion_columns = self.template.completion_fields
         self.prompt_columns = [c for c in self.template.fields if c not in self.completion_columns]
         self.train_on_prompt = cfg.train_on_prompt
@@ -201,10 +202,10 @@ class PromptCompletionFormat(Format):
 
     def values(self, row: dict) -> dict[str, str]:
         values = {}
-        for col in self.template.fields:
+        for col in self.fields:
             if col in self.completion_columns and (row.get(col) is None or row.get(col) == ""):
                 raise RowSkip("empty or null completion")
-            values[col] = _string_field(row, col, optional=col in self.template.optional_fields)
+            values[col] = _string_field(row, col, optional=col in self.optional)
         return values
 
     def prompt(self, row: dict) -> str:

@@ -124,7 +124,7 @@ def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig
     if quiet:
         datasets.disable_progress_bars()
     try:
-        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
+        return ds.map(fn.table, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
                       new_fingerprint=fp, num_proc=_num_proc(cfg, len(ds)), desc="Tokenizing",
                       load_from_cache_file=True)
     finally:

@@ -26,9 +26,11 @@ not fit is skipped.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from sftune.data.formats import BadRow, Format, Sequence
 from sftune.errors import DataError, RowSkip
@@ -58,25 +60,72 @@ class Example:
     note: str = ""
 
 
-class SequenceEncoder:
-    """Tokenizes :class:`Sequence` objects by the rules of the module docstring."""
+_PROBES = ["Hello world", " a  b\t\n\nc ", "\n", "x\n\n", "émoji 🙂 字 ﬁ", "don't 'll 123 4.5", "A\u00a0B\r\n"]
 
-    def __init__(self, tokenizer, *, add_bos: bool):
+
+def plain_backend(tokenizer):
+    """A copy of a fast tokenizer's Rust backend that encodes exactly as
+    ``tokenizer(texts, add_special_tokens=False)`` (no truncation, no padding, special tokens split
+    or not as the tokenizer says), or ``None`` when that cannot be had or a probe differs.
+
+    Calling it directly skips transformers' per-text conversion to Python dicts, and lets the
+    inference prompts be tokenized without offsets (``encode_batch_fast``): the same ids, less work.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    try:
+        own = copy.deepcopy(backend)
+        own.no_truncation()
+        own.no_padding()
+        own.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+        probes = _PROBES + [t + p for t in tokenizer.all_special_tokens for p in ("x", " y\n")]
+        want = tokenizer(probes, add_special_tokens=False, return_offsets_mapping=True)
+        got = own.encode_batch(probes, add_special_tokens=False)
+        fast = own.encode_batch_fast(probes, add_special_tokens=False)
+    except Exception:  # an unusual backend: the transformers call it is
+        return None
+    same = all(e.ids == ids == f.ids and [tuple(o) for o in e.offsets] == [tuple(o) for o in offs]
+               for e, f, ids, offs in zip(got, fast, want["input_ids"], want["offset_mapping"]))
+    return own if same else None
+
+
+class SequenceEncoder:
+    """Tokenizes :class:`Sequence` objects by the rules of the module docstring.
+
+    ``fast=False`` tokenizes through the transformers call only (the reference the fast path is
+    tested against)."""
+
+    def __init__(self, tokenizer, *, add_bos: bool, fast: bool = True):
         self.tok = tokenizer
         self.prefix = special_prefix(tokenizer) if add_bos else []
         self.offsets = bool(getattr(tokenizer, "is_fast", False))
+        self.backend = plain_backend(tokenizer) if fast and self.offsets else None
+        self.eos_id = tokenizer.eos_token_id
         self.anchor = tokenizer.eos_token or tokenizer.bos_token
         self._anchor_len = len(tokenizer(self.anchor, add_special_tokens=False)["input_ids"]) if self.anchor else 0
 
     # -- tokenizer calls
     def batch(self, texts: list[str]) -> list[tuple[list[int], np.ndarray | None]]:
+        """Ids and each token's start character (``None`` without offsets) of each text."""
         if not texts:
             return []
+        if self.backend is not None:
+            return [(e.ids, np.asarray([s for s, _ in e.offsets], dtype=np.int64))
+                    for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=self.offsets)
         if self.offsets:
             return [(ids, np.asarray([s for s, _ in offs], dtype=np.int64).reshape(-1))
                     for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
         return [(ids, None) for ids in enc["input_ids"]]
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        """Ids only (the inference prompts: compared, never labelled)."""
+        if not texts:
+            return []
+        if self.backend is not None:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def continuation(self, text: str) -> tuple[list[int], np.ndarray | None]:
         """``text`` tokenized as it continues an earlier text: after a special token, then dropped."""
@@ -116,20 +165,29 @@ class SequenceEncoder:
 
     # -- one sequence
     def encode(self, seq: Sequence, full=None, contexts=None) -> list[Example]:
-        """``full``: ``seq.text`` already tokenized; ``contexts``: each turn's prompt tokenized."""
+        """``full``: ``seq.text`` already tokenized (:meth:`batch`); ``contexts``: each turn's
+        prompt's ids (:meth:`ids`)."""
+        out = self.encode_arrays(seq, full, contexts)
+        for ex in out:
+            ex.input_ids, ex.labels, ex.weights = ex.input_ids.tolist(), ex.labels.tolist(), ex.weights.tolist()
+        return out
+
+    def encode_arrays(self, seq: Sequence, full=None, contexts=None) -> list[Example]:
+        """:meth:`encode` with numpy arrays in the examples: ids and labels int64, weights float64
+        (each span's weight as float32, as the cache stores it; an EOS's weight as given)."""
         text, turns = seq.text, seq.turns
         if full is None:
             full = self.batch([text])[0]
         if contexts is None:
-            contexts = self.batch([text[:t.context] for t in turns])
+            contexts = self.ids([text[:t.context] for t in turns])
         out: list[Example] = []
         keep, cuts, straddled = [], [], False
-        for t, (ctx_ids, _) in zip(turns, contexts):
+        for t, ctx_ids in zip(turns, contexts):
             aligned = t.context == 0 or full[0][:len(ctx_ids)] == ctx_ids
             if aligned:
                 keep.append(t)
             elif t.standalone is not None:  # train it apart; the rest keeps the whole tokenization
-                for ex in self.encode(t.standalone):
+                for ex in self.encode_arrays(t.standalone):
                     ex.extra, ex.note = True, ex.note or STRADDLE
                     out.append(ex)
             else:
@@ -144,27 +202,29 @@ class SequenceEncoder:
             ids, starts = self.pieces(text, cuts)
         else:
             ids, starts = full[0], full[1]
-        weights = np.zeros(len(ids), dtype=np.float32)
+        body = np.zeros(len(ids), dtype=np.float32)
         for t in keep:
             for s, e, w in t.spans:
-                weights[(starts >= s) & (starts < e)] = w
-        ids = list(self.prefix) + list(ids)
-        weights = [0.0] * len(self.prefix) + weights.tolist()
+                body[(starts >= s) & (starts < e)] = w
         eos = next((t.eos for t in reversed(keep) if t.eos is not None), None)
-        if eos is not None and self.tok.eos_token_id is not None:
-            ids.append(self.tok.eos_token_id)
-            weights.append(float(eos))
-        labels = [i if w > 0 else IGNORE for i, w in zip(ids, weights)]
-        out.insert(0, Example(ids, labels, weights, straddled=straddled, note=STRADDLE if straddled else ""))
+        with_eos = eos is not None and self.eos_id is not None
+        p, n = len(self.prefix), len(ids)
+        all_ids = np.empty(p + n + with_eos, dtype=np.int64)
+        weights = np.zeros(p + n + with_eos, dtype=np.float64)
+        all_ids[:p], all_ids[p:p + n], weights[p:p + n] = self.prefix, ids, body
+        if with_eos:
+            all_ids[-1], weights[-1] = self.eos_id, float(eos)
+        labels = np.where(weights > 0, all_ids, IGNORE)
+        out.insert(0, Example(all_ids, labels, weights, straddled=straddled, note=STRADDLE if straddled else ""))
         return out
 
 
 def truncate(ex: Example, max_length: int) -> Example:
     """Cut the tail at ``max_length``. Raises :class:`RowSkip` when no trained token fits."""
-    first = next((i for i, lab in enumerate(ex.labels) if lab != IGNORE), None)
-    if first is None:
+    trained = np.flatnonzero(np.asarray(ex.labels) != IGNORE)
+    if not len(trained):
         raise RowSkip("no trained tokens")
-    if first >= max_length:
+    if trained[0] >= max_length:
         raise RowSkip("prompt longer than max_length")
     if len(ex.input_ids) > max_length:
         ex.input_ids, ex.labels, ex.weights = (ex.input_ids[:max_length], ex.labels[:max_length],
@@ -210,29 +270,31 @@ class Tokenizer:
                 e = DataError(e.reason, source=self.source, row=index, column=e.column, hint=e.hint)
             raise e from None
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+    def examples(self, batch: dict[str, list]) -> list[tuple[int, Example, str]]:
+        """``(row, example, skip reason)`` for each output row of a batch, examples as numpy arrays
+        (a skipped row gives one empty example with its reason)."""
         keys = list(batch)
         n = len(batch[keys[0]]) if keys else 0
         rows = [{k: batch[k][i] for k in keys} for i in range(n)]
         indices = batch.get("__row__", list(range(n)))
         rendered = [self._render(r, idx) for r, idx in zip(rows, indices)]
 
-        # one tokenizer call for every sequence text and every inference prompt of the batch
-        texts = []
+        # two tokenizer calls for the batch: every sequence text (with offsets), every inference prompt (ids)
+        texts, prompts = [], []
         for r, _ in rendered:
             for seq in (r.sequences if r else []):
                 texts.append(seq.text)
-                texts += [seq.text[:t.context] for t in seq.turns]
-        encoded = iter(self.encoder.batch(texts))
+                prompts += [seq.text[:t.context] for t in seq.turns]
+        full_iter, prompt_iter = iter(self.encoder.batch(texts)), iter(self.encoder.ids(prompts))
 
-        out = {k: [] for k in COLUMNS}
+        out = []
         for i, (r, reason) in enumerate(rendered):
             examples: list[Example] = []
             if r is not None:
                 for k, seq in enumerate(r.sequences):
-                    full = next(encoded)
-                    contexts = [next(encoded) for _ in seq.turns]
-                    for ex in self.encoder.encode(seq, full, contexts):
+                    full = next(full_iter)
+                    contexts = [next(prompt_iter) for _ in seq.turns]
+                    for ex in self.encoder.encode_arrays(seq, full, contexts):
                         if k > 0:
                             ex.extra, ex.note = True, ex.note or r.why or "expanded"
                         examples.append(ex)
@@ -245,23 +307,47 @@ class Tokenizer:
                 except RowSkip as s:
                     reason = reason or s.reason
             if not kept:
-                kept = [Example([], [], [], note="")]
-                reason = reason or "no trained tokens"
+                empty = np.zeros(0, dtype=np.int64)
+                out.append((int(indices[i]), Example(empty, empty, empty.astype(np.float64)),
+                            reason or "no trained tokens"))
             else:
-                reason = ""
-            for ex in kept:
-                trained = [lab for lab in ex.labels if lab != IGNORE]
-                out["input_ids"].append(ex.input_ids)
-                out["labels"].append(ex.labels)
-                out["weights"].append(ex.weights)
-                out["length"].append(len(ex.input_ids))
-                out["n_loss"].append(len(trained))
-                out["w_loss"].append(float(sum(ex.weights)))
-                out["truncated"].append(ex.truncated)
-                out["eos_trained"].append(bool(trained) and trained[-1] in self.end_ids)
-                out["skip"].append(reason)
-                out["row"].append(int(indices[i]))
-                out["extra"].append(ex.extra)
-                out["straddled"].append(ex.straddled)
-                out["note"].append(ex.note)
+                out += [(int(indices[i]), ex, "") for ex in kept]
         return out
+
+    def _stats(self, examples: list[tuple[int, Example, str]]) -> dict[str, list]:
+        """The per-example columns other than the token arrays."""
+        cols = {k: [] for k in COLUMNS[3:]}
+        for row, ex, reason in examples:
+            trained = ex.labels[ex.labels != IGNORE]
+            cols["length"].append(len(ex.input_ids))
+            cols["n_loss"].append(len(trained))
+            cols["w_loss"].append(float(sum(ex.weights.tolist())))
+            cols["truncated"].append(ex.truncated)
+            cols["eos_trained"].append(bool(len(trained)) and int(trained[-1]) in self.end_ids)
+            cols["skip"].append(reason)
+            cols["row"].append(row)
+            cols["extra"].append(ex.extra)
+            cols["straddled"].append(ex.straddled)
+            cols["note"].append(ex.note)
+        return cols
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        examples = self.examples(batch)
+        return {"input_ids": [ex.input_ids.tolist() for _, ex, _ in examples],
+                "labels": [ex.labels.tolist() for _, ex, _ in examples],
+                "weights": [ex.weights.tolist() for _, ex, _ in examples], **self._stats(examples)}
+
+    def table(self, batch: dict[str, list]) -> pa.Table:
+        """:meth:`__call__` as an Arrow table (what ``datasets.map`` writes, without Python lists)."""
+        examples = self.examples(batch)
+        lengths = np.fromiter((len(ex.input_ids) for _, ex, _ in examples), dtype=np.int64, count=len(examples))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+        def flat(name: str, dtype, pa_type) -> pa.ListArray:
+            parts = [getattr(ex, name) for _, ex, _ in examples]
+            values = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+            return pa.ListArray.from_arrays(offsets, pa.array(values, type=pa_type))
+
+        cols = {"input_ids": flat("input_ids", np.int32, pa.int32()), "labels": flat("labels", np.int32, pa.int32()),
+                "weights": flat("weights", np.float32, pa.float32())}
+        return pa.table({**cols, **self._stats(examples)})
