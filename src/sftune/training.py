@@ -27,6 +27,7 @@ from transformers import get_scheduler
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import Config, config_to_yaml
+from sftune.data.mixture import fill_trained
 from sftune.data.packing import Batch, BatchPlan
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
@@ -242,7 +243,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     model_config = model.config if model is not None else load_model_config(cfg)
     max_length = resolve_max_length(cfg, tokenizer, model_config)
     with accelerator.main_process_first():
-        data: PreparedData = prepare_data(cfg.data, tokenizer, max_length, source=source, fmt=fmt)
+        data: PreparedData = prepare_data(cfg.data, tokenizer, max_length, source=source, fmt=fmt,
+                                          seed=cfg.train.seed)
 
     # the model, then the row layout and loss it can take, checked on a few of this run's examples
     if model is None:
@@ -257,6 +259,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
                            seed=cfg.train.seed, layout=choice.layout,
                            hidden_size=getattr(model_config, "hidden_size", 768), bucket=bucket_for(cfg))
     describe_plan(data.report, plan)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
+    fill_trained(data.report, plan, data.train, total_steps)  # per source of data.sources (sftune.data.mixture)
     if main:
         data.report.render(console, title="Training data")
         if cfg.train.eval_every and data.eval is None:
@@ -275,7 +279,6 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     if cfg.train.compile:
         lm.compile(dynamic=True)
     optimizer = make_optimizer(cfg, lm, device)
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     lm, optimizer = accelerator.prepare(lm, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -302,6 +305,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "sftune_config.yaml").write_text(config_to_yaml(cfg))
         (out_dir / "data_report.json").write_text(dumps(data.report.to_dict(), indent=2))
+    if data.report.sources:
+        logger.log({"step": run.start_step, "data_sources": data.report.sources})
     return run
 
 
