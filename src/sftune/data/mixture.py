@@ -8,10 +8,9 @@ The semantics, in one place (the README's "Several datasets" section repeats the
 * A ``weight`` is the target share of training *examples* drawn from that source (weights are
   normalised to sum to 1). It is decided before packing, on examples, not tokens.
 * The mixture is a pure function of ``train.seed`` and the global example index, never of the
-  number of workers, ranks or the batch size: :class:`Mixture` assigns example ``i`` to a source by
-  systematic sampling in blocks of :data:`BLOCK` indices (each block holds every source within one
-  example of its share; the rounding is random per block, so the shares are unbiased), then
-  shuffles the block.
+  number of workers, ranks or the batch size: :class:`Mixture` spreads the sources evenly over the
+  indices (a low-discrepancy sequence), so any run of consecutive examples holds each source within
+  a few examples of its share.
 * A source draws its examples in a shuffled order (seeded by ``train.seed``, the source's index and
   the pass); one that runs out starts a new pass with a new shuffle. The report says how many
   passes each source made.
@@ -28,10 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from sftune.config import DataConfig
-
-BLOCK = 1024
-"""Global example indices per mixture block (see :class:`Mixture`)."""
-
 
 @dataclass
 class SourceSpec:
@@ -65,32 +60,27 @@ def resolve_sources(cfg: DataConfig) -> list[SourceSpec]:
 class Mixture:
     """Source of every global example index: a pure function of ``seed`` and the index.
 
-    Block ``b`` (indices ``b * BLOCK`` to ``(b + 1) * BLOCK``) is filled by systematic sampling:
-    the points ``(j + u_b) / BLOCK`` (``u_b`` uniform, seeded by ``seed`` and ``b``) fall into the
-    sources' cumulative-weight intervals, so each source gets ``floor`` or ``ceil`` of its share of
-    the block; then the block is permuted (same seed)."""
+    Example ``i`` comes from the source whose cumulative-weight interval holds the point
+    ``frac(u + i * phi)``, ``phi`` the golden ratio's fractional part and ``u`` drawn from ``seed``
+    (a Weyl sequence, in 64-bit fixed point so every platform computes the same). Its points spread
+    evenly, so every run of consecutive indices, from the start or anywhere later, holds each
+    source within a few examples of its share, and the sources interleave rather than clump."""
+
+    PHI = np.uint64(0x9E3779B97F4A7C15)  # frac(golden ratio) * 2**64
 
     def __init__(self, weights, seed: int):
         w = np.asarray(weights, dtype=np.float64)
         self.weights = w / w.sum()
         self.cum = np.cumsum(self.weights)
-        self.cum[-1] = 1.0
+        self.cum[-1] = 2.0  # the last interval takes every point up to 1
         self.seed = seed
-
-    def block(self, b: int) -> np.ndarray:
-        if len(self.weights) == 1:
-            return np.zeros(BLOCK, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, 0x6D6978, b])
-        points = (np.arange(BLOCK) + rng.random()) / BLOCK
-        return rng.permutation(np.searchsorted(self.cum, points, side="right").astype(np.int64))
+        self.offset = np.random.default_rng([seed, 0x6D6978]).integers(0, 2**64, dtype=np.uint64)
 
     def sources(self, start: int, stop: int) -> np.ndarray:
         """The source index of each global example index in ``[start, stop)``."""
-        if stop <= start:
-            return np.zeros(0, dtype=np.int64)
-        first, last = start // BLOCK, (stop - 1) // BLOCK
-        ids = np.concatenate([self.block(b) for b in range(first, last + 1)])
-        return ids[start - first * BLOCK:stop - first * BLOCK]
+        i = np.arange(start, max(start, stop), dtype=np.uint64)
+        points = (self.offset + i * self.PHI) >> np.uint64(11)  # 53 bits: exact in a float64
+        return np.searchsorted(self.cum, points.astype(np.float64) / 2.0**53, side="right").astype(np.int64)
 
 
 def pass_order(seed: int, source: int, n: int, p: int) -> np.ndarray:

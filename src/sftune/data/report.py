@@ -173,15 +173,12 @@ class DataReport:
 
 def source_table(sources: list[dict]) -> Table:
     """Per source of a mixture: the accounting, and the achieved share beside the target."""
-    t = Table(title="Sources", title_justify="left")
-    for col in ("source", "target", "achieved", "rows read", "kept", "skipped", "truncated", "trained",
-                "tokens trained", "passes"):
-        t.add_column(col, justify="left" if col in ("source", "skipped") else "right")
+    t = Table(title="Sources (achieved: share of the examples this run trains)", title_justify="left")
+    for col in ("source", "target", "achieved", "read", "kept", "skipped", "cut", "trained", "tokens", "passes"):
+        t.add_column(col, justify="left" if col == "source" else "right", overflow="fold")
     for s in sources:
-        skipped = ", ".join(f"{n} {why}" for why, n in s["skipped"].items()) or "0"
         achieved = s.get("achieved_share", s["share_per_epoch"])
         t.add_row(escape(s["label"]), f"{100 * s['target_share']:.1f}%", f"{100 * achieved:.1f}%",
-                  str(s["rows_read"]), str(s["kept"]), escape(skipped), str(s["truncated"]),
-                  str(s.get("examples_trained", "-")), f"{s.get('tokens_trained', 0):,}",
-                  f"{s.get('passes', 0):g}")
+                  str(s["rows_read"]), str(s["kept"]), str(sum(s["skipped"].values())), str(s["truncated"]),
+                  str(s.get("examples_trained", "-")), f"{s.get('tokens_trained', 0):,}", f"{s.get('passes', 0):g}")
     return t
