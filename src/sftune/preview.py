@@ -75,7 +75,7 @@ def preview_sequences(cfg: Config, n: int = 3):
 
     rows_shown = [plan.units[u] for u in training_order(plan, n)]
     names = [s["label"] for s in data.report.sources] or [data.report.source]
-    mixed = isinstance(data.train, MixedSet)
+    mixed = hasattr(data.train, "source")  # a mixture, or a stream's first window
     sequences = []
     for row in rows_shown:
         ids, labels, weights, positions, rows = [], [], [], [], []

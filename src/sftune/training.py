@@ -29,6 +29,7 @@ from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import Config, config_to_yaml
 from sftune.data.mixture import fill_trained
 from sftune.data.packing import Batch, BatchPlan
+from sftune.data.stream import restore_position, save_position, stream_batches, streamed_sources
 from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
@@ -221,7 +222,8 @@ class Run:
     def save(self, step: int) -> None:
         save_checkpoint(self.accelerator, self.out_dir, step,
                         {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
-                         "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints)
+                         "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints,
+                        files=save_position(self.batches, step))  # a streamed run's data position
 
 
 def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
@@ -282,7 +284,9 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     lm, optimizer = accelerator.prepare(lm, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    batches = Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
+    batches = stream_batches(cfg, data, plan, tokenizer, accelerator.process_index, accelerator.num_processes,
+                             cfg.train.seed) or \
+        Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
               total_steps)
@@ -295,6 +299,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     if cfg.train.resume:
         state = load_checkpoint(accelerator, out_dir)
         run.start_step = state["step"]
+        restore_position(run.batches, state["path"], run.start_step)  # streamed runs (sftune.data.stream)
         if main:
             console.print(f"resumed from {state['path']} at step {run.start_step}", markup=False)
             if truncate_metrics(out_dir, run.start_step):  # steps after the checkpoint were abandoned
@@ -441,6 +446,10 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
             console.print(f"[bold]held-out exact match: before {100 * before['exact_match']:.1f}% → "
                           f"after {100 * after['exact_match']:.1f}%[/] ({after['n']} examples)")
     run.logger.log({"step": run.total_steps, "final": True, **{k: v for k, v in metrics.items() if v is not None}})
+    if (sources := streamed_sources(run.batches)) and main:  # what a streamed run read and trained, per source
+        run.logger.log({"step": run.total_steps, "data_sources": sources})
+        run.data.report.sources = sources
+        (out_dir / "data_report.json").write_text(dumps(run.data.report.to_dict(), indent=2))
     run.logger.close()
     if main:
         (out_dir / "final_metrics.json").write_text(dumps(metrics, indent=2))

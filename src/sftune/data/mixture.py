@@ -171,7 +171,7 @@ def trained_by_source(plan, data, total_steps: int) -> dict[str, np.ndarray]:
 
 def fill_trained(report, plan, data, total_steps: int) -> None:
     """Write what the run trains per source (examples, tokens, achieved share) into ``report.sources``."""
-    if not report.sources:
+    if not report.sources or not isinstance(data, MixedSet):
         return
     t = trained_by_source(plan, data, total_steps)
     total = max(int(t["examples"].sum()), 1)

@@ -156,6 +156,10 @@ def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source 
     ``cfg`` would otherwise build; the Python front-ends use them. With ``data.sources``, each
     source goes through these stages and :mod:`sftune.data.mixture` mixes them (``seed``: ``train.seed``).
     """
+    if cfg.streaming and source is None and fmt is None:
+        from sftune.data.stream import prepare_stream
+
+        return prepare_stream(cfg, tokenizer, max_length, seed)
     if cfg.sources and source is None and fmt is None:
         from sftune.data.mixture import prepare_sources, resolve_sources
 
