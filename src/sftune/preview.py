@@ -17,9 +17,10 @@ from rich.markup import escape
 from rich.text import Text
 
 from sftune.config import Config
-from sftune.data.mixture import MixedSet, fill_trained
+from sftune.data.chain import prepare
+from sftune.data.mixture import fill_trained
 from sftune.data.packing import BatchPlan
-from sftune.data.pipeline import describe_plan, prepare_data
+from sftune.data.pipeline import describe_plan
 from sftune.data.tokenize import IGNORE
 from sftune.errors import SftuneError
 from sftune.model import load_model_config, load_tokenizer, resolve_max_length
@@ -66,7 +67,7 @@ def preview_sequences(cfg: Config, n: int = 3):
     except SftuneError:
         model_config = None  # preview works without the model; max_length then comes from the tokenizer
     max_length = resolve_max_length(cfg, tokenizer, model_config)
-    data = prepare_data(cfg.data, tokenizer, max_length, seed=cfg.train.seed)
+    data = prepare(cfg.data, tokenizer, max_length, seed=cfg.train.seed)
     plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                            packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed)
     describe_plan(data.report, plan)

@@ -30,7 +30,8 @@ from sftune.config import Config, config_to_yaml
 from sftune.data.mixture import fill_trained
 from sftune.data.packing import Batch, BatchPlan
 from sftune.data.stream import restore_position, save_position, stream_batches, streamed_sources
-from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
+from sftune.data.chain import prepare
+from sftune.data.pipeline import PreparedData, describe_plan
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
@@ -245,8 +246,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     model_config = model.config if model is not None else load_model_config(cfg)
     max_length = resolve_max_length(cfg, tokenizer, model_config)
     with accelerator.main_process_first():
-        data: PreparedData = prepare_data(cfg.data, tokenizer, max_length, source=source, fmt=fmt,
-                                          seed=cfg.train.seed)
+        data: PreparedData = prepare(cfg.data, tokenizer, max_length, source=source, fmt=fmt, seed=cfg.train.seed)
 
     # the model, then the row layout and loss it can take, checked on a few of this run's examples
     if model is None:

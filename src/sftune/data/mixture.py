@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sftune.config import DataConfig
+from sftune.data.report import DataReport
 
 @dataclass
 class SourceSpec:
@@ -183,13 +184,10 @@ def fill_trained(report, plan, data, total_steps: int) -> None:
         entry["passes"] = round(int(t["examples"][s]) / max(entry["kept"], 1), 3)
 
 
-def prepare_sources(tokenizer, max_length: int, specs: list[SourceSpec], seed: int):
-    """Each source through the one-source stages (load, format, tokenize, report; cached), then one
-    epoch of the mixture over them. The format and the rows used for sample generations are the
-    first source's."""
-    from sftune.data.pipeline import PreparedData, prepare_data
-
-    prepared = [prepare_data(spec.cfg, tokenizer, max_length) for spec in specs]
+def mix_prepared(prepared: list, specs: list[SourceSpec], seed: int):
+    """One epoch of the mixture over the sources' prepared data (each through the one-source
+    stages: load, format, tokenize, report; cached): the train set, the eval set (every source's
+    held-out examples, once), and their reports."""
     train, draws = mixed_epoch([p.train for p in prepared], [s.weight for s in specs], seed)
     with_eval = [(s, p) for s, p in enumerate(prepared) if p.eval is not None]
     eval_set = eval_report = None
@@ -201,15 +199,12 @@ def prepare_sources(tokenizer, max_length: int, specs: list[SourceSpec], seed: i
         eval_report = merge_reports([p.eval_report for _, p in with_eval], [specs[s] for s, _ in with_eval],
                                     eval_set, None)
     report = merge_reports([p.report for p in prepared], specs, train, draws)
-    first = prepared[0]
-    return PreparedData(train, eval_set, report, eval_report, first.fmt, first.source, max_length)
+    return train, eval_set, report, eval_report
 
 
-def merge_reports(reports: list, specs: list[SourceSpec], data: MixedSet, draws) -> "DataReport":
+def merge_reports(reports: list, specs: list[SourceSpec], data: MixedSet, draws) -> DataReport:
     """One report for the mixture: counts summed over the sources (skip reasons named per source),
     token figures over the drawn examples, and a ``sources`` entry per source."""
-    from sftune.data.report import DataReport
-
     labels = [s.label for s in specs]
     first = reports[0]
     rep = DataReport(source="mixture of " + ", ".join(labels),

@@ -149,21 +149,12 @@ def _report(tok: datasets.Dataset, source: Source, fmt: Format, split: str, max_
 
 
 def prepare_data(cfg: DataConfig, tokenizer, max_length: int, *, source: Source | None = None,
-                 fmt: Format | None = None, seed: int = 42) -> PreparedData:
+                 fmt: Format | None = None) -> PreparedData:
     """Run the data stages for the train and eval splits.
 
     ``source`` (rows already loaded) and ``fmt`` (a custom :class:`Format`) replace what
-    ``cfg`` would otherwise build; the Python front-ends use them. With ``data.sources``, each
-    source goes through these stages and :mod:`sftune.data.mixture` mixes them (``seed``: ``train.seed``).
+    ``cfg`` would otherwise build; the Python front-ends use them.
     """
-    if cfg.streaming and source is None and fmt is None:
-        from sftune.data.stream import prepare_stream
-
-        return prepare_stream(cfg, tokenizer, max_length, seed)
-    if cfg.sources and source is None and fmt is None:
-        from sftune.data.mixture import prepare_sources, resolve_sources
-
-        return prepare_sources(tokenizer, max_length, resolve_sources(cfg), seed)
     source = source or load_source(cfg)
     columns = [c for c in source.train.column_names if c != "__row__"]
     fmt = fmt or choose_format(cfg, columns, tokenizer)

@@ -34,6 +34,7 @@ import numpy as np
 from sftune.data.formats import choose_format
 from sftune.data.mixture import Mixture, SourceSpec, resolve_sources
 from sftune.data.packing import best_fit_decreasing
+from sftune.data.pipeline import PreparedData, tokenizer_signature
 from sftune.data.readers import RowReader, peek_columns
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns
@@ -245,8 +246,6 @@ def signature(specs: list[SourceSpec], tok_sig: str, max_length: int, cfg, step_
 def prepare_stream(cfg, tokenizer, max_length: int, seed: int):
     """The streamed counterpart of ``prepare_data``: a report naming the sources, and a first
     window of examples (from a separate stream) for the start-up probe and the row layout."""
-    from sftune.data.pipeline import PreparedData
-
     data_cfg = cfg
     if data_cfg.eval_split is not None:
         raise ConfigError("data.eval_split is not supported with data.streaming=true yet: set data.eval_split=null")
@@ -269,8 +268,6 @@ def stream_batches(cfg, data, plan, tokenizer, rank: int, world: int, seed: int)
     """:class:`StreamBatches` for a streamed run (``None`` otherwise)."""
     if not cfg.data.streaming:
         return None
-    from sftune.data.pipeline import tokenizer_signature
-
     specs = resolve_sources(cfg.data)
     stream = Stream(specs, tokenizer, data.max_length, seed=seed, packing=cfg.data.packing,
                     pack_buffer=cfg.data.pack_buffer, shuffle_buffer=cfg.data.shuffle_buffer)

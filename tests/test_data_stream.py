@@ -1,0 +1,190 @@
+"""Streaming (sftune.data.stream, sftune.data.readers): readers resume by cursor, the stream's
+position round-trips exactly (inside a packing window, after a pass ended, twice), a changed
+resume is refused, the stream reads only a bounded window, and a streamed run resumes bit-exactly."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from conftest import train_config, write_jsonl
+from sftune.config import DataConfig, load_config
+from sftune.data.mixture import resolve_sources
+from sftune.data.readers import RowReader
+from sftune.data.stream import Stream, StreamBatches, restore_position, save_position
+from sftune.errors import DataError
+
+
+def _rows(n, tag="r"):
+    return [{"instruction": f"{tag}{i} " * (1 + i % 5), "output": f"a{i} " * (1 + i % 3)} for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet", "dir"])
+def test_reader_resumes_from_its_cursor(tmp_path, kind):
+    rows = _rows(23)
+    if kind == "csv":
+        import csv
+
+        path = tmp_path / "d.csv"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["instruction", "output"])
+            w.writeheader()
+            w.writerows(rows)
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5)
+    elif kind == "dir":
+        path = tmp_path / "d"
+        path.mkdir()
+        write_jsonl(path / "train-00000.jsonl", rows[:10])
+        write_jsonl(path / "train-00001.jsonl", rows[10:])
+    else:
+        path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(path=str(path))
+    reader = RowReader(cfg, 0, seed=1)
+    first = [next(reader)[0] for _ in range(30)]  # past the end: a second pass
+    assert first[:23] == rows and sorted(map(json.dumps, first[23:])) == sorted(map(json.dumps, first[23:]))
+    assert reader.cursor["pass"] == 1
+    for cut in (0, 7, 12, 26):
+        r = RowReader(cfg, 0, seed=1)
+        for _ in range(cut):
+            next(r)
+        again = RowReader(cfg, 0, seed=1, cursor=dict(r.cursor))
+        assert [next(again)[0] for _ in range(30 - cut)] == first[cut:], cut
+
+
+def _stream(files, weights, *, packing=True, pack_buffer=8, shuffle_buffer=4, seed=0, tokenizer=None, **data):
+    sources = [{"path": str(f), "weight": w} for f, w in zip(files, weights)]
+    cfg = load_config(None, {"data.sources": sources, "data.template": "qa", **{f"data.{k}": v for k, v in data.items()}})
+    return Stream(resolve_sources(cfg.data), tokenizer, 64, seed=seed, packing=packing, pack_buffer=pack_buffer,
+                  shuffle_buffer=shuffle_buffer)
+
+
+def _units(stream, n):
+    return [[(e[0].tolist(), e[1].tolist(), e[3], e[4]) for e in stream.next_unit()] for _ in range(n)]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_stream_position_round_trips(tmp_path, tiny_tokenizer, packing):
+    small = write_jsonl(tmp_path / "small.jsonl", _rows(7, "s"))  # ends its pass many times
+    big = write_jsonl(tmp_path / "big.jsonl", _rows(300, "b"))
+    ref = _stream([small, big], [1, 1], packing=packing, tokenizer=tiny_tokenizer)
+    expected = _units(ref, 60)
+    assert ref.buffers[0].reader.cursor["pass"] >= 2  # the small source ran out and started new passes
+    assert {e[2] for u in expected for e in u} == {0, 1}
+    for cut in (3, 13, 31):  # inside packing windows (8 examples each) and across passes
+        s = _stream([small, big], [1, 1], packing=packing, tokenizer=tiny_tokenizer)
+        assert _units(s, cut) == expected[:cut]
+        state = pickle.loads(pickle.dumps(s.state_dict()))
+        again = _stream([small, big], [1, 1], packing=packing, tokenizer=tiny_tokenizer)
+        again.load_state_dict(state)
+        assert _units(again, 10) == expected[cut:cut + 10]
+        third = _stream([small, big], [1, 1], packing=packing, tokenizer=tiny_tokenizer)  # a second resume
+        third.load_state_dict(pickle.loads(pickle.dumps(again.state_dict())))
+        assert _units(third, 60 - cut - 10) == expected[cut + 10:]
+
+
+def test_resume_does_not_reread_what_was_consumed(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(200))
+    s = _stream([path], [1], tokenizer=tiny_tokenizer, shuffle_buffer=1)
+    _units(s, 20)
+    state = s.state_dict()
+    offset = state["sources"][0]["cursor"]["offset"]
+    assert 0 < offset < path.stat().st_size
+    rest = _units(s, 5)
+    data = path.read_bytes()  # the consumed lines (but the first) become garbage: a re-read would fail
+    first = data.index(b"\n") + 1
+    path.write_bytes(data[:first] + b"#" * (offset - first - 1) + b"\n" + data[offset:])
+    again = _stream([path], [1], tokenizer=tiny_tokenizer, shuffle_buffer=1)
+    again.load_state_dict(state)
+    assert _units(again, 5) == rest
+
+
+def test_stream_reads_a_bounded_window(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "big.jsonl", _rows(20_000))
+    s = _stream([path], [1], tokenizer=tiny_tokenizer, shuffle_buffer=100, pack_buffer=32)
+    _units(s, 3)
+    assert s.buffers[0].reader.cursor["read"] <= 100 + 64 + 1  # shuffle buffer + one tokenized chunk
+
+
+def test_stream_equals_in_memory_on_the_same_rows(tmp_path, tiny_tokenizer):
+    from sftune.data.pipeline import prepare_data
+
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(40))
+    mem = prepare_data(DataConfig(path=str(path), template="qa"), tiny_tokenizer, 64)
+    s = _stream([path], [1], packing=False, shuffle_buffer=1, tokenizer=tiny_tokenizer)
+    streamed = _units(s, 40)
+    for i, unit in enumerate(streamed):
+        ids, labels = mem.train.example(i)
+        assert unit == [(ids.tolist(), labels.tolist(), 0, i)]
+
+
+def test_changed_data_is_refused_on_resume(tmp_path, tiny_tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", _rows(20))
+    b = write_jsonl(tmp_path / "b.jsonl", _rows(20))
+    sig = {"sources": ["a", "b"], "weights": [0.5, 0.5], "tokenizer": "t1"}
+    saved = StreamBatches(_stream([a, b], [1, 1], tokenizer=tiny_tokenizer), None, 0, 0, 1, sig)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name, content in save_position(saved, 0).items():
+        (ckpt / name).write_bytes(content)
+    changed = StreamBatches(_stream([a, b], [3, 1], tokenizer=tiny_tokenizer), None, 0, 0, 1,
+                            {**sig, "weights": [0.75, 0.25], "tokenizer": "t2"})
+    with pytest.raises(DataError, match=r"weights: \[0.5, 0.5\] -> \[0.75, 0.25\]; tokenizer: t1 -> t2"):
+        restore_position(changed, ckpt, 0)
+    restore_position(StreamBatches(_stream([a, b], [1, 1], tokenizer=tiny_tokenizer), None, 0, 0, 1, sig), ckpt, 0)
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+@pytest.mark.slow
+def test_streamed_mixture_resumes_bit_exactly(tiny_model_dir, tmp_path):
+    """Interrupted inside a packing window, resumed, interrupted again, resumed: the losses and
+    weights equal the uninterrupted run's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sftune.training import loop, setup, train
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", _rows(12))  # runs out: several passes
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"story {i} " * (2 + i % 7)} for i in range(80)])
+    over = {"data.sources": [{"path": str(qa), "template": "qa", "weight": 3, "label": "qa"},
+                             {"path": str(text), "format": "text", "weight": 1}], "data.template": None,
+            "data.streaming": True, "data.packing": True, "data.pack_buffer": 16, "data.shuffle_buffer": 8,
+            "train.max_steps": 8, "train.batch_size": 2}
+    train(train_config(tiny_model_dir, qa, tmp_path / "full", **over))
+
+    for resume, at_unit in ((False, 7), (True, 5)):  # units 7 (step 3) and 5 after the resume (step 6)
+        run = setup(train_config(tiny_model_dir, qa, tmp_path / "cut", **over, **{"train.resume": resume}))
+        stream, taken = run.batches.stream, {"n": 0}
+        next_unit = stream.next_unit
+
+        def interrupting(next_unit=next_unit, taken=taken, at_unit=at_unit):
+            taken["n"] += 1
+            if taken["n"] == at_unit:
+                raise KeyboardInterrupt
+            return next_unit()
+
+        stream.next_unit = interrupting
+        assert loop(run).interrupted
+    train(train_config(tiny_model_dir, qa, tmp_path / "cut", **over, **{"train.resume": True}))
+
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 9)) and cut == full
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rep = json.loads((tmp_path / "cut" / "data_report.json").read_text())
+    assert [s["label"] for s in rep["sources"]] == ["qa", str(text)]
+    assert sum(s["examples_trained"] for s in rep["sources"]) == \
+        sum(s["examples_trained"] for s in json.loads((tmp_path / "full" / "data_report.json").read_text())["sources"])
+    assert rep["sources"][0]["passes"] >= 1
+    assert np.isclose(rep["sources"][0]["achieved_share"], 0.75, atol=0.15)
