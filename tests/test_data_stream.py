@@ -188,3 +188,47 @@ def test_streamed_mixture_resumes_bit_exactly(tiny_model_dir, tmp_path):
         sum(s["examples_trained"] for s in json.loads((tmp_path / "full" / "data_report.json").read_text())["sources"])
     assert rep["sources"][0]["passes"] >= 1
     assert np.isclose(rep["sources"][0]["achieved_share"], 0.75, atol=0.15)
+
+
+def test_two_ranks_train_disjoint_examples_whose_union_is_one_process(tmp_path, tiny_tokenizer):
+    from sftune.data.packing import BatchPlan
+
+    small = write_jsonl(tmp_path / "small.jsonl", _rows(9, "s"))
+    big = write_jsonl(tmp_path / "big.jsonl", _rows(200, "b"))
+
+    def batches(rank, world, batch_size):
+        plan = BatchPlan.build([1], batch_size=batch_size, grad_accum=2, world_size=world, packing=True,
+                               max_length=64, seed=0)
+        return StreamBatches(_stream([small, big], [1, 2], tokenizer=tiny_tokenizer), plan, 0, rank, world, {})
+
+    one, r0, r1 = batches(0, 1, 4), batches(0, 2, 2), batches(1, 2, 2)
+    for step in range(6):
+        for m1, a, b in zip(one(step), r0(step), r1(step)):
+            assert a.real_tokens and b.real_tokens  # each rank trains its own share
+            assert a.real_tokens + b.real_tokens == m1.real_tokens
+            both = sorted(a.loss_targets.tolist() + b.loss_targets.tolist())
+            assert both == sorted(m1.loss_targets.tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_streamed_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
+    """torchrun, 2 CPU ranks x batch 2 == 1 process x batch 4, on a streamed two-source mixture."""
+    from test_distributed import losses, overrides, torchrun
+
+    from sftune.training import train
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", _rows(15))
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"story {i} " * (2 + i % 7)} for i in range(50)])
+    sources = [{"path": str(qa), "template": "qa", "weight": 2}, {"path": str(text), "format": "text", "weight": 1}]
+    extra = {"data.sources": json.dumps(sources), "data.template": "null", "data.streaming": "true",
+             "data.packing": "true", "data.pack_buffer": 12, "data.shuffle_buffer": 4, "data.max_length": 64,
+             "train.grad_accum": 2}
+    train(load_config("codealpaca", overrides(tiny_model_dir, qa, tmp_path / "one", **{
+        **extra, "data.sources": sources, "data.template": None, "data.streaming": True, "data.packing": True,
+        "train.batch_size": 4})))
+    torchrun(overrides(tiny_model_dir, qa, tmp_path / "two", **{**extra, "train.batch_size": 2}))
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
