@@ -232,3 +232,17 @@ def test_streamed_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+
+
+def test_preview_json_shows_the_stream_in_order_with_sources(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    from sftune.cli import main
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", _rows(20))
+    sources = [{"path": str(qa), "weight": 1, "label": "one"}, {"path": str(qa), "weight": 1, "label": "two"}]
+    args = ["preview", "codealpaca", f"model.path={tiny_model_dir}", "data.streaming=true", "train.max_steps=5",
+            "data.sources=" + json.dumps(sources), "-n", "6", "--json"]
+    assert main(args) == 0
+    seqs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(seqs) == 6 and {s["source"] for s in seqs} == {"one", "two"}
+    s = _stream([qa, qa], [1, 1], packing=False, tokenizer=tiny_tokenizer, seed=42, shuffle_buffer=1000)
+    assert [u[0][0] for u in _units(s, 6)] == [q["input_ids"] for q in seqs]

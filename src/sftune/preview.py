@@ -20,6 +20,7 @@ from sftune.config import Config
 from sftune.data.chain import prepare
 from sftune.data.mixture import fill_trained
 from sftune.data.packing import BatchPlan
+from sftune.data.stream import first_units
 from sftune.data.pipeline import describe_plan
 from sftune.data.tokenize import IGNORE
 from sftune.errors import SftuneError
@@ -75,6 +76,8 @@ def preview_sequences(cfg: Config, n: int = 3):
                                                                                          * plan.steps_per_epoch)))
 
     rows_shown = [plan.units[u] for u in training_order(plan, n)]
+    if cfg.data.streaming:  # the stream's own first sequences
+        data.train, rows_shown = first_units(cfg, tokenizer, max_length, n)
     names = [s["label"] for s in data.report.sources] or [data.report.source]
     mixed = hasattr(data.train, "source")  # a mixture, or a stream's first window
     sequences = []

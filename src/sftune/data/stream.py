@@ -306,3 +306,13 @@ def restore_position(batches, checkpoint: str | Path, step: int) -> None:
 def streamed_sources(batches) -> list[dict] | None:
     """Per-source counts of a streamed run so far (``None`` when not streamed)."""
     return source_entries(batches.stream) if isinstance(batches, StreamBatches) else None
+
+
+def first_units(cfg, tokenizer, max_length: int, n: int) -> tuple[ExampleSet, list[list[int]]]:
+    """The first ``n`` sequences (packed units) a streamed run trains, from a fresh stream: their
+    examples, and each sequence's example indices (``sftune preview``)."""
+    stream = Stream(resolve_sources(cfg.data), tokenizer, max_length, seed=cfg.train.seed, packing=cfg.data.packing,
+                    pack_buffer=cfg.data.pack_buffer, shuffle_buffer=cfg.data.shuffle_buffer)
+    units = [stream.next_unit() for _ in range(n)]
+    starts = np.cumsum([0] + [len(u) for u in units]).tolist()
+    return ExampleSet([e for u in units for e in u]), [list(range(starts[k], starts[k + 1])) for k in range(n)]
