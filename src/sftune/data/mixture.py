@@ -17,7 +17,9 @@ The semantics, in one place (the README's "Several datasets" section repeats the
 * In memory, one epoch of the mixture (``train.epochs`` counts these) is as many examples as all
   sources kept together, drawn by weight; the batch plan then shuffles and packs them as it does
   one source. A single source with weight 1 draws each example exactly once: the mixture is then
-  the identity (one source trains exactly as before).
+  the identity (one source trains exactly as before). The shares are exact over an epoch; a run
+  shorter than one epoch sees them up to sampling noise, as the plan shuffles the epoch (a stream
+  follows the mixture's order, so every stretch of it is exact).
 """
 
 from __future__ import annotations

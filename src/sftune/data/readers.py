@@ -59,7 +59,8 @@ def stream_files(cfg: DataConfig) -> list[str] | None:
 class RowReader:
     """One source's rows, pass after pass. ``cursor``: ``{"pass", "file", "offset", "row", "read"}``
     (``file``: index in this pass's file order; ``offset``: byte offset or row index in it;
-    ``row``: the row's number in its file; ``read``: rows read over all passes)."""
+    ``row``: the row's number in its file; ``read``: rows read over all passes; ``in_pass``: in this
+    pass; ``pass_rows``: rows in a whole pass, once one ended)."""
 
     def __init__(self, cfg: DataConfig, index: int, seed: int, cursor: dict | None = None):
         self.cfg, self.index, self.seed = cfg, index, seed
@@ -110,7 +111,8 @@ class RowReader:
     def _new_pass(self) -> None:
         if self.cursor["in_pass"] == 0:
             raise DataError("the source has no rows", source=self.cfg.path)
-        self.cursor.update({"pass": self.cursor["pass"] + 1, "file": 0, "offset": 0, "row": 0, "in_pass": 0})
+        self.cursor.update({"pass": self.cursor["pass"] + 1, "file": 0, "offset": 0, "row": 0,
+                            "pass_rows": self.cursor["in_pass"], "in_pass": 0})
 
     def _open(self):
         c = self.cursor

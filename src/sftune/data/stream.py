@@ -227,7 +227,9 @@ def source_entries(stream: Stream) -> list[dict]:
                     "examples_trained": c["examples_trained"], "tokens_trained": c["tokens_trained"],
                     "loss_tokens_trained": c["loss_tokens_trained"],
                     "achieved_share": round(c["examples_trained"] / total, 4), "share_per_epoch": 0.0,
-                    "passes": cur["pass"], "reader_rows": cur["read"]})
+                    # rows taken / rows in a pass, once a pass has ended (0 while the first one lasts)
+                    "passes": round(c["rows_read"] / cur["pass_rows"], 3) if cur.get("pass_rows") else 0,
+                    "reader_rows": cur["read"]})
     return out
 
 
