@@ -29,7 +29,8 @@ from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.config import Config, config_to_yaml
 from sftune.data.mixture import fill_trained
 from sftune.data.packing import Batch, BatchPlan
-from sftune.data.stream import restore_position, save_position, stream_batches, streamed_sources
+from sftune.data.position import restore_position, save_position
+from sftune.data.stream import stream_batches, streamed_sources
 from sftune.data.chain import prepare
 from sftune.data.pipeline import PreparedData, describe_plan
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
@@ -224,7 +225,7 @@ class Run:
         save_checkpoint(self.accelerator, self.out_dir, step,
                         {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
                          "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints,
-                        files=save_position(self.batches, step))  # a streamed run's data position
+                        files=save_position(self.batches, self.data, step))  # mixtures' and streams' data position
 
 
 def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
@@ -299,7 +300,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     if cfg.train.resume:
         state = load_checkpoint(accelerator, out_dir)
         run.start_step = state["step"]
-        restore_position(run.batches, state["path"], run.start_step)  # streamed runs (sftune.data.stream)
+        restore_position(run.batches, data, state["path"], run.start_step)  # mixtures and streams (sftune.data.position)
         if main:
             console.print(f"resumed from {state['path']} at step {run.start_step}", markup=False)
             if truncate_metrics(out_dir, run.start_step):  # steps after the checkpoint were abandoned

@@ -16,6 +16,7 @@ from sftune.config import DataConfig
 from sftune.data.formats import Format
 from sftune.data.mixture import mix_prepared, resolve_sources
 from sftune.data.pipeline import PreparedData, prepare_data
+from sftune.data.position import signature
 from sftune.data.sources import Source
 from sftune.data.stream import prepare_stream
 from sftune.errors import ConfigError
@@ -29,10 +30,14 @@ def prepare(cfg: DataConfig, tokenizer, max_length: int, *, source: Source | Non
         raise ConfigError("data.sources and data.streaming read the data from the config: do not pass rows or a "
                           "format from Python as well (give them as data.sources entries)")
     if cfg.streaming:
-        return prepare_stream(cfg, tokenizer, max_length, seed)
-    if cfg.sources:
+        data = prepare_stream(cfg, tokenizer, max_length, seed)
+    elif cfg.sources:
         specs = resolve_sources(cfg)
         prepared = [prepare_data(spec.cfg, tokenizer, max_length) for spec in specs]
         train, eval_set, report, eval_report = mix_prepared(prepared, specs, seed)
-        return PreparedData(train, eval_set, report, eval_report, prepared[0].fmt, prepared[0].source, max_length)
+        data = PreparedData(train, eval_set, report, eval_report, prepared[0].fmt, prepared[0].source, max_length)
+    else:
+        return prepare_data(cfg, tokenizer, max_length, source=source, fmt=fmt)
+    data.signature = signature(resolve_sources(cfg), tokenizer, max_length, cfg, seed)
+    return data
     return prepare_data(cfg, tokenizer, max_length, source=source, fmt=fmt)

@@ -11,7 +11,7 @@ copied to Arrow.
 
 :meth:`StreamBatches.state_at` is the whole position (cursors, buffers, RNG states, pending
 examples and units, per-source counts) at the start of a step; it goes into every checkpoint
-(``data_state.pkl``) and :func:`restore_position` continues from it with identical batches,
+(:mod:`sftune.data.position`) and a resume continues from it with identical batches,
 without re-reading or re-tokenizing what was consumed. A resume whose sources, weights, tokenizer,
 format or batch shape changed is refused, naming what changed.
 
@@ -22,11 +22,8 @@ share of each step's units, as in memory: 2 ranks x batch b train exactly like 1
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import pickle
 from collections import deque
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -34,16 +31,15 @@ import numpy as np
 from sftune.data.formats import choose_format
 from sftune.data.mixture import Mixture, SourceSpec, resolve_sources
 from sftune.data.packing import best_fit_decreasing
-from sftune.data.pipeline import PreparedData, tokenizer_signature
+from sftune.data.pipeline import PreparedData
 from sftune.data.readers import RowReader, peek_columns
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns
 from sftune.data.tokenize import Tokenizer
-from sftune.errors import ConfigError, DataError
+from sftune.errors import ConfigError
 
 CHUNK = 64
 """Rows taken from the mixture and tokenized together."""
-STATE_FILE = "data_state.pkl"
 
 
 class ShuffleBuffer:
@@ -182,9 +178,8 @@ class StreamBatches:
     """This rank's micro-batches of step ``step``, in order, from a :class:`Stream` (the streamed
     counterpart of :class:`sftune.training.Batches`)."""
 
-    def __init__(self, stream: Stream, plan, pad_id: int, rank: int, world: int, signature: dict):
+    def __init__(self, stream: Stream, plan, pad_id: int, rank: int, world: int):
         self.stream, self.plan, self.pad_id, self.rank, self.world = stream, plan, pad_id, rank, world
-        self.signature = signature
         self.next_step = 0
         self._before = (0, pickle.dumps(stream.state_dict()))
 
@@ -206,6 +201,12 @@ class StreamBatches:
                                    units=[list(range(starts[k], starts[k + 1])) for k in range(len(units))])
         micro = plan.micro_batches(list(range(len(units))), self.rank, self.world)
         return [plan.batch(m, data, self.pad_id) for m in micro]
+
+    def restore(self, state: dict, step: int) -> None:
+        """Continue from ``state`` (a :meth:`state_at`, unpickled) as the position of ``step``."""
+        self.stream.load_state_dict(state)
+        self.next_step = step
+        self._before = (step, pickle.dumps(self.stream.state_dict()))
 
     def state_at(self, step: int) -> bytes:
         """The stream's position at the start of ``step`` (the next step, or the one in progress)."""
@@ -231,18 +232,6 @@ def source_entries(stream: Stream) -> list[dict]:
                     "passes": round(c["rows_read"] / cur["pass_rows"], 3) if cur.get("pass_rows") else 0,
                     "reader_rows": cur["read"]})
     return out
-
-
-def signature(specs: list[SourceSpec], tok_sig: str, max_length: int, cfg, step_units: int) -> dict:
-    """What a streamed position depends on; a resume with any of it changed is refused."""
-    def digest(obj) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-    return {"sources": [s.label for s in specs], "weights": [round(s.weight, 6) for s in specs],
-            "paths": [s.cfg.path for s in specs], "tokenizer": tok_sig, "max_length": max_length,
-            "format": [digest(s.cfg.model_dump(exclude={"sources", "num_proc"})) for s in specs],
-            "packing": cfg.data.packing, "pack_buffer": cfg.data.pack_buffer,
-            "shuffle_buffer": cfg.data.shuffle_buffer, "seed": cfg.train.seed, "units_per_step": step_units}
 
 
 def prepare_stream(cfg, tokenizer, max_length: int, seed: int):
@@ -273,36 +262,7 @@ def stream_batches(cfg, data, plan, tokenizer, rank: int, world: int, seed: int)
     specs = resolve_sources(cfg.data)
     stream = Stream(specs, tokenizer, data.max_length, seed=seed, packing=cfg.data.packing,
                     pack_buffer=cfg.data.pack_buffer, shuffle_buffer=cfg.data.shuffle_buffer)
-    sig = signature(specs, tokenizer_signature(tokenizer), data.max_length, cfg, plan.step_units)
-    return StreamBatches(stream, plan, tokenizer.pad_token_id, rank, world, sig)
-
-
-def save_position(batches, step: int) -> dict[str, bytes]:
-    """Files for the checkpoint of ``step``: the stream's position (streamed runs only)."""
-    if not isinstance(batches, StreamBatches):
-        return {}
-    return {STATE_FILE: pickle.dumps({"signature": batches.signature, "step": step,
-                                      "stream": pickle.loads(batches.state_at(step))})}
-
-
-def restore_position(batches, checkpoint: str | Path, step: int) -> None:
-    """Continue a streamed run from its checkpoint's position; refuse when the data changed."""
-    if not isinstance(batches, StreamBatches):
-        return
-    path = Path(checkpoint) / STATE_FILE
-    if not path.exists():
-        raise DataError(f"the checkpoint {checkpoint} has no stream position ({STATE_FILE}): it was not saved by a "
-                        "streamed run", hint="resume with data.streaming as the run was started")
-    saved = pickle.loads(path.read_bytes())
-    changed = [k for k in batches.signature if saved["signature"].get(k) != batches.signature[k]]
-    if changed:
-        what = "; ".join(f"{k}: {saved['signature'].get(k)} -> {batches.signature[k]}" for k in changed)
-        raise DataError(f"the data changed since the checkpoint ({what}); a resume would not continue the same stream",
-                        source=str(checkpoint), hint="resume with the data settings the run was started with, or "
-                        "start a new run (train.resume=false)")
-    batches.stream.load_state_dict(saved["stream"])
-    batches.next_step = step
-    batches._before = (step, pickle.dumps(batches.stream.state_dict()))
+    return StreamBatches(stream, plan, tokenizer.pad_token_id, rank, world)
 
 
 def streamed_sources(batches) -> list[dict] | None:
