@@ -21,6 +21,7 @@ share of each step's units, as in memory: 2 ranks x batch b train exactly like 1
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pickle
 from collections import deque
@@ -138,14 +139,16 @@ class Stream:
 
     # ---------------------------------------------------------------- position
     def state_dict(self) -> dict:
+        """The position, in copies of the mutable containers (rows and examples are never changed in place)."""
         return {"index": self.index, "window": self.window, "pending": list(self.pending), "units": list(self.units),
-                "counts": self.counts,
-                "sources": [{"cursor": b.reader.cursor, "buf": b.buf, "rng": b.rng.bit_generator.state}
+                "counts": copy.deepcopy(self.counts),
+                "sources": [{"cursor": dict(b.reader.cursor), "buf": list(b.buf), "rng": b.rng.bit_generator.state}
                             for b in self.buffers]}
 
     def load_state_dict(self, state: dict) -> None:
         self.index, self.window = state["index"], state["window"]
-        self.pending, self.units, self.counts = deque(state["pending"]), deque(state["units"]), state["counts"]
+        self.pending, self.units = deque(state["pending"]), deque(state["units"])
+        self.counts = copy.deepcopy(state["counts"])
         for i, (b, st) in enumerate(zip(self.buffers, state["sources"])):
             b.reader = RowReader(self.specs[i].cfg, i, self.seed, st["cursor"])
             b.buf = list(st["buf"])
@@ -181,12 +184,12 @@ class StreamBatches:
     def __init__(self, stream: Stream, plan, pad_id: int, rank: int, world: int):
         self.stream, self.plan, self.pad_id, self.rank, self.world = stream, plan, pad_id, rank, world
         self.next_step = 0
-        self._before = (0, pickle.dumps(stream.state_dict()))
+        self._before = (0, stream.state_dict())
 
     def __call__(self, step: int) -> list:
         if step != self.next_step:
             raise RuntimeError(f"a stream gives its steps in order: asked for step {step}, at {self.next_step}")
-        self._before = (step, pickle.dumps(self.stream.state_dict()))
+        self._before = (step, self.stream.state_dict())  # copies of the containers: cheap, pickled only on save
         units = [self.stream.next_unit() for _ in range(self.plan.step_units)]
         self.next_step = step + 1
         examples = [e for u in units for e in u]
@@ -206,12 +209,12 @@ class StreamBatches:
         """Continue from ``state`` (a :meth:`state_at`, unpickled) as the position of ``step``."""
         self.stream.load_state_dict(state)
         self.next_step = step
-        self._before = (step, pickle.dumps(self.stream.state_dict()))
+        self._before = (step, self.stream.state_dict())
 
     def state_at(self, step: int) -> bytes:
         """The stream's position at the start of ``step`` (the next step, or the one in progress)."""
         if step == self._before[0]:
-            return self._before[1]
+            return pickle.dumps(self._before[1])
         if step != self.next_step:
             raise RuntimeError(f"the stream's position at step {step} is not known (at {self.next_step})")
         return pickle.dumps(self.stream.state_dict())
