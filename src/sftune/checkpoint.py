@@ -37,8 +37,10 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
-    """Save the full training state at ``step`` (call on every rank)."""
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep: int,
+                    files: dict[str, bytes] | None = None) -> Path:
+    """Save the full training state at ``step`` (call on every rank). ``files``: more files for the
+    checkpoint directory, by name (the data position of a streamed run)."""
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -53,6 +55,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            for name, content in (files or {}).items():
+                (tmp / name).write_bytes(content)
             (tmp / "trainer_state.json").write_text(dumps({**state, "step": step}, indent=2))
             if final.exists():
                 shutil.rmtree(final)

@@ -2,20 +2,26 @@
 
 Trained tokens (labels != -100) are shown in green, masked tokens dimmed; without colour (output not
 a terminal, or ``NO_COLOR``) each run of trained tokens is marked ``«…»`` instead. ``--json`` prints one
-object per training sequence, ``{"input_ids", "labels", "position_ids", "text"}``, on stdout; this
-shape is stable so other tools can check masks against it.
+object per training sequence in training order, ``{"input_ids", "labels", "position_ids", "text", "rows",
+"source"}``, on stdout; this shape is stable so other tools can check masks against it. ``source`` is
+the label of the source the sequence came from (a list parallel to ``rows`` when packing put examples
+of several sources in one sequence).
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from rich.markup import escape
 from rich.text import Text
 
 from sftune.config import Config
+from sftune.data.chain import prepare
+from sftune.data.mixture import fill_trained
 from sftune.data.packing import BatchPlan
-from sftune.data.pipeline import describe_plan, prepare_data
+from sftune.data.stream import first_units
+from sftune.data.pipeline import describe_plan
 from sftune.data.tokenize import IGNORE
 from sftune.errors import SftuneError
 from sftune.model import load_model_config, load_tokenizer, resolve_max_length
@@ -62,12 +68,18 @@ def preview_sequences(cfg: Config, n: int = 3):
     except SftuneError:
         model_config = None  # preview works without the model; max_length then comes from the tokenizer
     max_length = resolve_max_length(cfg, tokenizer, model_config)
-    data = prepare_data(cfg.data, tokenizer, max_length)
+    data = prepare(cfg.data, tokenizer, max_length, seed=cfg.train.seed)
     plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                            packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed)
     describe_plan(data.report, plan)
+    fill_trained(data.report, plan, data.train, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs
+                                                                                         * plan.steps_per_epoch)))
 
-    rows_shown = plan.units[:n] if plan.packing else [[i] for i in range(min(n, len(data.train)))]
+    rows_shown = [plan.units[u] for u in training_order(plan, n)]
+    if cfg.data.streaming:  # the stream's own first sequences
+        data.train, rows_shown = first_units(cfg, tokenizer, max_length, n)
+    names = [s["label"] for s in data.report.sources] or [data.report.source]
+    mixed = hasattr(data.train, "source")  # a mixture, or a stream's first window
     sequences = []
     for row in rows_shown:
         ids, labels, weights, positions, rows = [], [], [], [], []
@@ -78,8 +90,9 @@ def preview_sequences(cfg: Config, n: int = 3):
             weights += [round(float(w), 4) for w in data.train.example_weights(i)]
             positions += list(range(len(e_ids)))
             rows.append(int(data.train.rows[i]))
+        sources = [names[int(data.train.source[i])] if mixed else names[0] for i in row]
         sequences.append({"input_ids": ids, "labels": labels, "weights": weights, "position_ids": positions,
-                          "rows": rows})
+                          "rows": rows, "source": sources[0] if len(set(sources)) == 1 else sources})
     return tokenizer, data, sequences
 
 
@@ -135,6 +148,18 @@ def tool_summary(tokenizer, fmt, source, seq) -> str | None:
     return f"tools {', '.join(names)}: schemas {where}; {calls} of {len(runs)} trained turns call a tool"
 
 
+def training_order(plan: BatchPlan, n: int) -> list[int]:
+    """The first ``n`` units (sequences) in the order training meets them: the first steps of the
+    first epoch, each step's micro-batches in turn (one process)."""
+    units: list[int] = []
+    for step in plan.epoch_steps(0):
+        for micro in plan.micro_batches(step):
+            units += micro
+        if len(units) >= n:
+            break
+    return units[:n]
+
+
 def preview(cfg: Config, n: int = 3, as_json: bool = False) -> None:
     tokenizer, data, sequences = preview_sequences(cfg, n)
     for r, seq in enumerate(sequences):
@@ -145,7 +170,7 @@ def preview(cfg: Config, n: int = 3, as_json: bool = False) -> None:
             out.print(json.dumps({"input_ids": ids, "labels": labels, "position_ids": positions, **extra,
                                   "text": tokenizer.decode(ids, skip_special_tokens=False,
                                                            clean_up_tokenization_spaces=False),
-                                  "rows": rows}), markup=False, highlight=False)
+                                  "rows": rows, "source": seq["source"]}), markup=False, highlight=False)
         else:
             trained = sum(lab != IGNORE for lab in labels)
             console.rule(f"sequence {r}: rows {escape(str(rows))}, {len(ids)} tokens, {trained} trained")

@@ -97,6 +97,16 @@ def build_report(run_dir: str | Path) -> Path:
         if d.get("model_check", {}).get("line"):
             rows.append(("model check", d["model_check"]["line"].removeprefix("model check: ")))
         lines += ["## Training data", "", _table(rows), ""]
+        if d.get("sources"):
+            lines += ["## Sources", "", "| source | target | achieved | rows read | kept | skipped | truncated | "
+                      "examples trained | tokens trained | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for s in d["sources"]:
+                skipped = ", ".join(f"{n} {why}" for why, n in s["skipped"].items()) or "0"
+                lines.append(f"| {_md_escape(s['label'])} | {100 * s['target_share']:.1f}% | "
+                             f"{100 * s.get('achieved_share', s['share_per_epoch']):.1f}% | {s['rows_read']} | "
+                             f"{s['kept']} | {_md_escape(skipped)} | {s['truncated']} | {s.get('examples_trained', '-')} | "
+                             f"{s.get('tokens_trained', 0):,} | {s.get('passes', 0):g} |")
+            lines.append("")
     lines += ["## Plots", ""] + [f"![{t}]({f})" for t, f in plots] + [""]
     if samples:
         lines += ["## Sample generations", ""]

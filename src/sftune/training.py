@@ -28,8 +28,12 @@ from transformers import get_scheduler
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kwargs, resolve_resume
 from sftune.config import Config, config_to_yaml
+from sftune.data.mixture import fill_trained
 from sftune.data.packing import Batch, BatchPlan
-from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
+from sftune.data.position import restore_position, save_position
+from sftune.data.stream import stream_batches, streamed_sources
+from sftune.data.chain import prepare
+from sftune.data.pipeline import PreparedData, describe_plan
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
@@ -229,7 +233,8 @@ class Run:
     def save(self, step: int) -> None:
         save_checkpoint(self.accelerator, self.out_dir, step,
                         {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
-                         "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints)
+                         "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints,
+                        files=save_position(self.batches, self.data, step))  # mixtures' and streams' data position
         if self.cluster is not None:
             self.cluster.saved()
 
@@ -253,7 +258,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     model_config = model.config if model is not None else load_model_config(cfg)
     max_length = resolve_max_length(cfg, tokenizer, model_config)
     with accelerator.main_process_first():
-        data: PreparedData = prepare_data(cfg.data, tokenizer, max_length, source=source, fmt=fmt)
+        data: PreparedData = prepare(cfg.data, tokenizer, max_length, source=source, fmt=fmt, seed=cfg.train.seed)
 
     # the model, then the row layout and loss it can take, checked on a few of this run's examples
     if model is None:
@@ -268,6 +273,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
                            seed=cfg.train.seed, layout=choice.layout,
                            hidden_size=getattr(model_config, "hidden_size", 768), bucket=bucket_for(cfg))
     describe_plan(data.report, plan)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
+    fill_trained(data.report, plan, data.train, total_steps)  # per source of data.sources (sftune.data.mixture)
     if main:
         data.report.render(console, title="Training data")
         if cfg.train.eval_every and data.eval is None:
@@ -286,11 +293,12 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     if cfg.train.compile:
         lm.compile(dynamic=True)
     optimizer = make_optimizer(cfg, lm, device)
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     lm, optimizer = accelerator.prepare(lm, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    batches = Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
+    batches = stream_batches(cfg, data, plan, tokenizer, accelerator.process_index, accelerator.num_processes,
+                             cfg.train.seed) or \
+        Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
               total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
@@ -304,6 +312,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     if resume:
         state = load_checkpoint(accelerator, out_dir)
         run.start_step = state["step"]
+        restore_position(run.batches, data, state["path"], run.start_step)  # mixtures and streams (sftune.data.position)
         if main:
             console.print(f"resumed from {state['path']} at step {run.start_step}", markup=False)
             if truncate_metrics(out_dir, run.start_step):  # steps after the checkpoint were abandoned
@@ -314,6 +323,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "sftune_config.yaml").write_text(config_to_yaml(cfg))
         (out_dir / "data_report.json").write_text(dumps(data.report.to_dict(), indent=2))
+    if data.report.sources:
+        logger.log({"step": run.start_step, "data_sources": data.report.sources})
     return run
 
 
@@ -460,6 +471,10 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
             console.print(f"[bold]held-out exact match: before {100 * before['exact_match']:.1f}% → "
                           f"after {100 * after['exact_match']:.1f}%[/] ({after['n']} examples)")
     run.logger.log({"step": run.total_steps, "final": True, **{k: v for k, v in metrics.items() if v is not None}})
+    if (sources := streamed_sources(run.batches)) and main:  # what a streamed run read and trained, per source
+        run.logger.log({"step": run.total_steps, "data_sources": sources})
+        run.data.report.sources = sources
+        (out_dir / "data_report.json").write_text(dumps(run.data.report.to_dict(), indent=2))
     run.logger.close()
     if main:
         (out_dir / "final_metrics.json").write_text(dumps(metrics, indent=2))

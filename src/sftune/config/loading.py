@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,13 @@ def _closest(key: str, value: Any = _MISSING) -> str:
     section, else the closest spelling whose kind of value fits ``value``."""
     options = valid_keys()
     leaf = key.split(".")[-1]
+    if re.match(r"^data\.sources\.\d+\.", key):  # a key inside a data.sources entry
+        from sftune.config.schema import SourceConfig
+
+        match = difflib.get_close_matches(leaf, list(SourceConfig.model_fields), n=1, cutoff=0.5)
+        if match:
+            return f" Did you mean '{match[0]}' (data.{match[0]} for that source)?"
+        return f" A data.sources entry takes: {', '.join(SourceConfig.model_fields)}."
     if leaf in ALIASES:
         return f" Did you mean '{ALIASES[leaf]}'?"
     same_leaf = [k for k in options if k.split(".")[-1] == leaf and k != key]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -220,6 +220,26 @@ class DataConfig(_Section):
     """Processes for tokenisation. ``None`` uses one process for small data and up to the CPU
     count for large data."""
 
+    sources: list[SourceConfig] | None = None
+    """Several datasets mixed by weight (``sftune.data.mixture``): a list of entries, each with its
+    own data keys (``path``, ``split``, ``template``, ``limit``, ...; unset keys inherit the
+    top-level ``data.*`` value), a ``weight`` (the target share of training examples) and an
+    optional display ``label``. ``None``: the top-level keys are the one source."""
+
+    streaming: bool = False
+    """Read the sources as streams (local JSONL / JSON / CSV / Parquet files, a directory or a glob,
+    and hub datasets): tokenized and packed in a bounded window, never copied to Arrow, so memory
+    and the time to the first step do not grow with the data. Needs ``train.max_steps``."""
+
+    pack_buffer: int = Field(1024, ge=1)
+    """Streaming: examples gathered before they are packed (best-fit-decreasing within the window)
+    when ``packing``. A larger window pads less (the last sequences of a window are the emptiest)
+    and holds more examples in memory."""
+
+    shuffle_buffer: int = Field(1000, ge=1)
+    """Streaming: rows held per source to shuffle the stream (each row read replaces a random one
+    in the buffer). 1 reads the rows in order."""
+
     @field_validator("eval_split")
     @classmethod
     def _check_eval_split(cls, v):
@@ -238,6 +258,36 @@ class DataConfig(_Section):
             except yaml.YAMLError:
                 pass
         return v
+
+
+SOURCE_KEYS = ("path", "name", "split", "limit", "remove_columns", "shuffle", "seed", "format", "text_column",
+               "template", "prompt", "completion", "train_on_prompt", "messages_column", "train_on",
+               "response_template", "instruction_template", "chat_template", "add_eos", "on_bad_row", "encoding",
+               "tools_column", "chat_template_kwargs", "train_reasoning")
+"""The data keys a ``data.sources`` entry may set for itself (defined once, from :class:`DataConfig`)."""
+
+
+def _source_fields() -> dict:
+    fields = {}
+    for key in SOURCE_KEYS:
+        f = DataConfig.model_fields[key]
+        fields[key] = (f.annotation | None, Field(None, description=f"{f.description}\n\nUnset: ``data.{key}``."))
+    return fields
+
+
+class _SourceBase(_Section):
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Target share of the training examples drawn from this source, relative to the other
+    sources' weights (normalised to sum to 1), decided before packing."""
+
+    label: str | None = None
+    """Display name in reports and ``preview --json`` (default: the source's path)."""
+
+
+SourceConfig = create_model("SourceConfig", __base__=_SourceBase, __module__=__name__, **_source_fields())
+"""One entry of ``data.sources``: the per-source data keys (:data:`SOURCE_KEYS`), ``weight`` and
+``label``."""
+DataConfig.model_rebuild()
 
 
 class TrainConfig(_Section):
@@ -398,4 +448,13 @@ class Config(_Section):
     def _defaults(self):
         if self.train.output_dir is None:
             self.train.output_dir = f"runs/{self.recipe or 'sftune'}"
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_needs_max_steps(self):
+        if self.data.streaming and self.train.max_steps is None:
+            raise ValueError("data.streaming=true needs train.max_steps (a stream has no length to count "
+                             "epochs in): set train.max_steps=N")
+        if self.data.sources is not None and not self.data.sources:
+            raise ValueError("data.sources is an empty list: give at least one source, or leave it unset")
         return self

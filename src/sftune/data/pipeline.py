@@ -88,6 +88,8 @@ class PreparedData:
     fmt: Format
     source: Source
     max_length: int
+    signature: dict | None = None
+    """What a mixture's or a stream's data depends on (``sftune.data.position``); None for one source."""
 
 
 def tokenizer_signature(tokenizer) -> str:

@@ -56,6 +56,10 @@ class DataReport:
     model_check: dict = field(default_factory=dict)
     """The start-up equivalence probe (``sftune.probe``): the row layout and loss chosen for the
     model, whether they matched the model run one example at a time, and its ``line``."""
+    sources: list[dict] = field(default_factory=list)
+    """Per source of a mixture (``data.sources``): label, path, target share, rows read / used /
+    kept, skipped (why), truncated, draws per epoch, and (from the batch plan) examples and tokens
+    trained, passes and the achieved share of the run's examples."""
 
     @property
     def loss_fraction(self) -> float:
@@ -163,3 +167,18 @@ class DataReport:
         if self.model_check.get("line"):
             t.add_row("model check", escape(self.model_check["line"].removeprefix("model check: ")))
         console.print(t)
+        if self.sources:
+            console.print(source_table(self.sources))
+
+
+def source_table(sources: list[dict]) -> Table:
+    """Per source of a mixture: the accounting, and the achieved share beside the target."""
+    t = Table(title="Sources (achieved: share of the examples this run trains)", title_justify="left")
+    for col in ("source", "target", "achieved", "read", "kept", "skipped", "cut", "trained", "tokens", "passes"):
+        t.add_column(col, justify="left" if col == "source" else "right", overflow="fold")
+    for s in sources:
+        achieved = s.get("achieved_share", s["share_per_epoch"])
+        t.add_row(escape(s["label"]), f"{100 * s['target_share']:.1f}%", f"{100 * achieved:.1f}%",
+                  str(s["rows_read"]), str(s["kept"]), str(sum(s["skipped"].values())), str(s["truncated"]),
+                  str(s.get("examples_trained", "-")), f"{s.get('tokens_trained', 0):,}", f"{s.get('passes', 0):g}")
+    return t

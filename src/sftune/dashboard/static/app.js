@@ -112,7 +112,11 @@ function reportRows(d) {
     ["tokens / example", `p50 ${p.p50}, p90 ${p.p90}, p99 ${p.p99}, max ${p.max}`],
     ["tokens with loss", `${fmt(d.loss_tokens)} of ${fmt(d.total_tokens)} (${(100 * d.loss_fraction).toFixed(1)}%)`],
     ["EOS trained everywhere", d.eos_trained_everywhere ? "yes" : "no"],
-    [d.packing ? "packing" : "padding", d.packing ? `${(100 * d.fill).toFixed(1)}% real tokens` : `${(100 * (1 - d.fill)).toFixed(1)}% padding`]];
+    [d.packing ? "packing" : "padding", d.packing ? `${(100 * d.fill).toFixed(1)}% real tokens` : `${(100 * (1 - d.fill)).toFixed(1)}% padding`],
+    ...(d.sources || []).map((s) => [`source ${s.label}`, `target ${(100 * s.target_share).toFixed(1)}%, achieved ` +
+      `${(100 * (s.achieved_share ?? s.share_per_epoch)).toFixed(1)}%; ${s.rows_read} read, ${s.kept} kept, ` +
+      `${Object.values(s.skipped || {}).reduce((a, n) => a + n, 0)} skipped, ${s.truncated} truncated; ` +
+      `${fmt(s.examples_trained ?? 0)} examples / ${fmt(s.tokens_trained ?? 0)} tokens trained; passes ${s.passes ?? 0}`])];
 }
 
 function samplesBlock(records) {
