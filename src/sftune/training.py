@@ -221,9 +221,10 @@ class Run:
         save_checkpoint(self.accelerator, self.out_dir, step,
                         {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
                          "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints)
+        self.logger.notify({"step": step, "event": "save"})
 
 
-def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
+def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sinks=()) -> Run:
     """Data, model, layout, loss, optimizer, schedule and state: everything before the first step."""
     quiet_third_party()
     if cfg.train.num_threads:
@@ -280,7 +281,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     lm, optimizer = accelerator.prepare(lm, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     batches = Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
-    logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
+    logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"), sinks=sinks)
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
               total_steps)
 
@@ -445,20 +446,21 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
     return TrainResult(str(out_dir), run.total_steps, result.last_loss, metrics)
 
 
-def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> TrainResult:
+def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sinks=()) -> TrainResult:
     """Fine-tune as configured: :func:`setup`, :func:`loop`, :func:`finish`. Returns where the model
     went and the final metrics.
 
     ``model``, ``tokenizer`` (both already loaded), ``source`` (a :class:`~sftune.data.sources.Source`
     of rows) and ``fmt`` (a custom :class:`~sftune.data.formats.Format`) replace what the config
-    would load; the Python front-ends (``sftune.SFTTrainer``) pass them. The output directory is
+    would load; the Python front-ends (``sftune.SFTTrainer``) pass them, and ``sinks`` (receivers
+    of every metrics record, see :class:`~sftune.console.MetricsLogger`). The output directory is
     checked and locked first: one run per output directory.
     """
     main = os.environ.get("RANK", "0") == "0"
     if main:
         check_output_dir(Path(cfg.train.output_dir))
     with RunLock(cfg.train.output_dir, enabled=main):
-        run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt)
+        run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt, sinks=sinks)
         result = loop(run)
         if result.interrupted:
             return TrainResult(str(run.out_dir), result.step, result.last_loss, interrupted=True)
