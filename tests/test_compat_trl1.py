@@ -69,8 +69,22 @@ CASES = {
 # TRL packs with SDPA on CPU without separating the examples (they attend to each other), so its packed loss
 # is not the examples' loss: the packed run is compared with TRL's unpacked one (sftune: packed == unpacked)
 REF_FIELDS = {"packing": {}}
+# TRL 1.16 renames ShareGPT's keys but keeps its roles ("human", "gpt"), which chat templates do not know;
+# sftune maps them to user / assistant, so its ShareGPT run is compared with TRL's run on the same messages
+REF_DATA = {"sharegpt": "messages"}
 # step-1 loss of each case with TRL 1.16 (from trl import SFTTrainer, SFTConfig), recorded by this test
-GOLDEN = {}
+GOLDEN = {
+    "conversational_prompt_completion": 5.989383697509766,
+    "formatting_func": 5.992127569228256,
+    "grad_accum_cosine": 5.99656343460083,
+    "messages": 5.9851199172613185,
+    "messages_assistant_only": 5.989383697509766,
+    "packing": 6.014028788602205,
+    "prompt_completion": 5.99656343460083,
+    "prompt_completion_whole": 6.014028788602205,
+    "sharegpt": 5.9851199172613185,
+    "text": 6.014028788602205,
+}
 
 
 def script(lib: str, model_dir, out, data: str, fields: dict, extras: dict, **more):
@@ -109,6 +123,7 @@ CORE = {"loss", "grad_norm", "learning_rate", "epoch", "step"}
 FINAL = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "epoch", "step"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_step1_loss_equals_trl(case, tiny_model_dir, tmp_path):
     data, fields, extras = CASES[case]
@@ -118,8 +133,8 @@ def test_step1_loss_equals_trl(case, tiny_model_dir, tmp_path):
     assert CORE <= set(trainer.state.log_history[0]) and FINAL <= set(trainer.state.log_history[-1])
     assert math.isfinite(out.training_loss) and FINAL - {"step"} <= set(out.metrics)
     if HAS_TRL:
-        ref_trainer, ref_out = script("trl", tiny_model_dir, tmp_path / "trl", data, REF_FIELDS.get(case, fields),
-                                      extras)
+        ref_trainer, ref_out = script("trl", tiny_model_dir, tmp_path / "trl", REF_DATA.get(case, data),
+                                      REF_FIELDS.get(case, fields), extras)
         ref = step_loss(ref_trainer.state.log_history) * position0_factor(ref_trainer)
         # the same record shapes (TRL adds metrics of the logits, which sftune never materialises)
         extra = {"entropy", "mean_token_accuracy", "total_flos"}
@@ -232,3 +247,22 @@ def test_record_shapes_are_json(tiny_model_dir, tmp_path):
     trainer, out = script("sftune", tiny_model_dir, tmp_path, "text", {}, {})
     json.dumps(trainer.state.log_history)
     assert out.metrics["train_loss"] == out.training_loss
+
+
+def test_trl_cli_yaml(tiny_model_dir, tmp_path):
+    """`sftune train --trl-config sft.yaml`: TRL's CLI keys (script, ModelConfig with LoRA, SFTConfig)."""
+    from sftune.cli import main
+
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows("prompt_completion")))
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_name: {data}\noutput_dir: {tmp_path / 'run'}\n"
+                   "max_steps: 2\nper_device_train_batch_size: 8\nlearning_rate: 1.0e-3\nbf16: false\n"
+                   "use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.0\nlora_target_modules: [c_attn]\n")
+    assert main(["train", "--trl-config", str(cfg)]) == 0
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+    cfg.write_text(cfg.read_text() + "lora_alpah: 8\n")
+    with pytest.raises(ConfigError, match="did you mean 'lora_alpha'"):
+        from sftune.compat.trl_yaml import load_trl_config
+
+        load_trl_config(cfg)

@@ -345,6 +345,7 @@ def build(model, args: SFTConfig, data_collator=None, train_dataset=None, eval_d
           *, peft_config=None, formatting_func: Callable | None = None, **kwargs) -> Built:
     """TRL 1.x's ``SFTTrainer`` arguments -> a :class:`~sftune.compat.trl07.Built` run."""
     g = Guidance("TRL 1.x")
+    g.overrides["eval.samples"] = 0  # Trainer's evaluation computes the loss only: no sample generations
     for k, v in kwargs.items():
         if k not in UNSUPPORTED_ARGS:
             raise TypeError(f"SFTTrainer() got an unexpected keyword argument {k!r}")
