@@ -49,7 +49,7 @@ MAX_LENGTH = 512
 BATCH = 8
 LR = 5e-5
 WARMUP_STEPS = 1  # optimizer steps excluded from the throughput
-CONTENDERS = ("trl_default", "trl_best", "sftune")
+CONTENDERS = ("trl_default", "trl_best", "sftune", "sftune_trl1")  # sftune_trl1: trl_default's script, sftune import
 
 
 # ----------------------------------------------------------------------------- shared set-up
@@ -201,23 +201,32 @@ class _Timer:
 
         class Timer(TrainerCallback):
             def __init__(self):
-                self.times, self.losses = [], []
+                self.times, self.losses, self.steps_seen = [], [], False
 
             def on_step_end(self, args, state, control, **kw):
+                self.steps_seen = True
                 self.times.append(time.time())
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
                     self.losses.append(logs["loss"])
+                    if not self.steps_seen:  # sftune's SFTTrainer has no on_step_end: logging_steps=1 logs each step
+                        self.times.append(time.time())
 
         return Timer()
 
 
-def run_trl(workload: str, rows: list[dict], heldout: list[dict], model_dir: str, work: str, best: bool) -> dict:
+def run_trl(workload: str, rows: list[dict], heldout: list[dict], model_dir: str, work: str, best: bool,
+            lib: str = "trl") -> dict:
+    """A TRL 1.x script; ``lib="sftune"`` runs the same script with ``from sftune import SFTConfig, SFTTrainer``."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+
+    if lib == "sftune":
+        from sftune import SFTConfig, SFTTrainer
+    else:
+        from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(os.cpu_count() or 2)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -260,7 +269,8 @@ def child(contender: str, workload: str, rows: list[dict], heldout: list[dict], 
             if contender == "sftune":
                 res = run_sftune(workload, rows, heldout, model_dir, work)
             else:
-                res = run_trl(workload, rows, heldout, model_dir, work, best=contender == "trl_best")
+                res = run_trl(workload, rows, heldout, model_dir, work, best=contender == "trl_best",
+                              lib="sftune" if contender == "sftune_trl1" else "trl")
             res["wall"] = time.time() - start
             queue.put(res)
     except Exception as e:  # report, don't hang the parent
