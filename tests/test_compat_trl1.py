@@ -48,6 +48,16 @@ def rows(kind: str) -> list[dict]:
     raise ValueError(kind)
 
 
+def tokenized(tok) -> list[dict]:
+    """Pre-tokenized prompt-completion rows, as TRL's own tokenization writes them (EOS appended)."""
+    out = []
+    for r in rows("prompt_completion"):
+        prompt = tok(r["prompt"])["input_ids"]
+        ids = tok(r["prompt"] + r["completion"])["input_ids"] + [tok.eos_token_id]
+        out.append({"input_ids": ids, "completion_mask": [0] * len(prompt) + [1] * (len(ids) - len(prompt))})
+    return out
+
+
 def qa_text(example):
     return f"Q: {example['question']}\nA: {example['answer']}"
 
@@ -63,6 +73,7 @@ CASES = {
     "conversational_prompt_completion": ("conversational_pc", {}, {}),
     "formatting_func": ("qa_columns", {}, {"formatting_func": qa_text}),
     "packing": ("text", {"packing": True, "max_length": 64}, {}),
+    "tokenized": ("tokenized", {"completion_only_loss": True}, {}),
     "grad_accum_cosine": ("prompt_completion", {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                                                 "lr_scheduler_type": "cosine", "warmup_steps": 1}, {}),
 }
@@ -76,6 +87,7 @@ REF_DATA = {"sharegpt": "messages"}
 GOLDEN = {
     "conversational_prompt_completion": 5.989383697509766,
     "formatting_func": 5.992127569228256,
+    "tokenized": ("tokenized", {"completion_only_loss": True}, {}),
     "grad_accum_cosine": 5.99656343460083,
     "messages": 5.9851199172613185,
     "messages_assistant_only": 5.989383697509766,
@@ -84,6 +96,7 @@ GOLDEN = {
     "prompt_completion_whole": 6.014028788602205,
     "sharegpt": 5.9851199172613185,
     "text": 6.014028788602205,
+    "tokenized": 5.99656343460083,
 }
 
 
@@ -98,7 +111,8 @@ def script(lib: str, model_dir, out, data: str, fields: dict, extras: dict, **mo
     base = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=8, logging_steps=1,
                 learning_rate=1e-3, bf16=False, report_to="none", save_strategy="no", seed=0, use_cpu=True)
     args = SFTConfig(**{**base, **fields})
-    trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(rows(data)),
+    data_rows = tokenized(tok) if data == "tokenized" else rows(data)
+    trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(data_rows),
                          processing_class=tok, **extras, **more)
     return trainer, trainer.train()
 

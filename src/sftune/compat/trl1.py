@@ -20,7 +20,8 @@ The data follows TRL's dataset types, recognised from the columns as TRL does:
   lists), with an optional ``tools`` column and per-row ``chat_template_kwargs``: the whole rendered
   conversation is trained (TRL's default), or only the assistant turns with ``assistant_only_loss``;
   conversational prompt-completion trains the completion messages;
-* pre-tokenized ``input_ids``: refused for now, with what to pass instead.
+* pre-tokenized ``input_ids`` (with ``completion_mask`` / ``assistant_masks``, or ``labels``):
+  trained as given (:mod:`sftune.data.pretokenized`).
 """
 
 from __future__ import annotations
@@ -287,9 +288,14 @@ def _map_data(g: Guidance, args: SFTConfig, train_ds: datasets.Dataset, formatti
     if args.assistant_only_loss and kind not in ("conversational", "conversational_prompt_completion", "tokenized"):
         raise ConfigError(f"assistant_only_loss=True needs conversational data (messages); this dataset is {kind}")
     if kind == "tokenized":
-        raise ConfigError("pre-tokenized datasets (an input_ids column) are not supported yet: sftune labels tokens "
-                          "from the text it tokenizes itself. Pass the text (text, prompt/completion or messages "
-                          "columns) instead")
+        from sftune.data.pretokenized import PretokenizedFormat
+
+        # TRL: completion_mask applies with completion_only_loss=True, or None and prompt/completion columns
+        fmt = PretokenizedFormat(completion_only=completion_only is True or (
+            completion_only is None and {"prompt", "completion"} <= set(cols)))
+        g.add("(dataset with input_ids)", None, f"pre-tokenized: {fmt.describe(cols)}")
+        g.not_expressible.append("pre-tokenized rows have no config equivalent")
+        return fmt
     if kind == "language_modeling":
         g.add(f"args.dataset_text_field={args.dataset_text_field!r}",
               {"data.format": "text", "data.text_column": args.dataset_text_field},
