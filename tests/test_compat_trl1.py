@@ -11,6 +11,7 @@ TRL installed, both run; without it, the loss is checked against GOLDEN (recorde
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 from datasets import Dataset
@@ -20,9 +21,11 @@ from sftune import SFTConfig, SFTTrainer
 from sftune.compat.trl1 import dataset_type
 from sftune.errors import ConfigError, SftuneError
 
-HAS_TRL = importlib.util.find_spec("trl") is not None
+# SFTUNE_TEST_GOLDEN=1: check against the recorded losses even where TRL is installed (faster)
+HAS_TRL = importlib.util.find_spec("trl") is not None and not os.environ.get("SFTUNE_TEST_GOLDEN")
 
-CHAT = ("{% for m in messages %}{{ m['role'] }}:\n{% if m['role'] == 'assistant' %}{% generation %}"
+CHAT = ("{% if tools %}tools: {{ tools | tojson }}\n{% endif %}{% if greeting is defined %}{{ greeting }}\n{% endif %}"
+        "{% for m in messages %}{{ m['role'] }}:\n{% if m['role'] == 'assistant' %}{% generation %}"
         "{{ m['content'] }}<|endoftext|>{% endgeneration %}{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}assistant:\n{% endif %}")
 QA = [("What is the capital of France?", "Paris is the capital."), ("Sort the list.", "[1, 2, 3]"),
@@ -38,6 +41,10 @@ def rows(kind: str) -> list[dict]:
         return [{"prompt": f"### Question: {q}\n ### Answer:", "completion": f" {a}"} for q, a in QA]
     if kind == "messages":
         return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    if kind == "messages_tools":  # TRL's tools column (JSON text) and per-row chat_template_kwargs
+        tool = json.dumps([{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}])
+        return [{**r, "tools": tool, "chat_template_kwargs": {"greeting": f"hi {i}"}}
+                for i, r in enumerate(rows("messages"))]
     if kind == "conversations":
         return [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA]
     if kind == "conversational_pc":
@@ -69,6 +76,8 @@ CASES = {
     "prompt_completion_whole": ("prompt_completion", {"completion_only_loss": False}, {}),
     "messages": ("messages", {}, {}),
     "messages_assistant_only": ("messages", {"assistant_only_loss": True}, {}),
+    "messages_tools": ("messages_tools", {}, {}),
+    "lora": ("prompt_completion", {}, {"peft_config": "lora"}),
     "sharegpt": ("conversations", {}, {}),  # TRL 1.16 refuses assistant_only_loss on ShareGPT rows
     "conversational_prompt_completion": ("conversational_pc", {}, {}),
     "formatting_func": ("qa_columns", {}, {"formatting_func": qa_text}),
@@ -87,10 +96,11 @@ REF_DATA = {"sharegpt": "messages"}
 GOLDEN = {
     "conversational_prompt_completion": 5.989383697509766,
     "formatting_func": 5.992127569228256,
-    "tokenized": ("tokenized", {"completion_only_loss": True}, {}),
     "grad_accum_cosine": 5.99656343460083,
+    "lora": 5.99656343460083,
     "messages": 5.9851199172613185,
     "messages_assistant_only": 5.989383697509766,
+    "messages_tools": 5.9745755919927275,
     "packing": 6.014028788602205,
     "prompt_completion": 5.99656343460083,
     "prompt_completion_whole": 6.014028788602205,
@@ -112,6 +122,11 @@ def script(lib: str, model_dir, out, data: str, fields: dict, extras: dict, **mo
                 learning_rate=1e-3, bf16=False, report_to="none", save_strategy="no", seed=0, use_cpu=True)
     args = SFTConfig(**{**base, **fields})
     data_rows = tokenized(tok) if data == "tokenized" else rows(data)
+    if extras.get("peft_config") == "lora":
+        from peft import LoraConfig
+
+        extras = {**extras, "peft_config": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"],
+                                                      task_type="CAUSAL_LM")}
     trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(data_rows),
                          processing_class=tok, **extras, **more)
     return trainer, trainer.train()
@@ -280,3 +295,20 @@ def test_trl_cli_yaml(tiny_model_dir, tmp_path):
         from sftune.compat.trl_yaml import load_trl_config
 
         load_trl_config(cfg)
+
+
+def test_tools_with_assistant_only_loss_needs_the_data_keys(tiny_model_dir, tmp_path):
+    """Replies only, with a tools column: mapped onto data.tools_column / data.chat_template_kwargs."""
+    from sftune.config import DataConfig
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tok.chat_template = CHAT
+    args = SFTConfig(output_dir=str(tmp_path), bf16=False, assistant_only_loss=True)
+    ds = Dataset.from_list(rows("messages_tools"))
+    if not {"tools_column", "chat_template_kwargs"} <= set(DataConfig.model_fields):
+        with pytest.raises(ConfigError, match="tools_column"):
+            SFTTrainer(str(tiny_model_dir), args=args, train_dataset=ds, processing_class=tok)
+        pytest.skip("data.tools_column / data.chat_template_kwargs are not in this sftune's config yet")
+    trainer = SFTTrainer(str(tiny_model_dir), args=args, train_dataset=ds, processing_class=tok)
+    assert (trainer.config.data.tools_column, trainer.config.data.chat_template_kwargs) == \
+        ("tools", "chat_template_kwargs")

@@ -1,6 +1,6 @@
 """The one ``SFTTrainer``: TRL 0.7 and TRL 1.x calls, and the Trainer surface scripts touch.
 
-The arguments decide the front: an :class:`~sftune.compat.trl1.SFTConfig` (or no ``args`` and no
+The arguments decide the front: an :class:`~sftune.compat.SFTConfig` (or no ``args`` and no
 0.7-era keywords) is a TRL 1.x call (:func:`sftune.compat.trl1.build`); a plain
 ``transformers.TrainingArguments`` or 0.7 keywords (``tokenizer``, ``max_seq_length``,
 ``dataset_text_field``, ``packing``, ...) is a TRL 0.7 call (:func:`sftune.compat.trl07.build`).
@@ -23,12 +23,14 @@ from pathlib import Path
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from sftune.compat import trl07, trl1
+from sftune.compat.trl07 import RUN_FILES, _as_dataset
+from sftune.compat.trl07 import build as build_trl07
+from sftune.compat.trl1 import UNSUPPORTED_ARGS, SFTConfig, dataset_type, prompt_completion_messages
+from sftune.compat.trl1 import build as build_trl1
 from sftune.console import is_main_process
 from sftune.errors import ConfigError, SftuneError
 
-RUN_FILES = trl07.RUN_FILES
-TRL1_KEYWORDS = set(trl1.UNSUPPORTED_ARGS)  # TRL 1.x's SFTTrainer arguments beyond the named ones
+TRL1_KEYWORDS = set(UNSUPPORTED_ARGS)  # TRL 1.x's SFTTrainer arguments beyond the named ones
 
 
 class History:
@@ -75,14 +77,14 @@ class SFTTrainer:
                  eval_dataset=None, processing_class=None, compute_loss_func=None, compute_metrics=None,
                  callbacks=None, optimizers=(None, None), *, peft_config=None, formatting_func=None, **kwargs):
         # TRL 1.x takes everything else in SFTConfig: other keywords (or a TrainingArguments) are a 0.7 call
-        legacy = not isinstance(args, trl1.SFTConfig) and (args is not None or bool(set(kwargs) - TRL1_KEYWORDS))
+        legacy = not isinstance(args, SFTConfig) and (args is not None or bool(set(kwargs) - TRL1_KEYWORDS))
         if legacy:
             self.api = "TRL 0.7"
             extra = {k: v for k, v in (("compute_metrics", compute_metrics), ("callbacks", callbacks),
                                        ("optimizers", optimizers)) if v not in (None, (None, None))}
             if compute_loss_func is not None:
                 raise ConfigError("compute_loss_func is a TRL 1.x argument: pass args=sftune.SFTConfig(...)")
-            built = trl07.build(model, args, data_collator, train_dataset, eval_dataset, peft_config=peft_config,
+            built = build_trl07(model, args, data_collator, train_dataset, eval_dataset, peft_config=peft_config,
                                 formatting_func=formatting_func, processing_class=processing_class,
                                 **extra, **kwargs)
             args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
@@ -91,8 +93,8 @@ class SFTTrainer:
             self.api = "TRL 1.x"
             if args is None:  # TRL's default: an SFTConfig named after the model
                 name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or "model"
-                args = trl1.SFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-SFT")
-            built = trl1.build(model, args, data_collator, train_dataset, eval_dataset, processing_class,
+                args = SFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+            built = build_trl1(model, args, data_collator, train_dataset, eval_dataset, processing_class,
                                peft_config=peft_config, formatting_func=formatting_func,
                                compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
                                optimizers=optimizers, **kwargs)
@@ -184,10 +186,10 @@ class SFTTrainer:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise SftuneError("evaluate() needs an eval set: pass eval_dataset= to SFTTrainer or to evaluate()")
-        ds = trl07._as_dataset(ds, "eval_dataset")
+        ds = _as_dataset(ds, "eval_dataset")
         if eval_dataset is not None and self.api == "TRL 1.x" and self.config.data.format == "messages" and \
-                trl1.dataset_type(ds, self.args.dataset_text_field) == "conversational_prompt_completion":
-            ds = trl1.prompt_completion_messages(ds)
+                dataset_type(ds, self.args.dataset_text_field) == "conversational_prompt_completion":
+            ds = prompt_completion_messages(ds)
         start = time.perf_counter()
         cfg = self.config
         source = Source(train=with_row_index(ds), eval=None, name="eval_dataset", rows_read=len(ds))

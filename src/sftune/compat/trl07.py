@@ -55,7 +55,7 @@ from sftune.data.formats import (  # noqa: F401
 from sftune.data.sources import Source, with_row_index
 from sftune.errors import ConfigError, SftuneError
 from sftune.model import add_lora, load_model, load_tokenizer, ready_tokenizer
-from sftune.console import console, is_main_process
+from sftune.console import console
 
 # ----------------------------------------------------------------------------- completion-only loss
 
