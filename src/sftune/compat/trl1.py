@@ -322,12 +322,13 @@ def _map_data(g: Guidance, args: SFTConfig, train_ds: datasets.Dataset, formatti
     keys = {"data.format": "messages", "data.train_on": "all_assistant"}
     if column is not None:
         keys["data.messages_column"] = column
-    for c in extra:
+    for c in extra:  # data.tools_column names the column; a chat_template_kwargs column is read per row
         key = {"tools": "tools_column", "chat_template_kwargs": "chat_template_kwargs"}[c]
         if key not in _data_keys():
             raise ConfigError(f"the dataset has a {c!r} column, which needs data.{key} (not in this sftune "
                               "version); train the whole conversation instead (assistant_only_loss=False)")
-        keys[f"data.{key}"] = c
+        if c == "tools":
+            keys["data.tools_column"] = c
     if kind == "conversational_prompt_completion":
         keys["data.messages_column"] = "messages"
         g.add("(prompt/completion messages), completion_only_loss", keys,
