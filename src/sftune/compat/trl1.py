@@ -244,6 +244,8 @@ def _map_sft_fields(args: SFTConfig, g: Guidance, tok) -> None:
         g.add("args.gradient_checkpointing=True", {"model.gradient_checkpointing": "auto"},
               "(TRL's default; sftune turns it on when the activations do not fit" +
               ("" if same else "; gradient_checkpointing_kwargs ignored") + ")")
+    else:
+        g.add("args.gradient_checkpointing=False", {"model.gradient_checkpointing": False})
     if args.optim not in ("adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"):
         raise ConfigError(f"SFTConfig(optim={args.optim!r}) is not supported: sftune trains with AdamW "
                           "(optim='adamw_torch', or 'adamw_bnb_8bit' for 8-bit states)")
