@@ -18,6 +18,7 @@ Contenders:
   trl_default  TRL as a user runs it: no packing, its default gradient checkpointing
   trl_best     TRL at its best: packing=True (bfd), padding_free, no gradient checkpointing
   sftune       sftune with its defaults
+  sftune_trl1  trl_default's script unchanged but for its import (from sftune import SFTConfig, SFTTrainer)
 
 Reported per contender: trained tokens/s (non-padding tokens per second of training, after the
 warm-up steps), peak resident memory, training loss (mean over the epoch's steps) and the loss of
@@ -344,8 +345,10 @@ def main(argv=None) -> int:
                 if "error" in per[c]:
                     console.print(f"[red]{c} failed: {per[c]['error']}[/]\n{per[c].get('trace', '')}")
             ok = {c: r for c, r in per.items() if "error" not in r}
-            if "sftune" in ok:
-                s = ok["sftune"]
+            for ours in ("sftune", "sftune_trl1"):
+                if ours not in ok:
+                    continue
+                s = ok[ours]
                 s["mfu"] = flops / stats["real_tokens"] * s["tokens_per_s"] / peak
                 for c in ("trl_default", "trl_best"):
                     if c in ok:
