@@ -110,10 +110,9 @@ class SFTConfig(TrainingArguments):
 SFT_FIELDS = frozenset(f.name for f in dataclasses.fields(SFTConfig)) - frozenset(
     f.name for f in dataclasses.fields(TrainingArguments))
 # TrainingArguments fields whose default SFTConfig overrides, or that this front reads itself
+# (the other changed fields are listed as ignored in the table)
 OWN_FIELDS = SFT_FIELDS | {"lr_scheduler_kwargs", "use_liger_kernel", "neftune_noise_alpha", "push_to_hub",
-                           "hub_model_id", "gradient_checkpointing", "bf16", "fp16", "eval_strategy", "eval_steps",
-                           "per_device_eval_batch_size", "logging_strategy", "run_name", "logging_dir",
-                           "disable_tqdm", "dataloader_num_workers", "remove_unused_columns", "overwrite_output_dir"}
+                           "hub_model_id", "gradient_checkpointing", "gradient_checkpointing_kwargs", "optim"}
 
 # What a TRL 1.x field becomes when it cannot be honoured: the reason and what to use instead.
 REFUSED = {
