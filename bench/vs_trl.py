@@ -19,6 +19,7 @@ Contenders:
   trl_default  TRL as a user runs it: no packing, its default gradient checkpointing
   trl_best     TRL at its best: packing=True (bfd), padding_free, no gradient checkpointing
   sftune       sftune with its defaults
+  sftune_trl1  trl_default's script unchanged but for its import (from sftune import SFTConfig, SFTTrainer)
 
 Reported per contender: trained tokens/s (non-padding tokens per second of training, after the
 warm-up steps), peak resident memory, training loss (mean over the epoch's steps) and the loss of
@@ -55,7 +56,7 @@ MAX_LENGTH = 512
 BATCH = 8
 LR = 5e-5
 WARMUP_STEPS = 1  # optimizer steps excluded from the throughput
-CONTENDERS = ("trl_default", "trl_best", "sftune")
+CONTENDERS = ("trl_default", "trl_best", "sftune", "sftune_trl1")  # sftune_trl1: trl_default's script, sftune import
 
 
 # ----------------------------------------------------------------------------- shared set-up
@@ -204,23 +205,32 @@ class _Timer:
 
         class Timer(TrainerCallback):
             def __init__(self):
-                self.times, self.losses = [], []
+                self.times, self.losses, self.steps_seen = [], [], False
 
             def on_step_end(self, args, state, control, **kw):
+                self.steps_seen = True
                 self.times.append(time.time())
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
                     self.losses.append(logs["loss"])
+                    if not self.steps_seen:  # sftune's SFTTrainer has no on_step_end: logging_steps=1 logs each step
+                        self.times.append(time.time())
 
         return Timer()
 
 
-def run_trl(workload: str, rows: list[dict], heldout: list[dict], model_dir: str, work: str, best: bool) -> dict:
+def run_trl(workload: str, rows: list[dict], heldout: list[dict], model_dir: str, work: str, best: bool,
+            lib: str = "trl") -> dict:
+    """A TRL 1.x script; ``lib="sftune"`` runs the same script with ``from sftune import SFTConfig, SFTTrainer``."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+
+    if lib == "sftune":
+        from sftune import SFTConfig, SFTTrainer
+    else:
+        from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(os.cpu_count() or 2)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -263,7 +273,8 @@ def child(contender: str, workload: str, rows: list[dict], heldout: list[dict], 
             if contender == "sftune":
                 res = run_sftune(workload, rows, heldout, model_dir, work)
             else:
-                res = run_trl(workload, rows, heldout, model_dir, work, best=contender == "trl_best")
+                res = run_trl(workload, rows, heldout, model_dir, work, best=contender == "trl_best",
+                              lib="sftune" if contender == "sftune_trl1" else "trl")
             res["wall"] = time.time() - start
             queue.put(res)
     except Exception as e:  # report, don't hang the parent
@@ -355,8 +366,10 @@ def main(argv=None) -> int:
                 if "error" in per[c]:
                     console.print(f"[red]{c} failed: {per[c]['error']}[/]\n{per[c].get('trace', '')}")
             ok = {c: r for c, r in per.items() if "error" not in r}
-            if "sftune" in ok:
-                s = ok["sftune"]
+            for ours in ("sftune", "sftune_trl1"):
+                if ours not in ok:
+                    continue
+                s = ok[ours]
                 s["mfu"] = flops / stats["real_tokens"] * s["tokens_per_s"] / peak
                 for c in ("trl_default", "trl_best"):
                     if c in ok:

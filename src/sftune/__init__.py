@@ -10,7 +10,10 @@ Python API::
 
 TRL-style fronts (:mod:`sftune.compat`)::
 
-    from sftune import SFTTrainer, DataCollatorForCompletionOnlyLM
+    from sftune import SFTTrainer, SFTConfig                          # TRL 1.x scripts
+    from sftune import SFTTrainer, DataCollatorForCompletionOnlyLM    # TRL 0.7 scripts
+
+``SFTConfig`` is TRL's name for TRL's arguments; sftune's own typed config is :class:`sftune.config.Config`.
 """
 
 __version__ = "0.1.0"
@@ -20,6 +23,7 @@ _LAZY = {  # name -> module: importing sftune stays cheap, the training stack lo
     "train": "sftune.training",
     "SFTTrainer": "sftune.compat",
     "DataCollatorForCompletionOnlyLM": "sftune.compat",
+    "SFTConfig": "sftune.compat",
 }
 
 
@@ -31,4 +35,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'sftune' has no attribute {name!r}")
 
 
-__all__ = ["DataCollatorForCompletionOnlyLM", "SFTTrainer", "__version__", "load_config", "train"]
+__all__ = ["DataCollatorForCompletionOnlyLM", "SFTConfig", "SFTTrainer", "__version__", "load_config", "train"]

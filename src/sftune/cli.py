@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SIGTERM saves a checkpoint and exits with status 75 (requeue); "
                                    "train.resume=auto continues when there is something to continue.")
     _add_recipe_args(p)
+    p.add_argument("--trl-config", metavar="FILE", help="run a `trl sft` YAML config (TRL 1.x keys) instead")
     p.set_defaults(subparser=p)
 
     p = sub.add_parser("preview", help="show training examples as the model sees them, and a dataset report",
@@ -244,6 +245,12 @@ def cmd_train(args) -> int:
     from sftune.config import load_config
     from sftune.runlock import refuse_if_locked
 
+    if getattr(args, "trl_config", None):  # a `trl sft` YAML, through the TRL 1.x front
+        if args.recipe or args.overrides:
+            raise SftuneError("--trl-config takes the whole run from the YAML: drop the recipe and overrides")
+        from sftune.compat.trl_yaml import run_trl_config
+
+        return run_trl_config(args.trl_config)
     if _no_recipe(args):
         return 2
     cfg = load_config(args.recipe, args.overrides)

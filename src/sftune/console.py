@@ -146,12 +146,18 @@ def quiet_third_party() -> None:
 
 
 class MetricsLogger:
-    """Appends one JSON object per line to ``metrics.jsonl`` and mirrors to optional backends."""
+    """Appends one JSON object per line to ``metrics.jsonl`` and mirrors to optional backends.
 
-    def __init__(self, output_dir: str | Path, report_to: list[str], enabled: bool, config: dict | None = None):
+    ``sinks``: more receivers of every record (objects with ``log(record)`` and ``close()``), such as
+    the Trainer-style history and callbacks of :mod:`sftune.compat.trainer`; they also get the
+    events of :meth:`notify` (a checkpoint saved), which are not written to ``metrics.jsonl``."""
+
+    def __init__(self, output_dir: str | Path, report_to: list[str], enabled: bool, config: dict | None = None,
+                 sinks=()):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.backends = []
+        self.sinks = list(sinks) if enabled else []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +191,16 @@ class MetricsLogger:
                     backend.add_scalar(k, v, step)
             else:
                 backend.log(scalars, step=step)
+        self.notify(record)
+
+    def notify(self, record: dict) -> None:
+        """Hand ``record`` to the sinks only."""
+        for sink in self.sinks:
+            sink.log(record)
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
         for kind, backend in self.backends:
             backend.close() if kind == "tensorboard" else backend.finish()
 

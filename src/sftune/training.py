@@ -237,9 +237,10 @@ class Run:
                         files=save_position(self.batches, self.data, step))  # mixtures' and streams' data position
         if self.cluster is not None:
             self.cluster.saved()
+        self.logger.notify({"step": step, "event": "save"})
 
 
-def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> Run:
+def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sinks=()) -> Run:
     """Data, model, layout, loss, optimizer, schedule and state: everything before the first step."""
     quiet_third_party()
     accelerator = make_accelerator(cfg)
@@ -299,7 +300,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> 
     batches = stream_batches(cfg, data, plan, tokenizer, accelerator.process_index, accelerator.num_processes,
                              cfg.train.seed) or \
         Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
-    logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"))
+    logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"), sinks=sinks)
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
               total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
                                               accelerator), threads=threads)
@@ -484,20 +485,21 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
     return TrainResult(str(out_dir), run.total_steps, result.last_loss, metrics)
 
 
-def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None) -> TrainResult:
+def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sinks=()) -> TrainResult:
     """Fine-tune as configured: :func:`setup`, :func:`loop`, :func:`finish`. Returns where the model
     went and the final metrics.
 
     ``model``, ``tokenizer`` (both already loaded), ``source`` (a :class:`~sftune.data.sources.Source`
     of rows) and ``fmt`` (a custom :class:`~sftune.data.formats.Format`) replace what the config
-    would load; the Python front-ends (``sftune.SFTTrainer``) pass them. The output directory is
+    would load; the Python front-ends (``sftune.SFTTrainer``) pass them, and ``sinks`` (receivers
+    of every metrics record, see :class:`~sftune.console.MetricsLogger`). The output directory is
     checked and locked first: one run per output directory.
     """
     main = os.environ.get("RANK", "0") == "0"
     if main:
         check_output_dir(Path(cfg.train.output_dir))
     with RunLock(cfg.train.output_dir, enabled=main):
-        run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt)
+        run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt, sinks=sinks)
         with run.cluster.handling():  # SIGTERM = Ctrl-C, then exit status 75 (sftune.cluster)
             result = loop(run)
             if result.interrupted:

@@ -1,14 +1,16 @@
-"""A TRL-0.7-style Python front: ``SFTTrainer`` and ``DataCollatorForCompletionOnlyLM``.
+"""The TRL 0.7 front: ``SFTTrainer``'s 0.7 arguments and ``DataCollatorForCompletionOnlyLM``.
 
 Notebooks written for the old ``trl`` API run with one changed import::
 
     from sftune import SFTTrainer, DataCollatorForCompletionOnlyLM   # was: from trl import ...
 
-This module is a translation layer, not a second engine. ``SFTTrainer(...)`` turns its arguments
-(and the fields of ``transformers.TrainingArguments``) into an :class:`~sftune.config.Config`,
-wraps the datasets into a :class:`~sftune.data.sources.Source`, and ``.train()`` calls
-:func:`sftune.training.train` once. At construction it prints which config key each legacy argument
-became, so a run can move to a recipe.
+This module is a translation layer, not a second engine. :func:`build` turns 0.7-style arguments
+(and the fields of ``transformers.TrainingArguments``) into an :class:`~sftune.config.Config`, and
+wraps the datasets into a :class:`~sftune.data.sources.Source`; the one ``SFTTrainer``
+(:mod:`sftune.compat.trainer`) prints which config key each legacy argument became, so a run can
+move to a recipe, and its ``.train()`` calls :func:`sftune.training.train` once. The argument
+mapping here (:class:`Guidance`, :func:`map_training_args`, :func:`map_peft`) is shared with the
+TRL 1.x front (:mod:`sftune.compat.trl1`).
 
 ``DataCollatorForCompletionOnlyLM`` keeps its meaning (loss only after the response template) but
 is never run as a collator: it becomes ``data.response_template``, a text format that splits every
@@ -24,10 +26,10 @@ instruction template is trained, as TRL did.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import difflib
 import math
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +55,7 @@ from sftune.data.formats import (  # noqa: F401
 from sftune.data.sources import Source, with_row_index
 from sftune.errors import ConfigError, SftuneError
 from sftune.model import add_lora, load_model, load_tokenizer, ready_tokenizer
-from sftune.console import console, is_main_process
+from sftune.console import console
 
 # ----------------------------------------------------------------------------- completion-only loss
 
@@ -146,7 +148,8 @@ def _cli(v: Any) -> str:
 class Guidance:
     """Rows of the legacy-argument table and the overrides they become."""
 
-    def __init__(self):
+    def __init__(self, api: str = "TRL 0.7"):
+        self.api = api
         self.overrides: dict[str, Any] = {}
         self.rows: list[tuple[str, str]] = []
         self.not_expressible: list[str] = []
@@ -158,7 +161,7 @@ class Guidance:
             self.rows.append((legacy, (text + ("  " if text and note else "") + note) or "-"))
 
     def print(self, output_dir: str) -> None:
-        t = Table(title="SFTTrainer (TRL 0.7 API) → sftune config: each legacy argument and its key",
+        t = Table(title=f"SFTTrainer ({self.api} API) → sftune config: each legacy argument and its key",
                   title_justify="left")
         t.add_column("legacy argument", style="bold", overflow="fold", ratio=1)
         t.add_column("sftune config", overflow="fold", ratio=1)
@@ -180,9 +183,11 @@ def _steps(value: float, total: int) -> int:
     return int(value) if value >= 1 else max(1, math.ceil(value * total))
 
 
-def map_training_args(args: TrainingArguments, n_rows: int, g: Guidance) -> None:
-    """Read the relevant fields of ``args``; the ones the user changed are shown in the table."""
-    ref = TrainingArguments(output_dir=args.output_dir)
+def map_training_args(args: TrainingArguments, n_rows: int, g: Guidance, ref: TrainingArguments | None = None,
+                      handled: frozenset[str] = frozenset()) -> None:
+    """Read the relevant fields of ``args``; the ones the user changed (from ``ref``, by default
+    ``TrainingArguments``' defaults) are shown in the table. ``handled``: fields the caller maps."""
+    ref = ref if ref is not None else TrainingArguments(output_dir=args.output_dir)
     changed = {f.name for f in dataclasses.fields(args) if getattr(args, f.name, None) != getattr(ref, f.name, None)}
     bs, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
     max_steps = args.max_steps if args.max_steps and args.max_steps > 0 else None
@@ -240,7 +245,7 @@ def map_training_args(args: TrainingArguments, n_rows: int, g: Guidance) -> None
         put("gradient_checkpointing", {"model.gradient_checkpointing": True})
     if args.torch_compile:
         put("torch_compile", {"train.compile": True})
-    ignored = sorted(changed - READ_FIELDS - {"do_train", "do_eval", "do_predict"})  # flags Trainer ignores too
+    ignored = sorted(changed - READ_FIELDS - handled - {"do_train", "do_eval", "do_predict"})  # flags Trainer ignores too
     if ignored:
         g.add(", ".join(f"args.{n}" for n in ignored), None, "ignored (no sftune equivalent)")
 
@@ -385,115 +390,81 @@ def _map_data(g: Guidance, train_ds: datasets.Dataset, eval_ds: datasets.Dataset
     return None
 
 
-# ----------------------------------------------------------------------------- the trainer
+# ----------------------------------------------------------------------------- building a run
 
 
-class SFTTrainer:
-    """TRL 0.7's ``SFTTrainer`` arguments, trained by sftune's pipeline and loop.
+@dataclass
+class Built:
+    """What a front made of its arguments: the config, and the objects ``training.train`` takes."""
 
-    ``model`` is a model object or a name/path; ``args`` a ``transformers.TrainingArguments``;
-    ``train_dataset``/``eval_dataset`` are ``datasets.Dataset``. The text comes from
-    ``dataset_text_field`` or ``formatting_func``; ``DataCollatorForCompletionOnlyLM`` puts the loss
-    after its response template. ``.train()`` trains and saves the final model to
-    ``args.output_dir``; ``.save_model(dir)`` copies it elsewhere.
+    config: Config
+    model: Any
+    tokenizer: Any
+    fmt: Format | None
+    source: Source
+    train_dataset: datasets.Dataset
+    eval_dataset: datasets.Dataset | None
+    guidance: Guidance
 
-    After construction: ``config`` (the :class:`~sftune.config.Config`), ``source`` (the rows),
-    ``format`` (the custom format, or ``None`` for a config-built one), ``model`` and ``tokenizer``.
-    """
 
-    def __init__(self, model=None, args: TrainingArguments | None = None, data_collator=None,
-                 train_dataset: datasets.Dataset | None = None, eval_dataset: datasets.Dataset | None = None,
-                 tokenizer=None, *, processing_class=None, peft_config=None, dataset_text_field: str | None = None,
-                 formatting_func: Callable | None = None, max_seq_length: int | None = None, packing: bool = False,
-                 dataset_num_proc: int | None = None, model_init_kwargs: dict | None = None, **kwargs):
-        g = Guidance()
-        _check_extra(kwargs, g)
-        if model is None:
-            raise ConfigError("SFTTrainer needs model=: a model object, or a hub id or local model directory")
-        if train_dataset is None:
-            raise ConfigError("SFTTrainer needs train_dataset= (a datasets.Dataset)")
-        if args is None:
-            args = TrainingArguments(output_dir="tmp_trainer")  # TRL's default
-        elif not isinstance(args, TrainingArguments):
-            raise ConfigError(f"args must be a transformers.TrainingArguments, got {type(args).__name__}")
-        if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
-            raise ConfigError("pass tokenizer= or processing_class=, not both")
-        tok = processing_class if processing_class is not None else tokenizer
-        train_ds = _as_dataset(train_dataset, "train_dataset")
-        eval_ds = None if eval_dataset is None else _as_dataset(eval_dataset, "eval_dataset")
+def load_and_adapt(g: Guidance, model, tok, peft_config) -> tuple[Config, Any, Any]:
+    """Load what is named (tokenizer, model), then add LoRA: the config, model and tokenizer of the run."""
+    cfg = load_config(None, g.overrides)
+    if tok is None:
+        tok, _ = load_tokenizer(cfg)
+    else:
+        ready_tokenizer(tok)
+    if isinstance(model, (str, Path)):
+        model = load_model(cfg, tok)
+    if peft_config is not None:
+        if hasattr(model, "peft_config"):
+            raise ConfigError("the model already has adapters (a PeftModel); drop peft_config, or pass the "
+                              "base model")
+        g.add(f"peft_config={type(peft_config).__name__}(r={peft_config.r}, …)", map_peft(peft_config, model))
+    elif hasattr(model, "peft_config"):
+        g.overrides["lora.enabled"] = True  # so the final save writes the adapter
+    config = load_config(None, g.overrides)
+    if config.lora.enabled and not hasattr(model, "peft_config"):
+        model = add_lora(config, model)
+    return config, model, tok
 
-        _map_model(g, model, tok, "processing_class" if processing_class is not None else "tokenizer",
-                   model_init_kwargs)
-        map_training_args(args, len(train_ds), g)
-        fmt = _map_data(g, train_ds, eval_ds, data_collator, dataset_text_field, formatting_func)
-        if max_seq_length is not None:
-            g.add(f"max_seq_length={max_seq_length}", {"data.max_length": int(max_seq_length)})
-        if packing:
-            g.add("packing=True", {"data.packing": True})
-        if dataset_num_proc:
-            g.add(f"dataset_num_proc={dataset_num_proc}", {"data.num_proc": int(dataset_num_proc)})
 
-        # ---- load what is named, then add LoRA
-        cfg = load_config(None, g.overrides)
-        if tok is None:
-            tok, _ = load_tokenizer(cfg)
-        else:
-            ready_tokenizer(tok)
-        if isinstance(model, (str, Path)):
-            model = load_model(cfg, tok)
-        if peft_config is not None:
-            if hasattr(model, "peft_config"):
-                raise ConfigError("the model already has adapters (a PeftModel); drop peft_config, or pass the "
-                                  "base model")
-            g.add(f"peft_config={type(peft_config).__name__}(r={peft_config.r}, …)", map_peft(peft_config, model))
-        elif hasattr(model, "peft_config"):
-            g.overrides["lora.enabled"] = True  # so the final save writes the adapter
-        self.config: Config = load_config(None, g.overrides)
-        if self.config.lora.enabled and not hasattr(model, "peft_config"):
-            model = add_lora(self.config, model)
+def make_source(train_ds: datasets.Dataset, eval_ds: datasets.Dataset | None) -> Source:
+    return Source(train=with_row_index(train_ds), eval=None if eval_ds is None else with_row_index(eval_ds),
+                  name="train_dataset", rows_read=len(train_ds))
 
-        self.args, self.model, self.tokenizer = args, model, tok
-        self.train_dataset, self.eval_dataset = train_ds, eval_ds
-        self.format = fmt
-        self.source = Source(train=with_row_index(train_ds), eval=None if eval_ds is None else with_row_index(eval_ds),
-                             name="train_dataset", rows_read=len(train_ds))
-        self.result = None
-        if is_main_process():
-            g.print(self.config.train.output_dir)
 
-    @property
-    def processing_class(self):
-        return self.tokenizer
+def build(model=None, args: TrainingArguments | None = None, data_collator=None,
+          train_dataset: datasets.Dataset | None = None, eval_dataset: datasets.Dataset | None = None,
+          tokenizer=None, *, processing_class=None, peft_config=None, dataset_text_field: str | None = None,
+          formatting_func: Callable | None = None, max_seq_length: int | None = None, packing: bool = False,
+          dataset_num_proc: int | None = None, model_init_kwargs: dict | None = None, **kwargs) -> Built:
+    """TRL 0.7's ``SFTTrainer`` arguments -> a :class:`Built` run (the table is printed by the trainer)."""
+    g = Guidance()
+    _check_extra(kwargs, g)
+    if model is None:
+        raise ConfigError("SFTTrainer needs model=: a model object, or a hub id or local model directory")
+    if train_dataset is None:
+        raise ConfigError("SFTTrainer needs train_dataset= (a datasets.Dataset)")
+    if args is None:
+        args = TrainingArguments(output_dir="tmp_trainer")  # TRL's default
+    elif not isinstance(args, TrainingArguments):
+        raise ConfigError(f"args must be a transformers.TrainingArguments, got {type(args).__name__}")
+    if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+        raise ConfigError("pass tokenizer= or processing_class=, not both")
+    tok = processing_class if processing_class is not None else tokenizer
+    train_ds = _as_dataset(train_dataset, "train_dataset")
+    eval_ds = None if eval_dataset is None else _as_dataset(eval_dataset, "eval_dataset")
 
-    def train(self, resume_from_checkpoint: bool | None = None):
-        """Train once with :func:`sftune.training.train`; returns its ``TrainResult`` (steps, train_loss,
-        metrics). ``resume_from_checkpoint=True`` continues from the newest checkpoint in output_dir."""
-        from sftune.training import train
-
-        if isinstance(resume_from_checkpoint, (str, Path)):
-            raise ConfigError("sftune resumes from the newest checkpoint in args.output_dir; "
-                              "pass resume_from_checkpoint=True")
-        if resume_from_checkpoint:
-            self.config.train.resume = True
-        self.result = train(self.config, model=self.model, tokenizer=self.tokenizer, source=self.source,
-                            fmt=self.format)
-        return self.result
-
-    def save_model(self, output_dir: str | None = None) -> None:
-        """Write the trained model as a standard Hugging Face directory (default: ``args.output_dir``,
-        where ``.train()`` already saved it): weights or adapter, config, tokenizer, generation
-        config and ``sftune_config.yaml``."""
-        if self.result is None:
-            raise SftuneError("nothing to save yet: call trainer.train() first (it saves the final model to "
-                              "args.output_dir)")
-        if self.result.interrupted:
-            raise SftuneError(f"training was interrupted, so no final model was saved; resume with "
-                              f"trainer.train(resume_from_checkpoint=True) (checkpoints in {self.result.output_dir})")
-        src = Path(self.result.output_dir)
-        dst = Path(output_dir) if output_dir else src
-        if dst.resolve() == src.resolve():
-            return
-        dst.mkdir(parents=True, exist_ok=True)
-        for p in src.iterdir():
-            if p.is_file() and p.name not in RUN_FILES and p.suffix != ".png":
-                shutil.copy2(p, dst / p.name)
+    _map_model(g, model, tok, "processing_class" if processing_class is not None else "tokenizer",
+               model_init_kwargs)
+    map_training_args(args, len(train_ds), g)
+    fmt = _map_data(g, train_ds, eval_ds, data_collator, dataset_text_field, formatting_func)
+    if max_seq_length is not None:
+        g.add(f"max_seq_length={max_seq_length}", {"data.max_length": int(max_seq_length)})
+    if packing:
+        g.add("packing=True", {"data.packing": True})
+    if dataset_num_proc:
+        g.add(f"dataset_num_proc={dataset_num_proc}", {"data.num_proc": int(dataset_num_proc)})
+    config, model, tok = load_and_adapt(g, model, tok, peft_config)
+    return Built(config, model, tok, fmt, make_source(train_ds, eval_ds), train_ds, eval_ds, g)

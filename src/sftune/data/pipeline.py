@@ -120,7 +120,9 @@ def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:
 
 def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig, max_length: int,
                    source: str) -> datasets.Dataset:
-    fn = Tokenizer(fmt, tokenizer, max_length, on_bad_row=cfg.on_bad_row, source=source)
+    own = getattr(fmt, "map_function", None)  # a format with no text (sftune.data.pretokenized) maps rows itself
+    fn = own(tokenizer, max_length, source) if own else Tokenizer(fmt, tokenizer, max_length,
+                                                                   on_bad_row=cfg.on_bad_row, source=source)
     fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length, fmt)
     quiet = len(ds) < 20_000 and datasets.is_progress_bar_enabled()  # leave a caller's setting as it was
     if quiet:
