@@ -91,61 +91,6 @@ def test_config_keys_keeps_square_brackets(capsys):
     assert code == 0 and "[c_attn, c_proj]" in out and "[lm_head]" in out
 
 
-def test_missing_extra_hint_keeps_the_extra_name(tmp_path, monkeypatch, capsys):
-    from sftune.console import MetricsLogger
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    monkeypatch.setitem(sys.modules, "wandb", None)
-    MetricsLogger(tmp_path, ["tensorboard", "wandb"], enabled=True)
-    err = capsys.readouterr().err
-    assert "pip install 'sftune[tensorboard]'" in err and "pip install 'sftune[wandb]'" in err
-
-
-# ----------------------------------------------------------------------------- 5. output without a terminal
-
-
-def test_plain_progress_lines():
-    from sftune.console import PlainProgress, console, training_progress
-
-    assert isinstance(training_progress(True), PlainProgress)  # pytest captures: not a terminal
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        p = PlainProgress(True, every_s=0)
-        t = p.add_task("train", total=100, completed=0, loss="-", lr="-", tps="-")
-        p.update(t, completed=1)
-        p.update(t, loss="1.2345", lr="1.00e-03", tps="5,000")
-        p.update(t, completed=50)
-        quiet = PlainProgress(True, every_s=3600)
-        t = quiet.add_task("train", total=100, completed=0, loss="-", lr="-", tps="-")
-        for step in range(1, 101):
-            quiet.update(t, loss="0.5", lr="1e-3", tps="1")
-            quiet.update(t, completed=step)
-    lines = buf.getvalue().splitlines()
-    assert len(lines) == 3 and "\r" not in buf.getvalue() and console.file is not None
-    assert lines[0].startswith("step 1/100 (1%)  loss -")
-    assert re.match(r"step 50/100 \(50%\)  loss 1\.2345  lr 1\.00e-03  5,000 tok/s  elapsed \S+  ETA \S+", lines[1])
-    assert lines[2].startswith("step 100/100")  # the last step always, however rarely lines come
-
-
-def test_third_party_noise_is_silenced(caplog):
-    from sftune.console import quiet_third_party
-
-    quiet_third_party()
-    with caplog.at_level(logging.WARNING):
-        logging.getLogger("accelerate.utils.other").warning(
-            "[RANK 0] Removed shared tensor {'model.lm_head.weight'} while saving. This should be OK")
-        logging.getLogger("transformers.tokenization_utils_base").warning(
-            "Token indices sequence length is longer than the specified maximum sequence length for this model")
-        logging.getLogger("accelerate.utils.other").warning("something else")
-    assert [r.getMessage() for r in caplog.records] == ["something else"]
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("default")
-        quiet_third_party.__globals__["_quieted"] = False  # re-install the filter inside this context
-        quiet_third_party()
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
-    assert not seen
-
-
 # ----------------------------------------------------------------------------- 2, 4: a short run
 
 
@@ -270,15 +215,6 @@ def test_throughput_plot_label(tmp_path, monkeypatch):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0}))
     report.build_report(tmp_path)
     assert "tokens / s (all non-padding tokens)" in labels and not any("trained tokens" in x for x in labels)
-
-
-def test_resume_from_an_earlier_checkpoint_drops_abandoned_records(tmp_path):
-    from sftune.console import read_metrics, truncate_metrics
-
-    recs = [{"step": s, "loss": 1.0} for s in (100, 200, 300, 400)] + [{"step": 400, "final": True}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert truncate_metrics(tmp_path, 200) == 3
-    assert [r["step"] for r in read_metrics(tmp_path)] == [100, 200]
 
 
 def test_ctrl_c_prints_the_resume_command(monkeypatch, capsys):
