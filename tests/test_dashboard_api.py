@@ -71,6 +71,7 @@ def test_compare_overlays_and_diffs_configs(client):
     c = client.get("/api/compare", params=[("name", "done"), ("name", "sweep/a")]).json()
     assert [r["name"] for r in c["runs"]] == ["done", "sweep/a"]
     assert [len([x for x in r["records"] if "loss" in x]) for r in c["runs"]] == [12, 6]
+    assert [r["total_steps"] for r in c["runs"]] == [12, 6]  # the compare charts' "fraction of the run"
     diff = {d["key"]: d["values"] for d in c["config_diff"]}
     assert diff == {"train.max_steps": {"done": 12, "sweep/a": 6}, "train.lr": {"done": 0.001, "sweep/a": 0.002}}
 
