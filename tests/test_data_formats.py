@@ -5,7 +5,7 @@ import pytest
 from sftune.config import DataConfig
 from sftune.data.formats import BadRow, MessagesFormat, PromptCompletionFormat, TextFormat, choose_format
 from sftune.data.templates import CHATML, NAMED_TEMPLATES, parse_fields
-from sftune.errors import ConfigError, DataError, RowSkip
+from sftune.errors import ConfigError, RowSkip
 
 
 def test_parse_fields_and_literal_braces():

@@ -6,12 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import re
 import subprocess
 import sys
-import warnings
-from pathlib import Path
 
 import pytest
 
