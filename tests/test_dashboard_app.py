@@ -175,23 +175,6 @@ def test_chat_streams_with_the_training_format(tmp_path):
         assert r.status_code == 200 and "".join(r.iter_text()).strip()
 
 
-def test_cli_ui_command(tmp_path, monkeypatch, capsys):
-    import uvicorn
-
-    from sftune.cli import main
-
-    assert main(["ui", str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
-    assert main(["ui", str(tmp_path), "--port", "8123"]) == 0
-    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
-    assert "http://127.0.0.1:8123/" in capsys.readouterr().err and "token" not in seen
-    assert main(["ui", str(tmp_path), "--host", "0.0.0.0", "--port", "8124"]) == 0
-    assert "?token=" in capsys.readouterr().err.replace("\n", "")  # exposing it always takes a token
-    assert TestClient(seen["app"]).get("/api/runs").status_code == 401
-
-
 def test_new_run_form_schema_and_validation(client, root, monkeypatch):
     import subprocess
 
