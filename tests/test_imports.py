@@ -1,5 +1,5 @@
-"""The package's import graph has no cycle (package ``__init__`` files included), and the layers below
-the loop never import the loop's own modules."""
+"""The package's shape: its import graph has no cycle (package ``__init__`` files included), the layers
+below the loop never import the loop's own modules, and every module has its test module."""
 
 import ast
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Console output and metric sinks: the rich console, the progress bar, ``metrics.jsonl``.
+"""Console output and metric sinks: the rich console, the progress bar (one plain line per logged
+record when stderr is not a terminal), ``metrics.jsonl`` and its TensorBoard / W&B mirrors.
 
 Progress and logs go to stderr; command results (``--json`` output, generations) go to stdout, so
 both can be piped. Only the main process prints and writes metrics.
