@@ -10,20 +10,22 @@ from pathlib import Path
 
 
 def fake_run(root: Path, name: str, *, steps: int = 10, final: bool = True, checkpoint: bool = False,
-             age_s: float = 0.0, lr: float = 1e-3, lock_pid: int | None = None) -> Path:
-    """A run with ``steps`` train records, an eval record with samples and (``final``) final metrics."""
+             age_s: float = 0.0, lr: float = 1e-3, lock_pid: int | None = None, loss=None) -> Path:
+    """A run with ``steps`` train records, an eval record with samples and (``final``) final metrics;
+    ``loss(step)`` gives the train loss (default ``5 - 0.1 * step``)."""
     run = root / name
+    loss = loss or (lambda s: 5.0 - 0.1 * s)
     run.mkdir(parents=True)
     t0 = time.time() - age_s - steps
-    lines = [{"time": t0 + s, "step": s, "epoch": s / 100, "loss": 5.0 - 0.1 * s, "lr": lr, "tokens_per_s": 900.0 + s,
+    lines = [{"time": t0 + s, "step": s, "epoch": s / 100, "loss": loss(s), "lr": lr, "tokens_per_s": 900.0 + s,
               "loss_tokens": 100} for s in range(1, steps + 1)]
     lines.append({"time": t0 + steps, "step": steps, "eval_loss": 4.0, "eval_ppl": 54.6, "eval_tokens": 50})
     lines.append({"time": t0 + steps, "step": steps, "label": f"step {steps}", "samples": [
         {"prompt": "Q: reverse abc\nA:", "generated": " cba", "reference": " cba"},
         {"prompt": "Q: upper <b>x</b>\nA:", "generated": " <script>alert(1)</script>", "reference": " X"}]})
     if final:
-        lines.append({"time": t0 + steps, "step": steps, "final": True, "train_loss": 5.0 - 0.1 * steps})
-        (run / "final_metrics.json").write_text(json.dumps({"train_loss": 5.0 - 0.1 * steps, "eval_loss": 4.0}))
+        lines.append({"time": t0 + steps, "step": steps, "final": True, "train_loss": loss(steps)})
+        (run / "final_metrics.json").write_text(json.dumps({"train_loss": loss(steps), "eval_loss": 4.0}))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (run / "sftune_config.yaml").write_text(f"recipe: quickstart\nmodel:\n  path: builtin:quickstart\n"
                                             f"train:\n  max_steps: {steps}\n  lr: {lr}\n")

@@ -18,7 +18,7 @@ from sftune.config import load_config
 from sftune.data.formats import choose_format
 from sftune.data.pipeline import prepare_data
 from sftune.data.tokenize import IGNORE, Tokenizer
-from sftune.errors import ConfigError, SftuneError
+from sftune.errors import SftuneError
 from sftune.model import resolve_max_length
 
 from conftest import CORPUS, build_model_dir, shared_file, write_jsonl
@@ -192,15 +192,6 @@ def test_template_inside_the_question_splits_at_the_last_occurrence(tiny_model_d
     assert "occurs more than once" in err and "rows 2" in err
 
 
-def test_multi_turn_split_with_instruction_template():
-    text = "### Human: hi ### Assistant: hello ### Human: bye ### Assistant: ciao"
-    assert split_at_response(text, " ### Assistant:", "### Human:") == [
-        ("### Human: hi ### Assistant:", False), (" hello ", True),
-        ("### Human: bye ### Assistant:", False), (" ciao", True)]
-    with pytest.raises(Exception, match=NOT_FOUND):
-        split_at_response("no template here", " ### Assistant:")
-
-
 def test_text_without_template_is_a_counted_skip(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
     rows = Dataset.from_list([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)])
 
@@ -217,29 +208,6 @@ def test_text_without_template_is_a_counted_skip(tiny_model_dir, tiny_tokenizer,
     assert data.report.kept == 4
     err = " ".join(capsys.readouterr().err.split())
     assert "2 of 6 texts in train do not contain the response template ' ### Answer:'" in err
-
-
-def test_collator_accepts_token_ids_and_is_not_a_batch_collator(tiny_tokenizer):
-    ids = tiny_tokenizer.encode(" ### Answer:", add_special_tokens=False)
-    assert DataCollatorForCompletionOnlyLM(ids, tokenizer=tiny_tokenizer).response_template == " ### Answer:"
-    with pytest.raises(ConfigError, match="tokenizer"):
-        DataCollatorForCompletionOnlyLM(ids)
-    with pytest.raises(SftuneError, match="not a batch collator"):
-        DataCollatorForCompletionOnlyLM(" ### Answer:")([{"input_ids": [1]}])
-
-
-def test_formatting_func_batched_or_per_row(tiny_model_dir, tmp_path):
-    row = {"instruction": "x", "output": "y"}
-    batched = FunctionFormat(qa_func, " ### Answer:")
-    per_row = FunctionFormat(lambda ex: f"### Question: {ex['instruction']}\n ### Answer: {ex['output']}",
-                             " ### Answer:")
-    for fmt, kind in ((batched, True), (per_row, False)):
-        assert fmt(row).segments == [("### Question: x\n ### Answer:", False), (" y", True)]
-        assert fmt.batched is kind
-    assert batched.cache_key() == FunctionFormat(qa_func, " ### Answer:").cache_key()
-    assert batched.cache_key() != FunctionFormat(qa_func, "### Answer:").cache_key()
-    with pytest.raises(SftuneError, match="KeyError: 'question'"):
-        FunctionFormat(lambda ex: [ex["question"][0]])(row)
 
 
 # ----------------------------------------------------------------------------- arguments and saving
@@ -273,17 +241,6 @@ def test_training_arguments_map_to_config_keys(tiny_model_dir, tmp_path, capsys)
     assert (ratio.config.train.log_every, ratio.config.train.save_every) == (5, None)
     default = SFTTrainer(model, train_dataset=TEXTS, dataset_text_field="text")
     assert (default.config.train.output_dir, default.config.train.max_steps) == ("tmp_trainer", None)
-
-
-def test_unknown_and_unsupported_arguments(tiny_model_dir):
-    with pytest.raises(TypeError, match="did you mean 'dataset_text_field'"):
-        SFTTrainer(str(tiny_model_dir), train_dataset=TEXTS, dataset_text_fields="text")
-    with pytest.raises(ConfigError, match="NEFTune"):
-        SFTTrainer(str(tiny_model_dir), train_dataset=TEXTS, neftune_noise_alpha=5)
-    with pytest.raises(ConfigError, match="DatasetDict"):
-        from datasets import DatasetDict
-
-        SFTTrainer(str(tiny_model_dir), train_dataset=DatasetDict(train=TEXTS), dataset_text_field="text")
 
 
 def test_model_name_with_lora_trains_and_saves_an_adapter(tiny_model_dir, tmp_path):

@@ -1,7 +1,9 @@
 """``sftune ui`` end to end in headless Chromium (Debian's ``chromium``, driven by playwright without
 downloading a browser): a quickstart run trains while the page watches its loss chart grow; the
 finished run's chart has one point per metrics.jsonl record; the data preview highlights trained
-tokens; chat streams a reply (with the base model side by side); runs list and compare render.
+tokens; chat streams a reply (with the base model side by side); runs list and compare render; runs
+of 3 and 2,000 steps compare on a shared axis (fraction of the run, trained tokens seen); loss has a
+log-scale toggle; chart titles sit clear of plotly's mode bar.
 Screenshots go to pytest's tmp dir (printed at the end); look at them.
 """
 
@@ -77,6 +79,24 @@ def points(page, chart: str = "chart-loss", trace: int = 0) -> int:
     }}""")
     assert drawn == given
     return drawn
+
+
+def x_range(page, chart: str, trace: int) -> list[float]:
+    """The first and last x of a trace, rounded as a reader would read them."""
+    xs = page.evaluate(f"document.getElementById('{chart}').data[{trace}].x")
+    return [round(xs[0], 4), round(xs[-1], 4)]
+
+
+def assert_clear_of_mode_bar(page, chart: str) -> None:
+    """The chart's title (the caption above it) and plotly's mode bar, when shown, do not overlap."""
+    title, bar = page.evaluate(f"""() => {{
+        const box = (e) => {{ const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; }};
+        const div = document.getElementById('{chart}');
+        return [box(div.closest('figure').querySelector('.chart-title')), box(div.querySelector('.modebar'))];
+    }}""")
+    assert bar[2] > bar[0] and title[2] > title[0], (title, bar)  # both drawn
+    overlap = min(title[2], bar[2]) > max(title[0], bar[0]) and min(title[3], bar[3]) > max(title[1], bar[1])
+    assert not overlap, f"{chart}: title {title} under the mode bar {bar}"
 
 
 def test_dashboard_in_a_browser(server, page, tmp_path):
@@ -174,6 +194,7 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
         assert "train.lr" in page.inner_text("main")
         page.screenshot(path=str(shots / "6-compare.png"), full_page=True)
         mark("runs and compare")
+
     finally:
         page.screenshot(path=str(shots / "last.png"), full_page=True)
         for child in newrun._children:
@@ -184,3 +205,40 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
                 except subprocess.TimeoutExpired:
                     child.kill()
         print(f"screenshots: {shots}; timeline: {', '.join(times)}")
+
+
+def test_charts_compare_axes_log_scale_and_titles(server, page, tmp_path):
+    """Runs of 3 and 2,000 steps compared as fractions of their run, by trained tokens seen and by step;
+    the loss on a log axis, remembered across views; every chart's title clear of plotly's mode bar."""
+    root, url = server
+    fake_run(root, "short", steps=3, loss=lambda s: 4.5 - 0.5 * s)
+    fake_run(root, "long", steps=2000, loss=lambda s: 0.5 + 4.5 / s ** 0.5)
+    try:
+        page.goto(f"{url}/#/compare/long|short")
+        page.wait_for_selector("#cmp-loss .scatterlayer .trace")
+        assert page.input_value("#cmp-axis") == "fraction"  # lengths differ: the shared axis by default
+        assert x_range(page, "cmp-loss", 0) == [0.0005, 1] and x_range(page, "cmp-loss", 2) == [0.3333, 1]
+        page.select_option("#cmp-axis", "tokens")
+        assert x_range(page, "cmp-loss", 0) == [100, 200_000] and x_range(page, "cmp-loss", 2) == [100, 300]
+        assert page.text_content("#cmp-loss .xtitle") == "trained tokens seen"
+        page.select_option("#cmp-axis", "step")
+        assert x_range(page, "cmp-loss", 2) == [1, 3] and x_range(page, "cmp-lr", 0) == [1, 2000]
+        page.select_option("#cmp-axis", "fraction")
+
+        page.check("#cmp-loss-log")
+        page.wait_for_function("document.getElementById('cmp-loss').layout.yaxis.type === 'log'")
+        for chart in ("cmp-loss", "cmp-lr", "cmp-tps"):
+            page.hover(f"#{chart} .nsewdrag")  # the mode bar shows on hover
+            assert_clear_of_mode_bar(page, chart)
+        page.screenshot(path=str(tmp_path / "compare-lengths.png"), full_page=True)
+
+        page.goto(f"{url}/#/run/short")
+        page.wait_for_function("document.getElementById('chart-loss')?.layout?.yaxis?.type === 'log'")
+        assert page.is_checked("#chart-loss-log")  # remembered from compare
+        page.uncheck("#chart-loss-log")
+        page.wait_for_function("document.getElementById('chart-loss').layout.yaxis.type === 'linear'")
+        page.hover("#chart-loss .nsewdrag")
+        assert_clear_of_mode_bar(page, "chart-loss")
+    finally:
+        page.screenshot(path=str(tmp_path / "last.png"), full_page=True)
+        print(f"screenshots: {tmp_path}")

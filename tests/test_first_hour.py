@@ -6,12 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
-import re
 import subprocess
 import sys
-import warnings
-from pathlib import Path
 
 import pytest
 
@@ -89,61 +85,6 @@ def test_train_without_arguments_shows_usage_and_recipes(capsys):
 def test_config_keys_keeps_square_brackets(capsys):
     code, out, _ = run_cli(["config", "--keys"], capsys)
     assert code == 0 and "[c_attn, c_proj]" in out and "[lm_head]" in out
-
-
-def test_missing_extra_hint_keeps_the_extra_name(tmp_path, monkeypatch, capsys):
-    from sftune.console import MetricsLogger
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    monkeypatch.setitem(sys.modules, "wandb", None)
-    MetricsLogger(tmp_path, ["tensorboard", "wandb"], enabled=True)
-    err = capsys.readouterr().err
-    assert "pip install 'sftune[tensorboard]'" in err and "pip install 'sftune[wandb]'" in err
-
-
-# ----------------------------------------------------------------------------- 5. output without a terminal
-
-
-def test_plain_progress_lines():
-    from sftune.console import PlainProgress, console, training_progress
-
-    assert isinstance(training_progress(True), PlainProgress)  # pytest captures: not a terminal
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        p = PlainProgress(True, every_s=0)
-        t = p.add_task("train", total=100, completed=0, loss="-", lr="-", tps="-")
-        p.update(t, completed=1)
-        p.update(t, loss="1.2345", lr="1.00e-03", tps="5,000")
-        p.update(t, completed=50)
-        quiet = PlainProgress(True, every_s=3600)
-        t = quiet.add_task("train", total=100, completed=0, loss="-", lr="-", tps="-")
-        for step in range(1, 101):
-            quiet.update(t, loss="0.5", lr="1e-3", tps="1")
-            quiet.update(t, completed=step)
-    lines = buf.getvalue().splitlines()
-    assert len(lines) == 3 and "\r" not in buf.getvalue() and console.file is not None
-    assert lines[0].startswith("step 1/100 (1%)  loss -")
-    assert re.match(r"step 50/100 \(50%\)  loss 1\.2345  lr 1\.00e-03  5,000 tok/s  elapsed \S+  ETA \S+", lines[1])
-    assert lines[2].startswith("step 100/100")  # the last step always, however rarely lines come
-
-
-def test_third_party_noise_is_silenced(caplog):
-    from sftune.console import quiet_third_party
-
-    quiet_third_party()
-    with caplog.at_level(logging.WARNING):
-        logging.getLogger("accelerate.utils.other").warning(
-            "[RANK 0] Removed shared tensor {'model.lm_head.weight'} while saving. This should be OK")
-        logging.getLogger("transformers.tokenization_utils_base").warning(
-            "Token indices sequence length is longer than the specified maximum sequence length for this model")
-        logging.getLogger("accelerate.utils.other").warning("something else")
-    assert [r.getMessage() for r in caplog.records] == ["something else"]
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("default")
-        quiet_third_party.__globals__["_quieted"] = False  # re-install the filter inside this context
-        quiet_third_party()
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
-    assert not seen
 
 
 # ----------------------------------------------------------------------------- 2, 4: a short run
@@ -226,59 +167,12 @@ def test_alpaca_recipe_on_an_alpaca_file(tiny_model_dir, tmp_path, capsys):
 # ----------------------------------------------------------------------------- 9. smaller
 
 
-def test_preview_marks_trained_tokens_without_colour(capsys):
-    code, _, err = run_cli(["preview", "quickstart", "data.limit=10", "-n", "1"], capsys)
-    assert code == 0, err
-    assert re.search(r"A:« \S+<\|endoftext\|>»", err) and "legend: «trained tokens»" in err
-
-
 def test_quickstart_recipe_comment_matches_the_data():
     from sftune.config import RECIPES_DIR
     from sftune.quickstart import TEST_ROWS, TRAIN_ROWS
 
     text = (RECIPES_DIR / "quickstart.yaml").read_text()
     assert f"{TRAIN_ROWS:,} train rows, {TEST_ROWS} held-out rows" in text
-
-
-def test_report_order_labels_and_eos_wording(tmp_path):
-    from sftune.data.report import DataReport
-    from sftune.report import build_report
-    from sftune.console import console
-
-    recs = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "tokens_per_s": 100.0} for s in (1, 2)]
-    sample = [{"prompt": "p", "generated": "g", "reference": "r"}]
-    recs += [{"step": 2, "label": "step 2", "samples": sample}, {"step": 2, "label": "before training", "samples": sample},
-             {"step": 2, "label": "after training", "samples": sample}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    rep = DataReport.from_columns(source="f.json", fmt="prompt_completion", split="train", max_length=8, rows_read=2,
-                                  lengths=[8, 5], n_loss=[3, 2], truncated=[True, False], eos_trained=[False, True],
-                                  skip=["", ""], rows=[0, 1])
-    (tmp_path / "data_report.json").write_text(json.dumps(rep.to_dict()))
-    text = build_report(tmp_path).read_text()
-    assert text.index("**before training**") < text.index("**step 2**") < text.index("**after training**")
-    assert "yes, every untruncated example" in text
-    with console.capture() as cap:
-        rep.render(console)
-    assert "every untruncated example" in cap.get()
-
-
-def test_throughput_plot_label(tmp_path, monkeypatch):
-    import sftune.report as report
-
-    labels = []
-    monkeypatch.setattr(report, "_plot", lambda path, title, ylabel, series, logy=False: labels.append(ylabel))
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0}))
-    report.build_report(tmp_path)
-    assert "tokens / s (all non-padding tokens)" in labels and not any("trained tokens" in x for x in labels)
-
-
-def test_resume_from_an_earlier_checkpoint_drops_abandoned_records(tmp_path):
-    from sftune.console import read_metrics, truncate_metrics
-
-    recs = [{"step": s, "loss": 1.0} for s in (100, 200, 300, 400)] + [{"step": 400, "final": True}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert truncate_metrics(tmp_path, 200) == 3
-    assert [r["step"] for r in read_metrics(tmp_path)] == [100, 200]
 
 
 def test_ctrl_c_prints_the_resume_command(monkeypatch, capsys):

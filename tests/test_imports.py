@@ -1,5 +1,5 @@
-"""The package's import graph has no cycle (package ``__init__`` files included), and the layers below
-the loop never import the loop's own modules."""
+"""The package's shape: its import graph has no cycle (package ``__init__`` files included), the layers
+below the loop never import the loop's own modules, and every module has its test module."""
 
 import ast
 from pathlib import Path
@@ -75,3 +75,21 @@ def test_layers_below_the_loop_never_import_the_loop():
         if m.startswith(BELOW_THE_LOOP):
             bad = sorted(d for d in reach(graph, m) if d.startswith(LOOP))
             assert not bad, f"{m} imports the loop's modules (directly or through others): {bad}"
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def mirror_test_file(path: Path) -> str:
+    """Where a module's unit tests live: ``sftune/x.py`` -> ``test_x.py``, ``sftune/data/x.py`` ->
+    ``test_data_x.py`` (a package's ``__init__``/``__main__`` only re-export: none needed)."""
+    return "test_" + "_".join(path.relative_to(SRC).with_suffix("").parts) + ".py"
+
+
+def test_every_module_has_its_test_module():
+    """Tests mirror src/: "where is X tested?" is answered by the file name. Claim-level suites
+    (first hour, faults, model families, distributed, ...) live beside them."""
+    modules = [p for p in SRC.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    missing = sorted(f"{p.relative_to(SRC)} -> tests/{mirror_test_file(p)}" for p in modules
+                     if not (TESTS / mirror_test_file(p)).exists())
+    assert not missing, "modules without their test module (add its unit tests there):\n  " + "\n  ".join(missing)

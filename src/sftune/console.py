@@ -1,4 +1,5 @@
-"""Console output and metric sinks: the rich console, the progress bar, ``metrics.jsonl``.
+"""Console output and metric sinks: the rich console, the progress bar (one plain line per logged
+record when stderr is not a terminal), ``metrics.jsonl`` and its TensorBoard / W&B mirrors.
 
 Progress and logs go to stderr; command results (``--json`` output, generations) go to stdout, so
 both can be piped. Only the main process prints and writes metrics.
@@ -24,12 +25,16 @@ out = Console(highlight=False, soft_wrap=True)
 
 
 class PlainProgress:
-    """The progress bar's stand-in when stderr is not a terminal (a log file, CI): a plain line every
-    ``every_s`` seconds (env ``SFTUNE_PROGRESS_SECONDS``, default 30) with the step and the latest
-    logged loss, and always one for the last step, so a log shows the run moving without ``\\r``
-    redraws::
+    """The progress bar's stand-in when stderr is not a terminal (a log file, CI, ``nohup``): one
+    plain line per logged record (every ``train.log_every`` steps, as Hugging Face's Trainer prints
+    its logs), with the step, loss, learning rate, tokens/s and ETA::
 
         step 150/2000 (7%)  loss 1.2345  lr 1.00e-03  12,345 tok/s  elapsed 0:00:15  ETA 0:03:05
+
+    An update that carries metrics (``loss=``, ``lr=``, ``tps=``) is a record: it is printed with the
+    step count that follows it. When records are further apart than ``every_s`` seconds (env
+    ``SFTUNE_PROGRESS_SECONDS``, default 30), a heartbeat line with the step alone shows the run
+    moving in between; the last step always gets a line. No ``\\r`` redraws.
     """
 
     def __init__(self, enabled: bool, every_s: float | None = None):
@@ -51,23 +56,25 @@ class PlainProgress:
     def add_task(self, description: str, total: int, completed: int = 0, **fields) -> int:
         now = time.monotonic()
         self.tasks[0] = {"total": total, "completed": completed, "start": completed, "t0": now, "last": now,
-                         "printed": completed, **fields}
+                         "printed": completed, "record": False, **fields}
         return 0
 
     def update(self, task: int, completed: int | None = None, **fields) -> None:
         t = self.tasks[task]
-        t.update(fields)  # new metrics: printed with the step count that follows them
+        if fields:  # a new record: printed with the step count that follows it
+            t.update(fields, record=True)
         if completed is None:
             return
         t["completed"] = completed
         now = time.monotonic()
-        done = t["completed"] >= t["total"]
-        if self.enabled and completed > t["printed"] and (done or now - t["last"] >= self.every_s):
-            t["last"], t["printed"] = now, completed
-            console.print(self.line(t, now), markup=False, highlight=False, soft_wrap=True)
+        record, done = t["record"], completed >= t["total"]
+        if self.enabled and completed > t["printed"] and (record or done or now - t["last"] >= self.every_s):
+            t["last"], t["printed"], t["record"] = now, completed, False
+            console.print(self.line(t, now, record or done), markup=False, highlight=False, soft_wrap=True)
 
     @staticmethod
-    def line(t: dict, now: float) -> str:
+    def line(t: dict, now: float, metrics: bool = True) -> str:
+        """A record's line (``metrics``: the latest loss, lr and tokens/s), or a heartbeat's (the step alone)."""
         def hms(seconds: float) -> str:
             seconds = int(round(seconds))
             return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -77,12 +84,13 @@ class PlainProgress:
         left = t["total"] - t["completed"]
         eta = hms(elapsed / steps * left) if steps > 0 else "-"
         pct = 100 * t["completed"] / max(t["total"], 1)
-        return (f"step {t['completed']}/{t['total']} ({pct:.0f}%)  loss {t.get('loss', '-')}  lr {t.get('lr', '-')}  "
-                f"{t.get('tps', '-')} tok/s{t.get('ckpt', '')}  elapsed {hms(elapsed)}  ETA {eta}")
+        stats = f"loss {t.get('loss', '-')}  lr {t.get('lr', '-')}  {t.get('tps', '-')} tok/s  " if metrics else ""
+        ckpt = f"{t['ckpt'].strip()}  " if t.get("ckpt") else ""  # the last checkpoint's age (sftune.cluster)
+        return f"step {t['completed']}/{t['total']} ({pct:.0f}%)  {stats}{ckpt}elapsed {hms(elapsed)}  ETA {eta}"
 
 
 def training_progress(enabled: bool) -> Progress | PlainProgress:
-    """A live progress bar on a terminal; plain periodic lines otherwise (see :class:`PlainProgress`)."""
+    """A live progress bar on a terminal; otherwise a plain line per record (see :class:`PlainProgress`)."""
     if not console.is_terminal:
         return PlainProgress(enabled)
     return Progress(

@@ -20,8 +20,7 @@ from pathlib import Path
 from sftune.errors import SftuneError
 
 
-class DiskFull(SftuneError):
-    """A write failed because the disk (or quota) is full."""
+# ----------------------------------------------------------------------------- non-finite values
 
 
 def json_safe(obj):
@@ -40,7 +39,11 @@ def dumps(obj, **kw) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
-# ----------------------------------------------------------------------------- non-finite values
+# ----------------------------------------------------------------------------- a full disk
+
+
+class DiskFull(SftuneError):
+    """A write failed because the disk (or quota) is full."""
 
 
 def is_disk_full(e: BaseException) -> bool:

@@ -194,7 +194,9 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
     @app.get("/api/compare")
     def compare(name: list[str] = Query(...)):
         runs = {n: run_or_404(n) for n in name}
-        return {"runs": [{"name": n, "state": R.state(p), "records": R.read_metrics(p)} for n, p in runs.items()],
+        records = {n: R.read_metrics(p) for n, p in runs.items()}
+        return {"runs": [{"name": n, "state": R.state(p), "records": records[n],
+                          "total_steps": R.total_steps(records[n], R.read_config(p))} for n, p in runs.items()],
                 "config_diff": R.config_diff({n: _resolved(R.read_config(p)) for n, p in runs.items()})}
 
     # ------------------------------------------------------------------ data preview

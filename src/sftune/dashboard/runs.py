@@ -188,6 +188,21 @@ def summary(root: Path, name: str) -> dict:
     }
 
 
+def total_steps(records: list[dict], cfg: dict) -> int:
+    """The optimizer steps the run is set to take (the compare charts' "fraction of the run"):
+    ``train.max_steps``, else ``train.epochs`` times the steps per epoch its records show, else the
+    last logged step."""
+    t = cfg.get("train") or {}
+    train = [r for r in records if "loss" in r and isinstance(r.get("step"), int)]
+    last = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
+    if isinstance(t.get("max_steps"), int) and t["max_steps"] > 0:
+        return t["max_steps"]
+    epochs = t.get("epochs")
+    if train and isinstance(epochs, (int, float)) and epochs > 0 and train[-1].get("epoch"):
+        return max(last, round(train[-1]["step"] / train[-1]["epoch"] * epochs))
+    return max(last, 1)
+
+
 def details(root: Path, name: str) -> dict:
     run = run_dir(root, name)
     config_text = (run / "sftune_config.yaml").read_text() if (run / "sftune_config.yaml").exists() else ""

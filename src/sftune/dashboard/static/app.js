@@ -49,31 +49,64 @@ function kvTable(obj) {
 
 // ------------------------------------------------------------------ charts (plotly)
 
+// Each chart's title and controls sit in an HTML caption above it, clear of plotly's mode bar.
 const CHARTS = [
-  {id: "loss", title: "Loss", series: [["train loss", "loss", (r) => "loss" in r && "step" in r], ["eval loss", "eval_loss", (r) => "eval_loss" in r && !r.final]]},
-  {id: "lr", title: "Learning rate", yaxis: {exponentformat: "e"}, series: [["lr", "lr", (r) => "lr" in r]]},
+  {id: "loss", title: "Loss", log: true, series: [["train loss", "loss", (r) => "loss" in r && "step" in r], ["eval loss", "eval_loss", (r) => "eval_loss" in r && !r.final]]},
+  {id: "lr", title: "Learning rate", yaxis: {exponentformat: "e", rangemode: "tozero"}, series: [["lr", "lr", (r) => "lr" in r]]},
   {id: "tps", title: "Throughput (tokens/s)", series: [["tokens/s", "tokens_per_s", (r) => "tokens_per_s" in r]]},
 ];
 
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
-function traces(chart, records, prefix, index) {
+// Remembered across views and reloads: the loss on a log axis, the compare charts' x axis.
+const prefs = {
+  get logLoss() { return localStorage.getItem("sftune.logLoss") === "1"; },
+  set logLoss(on) { localStorage.setItem("sftune.logLoss", on ? "1" : "0"); },
+};
+
+// The x axes a chart can take. Compare needs a shared one for runs of different length: a run of 3
+// steps is a dot at 0 next to one of 2,000 on a step axis, but spans the chart as a fraction of its run.
+const AXES = {
+  step: {title: "optimizer step", label: "step"},
+  fraction: {title: "fraction of the run (step / total steps)", label: "fraction of the run"},
+  tokens: {title: "trained tokens seen", label: "trained tokens seen"},
+};
+
+function xOf(axis, run) {  // run: {records, total_steps}; a record's position on the axis
+  if (axis === "fraction") {
+    const total = run.total_steps || Math.max(1, ...run.records.map((r) => r.step || 0));
+    return (r) => r.step / total;
+  }
+  if (axis === "tokens") {  // cumulative loss_tokens of the train records up to the record's step
+    const seen = [];
+    let sum = 0;
+    for (const r of run.records) if ("loss" in r && "step" in r) { sum += r.loss_tokens || 0; seen.push([r.step, sum]); }
+    return (r) => { let t = 0; for (const [s, v] of seen) { if (s > r.step) break; t = v; } return t; };
+  }
+  return (r) => r.step;
+}
+
+function traces(chart, records, prefix, index, x = (r) => r.step) {
   return chart.series.map(([label, key, keep], i) => {
     const rs = records.filter(keep);
     const color = COLORS[(index === undefined ? i : index) % COLORS.length];
-    return {x: rs.map((r) => r.step), y: rs.map((r) => r[key]), name: prefix ? `${prefix} ${label}` : label, type: "scatter",
+    return {x: rs.map(x), y: rs.map((r) => r[key]), name: prefix ? `${prefix} ${label}` : label, type: "scatter",
             mode: "lines+markers", marker: {size: 4, color}, line: {color, dash: i > 0 && index !== undefined ? "dash" : "solid"}};
   });
 }
 
-function drawChart(div, chart, data) {
-  Plotly.react(div, data, {title: {text: chart.title, font: {size: 14}}, margin: {l: 60, r: 10, t: 36, b: 40}, yaxis: chart.yaxis || {},
-    xaxis: {title: {text: "optimizer step"}}, legend: {orientation: "h", y: -0.25}, showlegend: data.length > 1},
-    {displaylogo: false, responsive: true});
+function drawChart(div, chart, data, axis = "step") {
+  const yaxis = {...(chart.yaxis || {}), type: chart.log && prefs.logLoss ? "log" : "linear"};
+  Plotly.react(div, data, {margin: {l: 60, r: 10, t: 30, b: 40}, yaxis, xaxis: {title: {text: AXES[axis].title, standoff: 4}},
+    legend: {orientation: "h", y: -0.3, yanchor: "top"}, showlegend: data.length > 1}, {displaylogo: false, responsive: true});
 }
 
-function chartGrid(prefix) {
-  return el("div", {class: "charts"}, CHARTS.map((c) => el("div", {class: "chart", id: `${prefix}-${c.id}`})));
+function chartGrid(prefix, redraw) {
+  return el("div", {class: "charts"}, CHARTS.map((c) => el("figure", {class: "chart-box"},
+    el("figcaption", {}, el("span", {class: "chart-title"}, c.title),
+      c.log ? el("label", {class: "toggle"}, el("input", {type: "checkbox", id: `${prefix}-${c.id}-log`, checked: prefs.logLoss,
+        onchange: (e) => { prefs.logLoss = e.target.checked; redraw(); }}), "log scale") : null),
+    el("div", {class: "chart", id: `${prefix}-${c.id}`}))));
 }
 
 // ------------------------------------------------------------------ runs
@@ -140,7 +173,7 @@ async function runView(name) {
   put(view, head,
     el("p", {}, "recipe ", el("b", {}, d.recipe || "–"), " · model ", d.model || "–", " · started ", when(d.start_time), " · ", steps,
       d.chat ? el("span", {}, " · ", el("a", {href: "#/chat/" + encodeURIComponent(name)}, "chat with this run")) : null),
-    chartGrid("chart"),
+    chartGrid("chart", () => render()),
     el("h2", {}, "Final metrics"), finalBox,
     el("h2", {}, "Sample generations, evaluation by evaluation"), samples,
     el("h2", {}, "Training data"), d.data_report ? table(reportRows(d.data_report)) : el("p", {class: "muted"}, "no data_report.json"),
@@ -180,11 +213,21 @@ async function runView(name) {
 
 async function compareView(names) {
   const data = await api("/api/compare?" + names.map(q).join("&"));
-  put(view, el("h1", {}, "Compare: ", names.join(" vs ")), chartGrid("cmp"),
+  // runs of one length read best by step; runs of different lengths as fractions of their run
+  let axis = new Set(data.runs.map((r) => r.total_steps)).size > 1 ? "fraction" : "step";
+  const pick = el("select", {id: "cmp-axis", onchange: (e) => { axis = e.target.value; draw(); }},
+    Object.entries(AXES).map(([k, a]) => el("option", {value: k, selected: k === axis}, a.label)));
+  put(view, el("h1", {}, "Compare: ", names.join(" vs ")),
+    el("form", {class: "inline"}, el("label", {}, "x axis", pick),
+      el("p", {class: "muted"}, data.runs.map((r) => `${r.name}: ${fmt(r.total_steps)} steps`).join(" · "))),
+    chartGrid("cmp", () => draw()),
     el("h2", {}, "Config differences"),
     data.config_diff.length ? table(data.config_diff.map((r) => [r.key, ...names.map((n) => JSON.stringify(r.values[n]))]), ["key", ...names])
       : el("p", {}, "The configs are identical."));
-  for (const c of CHARTS) drawChart(`cmp-${c.id}`, c, data.runs.flatMap((r, i) => traces(c, r.records, r.name, i)));
+  function draw() {
+    for (const c of CHARTS) drawChart(`cmp-${c.id}`, c, data.runs.flatMap((r, i) => traces(c, r.records, r.name, i, xOf(axis, r))), axis);
+  }
+  draw();
 }
 
 // ------------------------------------------------------------------ data preview

@@ -1,6 +1,10 @@
+"""Unit tests of sftune.config.loading: recipes, YAML files and key=value overrides into a Config;
+unknown keys name the closest valid one; duplicate YAML keys name both lines."""
+
 import pytest
 
-from sftune.config import builtin_recipes, load_config, parse_value, valid_keys
+from sftune.cli import main
+from sftune.config import builtin_recipes, load_config, parse_value
 from sftune.errors import ConfigError
 
 
@@ -58,9 +62,12 @@ def test_unknown_recipe_suggests():
         load_config("quickstar")
 
 
-def test_every_field_has_a_docstring():
-    from sftune.config import describe_keys
-
-    missing = [k for k, _, d in describe_keys() if not d.strip()]
-    assert not missing, missing
-    assert "data.max_length" in valid_keys()
+def test_duplicate_yaml_keys_name_both_lines(tmp_path, capsys):
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("model:\n  path: distilgpt2\ntrain:\n  lr: 1.0e-3\n  batch_size: 4\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"'lr' appears twice: on line 4 and on line 6"):
+        load_config(recipe)
+    recipe.write_text("train:\n  lr: 1.0e-3\ndata:\n  path: a.jsonl\ntrain:\n  batch_size: 2\n")
+    code = main(["config", str(recipe)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "'train' appears twice: on line 1 and on line 5" in err

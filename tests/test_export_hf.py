@@ -1,4 +1,5 @@
-"""Export: a LoRA run merged into plain weights gives the adapter model's logits."""
+"""Unit tests of sftune.export.hf: a LoRA run merged into plain weights gives the adapter model's
+logits; the export dtype."""
 
 import torch
 

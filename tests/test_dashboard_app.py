@@ -71,6 +71,7 @@ def test_compare_overlays_and_diffs_configs(client):
     c = client.get("/api/compare", params=[("name", "done"), ("name", "sweep/a")]).json()
     assert [r["name"] for r in c["runs"]] == ["done", "sweep/a"]
     assert [len([x for x in r["records"] if "loss" in x]) for r in c["runs"]] == [12, 6]
+    assert [r["total_steps"] for r in c["runs"]] == [12, 6]  # the compare charts' "fraction of the run"
     diff = {d["key"]: d["values"] for d in c["config_diff"]}
     assert diff == {"train.max_steps": {"done": 12, "sweep/a": 6}, "train.lr": {"done": 0.001, "sweep/a": 0.002}}
 
@@ -172,23 +173,6 @@ def test_chat_streams_with_the_training_format(tmp_path):
     with client.stream("POST", "/api/chat", json={"run": "chat", "message": "reverse abc", "max_new_tokens": 6,
                                                   "base": True}) as r:
         assert r.status_code == 200 and "".join(r.iter_text()).strip()
-
-
-def test_cli_ui_command(tmp_path, monkeypatch, capsys):
-    import uvicorn
-
-    from sftune.cli import main
-
-    assert main(["ui", str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
-    assert main(["ui", str(tmp_path), "--port", "8123"]) == 0
-    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
-    assert "http://127.0.0.1:8123/" in capsys.readouterr().err and "token" not in seen
-    assert main(["ui", str(tmp_path), "--host", "0.0.0.0", "--port", "8124"]) == 0
-    assert "?token=" in capsys.readouterr().err.replace("\n", "")  # exposing it always takes a token
-    assert TestClient(seen["app"]).get("/api/runs").status_code == 401
 
 
 def test_new_run_form_schema_and_validation(client, root, monkeypatch):

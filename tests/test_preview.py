@@ -1,0 +1,43 @@
+"""Unit tests of sftune.preview: the first training sequences as the model sees them, trained tokens
+marked (colour on a terminal, guillemets without one)."""
+
+import re
+
+from sftune.cli import main
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_preview_marks_trained_tokens_without_colour(capsys):
+    code, _, err = run_cli(["preview", "quickstart", "data.limit=10", "-n", "1"], capsys)
+    assert code == 0, err
+    assert re.search(r"A:« \S+<\|endoftext\|>»", err) and "legend: «trained tokens»" in err
+
+
+def test_colored_marks_trained_runs_and_weights(tiny_tokenizer):
+    from sftune.preview import colored, token_pieces
+
+    ids = tiny_tokenizer("Hello world", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    labels = [-100] * (len(ids) - 2) + ids[-2:]
+    assert "".join(token_pieces(tiny_tokenizer, ids)) == "Hello world<|endoftext|>"
+    plain = colored(tiny_tokenizer, ids, labels, plain=True)
+    assert plain.plain.endswith("«" + "".join(token_pieces(tiny_tokenizer, ids[-2:])) + "»")
+    styled = colored(tiny_tokenizer, ids, labels, weights=[1.0] * (len(ids) - 1) + [0.5])
+    assert "«" not in styled.plain and [s.style for s in styled.spans][-2:] == ["bold green", "bold yellow"]
+
+
+def test_preview_sequences_are_the_training_rows(tiny_model_dir, qa_rows_file):
+    from sftune.config import load_config
+    from sftune.preview import preview_sequences
+
+    cfg = load_config(None, {"model.path": str(tiny_model_dir), "data.path": str(qa_rows_file), "data.template": "qa",
+                             "data.packing": False})
+    tokenizer, data, seqs = preview_sequences(cfg, n=2)
+    assert [s["rows"] for s in seqs] == [[int(data.train.rows[0])], [int(data.train.rows[1])]]
+    ids, labels = data.train.example(0)
+    assert seqs[0]["input_ids"] == ids.tolist() and seqs[0]["labels"] == labels.tolist()
+    assert seqs[0]["position_ids"] == list(range(len(ids))) and seqs[0]["labels"][-1] == tokenizer.eos_token_id
