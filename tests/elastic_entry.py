@@ -4,7 +4,9 @@ torchrun, and on the first attempt (``TORCHELASTIC_RESTART_COUNT=0``) the rank n
 step ``SFTUNE_TEST_DIE_STEP`` begins, or in the middle of writing the checkpoint of step
 ``SFTUNE_TEST_DIE_SAVING`` (its own files written, the checkpoint not yet complete).
 ``SFTUNE_TEST_SIGTERM_STEP`` instead sends SIGTERM to the launcher (the parent process: what a
-scheduler's preemption does) when that step begins, from rank 0.
+scheduler's preemption does) when that step begins, from rank 0. On a restart, rank 0 starts 3 s
+late, so rank 1 meets the launcher's store first (without a namespace per attempt it found the dead
+attempt's keys there, and the restarted group never met).
 Used by ``tests/test_cluster.py``.
 """
 
@@ -13,10 +15,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 
 def _arm() -> None:
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        if os.environ.get("RANK") == "0":  # on a restart, rank 1 reaches the rendezvous first: the order in
+            time.sleep(3)  # which a store shared with the dead attempt hung the group (before sftune.cluster)
         return
     rank = os.environ.get("RANK", "0")
     die_step = os.environ.get("SFTUNE_TEST_DIE_STEP")
