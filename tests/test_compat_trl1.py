@@ -86,6 +86,8 @@ CASES = {
     "formatting_func": ("qa_columns", {}, {"formatting_func": qa_text}),
     "packing": ("text", {"packing": True, "max_length": 64}, {}),
     "tokenized": ("tokenized", {"completion_only_loss": True}, {}),
+    "model_object": ("prompt_completion", {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                                           "lr_scheduler_type": "cosine"}, {"model": "object"}),
     "grad_accum_cosine": ("prompt_completion", {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                                                 "lr_scheduler_type": "cosine", "warmup_steps": 1}, {}),
 }
@@ -104,6 +106,7 @@ GOLDEN = {
     "messages": 5.9851199172613185,
     "messages_assistant_only": 5.989383697509766,
     "messages_tools": 5.9745755919927275,
+    "model_object": 5.99656343460083,
     "packing": 6.014028788602205,
     "prompt_completion": 5.99656343460083,
     "prompt_completion_whole": 6.014028788602205,
@@ -130,7 +133,12 @@ def script(lib: str, model_dir, out, data: str, fields: dict, extras: dict, **mo
 
         extras = {**extras, "peft_config": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"],
                                                       task_type="CAUSAL_LM")}
-    trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(data_rows),
+    model = str(model_dir)
+    if extras.get("model") == "object":  # a loaded model instead of its name
+        from transformers import AutoModelForCausalLM
+
+        model, extras = AutoModelForCausalLM.from_pretrained(model), {k: v for k, v in extras.items() if k != "model"}
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data_rows),
                          processing_class=tok, **extras, **more)
     return trainer, trainer.train()
 
