@@ -32,9 +32,9 @@ def _arm() -> None:
     if die_saving is not None and rank == os.environ.get("SFTUNE_TEST_DIE_RANK", "1"):
         save = checkpoint.save_checkpoint
 
-        def save_then_die(accelerator, output_dir, step, state, keep):
+        def save_then_die(accelerator, output_dir, step, state, keep, **kw):
             if step != int(die_saving):
-                return save(accelerator, output_dir, step, state, keep)
+                return save(accelerator, output_dir, step, state, keep, **kw)
             original = accelerator.save_state
 
             def half(*a, **kw):
@@ -42,7 +42,7 @@ def _arm() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
             accelerator.save_state = half
-            return save(accelerator, output_dir, step, state, keep)
+            return save(accelerator, output_dir, step, state, keep, **kw)
 
         training.save_checkpoint = save_then_die
 

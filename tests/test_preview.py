@@ -37,7 +37,10 @@ def test_preview_sequences_are_the_training_rows(tiny_model_dir, qa_rows_file):
     cfg = load_config(None, {"model.path": str(tiny_model_dir), "data.path": str(qa_rows_file), "data.template": "qa",
                              "data.packing": False})
     tokenizer, data, seqs = preview_sequences(cfg, n=2)
-    assert [s["rows"] for s in seqs] == [[int(data.train.rows[0])], [int(data.train.rows[1])]]
-    ids, labels = data.train.example(0)
-    assert seqs[0]["input_ids"] == ids.tolist() and seqs[0]["labels"] == labels.tolist()
-    assert seqs[0]["position_ids"] == list(range(len(ids))) and seqs[0]["labels"][-1] == tokenizer.eos_token_id
+    rows = [int(r) for r in data.train.rows]
+    assert len(seqs) == 2
+    for seq in seqs:  # in training order: each one example (no packing), as the loop builds it
+        (row,) = seq["rows"]
+        ids, labels = data.train.example(rows.index(row))
+        assert seq["input_ids"] == ids.tolist() and seq["labels"] == labels.tolist()
+        assert seq["position_ids"] == list(range(len(ids))) and seq["labels"][-1] == tokenizer.eos_token_id

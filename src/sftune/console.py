@@ -37,6 +37,9 @@ class PlainProgress:
     moving in between; the last step always gets a line. No ``\\r`` redraws.
     """
 
+    METRICS = frozenset({"loss", "lr", "tps"})
+    """The fields that make an update a record (others, such as the checkpoint's age, ride along)."""
+
     def __init__(self, enabled: bool, every_s: float | None = None):
         self.enabled = enabled
         if every_s is None:
@@ -61,8 +64,9 @@ class PlainProgress:
 
     def update(self, task: int, completed: int | None = None, **fields) -> None:
         t = self.tasks[task]
-        if fields:  # a new record: printed with the step count that follows it
-            t.update(fields, record=True)
+        t.update(fields)
+        if fields.keys() & self.METRICS:  # a new record: printed with the step count that follows it
+            t["record"] = True
         if completed is None:
             return
         t["completed"] = completed

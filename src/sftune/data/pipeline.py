@@ -122,13 +122,13 @@ def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig
                    source: str) -> datasets.Dataset:
     own = getattr(fmt, "map_function", None)  # a format with no text (sftune.data.pretokenized) maps rows itself
     fn = own(tokenizer, max_length, source) if own else Tokenizer(fmt, tokenizer, max_length,
-                                                                   on_bad_row=cfg.on_bad_row, source=source)
+                                                                   on_bad_row=cfg.on_bad_row, source=source).table
     fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length, fmt)
     quiet = len(ds) < 20_000 and datasets.is_progress_bar_enabled()  # leave a caller's setting as it was
     if quiet:
         datasets.disable_progress_bars()
     try:
-        return ds.map(fn.table, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
+        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
                       new_fingerprint=fp, num_proc=_num_proc(cfg, len(ds)), desc="Tokenizing",
                       load_from_cache_file=True)
     finally:
