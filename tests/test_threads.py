@@ -112,6 +112,9 @@ def test_stops_measuring_a_count_that_is_twice_as_slow():
     assert t.threads == 1 and t.phase == "trial"
     feed(t, {1: 0.1, 2: 5.0}, 2)  # 3 steps and 0.3 s at 1; then one step at 2 is >2x slower: back to 1
     assert len(t.measured[2]) == 1 and t.threads == 1 and t.phase == "watch" and calls == [1, 2, 1]
+    assert t.shunned[2] == (60.0, 120.0)  # not tried again for 60 s (the clock stands at 0 here)
+    t._begin_trial([1, 2], "again")
+    assert t.candidates == []
 
 
 def test_no_trial_alone_and_ties_go_to_fewer_threads():

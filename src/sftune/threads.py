@@ -12,10 +12,11 @@ default, and at ~0.7x with one thread fewer. So on CPU, with ``train.num_threads
    from ``/proc/self/stat``; niced processes' time counts as free, they yield to us;
    ``os.getloadavg`` where there is no ``/proc``);
 2. **measures the first steps** (seconds per trained token; the run's first step is warm-up) at
-   that count, at one fewer when other processes use the CPU, and at one more when part of a core
+   that count, at one fewer when other processes use the CPU, and at one more when half a core
    beyond it looks idle, and keeps the fastest (within 5%, the fewest: gentler on the neighbours).
    A count is measured for 3 steps and 0.3 s, or one step of 2 s, and dropped after one step
-   twice as slow as the best so far, so a bad count costs little;
+   twice as slow as the best so far (and not tried again for 60 s, then 120 s, ...), so a bad
+   count costs one step;
 3. **re-checks** when steps get 1.5x slower than at the choice (a neighbour started), or, every
    30 s, when a core sits idle while we use fewer threads than we may (a neighbour left).
 
@@ -217,12 +218,12 @@ def _set_threads(n: int) -> None:
 
 def candidates_for(est: Estimate | None, start: int, cap: int) -> list[int]:
     """The counts worth measuring: ``start``; one fewer when other processes use the CPU (or the
-    load is unknown); one more when part of a core beyond ``start`` looks idle (or unknown)."""
+    load is unknown); one more when half a core beyond ``start`` or more looks idle (or unknown)."""
     unknown = est is None or est.busy is None
     out = [start]
     if start > 1 and (unknown or est.busy >= 0.1):
         out.append(start - 1)
-    if start < cap and (unknown or est.idle - start >= 0.1):
+    if start < cap and (unknown or est.idle - start >= 0.5):
         out.append(start + 1)
     return out
 
@@ -265,6 +266,10 @@ class ThreadTuner:
     since_check: int = 0
     history: list[tuple[int, str]] = field(default_factory=list)
     """(threads, why) for every decision, in order."""
+    backoff_s: float = 60.0
+    """A count found 2x slower is not tried again for this long (doubling each time it is)."""
+    shunned: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """count -> (not before this clock time, the next back-off)."""
     _t0: float | None = None
     _last_probe: float = 0.0
     _sample: Sample | None = None
@@ -300,8 +305,11 @@ class ThreadTuner:
             samples.append((seconds, tokens))
             total = sum(s for s, _ in samples)
             others = [self.cost(n) for n in self.measured if n != self.threads]
-            if (len(samples) >= self.trial_steps and total >= self.trial_s) or total >= self.long_s \
-                    or (others and self.cost(self.threads) > 2 * min(others)):
+            if others and self.cost(self.threads) > 2 * min(others):  # a bad count: stop, and stay away a while
+                wait = self.shunned.get(self.threads, (0.0, self.backoff_s))[1]
+                self.shunned[self.threads] = (self.clock() + wait, 2 * wait)
+                self._next_candidate()
+            elif (len(samples) >= self.trial_steps and total >= self.trial_s) or total >= self.long_s:
                 self._next_candidate()
             return
         self.since_check += 1
@@ -330,7 +338,9 @@ class ThreadTuner:
 
     def _begin_trial(self, candidates: list[int], reason: str) -> None:
         self.phase, self.reason, self.measured = "trial", reason, {}
-        self.candidates = [n for i, n in enumerate(candidates) if 1 <= n <= self.cap and n not in candidates[:i]]
+        now = self.clock()
+        self.candidates = [n for i, n in enumerate(candidates) if 1 <= n <= self.cap and n not in candidates[:i]
+                           and (i == 0 or self.shunned.get(n, (0.0, 0.0))[0] <= now)]
         self._switch(self.candidates.pop(0))
 
     def _switch(self, n: int) -> None:
@@ -373,7 +383,7 @@ class ThreadTuner:
         if est.busy is None:
             return
         # est.busy counts everyone but us; we keep about ``threads`` cores busy ourselves
-        if est.capacity - est.busy - self.threads >= 0.5:
+        if est.capacity - est.busy - self.threads >= 0.5 and self.shunned.get(self.threads + 1, (0.0,))[0] <= self.clock():
             self._begin_trial([self.threads + 1, self.threads], f"a core became idle; {est.why()}")
 
 
