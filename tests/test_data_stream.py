@@ -172,6 +172,10 @@ def test_streamed_mixture_resumes_bit_exactly(tiny_model_dir, tmp_path):
     assert rep["sources"][0]["passes"] >= 1
     assert np.isclose(rep["sources"][0]["achieved_share"], 0.75, atol=0.15)
 
+    from sftune.cli import main  # a streamed mixture's run evaluates on one file, in memory
+
+    assert main(["eval", str(tmp_path / "full"), "--data", str(qa), "--limit", "2", "--max-new-tokens", "4"]) == 0
+
 
 def test_two_ranks_train_disjoint_examples_whose_union_is_one_process(tmp_path, tiny_tokenizer):
     from sftune.data.packing import BatchPlan

@@ -191,7 +191,7 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
     loaded = load_for_inference(model)
     base_cfg = loaded.cfg.model_dump() if loaded.cfg is not None else {}
     data = {**base_cfg.get("data", {}), "path": data_path, "eval_split": None, "limit": limit, "eval_limit": None,
-            "shuffle": False, "remove_columns": []}
+            "shuffle": False, "remove_columns": [], "sources": None, "streaming": False}  # one file, in memory
     if split:
         data["split"] = split
     cfg = load_config(None, {**{f"data.{k}": v for k, v in data.items()},
