@@ -40,4 +40,3 @@ def prepare(cfg: DataConfig, tokenizer, max_length: int, *, source: Source | Non
         return prepare_data(cfg, tokenizer, max_length, source=source, fmt=fmt)
     data.signature = signature(resolve_sources(cfg), tokenizer, max_length, cfg, seed)
     return data
-    return prepare_data(cfg, tokenizer, max_length, source=source, fmt=fmt)
