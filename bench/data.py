@@ -221,7 +221,8 @@ class PeakMemory:
 
 def measure(mode: str, path: Path, num_proc: int | None, src: Path, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src), HF_DATASETS_CACHE=tempfile.mkdtemp(prefix="bench-data-cache-"))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "sftune" if mode == "before" else mode, "--data", str(path),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "sftune" if mode == "before" else mode,
+           "--data", str(path),
            "--num-proc", str(num_proc or 0)]
     wall = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -244,7 +245,8 @@ def measure(mode: str, path: Path, num_proc: int | None, src: Path, timeout: flo
                 "trace": err[-3000:]}
     res = json.loads(lines[-1][len("RESULT "):])
     if "unavailable" not in res:
-        res.update(peak_pss=peak, cpu_total=cpu, wall=time.perf_counter() - wall, rows_per_s=res["rows"] / res["seconds"],
+        res.update(peak_pss=peak, cpu_total=cpu, wall=time.perf_counter() - wall,
+                   rows_per_s=res["rows"] / res["seconds"],
                    tokens_per_s=res["tokens"] / res["seconds"])
     return res
 
@@ -256,13 +258,16 @@ def _fmt_range(values: list[float], f: str) -> str:
     if not values:
         return ""
     med = statistics.median(values)
-    return format(med, f) if len(values) == 1 else f"{format(med, f)} ({format(min(values), f)}-{format(max(values), f)})"
+    if len(values) == 1:
+        return format(med, f)
+    return f"{format(med, f)} ({format(min(values), f)}-{format(max(values), f)})"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="100000", help="comma-separated sizes (default 100000)")
-    parser.add_argument("--modes", default="sftune,streaming,trl,trl_np", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--modes", default="sftune,streaming,trl,trl_np",
+                        help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode and size (median and range reported)")
     parser.add_argument("--src", default=str(ROOT / "src"), help="the sftune source tree to measure (PYTHONPATH)")
     parser.add_argument("--before", help="another sftune source tree, measured as the mode 'before'")
@@ -322,7 +327,8 @@ def main(argv=None) -> int:
         results["runs"][str(n)] = runs
         t = Table(title=f"{n:,} rows (num_proc {num_proc or 1} for sftune and trl_np), median (min-max) "
                         f"of {args.repeats}", title_justify="left")
-        for col in ("mode", "seconds", "CPU seconds", "rows/s", "tokens/s", "peak memory (GB)", "examples", "vs trl", "vs trl (CPU)"):
+        for col in ("mode", "seconds", "CPU seconds", "rows/s", "tokens/s", "peak memory (GB)", "examples", "vs trl",
+                    "vs trl (CPU)"):
             t.add_column(col, justify="right")
         trl_s = [r["seconds"] for r in runs.get("trl", []) if "seconds" in r]
         trl_cpu = [r["cpu"] for r in runs.get("trl", []) if "seconds" in r]
@@ -340,7 +346,8 @@ def main(argv=None) -> int:
             t.add_row(m, _fmt_range(secs, ".1f"), _fmt_range([r["cpu"] for r in ok], ".1f"),
                       _fmt_range([r["rows_per_s"] for r in ok], ",.0f"),
                       _fmt_range([r["tokens_per_s"] for r in ok], ",.0f"),
-                      _fmt_range([r["peak_pss"] / 2**30 for r in ok], ".2f"), f"{ok[0]['examples']:,}", ratio, cpu_ratio)
+                      _fmt_range([r["peak_pss"] / 2**30 for r in ok], ".2f"), f"{ok[0]['examples']:,}", ratio,
+                      cpu_ratio)
         console.print(t)
     Path(args.out).write_text(json.dumps(results, indent=2))
     console.print(f"wrote {args.out}")
