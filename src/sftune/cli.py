@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from sftune.errors import SftuneError
@@ -255,27 +256,12 @@ def cmd_train(args) -> int:
         return 2
     cfg = load_config(args.recipe, args.overrides)
     refuse_if_locked(cfg.train.output_dir)  # a busy output directory is refused before the training stack loads
+    from sftune.cluster import exit_status
     from sftune.training import train
 
-    result = train(cfg)
-    if result.preempted:  # SIGTERM: the state is saved; the same command continues (sftune.cluster)
-        from sftune.cluster import REQUEUE_EXIT
-        from sftune.console import console
-
-        console.print(f"preempted: saved at step {result.steps}; exit status {REQUEUE_EXIT} (requeue). The same "
-                      "command with train.resume=auto continues (auto is the default on a torchrun or SLURM "
-                      "restart)", markup=False, highlight=False, soft_wrap=True)
-        return REQUEUE_EXIT
-    if result.interrupted:
-        import shlex
-
-        from sftune.console import console
-
-        again = [o for o in args.overrides if o.partition("=")[0].strip() != "train.resume"]
-        command = " ".join(shlex.quote(a) for a in ["sftune", "train", args.recipe, *again, "train.resume=true"])
-        console.print(f"to resume from step {result.steps}: {command}", markup=False, highlight=False,
-                      soft_wrap=True)
-    return 130 if result.interrupted else 0
+    again = [o for o in args.overrides if o.partition("=")[0].strip() != "train.resume"]
+    command = " ".join(shlex.quote(a) for a in ["sftune", "train", args.recipe, *again, "train.resume=true"])
+    return exit_status(train(cfg), resume_hint=command)
 
 
 def cmd_preview(args) -> int:

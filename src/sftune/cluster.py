@@ -86,7 +86,7 @@ class Preemption:
         if self.world > 1 or self.raised or b is None or b.committing:
             return  # several ranks: at the next boundary, together; the update itself: at its end
         if b.in_step:  # finish the step only when it ends within half the grace (the rest is for the save)
-            left = self.step_s - (now - self.last_boundary) if self.step_s is not None else math.inf
+            left = self.step_s - (now - b.started) if self.step_s is not None else math.inf
             if left <= self.grace_s / 2:
                 return
         self.raised = True  # between steps (eval, a checkpoint) or a step too long: the last boundary
@@ -98,7 +98,8 @@ class Preemption:
         """Whether to stop (a SIGTERM reached any rank) and whether a time-based checkpoint is due
         (rank 0's clock), agreed by every rank. Call on every rank after every step."""
         now = time.monotonic()
-        took, self.last_boundary = now - self.last_boundary, now
+        began = self.boundary.started if self.boundary is not None else self.last_boundary
+        took, self.last_boundary = now - began, now  # the step alone, not the evals and saves before it
         self.step_s = took if self.step_s is None else max(took, 0.8 * self.step_s)
         acc = self.accelerator
         due = bool(self.save_every_s) and now - self.last_save >= self.save_every_s \
@@ -301,3 +302,21 @@ def end_distributed(run) -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a later train() in this process starts anew
+
+
+# ----------------------------------------------------------------------------- exit status
+
+
+def exit_status(result, *, resume_hint: str) -> int:
+    """The exit status of a training result, with one line on how to continue: 75 (requeue) after a
+    SIGTERM, 130 after Ctrl-C (``resume_hint`` says how to resume), 0 when done."""
+    if result.preempted:  # SIGTERM: the state is saved; the same command continues
+        console.print(f"preempted: saved at step {result.steps}; exit status {REQUEUE_EXIT} (requeue). The same "
+                      "command with train.resume=auto continues (auto is the default on a torchrun or SLURM "
+                      "restart)", markup=False, highlight=False, soft_wrap=True)
+        return REQUEUE_EXIT
+    if result.interrupted:
+        console.print(f"to resume from step {result.steps}: {resume_hint}", markup=False, highlight=False,
+                      soft_wrap=True)
+        return 130
+    return 0

@@ -7,7 +7,8 @@ The training loop calls these helpers with a line or two each:
   and counts it, up to ``train.max_skipped_steps``.
 * :class:`StepBoundary` remembers the RNG states at the start of the current step, so a Ctrl-C in
   the middle of a step saves the state of the step boundary (the interrupted step's dropout draws
-  are undone), and resume is bit-exact with the uninterrupted run. The optimizer update and the
+  are undone), and resume is bit-exact with the uninterrupted run (on CPU, with the thread count
+  pinned: :mod:`sftune.threads`). The optimizer update and the
   step's log record are shielded from Ctrl-C, so a step is either wholly done or not begun.
 
 The JSON writer and the disk-full wrapper that every writer of run files uses live in the leaf
@@ -21,6 +22,7 @@ import math
 import random
 import signal
 import threading
+import time
 
 from sftune.errors import SftuneError
 
@@ -125,11 +127,12 @@ class StepBoundary:
     def __init__(self, step: int):
         self.step, self._rng, self._held, self._previous = step, None, [], None
         self.in_step = self.committing = False  # read by the SIGTERM handler (sftune.cluster)
+        self.started = time.monotonic()  # when the current step began
 
     def begin(self, step: int) -> None:
         self.settle()
         self.step, self._rng = step, rng_states()
-        self.in_step = True
+        self.started, self.in_step = time.monotonic(), True
 
     @contextlib.contextmanager
     def commit(self, done: int):
@@ -137,12 +140,12 @@ class StepBoundary:
         self.in_step, self.committing = False, True
         try:
             yield
+            self.step, self._rng = done, None  # before committing ends: a SIGTERM then saves ``done``
         except BaseException:
             self._release()
             raise
         finally:
             self.committing = False
-        self.step, self._rng = done, None
 
     def settle(self) -> None:
         """Let a held-back Ctrl-C through (as :class:`KeyboardInterrupt`)."""

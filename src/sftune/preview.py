@@ -11,7 +11,6 @@ of several sources in one sequence).
 from __future__ import annotations
 
 import json
-import math
 
 from rich.markup import escape
 from rich.text import Text
@@ -72,8 +71,7 @@ def preview_sequences(cfg: Config, n: int = 3):
     plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                            packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed)
     describe_plan(data.report, plan)
-    fill_trained(data.report, plan, data.train, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs
-                                                                                         * plan.steps_per_epoch)))
+    fill_trained(data.report, plan, data.train, plan.total_steps(cfg.train.max_steps, cfg.train.epochs))
 
     rows_shown = [plan.units[u] for u in training_order(plan, n)]
     if cfg.data.streaming:  # the stream's own first sequences

@@ -29,7 +29,7 @@ from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kwargs, resolve_resume
 from sftune.config import Config, config_to_yaml
 from sftune.data.mixture import fill_trained
-from sftune.data.packing import Batch, BatchPlan
+from sftune.data.packing import Batches, BatchPlan
 from sftune.data.position import restore_position, save_position
 from sftune.data.stream import stream_batches, streamed_sources
 from sftune.data.chain import prepare
@@ -131,21 +131,6 @@ def make_scheduler(cfg: Config, optimizer, total_steps: int):
     warmup = cfg.train.warmup_steps or int(math.ceil(cfg.train.warmup_ratio * total_steps))
     name = {"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-class Batches:
-    """This rank's micro-batches for optimizer step ``step`` (deterministic: resume-safe)."""
-
-    def __init__(self, plan: BatchPlan, data, pad_id: int, rank: int, world: int):
-        self.plan, self.data, self.pad_id, self.rank, self.world = plan, data, pad_id, rank, world
-        self._epoch, self._steps = -1, []
-
-    def __call__(self, step: int) -> list[Batch]:
-        epoch, index = divmod(step, self.plan.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._steps = epoch, self.plan.epoch_steps(epoch)
-        micro = self.plan.micro_batches(self._steps[index], self.rank, self.world)
-        return [self.plan.batch(units, self.data, self.pad_id) for units in micro]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -274,7 +259,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
                            seed=cfg.train.seed, layout=choice.layout,
                            hidden_size=getattr(model_config, "hidden_size", 768), bucket=bucket_for(cfg))
     describe_plan(data.report, plan)
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
+    total_steps = plan.total_steps(cfg.train.max_steps, cfg.train.epochs)
     fill_trained(data.report, plan, data.train, total_steps)  # per source of data.sources (sftune.data.mixture)
     if main:
         data.report.render(console, title="Training data")
@@ -436,6 +421,7 @@ def loop(run: Run) -> LoopResult:
                     run.save(done)
             step = run.total_steps
     except KeyboardInterrupt as stop:
+        run.cluster.watch(None)  # a further SIGTERM must not abort the save below
         step = boundary.rewind(optimizer)  # the partial step is undone, RNG included
         preempted = isinstance(stop, Preempted)  # SIGTERM (sftune.cluster)
         if run.main:

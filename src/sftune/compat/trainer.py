@@ -159,6 +159,9 @@ class SFTTrainer:
         if self.api == "TRL 0.7":
             return self.result
         steps = self.result.steps
+        if self.result.interrupted:  # Ctrl-C or SIGTERM: a checkpoint, no final model to report or push
+            self.state.global_step = steps
+            return TrainOutput(steps, float("nan"), {"interrupted": True, "preempted": self.result.preempted})
         rows = len(self.train_dataset) * max(self.args.num_train_epochs, steps / self.steps_per_epoch)
         train_loss = history.loss_sum / max(history.last_step, 1) if history.last_step else float("nan")
         metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(rows / runtime, 3),

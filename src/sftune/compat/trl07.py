@@ -327,7 +327,7 @@ def _map_model(g: Guidance, model, tok, tok_arg: str, model_init_kwargs: dict | 
         if not path:
             g.not_expressible.append("the model was built in memory (it has no name_or_path)")
             if tok is None:
-                raise ConfigError("the model has no name_or_path to load its tokenizer from; pass tokenizer=...")
+                raise ConfigError(f"the model has no name_or_path to load its tokenizer from; pass {tok_arg}=...")
     if tok is not None:
         name = getattr(tok, "name_or_path", "") or ""
         own = name in ("", g.overrides.get("model.path"))

@@ -40,9 +40,9 @@ from sftune.compat.trl07 import (
     Built,
     Guidance,
     _as_dataset,
+    _map_model,
     load_and_adapt,
     make_source,
-    map_model_kwargs,
     map_training_args,
 )
 from sftune.config import DataConfig
@@ -373,25 +373,7 @@ def build(model, args: SFTConfig, data_collator=None, train_dataset=None, eval_d
     eval_ds = None if eval_dataset is None else _as_dataset(eval_dataset, "eval_dataset")
     tok = processing_class
 
-    if isinstance(model, (str, Path)):
-        g.add(f"model={str(model)!r}", {"model.path": str(model)})
-        if args.model_init_kwargs:
-            g.add(f"args.model_init_kwargs={args.model_init_kwargs!r}", map_model_kwargs(args.model_init_kwargs))
-    else:
-        if args.model_init_kwargs:
-            raise ConfigError("model_init_kwargs apply only when model is a name; this model is already loaded")
-        path = getattr(model, "name_or_path", "") or ""
-        g.add(f"model=<{type(model).__name__}>", {"model.path": path} if path else {},
-              "" if path else "(built in memory: no key)")
-        if not path:
-            g.not_expressible.append("the model was built in memory (it has no name_or_path)")
-            if tok is None:
-                raise ConfigError("the model has no name_or_path to load its tokenizer from; pass processing_class=")
-    if tok is not None:
-        name = getattr(tok, "name_or_path", "") or ""
-        own = name in ("", g.overrides.get("model.path"))
-        g.add(f"processing_class=<{type(tok).__name__}>", {} if own else {"model.tokenizer": name},
-              "(the model's own)" if own else "")
+    _map_model(g, model, tok, "processing_class", args.model_init_kwargs)
 
     map_training_args(args, len(train_ds), g, ref=SFTConfig(output_dir=args.output_dir), handled=OWN_FIELDS)
     if eval_ds is not None:

@@ -94,9 +94,11 @@ def load_trl_config(path: str | Path):
 
 def run_trl_config(path: str | Path) -> int:
     """Train as the YAML says (the trainer prints the mapping); the exit status of ``sftune train``."""
+    from sftune.cluster import exit_status
     from sftune.compat.trainer import SFTTrainer
 
     model, args, train, test, peft_config = load_trl_config(path)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, peft_config=peft_config)
-    trainer.train()
-    return 130 if trainer.result.interrupted else 0
+    trainer.train(resume_from_checkpoint=bool(args.resume_from_checkpoint))
+    return exit_status(trainer.result, resume_hint=f"add `resume_from_checkpoint: true` to {path} and run "
+                                                   f"sftune train --trl-config {path} again")

@@ -128,6 +128,10 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.units) / self.step_units)
 
+    def total_steps(self, max_steps: int | None, epochs: float) -> int:
+        """The run's optimizer steps: ``train.max_steps``, else ``train.epochs`` epochs of this plan."""
+        return max_steps or max(1, math.ceil(epochs * self.steps_per_epoch))
+
     def epoch_steps(self, epoch: int) -> list[list[int]]:
         """Unit indices of each optimizer step of ``epoch``: a fresh permutation per epoch."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
@@ -316,3 +320,18 @@ def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> Batch:
         doc_bounds=tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]] + [width - natural][:width > natural])
                          .tolist()) if len(examples) == 1 and examples[0] else None,
     )
+
+
+class Batches:
+    """This rank's micro-batches for optimizer step ``step`` (deterministic: resume-safe)."""
+
+    def __init__(self, plan: BatchPlan, data, pad_id: int, rank: int, world: int):
+        self.plan, self.data, self.pad_id, self.rank, self.world = plan, data, pad_id, rank, world
+        self._epoch, self._steps = -1, []
+
+    def __call__(self, step: int) -> list[Batch]:
+        epoch, index = divmod(step, self.plan.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._steps = epoch, self.plan.epoch_steps(epoch)
+        micro = self.plan.micro_batches(self._steps[index], self.rank, self.world)
+        return [self.plan.batch(units, self.data, self.pad_id) for units in micro]

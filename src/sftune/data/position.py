@@ -49,9 +49,14 @@ def save_position(batches, data, step: int) -> dict[str, bytes]:
 
 def restore_position(batches, data, checkpoint: str | Path, step: int) -> None:
     """Refuse a resume whose data changed; continue a stream from its checkpoint's position."""
-    if data.signature is None:
-        return
     path = Path(checkpoint) / FILE
+    if data.signature is None:
+        if path.exists():
+            raise DataError(f"the checkpoint {checkpoint} was saved by a run with data.sources or data.streaming, "
+                            "and this run has neither: it would continue on other data",
+                            hint="resume with the data settings the run was started with, or start a new run "
+                            "(train.resume=false)")
+        return
     if not path.exists():
         raise DataError(f"the checkpoint {checkpoint} has no data position ({FILE}): it was saved by a run without "
                         "data.sources or data.streaming", hint="resume with the data settings the run was started "

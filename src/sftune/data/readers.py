@@ -78,7 +78,7 @@ class RowReader:
         return self
 
     def __next__(self) -> tuple[dict, int]:
-        for _ in range(3):
+        while True:  # past empty files and the ends of passes (a pass without rows raises in _new_pass)
             if self._it is None:
                 self._it = self._open()
             try:
@@ -99,7 +99,6 @@ class RowReader:
             for col in self.cfg.remove_columns:
                 row.pop(col, None)
             return row, number
-        raise DataError("the source has no rows", source=self.cfg.path)
 
     def _end_of_file(self) -> None:
         c = self.cursor

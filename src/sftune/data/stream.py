@@ -179,7 +179,7 @@ class ExampleSet:
 
 class StreamBatches:
     """This rank's micro-batches of step ``step``, in order, from a :class:`Stream` (the streamed
-    counterpart of :class:`sftune.training.Batches`)."""
+    counterpart of :class:`sftune.data.packing.Batches`)."""
 
     def __init__(self, stream: Stream, plan, pad_id: int, rank: int, world: int):
         self.stream, self.plan, self.pad_id, self.rank, self.world = stream, plan, pad_id, rank, world
