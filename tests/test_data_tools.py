@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tool_templates as TT
+from test_data_chat_templates import decode, runs
 from sftune.config import DataConfig
 from sftune.data.chat import MessagesFormat
 from sftune.data.tools import CONVERTED
-from sftune.data.tokenize import IGNORE, Tokenizer
+from sftune.data.tokenize import Tokenizer
 from sftune.errors import DataError
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start|>", "<|end|>", "<|return|>", "<|call|>",
@@ -198,21 +199,6 @@ def expected_turn(tok, family, conv, i):
     stops = FAMILIES[family][3]
     end = min(upto.find(s, start) + len(s) for s in stops if upto.find(s, start) >= 0)
     return prompt, upto[start:end]
-
-
-def decode(tok, ids):
-    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def runs(labels):
-    out, start = [], None
-    for k, lab in enumerate(list(labels) + [IGNORE]):
-        if lab != IGNORE and start is None:
-            start = k
-        elif lab == IGNORE and start is not None:
-            out.append((start, k))
-            start = None
-    return out
 
 
 def tokenize_rows(tok, rows, **cfg):
