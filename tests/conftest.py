@@ -130,3 +130,16 @@ def train_config(model_dir, data_file, out, **over):
             "train.max_grad_norm": 1e9, "train.warmup_steps": 0}
     base.update(over)
     return load_config(None, base)
+
+
+@pytest.fixture(scope="session")
+def dropout_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny model with dropout on (0.1 everywhere): RNG state matters for exact resume."""
+    return build_model_dir(tmp_path_factory.mktemp("dropout_model"), tiny_tokenizer, resid_pdrop=0.1,
+                           embd_pdrop=0.1, attn_pdrop=0.1)
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """The report's plots take most of a tiny run's time; tests that check other things skip them."""
+    monkeypatch.setattr("sftune.training.build_report", lambda out: Path(out) / "report.md")

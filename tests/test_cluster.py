@@ -18,26 +18,9 @@ from sftune.cluster import REQUEUE_EXIT, config_differences, peer_lost, rendezvo
 from sftune.config import config_to_yaml, load_config
 from sftune.training import train
 
-from conftest import build_model_dir, write_jsonl
-
-ROWS = [{"instruction": "word " * (1 + (i * 7) % 23), "output": "answer " * (1 + (i * 5) % 11)} for i in range(40)]
 TESTS = Path(__file__).resolve().parent
 
-
-@pytest.fixture(autouse=True)
-def no_plots(monkeypatch):
-    monkeypatch.setattr("sftune.training.build_report", lambda out: Path(out) / "report.md")
-
-
-@pytest.fixture(scope="module")
-def qa_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", ROWS)
-
-
-@pytest.fixture(scope="module")
-def dropout_model_dir(tmp_path_factory, tiny_tokenizer):
-    return build_model_dir(tmp_path_factory.mktemp("dropout_model"), tiny_tokenizer, resid_pdrop=0.1,
-                           embd_pdrop=0.1, attn_pdrop=0.1)
+pytestmark = pytest.mark.usefixtures("no_plots")  # conftest: the report's plots are not what these tests check
 
 
 def over(model_dir, data_file, out, **extra):
@@ -60,9 +43,9 @@ def final_weights(out) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(dropout_model_dir, qa_file, tmp_path_factory):
+def uninterrupted(dropout_model_dir, qa_rows_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    train(load_config("codealpaca", over(dropout_model_dir, qa_file, out)))
+    train(load_config("codealpaca", over(dropout_model_dir, qa_rows_file, out)))
     return losses(out), final_weights(out)
 
 
@@ -85,13 +68,13 @@ def sigterm_at_forward(monkeypatch, n: int) -> None:
 
 
 @pytest.mark.parametrize("grace, saved_at", [(0, 3), (600, 4)])
-def test_sigterm_saves_exits_75_and_auto_resume_is_bit_exact(grace, saved_at, dropout_model_dir, qa_file,
+def test_sigterm_saves_exits_75_and_auto_resume_is_bit_exact(grace, saved_at, dropout_model_dir, qa_rows_file,
                                                              uninterrupted, tmp_path, monkeypatch, capsys):
     """SIGTERM in step 4: with no grace the partial step is undone (checkpoint at step 3); with time
     to spare the step is finished (step 4). Exit 75; the same command with train.resume=auto ends
     bit for bit as the uninterrupted run."""
     out = tmp_path / "run"
-    args = ["train", "codealpaca", *over(dropout_model_dir, qa_file, out, **{"train.preempt_grace_seconds": grace,
+    args = ["train", "codealpaca", *over(dropout_model_dir, qa_rows_file, out, **{"train.preempt_grace_seconds": grace,
                                                                 "train.resume": "auto"})]
     sigterm_at_forward(monkeypatch, 7)  # step 4's first micro-batch (2 per step)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -113,9 +96,9 @@ def test_sigterm_saves_exits_75_and_auto_resume_is_bit_exact(grace, saved_at, dr
     assert all(torch.equal(w[k], ref_weights[k]) for k in ref_weights)
 
 
-def test_save_every_minutes_and_checkpoint_age(tiny_model_dir, qa_file, tmp_path):
+def test_save_every_minutes_and_checkpoint_age(tiny_model_dir, qa_rows_file, tmp_path):
     out = tmp_path / "run"
-    train(load_config(None, over(tiny_model_dir, qa_file, out, **{"train.save_every_minutes": 1e-6,
+    train(load_config(None, over(tiny_model_dir, qa_rows_file, out, **{"train.save_every_minutes": 1e-6,
                                                                  "train.keep_checkpoints": 10,
                                                                  "train.max_steps": 3})))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
@@ -124,9 +107,9 @@ def test_save_every_minutes_and_checkpoint_age(tiny_model_dir, qa_file, tmp_path
     assert len(ages) == 3 and all(0 <= a < 60 for a in ages)
 
 
-def test_resume_auto_decisions(tiny_model_dir, qa_file, tmp_path, monkeypatch, capsys):
+def test_resume_auto_decisions(tiny_model_dir, qa_rows_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    cfg = load_config(None, over(tiny_model_dir, qa_file, out, **{"train.resume": "auto"}))
+    cfg = load_config(None, over(tiny_model_dir, qa_rows_file, out, **{"train.resume": "auto"}))
     for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(name, raising=False)
     assert resolve_resume(cfg, out, 1, True) is False
@@ -138,14 +121,14 @@ def test_resume_auto_decisions(tiny_model_dir, qa_file, tmp_path, monkeypatch, c
     assert resolve_resume(cfg, out, 2, False) is True
     assert resolve_resume(cfg, out, 1, False) is False  # another world size
     # keys that do not change what is trained may differ; others may not
-    same = load_config(None, over(tiny_model_dir, qa_file, out, **{"train.resume": "auto", "train.save_every": 9,
+    same = load_config(None, over(tiny_model_dir, qa_rows_file, out, **{"train.resume": "auto", "train.save_every": 9,
                                                                    "train.num_threads": 1}))
     assert resolve_resume(same, out, 2, False) is True
-    other = load_config(None, over(tiny_model_dir, qa_file, out, **{"train.resume": "auto", "train.lr": 2e-3}))
+    other = load_config(None, over(tiny_model_dir, qa_rows_file, out, **{"train.resume": "auto", "train.lr": 2e-3}))
     assert config_differences(other, out / "sftune_config.yaml") == ["train.lr: 0.001 -> 0.002"]
     assert resolve_resume(other, out, 2, False) is False
     # unset: auto only on a restart
-    unset = load_config(None, over(tiny_model_dir, qa_file, out))
+    unset = load_config(None, over(tiny_model_dir, qa_rows_file, out))
     assert unset.train.resume is None and resolve_resume(unset, out, 2, False) is False
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert resolve_resume(unset, out, 2, True) is True
@@ -205,9 +188,9 @@ ELASTIC = {"train.batch_size": 2, "train.grad_accum": 2, "train.max_steps": 7, "
 
 
 @pytest.fixture(scope="module")
-def two_rank_reference(dropout_model_dir, qa_file, tmp_path_factory):
+def two_rank_reference(dropout_model_dir, qa_rows_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("elastic") / "full"
-    proc = torchrun(over(dropout_model_dir, qa_file, out, **ELASTIC), {}, out)
+    proc = torchrun(over(dropout_model_dir, qa_rows_file, out, **ELASTIC), {}, out)
     assert proc.wait(timeout=300) == 0, read_logs(out)
     return losses(out), final_weights(out)
 
@@ -218,13 +201,13 @@ def read_logs(out: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_rank_killed_torchrun_restarts_and_resumes_exactly(dropout_model_dir, qa_file, two_rank_reference, tmp_path):
+def test_rank_killed_torchrun_restarts_and_resumes_exactly(dropout_model_dir, qa_rows_file, two_rank_reference, tmp_path):
     """Rank 0 is SIGKILLed while the step-6 checkpoint is being written (its files are on disk, the
     checkpoint is not complete; the lock it held is stale); torchrun --max-restarts=1 restarts the
     group, which resumes (train.resume unset: auto on a restart) from the step-3 checkpoint and ends
     with the uninterrupted 2-rank run's losses and weights."""
     out = tmp_path / "killed"
-    proc = torchrun(over(dropout_model_dir, qa_file, out, **ELASTIC),
+    proc = torchrun(over(dropout_model_dir, qa_rows_file, out, **ELASTIC),
                     {"SFTUNE_TEST_DIE_SAVING": "6", "SFTUNE_TEST_DIE_RANK": "0"}, out, restarts=1)
     assert proc.wait(timeout=300) == 0, read_logs(out)
     log = read_logs(out)
@@ -239,12 +222,12 @@ def test_rank_killed_torchrun_restarts_and_resumes_exactly(dropout_model_dir, qa
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_launcher_sigterm_saves_and_the_same_command_resumes_exactly(dropout_model_dir, qa_file,
+def test_launcher_sigterm_saves_and_the_same_command_resumes_exactly(dropout_model_dir, qa_rows_file,
                                                                      two_rank_reference, tmp_path):
     """SIGTERM to torchrun when step 5 begins: it forwards SIGTERM to both ranks, which agree on a
     step boundary, save there and exit 75; the same command (train.resume=auto) finishes exactly."""
     out = tmp_path / "preempted"
-    args = over(dropout_model_dir, qa_file, out, **ELASTIC, **{"train.resume": "auto"})
+    args = over(dropout_model_dir, qa_rows_file, out, **ELASTIC, **{"train.resume": "auto"})
     proc = torchrun(args, {"SFTUNE_TEST_SIGTERM_STEP": "4"}, out)
     assert proc.wait(timeout=300) != 0
     log = read_logs(out)

@@ -39,7 +39,10 @@ QWEN_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def build(style: str):
+def build(style: str, specials: list[str] | None = None, corpus: list[str] | None = None, vocab_size: int = 1000):
+    """A small tokenizer of one style (byte-level with the Qwen/Llama-3 regex, or SentencePiece-style
+    Metaspace with or without the prefix ``▁``), trained on ``corpus`` with ``specials``."""
+    specials = SPECIALS if specials is None else specials
     from tokenizers import Regex, Tokenizer as Tk, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,11 +62,11 @@ def build(style: str):
         alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
     # byte-fallback pieces <0x00>..<0xFF> sit in the vocabulary (as SentencePiece models have them)
     byte_pieces = [f"<0x{i:02X}>" for i in range(256)] if style != "bytelevel" else []
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=SPECIALS + byte_pieces, initial_alphabet=alphabet,
-                                  show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_pieces,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(CORPUS if corpus is None else corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   additional_special_tokens=SPECIALS[3:], clean_up_tokenization_spaces=False)
+                                   additional_special_tokens=specials[3:], clean_up_tokenization_spaces=False)
 
 
 @pytest.fixture(scope="module", params=["bytelevel", "metaspace", "metaspace_never"])

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tool_templates as TT
-from test_data_chat_templates import decode, runs
+from test_data_chat_templates import build as build_tokenizer, decode, runs
 from sftune.config import DataConfig
 from sftune.data.chat import MessagesFormat
 from sftune.data.tools import CONVERTED
@@ -39,9 +39,6 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start|>", "
 CORPUS = ["What is the weather in Paris? It is 22C and sunny.", '{"name": "get_weather", "arguments": {"city": "Paris"}}',
           "<tool_call>\n</tool_call>\n<tool_response>\n</tool_response>", "héllo wörld 日本語 🙂 ```json\n```",
           "You are a weather bot. Current time: 14:05, Europe/Paris.", "function functions. commentary json final"] * 30
-QWEN_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
 # family: template, eos, bos, stop tokens of a turn, where the turn starts when the prompt is not a prefix
 FAMILIES = {
     "qwen25": (TT.QWEN25, "<|im_end|>", None, ["<|im_end|>"]),
@@ -54,29 +51,10 @@ FAMILIES = {
 
 
 def build(style: str):
-    from tokenizers import AddedToken, Regex, Tokenizer as Tk, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The chat tests' tokenizer of ``style`` with the tool templates' specials and corpus."""
+    from tokenizers import AddedToken
 
-    if style == "bytelevel":
-        tok = Tk(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        byte_pieces = []
-    else:
-        tok = Tk(models.BPE(unk_token="<unk>", byte_fallback=True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-        alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
-        byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=SPECIALS + byte_pieces, initial_alphabet=alphabet,
-                                  show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  additional_special_tokens=SPECIALS[3:], clean_up_tokenization_spaces=False)
+    out = build_tokenizer(style, SPECIALS, CORPUS, vocab_size=800)
     # Qwen's <tool_call> tags are added tokens that are not special
     out.add_tokens([AddedToken(t, special=False) for t in ("<tool_call>", "</tool_call>")])
     return out

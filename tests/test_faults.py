@@ -21,25 +21,9 @@ from sftune.training import train
 
 from conftest import build_model_dir, write_jsonl
 
-ROWS = [{"instruction": "word " * (1 + (i * 7) % 23), "output": "answer " * (1 + (i * 5) % 11)} for i in range(40)]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
-
-@pytest.fixture(autouse=True)
-def no_plots(monkeypatch):
-    """The report's plots take most of a tiny run's time and are not what these tests check."""
-    monkeypatch.setattr("sftune.training.build_report", lambda out: Path(out) / "report.md")
-
-
-@pytest.fixture(scope="module")
-def qa_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", ROWS)
-
-
-@pytest.fixture(scope="module")
-def dropout_model_dir(tmp_path_factory, tiny_tokenizer):
-    return build_model_dir(tmp_path_factory.mktemp("dropout_model"), tiny_tokenizer, resid_pdrop=0.1,
-                           embd_pdrop=0.1, attn_pdrop=0.1)
+pytestmark = pytest.mark.usefixtures("no_plots")  # conftest: the report's plots are not what these tests check
 
 
 def args_for(model_dir, data_file, out, **over):
@@ -94,14 +78,14 @@ RESUME = {"train.batch_size": 4, "train.grad_accum": 2, "train.max_steps": 6, "t
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(dropout_model_dir, qa_file, tmp_path_factory):
+def uninterrupted(dropout_model_dir, qa_rows_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    train(cfg_for(dropout_model_dir, qa_file, out, **RESUME))
+    train(cfg_for(dropout_model_dir, qa_rows_file, out, **RESUME))
     return losses(out), final_weights(out)
 
 
 @pytest.mark.parametrize("where", ["forward-1", "forward-2", "backward", "optimizer"])
-def test_ctrl_c_mid_step_resume_is_bit_exact(where, dropout_model_dir, qa_file, uninterrupted, tmp_path,
+def test_ctrl_c_mid_step_resume_is_bit_exact(where, dropout_model_dir, qa_rows_file, uninterrupted, tmp_path,
                                              monkeypatch):
     """A real SIGINT during step 4 (inside its first or second micro-batch forward, inside a backward, or
     inside the optimizer update) saves the state of a step boundary; resume reproduces the
@@ -144,7 +128,7 @@ def test_ctrl_c_mid_step_resume_is_bit_exact(where, dropout_model_dir, qa_file, 
         monkeypatch.setattr(CausalLMWithLoss, "forward", forward_with_signal)
         monkeypatch.setattr(torch.optim.AdamW, "step", step_with_signal)
         cut = tmp_path / "cut"
-        result = train(cfg_for(dropout_model_dir, qa_file, cut, **RESUME))
+        result = train(cfg_for(dropout_model_dir, qa_rows_file, cut, **RESUME))
         monkeypatch.undo()
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -152,7 +136,7 @@ def test_ctrl_c_mid_step_resume_is_bit_exact(where, dropout_model_dir, qa_file, 
     assert result.interrupted and result.steps == expected_step
     assert (cut / "checkpoints" / f"step-{expected_step:07d}" / "trainer_state.json").exists()
     assert not (cut / "model.safetensors").exists()
-    train(cfg_for(dropout_model_dir, qa_file, cut, **RESUME, **{"train.resume": True}))
+    train(cfg_for(dropout_model_dir, qa_rows_file, cut, **RESUME, **{"train.resume": True}))
     ref_losses, ref_weights = uninterrupted
     got = losses(cut)
     assert sorted(got) == list(range(1, 7))
@@ -176,9 +160,9 @@ def nan_model_dir(tmp_path_factory, tiny_tokenizer):
     return path
 
 
-def test_nan_weight_stops_the_run(nan_model_dir, qa_file, tmp_path, capsys):
+def test_nan_weight_stops_the_run(nan_model_dir, qa_rows_file, tmp_path, capsys):
     out = tmp_path / "nan"
-    code, _, err = run_cli(["train", "codealpaca", *args_for(nan_model_dir, qa_file, out)], capsys)
+    code, _, err = run_cli(["train", "codealpaca", *args_for(nan_model_dir, qa_rows_file, out)], capsys)
     assert code == 2 and "Traceback" not in err
     assert "step 1: the loss is nan" in err and "no final model was written" in err
     assert "train.on_nonfinite=skip" in err
@@ -203,10 +187,10 @@ def _nan_at(monkeypatch, bad_calls: set[int]):
     monkeypatch.setattr(CausalLMWithLoss, "forward", nan_forward)
 
 
-def test_nan_mid_run_keeps_last_good_checkpoint(tiny_model_dir, qa_file, tmp_path, monkeypatch, capsys):
+def test_nan_mid_run_keeps_last_good_checkpoint(tiny_model_dir, qa_rows_file, tmp_path, monkeypatch, capsys):
     _nan_at(monkeypatch, {4})
     out = tmp_path / "mid"
-    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_file, out, **{
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
         "train.save_every": 2, "train.max_steps": 6})], capsys)
     assert code == 2 and "Traceback" not in err
     assert "step 4: the loss is nan" in err and "step-0000002" in err
@@ -215,10 +199,10 @@ def test_nan_mid_run_keeps_last_good_checkpoint(tiny_model_dir, qa_file, tmp_pat
     all_json_valid(out)
 
 
-def test_on_nonfinite_skip_counts_and_bounds(tiny_model_dir, qa_file, tmp_path, monkeypatch, capsys):
+def test_on_nonfinite_skip_counts_and_bounds(tiny_model_dir, qa_rows_file, tmp_path, monkeypatch, capsys):
     _nan_at(monkeypatch, {2, 3})
     out = tmp_path / "skip"
-    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_file, out, **{
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
         "train.on_nonfinite": "skip", "train.max_skipped_steps": 2, "train.max_steps": 5})], capsys)
     assert code == 0, err
     assert "2 step(s) skipped" in err and "steps 2, 3" in err
@@ -231,17 +215,17 @@ def test_on_nonfinite_skip_counts_and_bounds(tiny_model_dir, qa_file, tmp_path, 
 
     monkeypatch.undo()
     _nan_at(monkeypatch, {2, 3, 4})  # three bad steps, two allowed: stops at step 4
-    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_file, tmp_path / "over", **{
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, tmp_path / "over", **{
         "train.on_nonfinite": "skip", "train.max_skipped_steps": 2, "train.max_steps": 5})], capsys)
     assert code == 2 and "Traceback" not in err and "train.max_skipped_steps=2" in err and "step 4" in err
 
 
-def test_huge_lr_stops_with_a_message(tiny_model_dir, qa_file, tmp_path, capsys):
+def test_huge_lr_stops_with_a_message(tiny_model_dir, qa_rows_file, tmp_path, capsys):
     """lr=1e6: the weights blow up within a step or two; exit status 2, one message naming the step and
     the value, no final model, valid JSON only. (In-process: the two-process lock test covers
     ``python -m sftune``'s own error path.)"""
     out = tmp_path / "lr"
-    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_file, out, **{
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
         "train.lr": 1e6, "train.max_steps": 6})], capsys)
     assert code == 2 and "Traceback" not in err
     assert "the run stopped" in err and "step " in err and "nan" in err.lower()
@@ -252,14 +236,14 @@ def test_huge_lr_stops_with_a_message(tiny_model_dir, qa_file, tmp_path, capsys)
 # ----------------------------------------------------------------------------- checkpoints and disk
 
 
-def test_damaged_checkpoint_falls_back_with_warning(tiny_model_dir, qa_file, tmp_path, capsys):
+def test_damaged_checkpoint_falls_back_with_warning(tiny_model_dir, qa_rows_file, tmp_path, capsys):
     out = tmp_path / "dmg"
     over = {"train.save_every": 2, "train.max_steps": 4, "train.keep_checkpoints": 3}
-    train(cfg_for(tiny_model_dir, qa_file, out, **over))
+    train(cfg_for(tiny_model_dir, qa_rows_file, out, **over))
     newest = out / "checkpoints" / "step-0000004" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     capsys.readouterr()
-    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_file, out, **{
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
         **over, "train.resume": True, "train.max_steps": 5})], capsys)
     assert code == 0, err
     assert "step-0000004 is damaged" in err and str(newest) in err and "resumed from" in err
@@ -267,13 +251,13 @@ def test_damaged_checkpoint_falls_back_with_warning(tiny_model_dir, qa_file, tmp
 
     for ck in (out / "checkpoints").iterdir():  # now every checkpoint is damaged
         (ck / "trainer_state.json").write_text("{not json")
-    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_file, out, **{
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
         **over, "train.resume": True, "train.max_steps": 6})], capsys)
     assert code == 2 and "Traceback" not in err and "no checkpoint in" in err and "trainer_state.json" in err
 
 
 @pytest.mark.parametrize("kind", ["oserror", "torch"])
-def test_disk_full_while_saving_a_checkpoint(kind, tiny_model_dir, qa_file, tmp_path, monkeypatch, capsys):
+def test_disk_full_while_saving_a_checkpoint(kind, tiny_model_dir, qa_rows_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "full"
     save = torch.save
 
@@ -285,7 +269,7 @@ def test_disk_full_while_saving_a_checkpoint(kind, tiny_model_dir, qa_file, tmp_
         return save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_file, out, **{
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
         "train.save_every": 2, "train.max_steps": 6})], capsys)
     assert code == 2 and "Traceback" not in err
     assert "no space left on device" in err and str(out / "checkpoints") in err
@@ -296,7 +280,7 @@ def test_disk_full_while_saving_a_checkpoint(kind, tiny_model_dir, qa_file, tmp_
 # ----------------------------------------------------------------------------- one run per output directory
 
 
-def test_second_run_refuses_while_the_first_holds_the_lock(tiny_model_dir, qa_file, tmp_path):
+def test_second_run_refuses_while_the_first_holds_the_lock(tiny_model_dir, qa_rows_file, tmp_path):
     """Two processes: one holds the output directory; `sftune train` into it refuses, naming the PID."""
     out = tmp_path / "locked"
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -306,7 +290,7 @@ def test_second_run_refuses_while_the_first_holds_the_lock(tiny_model_dir, qa_fi
     try:
         assert holder.stdout.readline().strip() == "held"
         proc = subprocess.run([sys.executable, "-m", "sftune", "train", "codealpaca",
-                               *args_for(tiny_model_dir, qa_file, out)], capture_output=True, text=True,
+                               *args_for(tiny_model_dir, qa_rows_file, out)], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": SRC}, timeout=300)
     finally:
         holder.kill()
@@ -316,7 +300,7 @@ def test_second_run_refuses_while_the_first_holds_the_lock(tiny_model_dir, qa_fi
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_stale_lock_is_taken_over_and_old_log_moved_aside(tiny_model_dir, qa_file, tmp_path, capsys):
+def test_stale_lock_is_taken_over_and_old_log_moved_aside(tiny_model_dir, qa_rows_file, tmp_path, capsys):
     out = tmp_path / "stale"
     out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -327,7 +311,7 @@ def test_stale_lock_is_taken_over_and_old_log_moved_aside(tiny_model_dir, qa_fil
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     (out / "checkpoints" / "step-0000100").mkdir(parents=True)  # an earlier run's (newer-numbered) checkpoint
     (out / "checkpoints" / "step-0000100" / "trainer_state.json").write_text('{"step": 100}')
-    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_file, out, **{
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
         "train.max_steps": 1, "train.save_every": 1})], capsys)
     assert code == 0, err
     assert f"stale lock" in err and str(dead.pid) in err
@@ -341,11 +325,11 @@ def test_stale_lock_is_taken_over_and_old_log_moved_aside(tiny_model_dir, qa_fil
 # ----------------------------------------------------------------------------- file system
 
 
-def test_file_system_errors_are_one_clear_line(tiny_model_dir, qa_file, tmp_path, monkeypatch, capsys):
+def test_file_system_errors_are_one_clear_line(tiny_model_dir, qa_rows_file, tmp_path, monkeypatch, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     for out, says in [(a_file, "is a file, not a directory"), (a_file / "sub", "is a file")]:
-        code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_file, out)], capsys)
+        code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out)], capsys)
         assert code == 2 and "Traceback" not in err and str(a_file) in err and says in err, err
         assert len(err.strip().splitlines()) == 1
 
@@ -357,13 +341,13 @@ def test_file_system_errors_are_one_clear_line(tiny_model_dir, qa_file, tmp_path
     real_open = Path.open
 
     def deny(self, *a, **kw):
-        if self == qa_file:
+        if self == qa_rows_file:
             raise PermissionError(errno.EACCES, "Permission denied", str(self))
         return real_open(self, *a, **kw)
 
     monkeypatch.setattr(Path, "open", deny)
-    code, _, err = run_cli(["preview", "codealpaca", *args_for(tiny_model_dir, qa_file, tmp_path / "p")], capsys)
-    assert code == 2 and "Traceback" not in err and str(qa_file) in err and "permission denied" in err
+    code, _, err = run_cli(["preview", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, tmp_path / "p")], capsys)
+    assert code == 2 and "Traceback" not in err and str(qa_rows_file) in err and "permission denied" in err
 
 
 def test_max_length_that_leaves_nothing_to_learn(tiny_model_dir, tmp_path, capsys):
