@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sftune.data import extras as data_extras
+import sftune.data.extras as data_extras
 from sftune.data.tokenize import IGNORE
 
 
