@@ -97,12 +97,38 @@ def logit_transforms(cfg) -> tuple[str, ...]:
     return tuple(found)
 
 
+def body_of(lm) -> nn.Module | None:
+    """The transformer body of a causal LM: the module whose output has ``last_hidden_state``.
+
+    ``base_model`` reads the attribute that ``base_model_prefix`` names, and returns the model
+    itself when that attribute is absent; some families declare their body under one name and
+    store it under another (Llama 4 and Mllama declare ``language_model`` and hold ``model``), and
+    there ``base_model`` and ``get_decoder()`` both return the whole causal LM. Then the body is the
+    child module that holds the input embeddings. None when no such child exists."""
+    for get in (lambda: lm.base_model, lambda: lm.get_decoder()):
+        try:
+            body = get()
+        except Exception:  # noqa: BLE001 - not every model defines them
+            continue
+        if isinstance(body, nn.Module) and body is not lm:
+            return body
+    get_emb = getattr(lm, "get_input_embeddings", None)
+    try:
+        emb = get_emb() if callable(get_emb) else None
+    except Exception:  # noqa: BLE001
+        emb = None
+    for _, child in lm.named_children():
+        if child is not emb and any(m is emb for m in child.modules()) and emb is not None:
+            return child
+    return None
+
+
 def recurrent_layers(model) -> list[str]:
     """Names of token-mixing layers with state (convolutions, SSMs): they cross example boundaries."""
     cfg = _text_config(_config(model))
     found, names = [], []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv1d) or _RECURRENT_CLASS.search(type(module).__name__):
+        if name and (isinstance(module, nn.Conv1d) or _RECURRENT_CLASS.search(type(module).__name__)):
             if not any(name.startswith(f + ".") for f in names):
                 names.append(name)
                 found.append(f"{type(module).__name__} ({name})")
@@ -134,7 +160,7 @@ def mask_reads_positions(model) -> bool:
     cfg = _config(model)
     if getattr(cfg, "model_type", None) in ROWS_UNSAFE_TYPES:
         return False
-    body = getattr(model, "base_model", model)
+    body = body_of(model) or model
     try:
         src = inspect.getsource(type(body).forward)
     except (OSError, TypeError):
@@ -198,7 +224,7 @@ def capabilities(model, *, kernel: str | None = None, compile: bool = False) -> 
         args.append("s_aux")
     transforms = logit_transforms(cfg)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    fused = not transforms and isinstance(head, nn.Linear) and hasattr(lm, "base_model")
+    fused = not transforms and isinstance(head, nn.Linear) and body_of(lm) is not None
     exclude = PEFT_MAMBA_REFUSED if model_type in PEFT_MAMBA_TYPES else ()
     dropout_zero = None
     if expert_parameters(lm):
