@@ -34,7 +34,7 @@ SIZES = {
                      "decoder_ffn_dim", "d_inner", "dff", "mlp_dim", "inner_hidden_size", "hidden_act_size",
                      "ffn_hidden_dim", "d_intermediate", "mlp_hidden_size"), INTER),
     **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers",
-                     "num_decoder_layers", "n_layers_decoder"), LAYERS),
+                     "num_decoder_layers", "n_layers_decoder", "num_layers_per_stack"), LAYERS),
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads",
                      "encoder_attention_heads", "num_attention_heads_per_layer"), HEADS),
     **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "n_kv_heads",
@@ -58,6 +58,8 @@ SIZES = {
                      "linear_value_head_dim", "mamba_d_head", "time_step_rank", "mamba_dt_rank"), 8),
     **dict.fromkeys(("mamba_n_heads", "linear_num_value_heads", "linear_num_key_heads", "mamba_num_heads"), 4),
     **dict.fromkeys(("mamba_chunk_size", "chunk_size"), 16),
+    "linear_head_dim": HEAD_DIM, "linear_num_heads": HEADS, "index_num_heads": 2, "index_topk": 8,
+    "index_num_local_tokens": 4, "index_num_sink_tokens": 2, "index_pool_size": 64, "index_compression": 4,
     "rotary_dim": 8, "sliding_window": WINDOW, "initializer_range": 0.2, "init_std": 0.2,
 }
 """Config keys shrunk by name, wherever they appear (sub-configs included)."""
@@ -79,25 +81,52 @@ def _per_layer(value, layers: int):
         return value
     first = items[0]
     other = next((x for x in items if x != first), first)
-    cut = [first, other] if items.index(other) > 0 else [first, first]
+    cut = [first, other]
     return "".join(cut) if isinstance(value, str) else cut
 
 
-def _shrink(cfg):
-    """``cfg`` with every size this scan knows shrunk, recursively through sub-configs."""
-    from transformers import PretrainedConfig
+def _consistent(d: dict) -> None:
+    """Sizes that other sizes determine: rotary and multi-head-latent head sizes, Mamba's inner width."""
+    if "qk_rope_head_dim" in d:
+        d["head_dim"] = d["qk_rope_head_dim"]
+        if "qk_head_dim" in d:
+            d["qk_head_dim"] = d["qk_rope_head_dim"] + d.get("qk_nope_head_dim", 0)
+    hidden = d.get("hidden_size", HIDDEN)
+    expand = d.get("mamba_expand", d.get("expand"))
+    if isinstance(expand, int):
+        inner = expand * hidden
+        for heads, head in (("mamba_n_heads", "mamba_d_head"), ("mamba_num_heads", "mamba_head_dim"),
+                            ("n_mamba_heads", "mamba_headdim"), ("num_heads", "head_dim")):
+            if isinstance(d.get(heads), int) and head in d:
+                d[head] = inner // d[heads]
+        if "mamba_d_ssm" in d and d["mamba_d_ssm"]:
+            d["mamba_d_ssm"] = inner
+        for k in ("n_groups", "mamba_n_groups", "mamba_ngroups"):
+            if k in d:
+                d[k] = 1
+    if "kv_lora_rank" in d and "num_key_value_heads" in d:  # latent attention: one key/value head per query head
+        d["num_key_value_heads"] = d.get("num_attention_heads", HEADS)
+    if "d_head" in d:
+        d["d_head"] = hidden // d.get("n_head", d.get("num_attention_heads", HEADS))
+    if all(isinstance(d.get(k), int) for k in ("n_input_layers", "n_recurrent_layers", "n_output_layers")):
+        d.update(n_input_layers=1, n_recurrent_layers=0, n_output_layers=1)
+    if "attention_hidden_size" in d:
+        d["attention_hidden_size"] = 2 * hidden
+        if "attention_head_dim" in d:
+            d["attention_head_dim"] = 2 * hidden // d.get("num_attention_heads", HEADS)
 
-    values = cfg.to_dict()
+
+def _shrunk(values: dict) -> dict:
+    """A config's ``to_dict()`` with every size this scan knows shrunk, sub-configs included."""
     layers = next((values[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
                    if isinstance(values.get(k), int)), 0)
+    out = {}
     for key, value in values.items():
-        current = getattr(cfg, key, None)
-        if isinstance(current, PretrainedConfig):
-            _shrink(current)
-            continue
         new = value
-        if key in SIZES and isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            new = min(value, SIZES[key]) if key not in ("initializer_range",) else SIZES[key]
+        if isinstance(value, dict) and ("model_type" in value or key.endswith("config")):
+            new = _shrunk(value)
+        elif key in SIZES and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            new = min(value, SIZES[key])
         elif key in ("initializer_range", "init_std") and isinstance(value, float):
             new = SIZES[key]
         elif key in TOKEN_IDS and isinstance(value, int) and value >= VOCAB:
@@ -106,25 +135,38 @@ def _shrink(cfg):
             new = [TOKEN_IDS[key]]
         elif ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             new = 0.0
+        elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):  # per-layer overrides
+            new = {k: v for k, v in value.items() if int(k) < LAYERS}
+        elif "layer" in key and isinstance(value, list) and value and all(type(x) is int for x in value) \
+                and max(value) >= LAYERS and len(value) != layers:  # layer indices
+            new = [x for x in value if x < LAYERS] or [LAYERS - 1]
         elif isinstance(value, (list, str)) and layers > LAYERS and key not in ("model_type", "architectures"):
             new = _per_layer(value, layers)
-        if new is not value:
-            try:
-                setattr(cfg, key, new)
-            except Exception:  # noqa: BLE001 - a read-only or validated key keeps its value
-                pass
-    # keep sizes consistent: heads divide the hidden size, kv heads divide the heads
+        out[key] = new
+    _consistent(out)
+    return out
+
+
+def tiny_config(name: str):
+    """The family's default config with its sizes shrunk, rebuilt so derived fields follow."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(name)
+    values = _shrunk(default.to_dict())
+    for k in ("model_type", "transformers_version", "architectures", "_name_or_path"):
+        values.pop(k, None)
+    cfg = type(default)(**values)
+    if hasattr(cfg, "is_decoder"):
+        cfg.is_decoder = True  # encoder families run as decoders in their *ForCausalLM class
     return cfg
 
 
 def build_tiny(name: str):
     """The family as a tiny fp32 model in eval mode, or ``(None, reason)``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     try:
-        cfg = _shrink(AutoConfig.for_model(name))
-        if hasattr(cfg, "is_decoder"):
-            cfg.is_decoder = True  # encoder families run as decoders in their *ForCausalLM class
+        cfg = tiny_config(name)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - a family transformers cannot build tiny on CPU

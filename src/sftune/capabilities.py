@@ -183,6 +183,62 @@ def mask_reads_positions(model) -> bool:
                                           and all("position_ids" in d for d in dicts)) for args in calls)
 
 
+def _call_args(src: str, callee: str) -> list[str]:
+    """The argument text of every call ``callee(...)`` in ``src``."""
+    out = []
+    for m in re.finditer(re.escape(callee) + r"\(", src):
+        depth, i = 1, m.end()
+        while depth and i < len(src):
+            depth += {"(": 1, ")": -1}.get(src[i], 0)
+            i += 1
+        out.append(src[m.end():i])
+    return out
+
+
+def _forward_source(module) -> str | None:
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return None
+
+
+def kwargs_lost(model) -> str | None:
+    """Where the installed modeling code drops extra keyword arguments on their way to attention
+    (the example boundaries of a flat row travel as one): ``"FalconDecoderLayer -> self_attention"``,
+    or None when every attention layer and its caller pass ``**kwargs`` on (or the source cannot
+    be read; the probe then decides). Read from the installed transformers' source, so it follows
+    the version: Falcon's layers went through the attention interface in 5.25, without passing
+    keyword arguments on."""
+    scope = None
+    try:
+        scope = model.get_decoder()  # the text decoder: a vision tower's attention runs no flat row
+    except Exception:  # noqa: BLE001 - not every model defines it
+        pass
+    if not isinstance(scope, nn.Module) or scope is model:
+        scope = body_of(model) or model
+    modules = dict(scope.named_modules())
+    seen = set()
+    for name, module in modules.items():
+        key = type(module)
+        if key in seen or not name:
+            continue
+        src = _forward_source(module)
+        if not src or "attention_interface(" not in src:
+            continue
+        seen.add(key)
+        if not all("**" in args for args in _call_args(src, "attention_interface")):
+            return f"{type(module).__name__} -> attention"
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules.get(parent_name)
+        if parent is None or isinstance(parent, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        parent_src = _forward_source(parent)
+        calls = _call_args(parent_src or "", f"self.{attr}")
+        if calls and not all("**" in args for args in calls):
+            return f"{type(parent).__name__} -> {attr}"
+    return None
+
+
 def expert_parameters(model) -> bool:
     """Whether the model holds experts as 3-D parameters (transformers 5 MoE), which peft's
     ``all-linear`` wraps as parameters."""
@@ -212,6 +268,9 @@ def capabilities(model, *, kernel: str | None = None, compile: bool = False) -> 
         elif impl not in (None, "sdpa", "eager", *NAMES) or not hasattr(lm, "set_attn_implementation") \
                 or not getattr(type(lm), "_can_set_attn_implementation", lambda: True)():
             why["flat"] = f"its attention ({impl}) does not go through transformers' attention interface"
+        elif lost := kwargs_lost(lm):
+            why["flat"] = (f"its layers do not pass keyword arguments on to attention ({lost}), so per-example "
+                           "attention would not see the example boundaries")
         if not str(impl).startswith("flash_attention") and not mask_reads_positions(lm):
             why["rows"] = "its body builds attention masks without position_ids, so examples in a row see each other"
     layouts = tuple(x for x in LAYOUTS if x not in why)
