@@ -111,6 +111,9 @@ def _cfg(name: str, vocab: int = V):
         return T.JambaConfig(**b, num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
                              expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8,
                              use_mamba_kernels=False)
+    if name == "llama4":  # declares its body as language_model, holds it as model
+        return T.Llama4TextConfig(**b, head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
+                                  num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 1])
     if name == "cohere":
         return T.CohereConfig(**b, logit_scale=0.5)
     if name == "granite":
