@@ -9,7 +9,9 @@ plain transformers run one example at a time with eager attention. A family that
 transformers cannot build or run tiny on CPU is skipped with its reason (every skip is listed by
 ``-rs``). It also checks that the loss wrapper finds every family's body (``last_hidden_state``).
 
-Slow (a few minutes): ``pytest -m slow -k families_all``.
+Slow (a few minutes on 2 cores) and opt-in, so the default suite keeps its time: it runs when
+selected with ``-m slow`` or ``-k families_all`` (``python -m pytest -m slow -k families_all -rs``),
+and is otherwise skipped with that hint.
 """
 
 from __future__ import annotations
@@ -167,13 +169,14 @@ def build_tiny(name: str):
 
     try:
         cfg = tiny_config(name)
+        with torch.device("meta"):  # counted before any memory is spent
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+        if n > MAX_PARAMS:
+            return None, f"{n / 1e6:.0f}M parameters after shrinking (a size key this scan does not know)"
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - a family transformers cannot build tiny on CPU
         return None, f"does not construct tiny on CPU: {type(e).__name__}: {str(e)[:160]}"
-    n = sum(p.numel() for p in model.parameters())
-    if n > MAX_PARAMS:
-        return None, f"{n / 1e6:.0f}M parameters after shrinking (a size key this scan does not know)"
     return model.eval(), ""
 
 
@@ -218,6 +221,13 @@ def check_one(name: str) -> tuple[str, str]:
     param, err = _grad_error(grads, ref_grads)
     assert err < 1e-4, (name, choice.line, param, err)
     return "exact", choice.line
+
+
+@pytest.fixture(autouse=True)
+def _opt_in(request):
+    option = request.config.option
+    if "slow" not in (getattr(option, "markexpr", "") or "") and "families_all" not in (option.keyword or ""):
+        pytest.skip("opt-in, several minutes: python -m pytest -m slow -k families_all")
 
 
 @pytest.mark.slow

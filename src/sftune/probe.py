@@ -135,6 +135,7 @@ def compare(lm, examples, candidates, fused: bool, device, tol: float | None = N
             if loss_diff <= tol:
                 result["layout"] = layout
                 break
+            result["diffs"][f"{layout} loss"] = loss_diff  # the outputs matched, the loss did not
     return result
 
 
