@@ -16,6 +16,12 @@ examples see each other. The loss needs to know the logit transforms applied aft
 LoRA needs to know what peft refuses for the family. :func:`capabilities` derives all of it from
 the model's config, modules and source where it can, and from the small tables below where it
 cannot; the start-up probe (``sftune.probe``) then checks the choice on the run's own data.
+
+What changes between transformers versions is read from the installed version, never tabled:
+whether attention goes through transformers' interface, whether the layers pass keyword arguments
+(the example boundaries) on to it (:func:`kwargs_lost`), whether masks read ``position_ids``. The
+tables hold only facts of the architecture. :func:`body_of` finds the transformer body (what the
+fused loss reads) also where a family stores it under another name than it declares.
 """
 
 from __future__ import annotations
