@@ -237,5 +237,5 @@ def test_model_families_all(name):
     plain transformers cannot build or run tiny is skipped with the reason)."""
     outcome, detail = check_one(name)
     if outcome == "skipped":
-        pytest.skip(detail)
+        pytest.skip(f"{name}: {detail}")
     print(f"{name}: {outcome}: {detail}")
