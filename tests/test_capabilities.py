@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sftune.capabilities import capabilities, lora_error_hint, lora_settings, logit_transforms, window_of
+from sftune.capabilities import body_of, capabilities, kwargs_lost, lora_error_hint, lora_settings, logit_transforms, window_of
 from sftune.data.packing import BatchPlan
 from sftune.errors import ConfigError
 
@@ -117,3 +117,22 @@ def test_probe_uses_the_runs_own_examples_and_is_cheap():
     assert choice.record["ms"] < 5000
     assert all(torch.isfinite(torch.tensor(list(choice.record["diffs"].values()))))
     assert examples()  # the helper stays importable
+
+
+def test_layers_that_drop_keyword_arguments_are_read_from_the_installed_source():
+    """Whether the example boundaries reach attention is read from the installed transformers'
+    modeling source (it changes between versions), not from a table: StableLM's decoder layer
+    calls its attention without ``**kwargs``; Llama's passes them on."""
+    assert kwargs_lost(build("stablelm")) == "StableLmDecoderLayer -> self_attn"
+    assert kwargs_lost(build("llama")) is None and kwargs_lost(build("gemma3")) is None
+    caps = capabilities(build("stablelm"))
+    assert caps.layouts == ("rows", "per_example") and "keyword arguments" in caps.why_not["flat"]
+
+
+def test_body_lookup():
+    """The body is ``base_model`` where that is the body, else the child holding the input embeddings."""
+    llama = build("llama")
+    assert body_of(llama) is llama.model
+    llama4 = build("llama4")
+    assert llama4.base_model is llama4 and body_of(llama4) is llama4.model
+    assert capabilities(llama4).fused_loss

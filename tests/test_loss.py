@@ -1,5 +1,7 @@
 """The chunked, fused lm_head + cross-entropy equals the plain loss, in value and gradients."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,3 +110,46 @@ def test_weighted_fused_loss_matches_reference(chunk):
     torch.testing.assert_close(fused.double(), ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gh, h.grad, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(gw, w.grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("check", ["auto", "off"])
+def test_body_found_where_the_prefix_names_another_attribute(check):
+    """Llama 4 declares its body as ``language_model`` and stores it as ``model``: ``base_model`` and
+    ``get_decoder()`` return the whole causal LM. The loss wrapper still reaches the body's
+    ``last_hidden_state``, with the probe (auto) and without it (off), and the fused loss equals
+    the unfused one."""
+    from sftune.capabilities import body_of
+    from sftune.data.packing import collate
+    from test_model_families import build, examples, probe
+
+    model = build("llama4")
+    assert model.base_model is model and body_of(model) is model.model
+    choice = probe(model, check=check)
+    assert choice.fused and choice.layout == "flat", choice.line
+    lm = CausalLMWithLoss(model, fused=True, layout="flat")
+    b = collate([examples()], pad_id=0)
+    fused = lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, b.doc_bounds)
+    lm.fused = False
+    plain = lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, b.doc_bounds)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
+    assert lm.hidden_states(b.input_ids, b.position_ids).shape == (*b.input_ids.shape, 64)
+
+
+def test_no_body_means_unfused_and_logits_for_the_probe():
+    """A causal LM without a findable body: the loss is unfused, the probe compares logits."""
+    from torch import nn
+
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 7)
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, input_ids, **kwargs):
+            return SimpleNamespace(logits=self.head(torch.nn.functional.one_hot(input_ids % 4, 4).float()))
+
+    lm = CausalLMWithLoss(Bare())
+    ids = torch.tensor([[1, 2, 3]])
+    assert not lm.fused and lm.hidden_states(ids, None).shape == (1, 3, 7)

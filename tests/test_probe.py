@@ -44,3 +44,61 @@ def test_exact_flat_layout_is_kept_and_reported(tiny_model_dir, check):
 def test_unknown_check_value_is_refused():
     with pytest.raises(Exception, match="model.check"):
         Config.model_validate({"model": {"check": "sometimes"}})
+
+
+def _flaky(monkeypatch, when):
+    """Make the model's hidden states raise when ``when(position_ids, doc_bounds)``."""
+    from sftune.loss import CausalLMWithLoss
+
+    real = CausalLMWithLoss.hidden_states
+
+    def hidden_states(self, input_ids, position_ids, doc_bounds=None):
+        if when(position_ids, doc_bounds):
+            raise ValueError("Sparse attention layers need an explicit 4D attention mask.\nmore text")
+        return real(self, input_ids, position_ids, doc_bounds)
+
+    monkeypatch.setattr(CausalLMWithLoss, "hidden_states", hidden_states)
+
+
+def _choose(tiny_model_dir, check="auto"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    cfg = Config.model_validate({"model": {"path": str(tiny_model_dir), "check": check}})
+    return choose_layout(cfg, model, SimpleNamespace(train=Examples([12, 30, 9, 22])))
+
+
+def test_a_candidate_that_raises_is_a_non_match(tiny_model_dir, monkeypatch):
+    """Any exception while a candidate layout runs (a layer that reads the 4-D mask) is a
+    non-match, logged with its reason; the next layout is tried."""
+    _flaky(monkeypatch, lambda pos, bounds: bounds is not None)
+    choice = _choose(tiny_model_dir)
+    assert choice.layout == "rows" and choice.record["status"] == "fallback"
+    assert "flat failed (ValueError: Sparse attention layers need an explicit 4D attention mask.)" in choice.line
+    assert choice.record["errors"] == {"flat": "ValueError: Sparse attention layers need an explicit 4D attention mask."}
+
+
+def test_no_layout_matching_is_the_clear_refusal(tiny_model_dir, monkeypatch):
+    """Every candidate raises: the existing refusal, naming each reason; the reference itself
+    raising: a refusal too, never a traceback."""
+    from sftune.errors import ConfigError
+
+    _flaky(monkeypatch, lambda pos, bounds: pos is not None)  # the reference passes no position_ids
+    with pytest.raises(ConfigError, match=r"no row layout reproduces gpt2 .*flat failed \(ValueError: Sparse"):
+        _choose(tiny_model_dir)
+    _flaky(monkeypatch, lambda pos, bounds: True)
+    with pytest.raises(ConfigError, match="gpt2 fails when run on one of this run's examples alone"):
+        _choose(tiny_model_dir)
+
+
+def test_a_fused_loss_that_raises_falls_back_to_the_unfused_loss(tiny_model_dir, monkeypatch):
+    """A head that does not take the body's output (RemBERT projects first) makes the fused loss
+    raise: the unfused loss, with the reason."""
+    import sftune.loss as loss
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(loss, "linear_cross_entropy_sum", broken)
+    choice = _choose(tiny_model_dir)
+    assert choice.layout == "flat" and not choice.fused and "fused loss failed (RuntimeError: mat1" in choice.line

@@ -48,7 +48,9 @@ _NEUTRAL = {"position_ids", "output_attentions", "use_cache", "cache_position", 
 
 class BoundsLost(RuntimeError):
     """A flat row reached attention without ``doc_bounds``: the model's layers do not pass extra
-    keyword arguments on to attention (StableLM, for example), so it cannot use the flat layout."""
+    keyword arguments on to attention (StableLM, for example), so it cannot use the flat layout.
+    Also raised when a flat row reaches attention with a mask the layer built itself (Doge adds a
+    learned bias to the mask): per-example attention would drop it."""
 
 
 @contextlib.contextmanager
@@ -125,6 +127,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if doc_bounds is None and _flat.get():
         raise BoundsLost(f"{type(module).__name__} did not pass the example boundaries on to attention, so this "
                          "model cannot train in one flat row; set model.check=auto (it picks another layout)")
+    if doc_bounds is not None and _flat.get() and attention_mask is not None:
+        raise BoundsLost(f"{type(module).__name__} builds its own attention mask or bias, which per-example "
+                         "attention would drop, so this model cannot train in one flat row; set model.check=auto "
+                         "(it picks another layout)")
     if doc_bounds is None or query.shape[0] != 1:
         if _eager:
             return family_eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -16,6 +16,12 @@ examples see each other. The loss needs to know the logit transforms applied aft
 LoRA needs to know what peft refuses for the family. :func:`capabilities` derives all of it from
 the model's config, modules and source where it can, and from the small tables below where it
 cannot; the start-up probe (``sftune.probe``) then checks the choice on the run's own data.
+
+What changes between transformers versions is read from the installed version, never tabled:
+whether attention goes through transformers' interface, whether the layers pass keyword arguments
+(the example boundaries) on to it (:func:`kwargs_lost`), whether masks read ``position_ids``. The
+tables hold only facts of the architecture. :func:`body_of` finds the transformer body (what the
+fused loss reads) also where a family stores it under another name than it declares.
 """
 
 from __future__ import annotations
@@ -97,12 +103,38 @@ def logit_transforms(cfg) -> tuple[str, ...]:
     return tuple(found)
 
 
+def body_of(lm) -> nn.Module | None:
+    """The transformer body of a causal LM: the module whose output has ``last_hidden_state``.
+
+    ``base_model`` reads the attribute that ``base_model_prefix`` names, and returns the model
+    itself when that attribute is absent; some families declare their body under one name and
+    store it under another (Llama 4 and Mllama declare ``language_model`` and hold ``model``), and
+    there ``base_model`` and ``get_decoder()`` both return the whole causal LM. Then the body is the
+    child module that holds the input embeddings. None when no such child exists."""
+    for get in (lambda: lm.base_model, lambda: lm.get_decoder()):
+        try:
+            body = get()
+        except Exception:  # noqa: BLE001 - not every model defines them
+            continue
+        if isinstance(body, nn.Module) and body is not lm:
+            return body
+    get_emb = getattr(lm, "get_input_embeddings", None)
+    try:
+        emb = get_emb() if callable(get_emb) else None
+    except Exception:  # noqa: BLE001
+        emb = None
+    for _, child in lm.named_children():
+        if child is not emb and any(m is emb for m in child.modules()) and emb is not None:
+            return child
+    return None
+
+
 def recurrent_layers(model) -> list[str]:
     """Names of token-mixing layers with state (convolutions, SSMs): they cross example boundaries."""
     cfg = _text_config(_config(model))
     found, names = [], []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv1d) or _RECURRENT_CLASS.search(type(module).__name__):
+        if name and (isinstance(module, nn.Conv1d) or _RECURRENT_CLASS.search(type(module).__name__)):
             if not any(name.startswith(f + ".") for f in names):
                 names.append(name)
                 found.append(f"{type(module).__name__} ({name})")
@@ -134,7 +166,7 @@ def mask_reads_positions(model) -> bool:
     cfg = _config(model)
     if getattr(cfg, "model_type", None) in ROWS_UNSAFE_TYPES:
         return False
-    body = getattr(model, "base_model", model)
+    body = body_of(model) or model
     try:
         src = inspect.getsource(type(body).forward)
     except (OSError, TypeError):
@@ -155,6 +187,62 @@ def mask_reads_positions(model) -> bool:
         return False
     return all("position_ids" in args or (args.strip().startswith("**") and dicts
                                           and all("position_ids" in d for d in dicts)) for args in calls)
+
+
+def _call_args(src: str, callee: str) -> list[str]:
+    """The argument text of every call ``callee(...)`` in ``src``."""
+    out = []
+    for m in re.finditer(re.escape(callee) + r"\(", src):
+        depth, i = 1, m.end()
+        while depth and i < len(src):
+            depth += {"(": 1, ")": -1}.get(src[i], 0)
+            i += 1
+        out.append(src[m.end():i])
+    return out
+
+
+def _forward_source(module) -> str | None:
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return None
+
+
+def kwargs_lost(model) -> str | None:
+    """Where the installed modeling code drops extra keyword arguments on their way to attention
+    (the example boundaries of a flat row travel as one): ``"FalconDecoderLayer -> self_attention"``,
+    or None when every attention layer and its caller pass ``**kwargs`` on (or the source cannot
+    be read; the probe then decides). Read from the installed transformers' source, so it follows
+    the version: Falcon's layers went through the attention interface in 5.25, without passing
+    keyword arguments on."""
+    scope = None
+    try:
+        scope = model.get_decoder()  # the text decoder: a vision tower's attention runs no flat row
+    except Exception:  # noqa: BLE001 - not every model defines it
+        pass
+    if not isinstance(scope, nn.Module) or scope is model:
+        scope = body_of(model) or model
+    modules = dict(scope.named_modules())
+    seen = set()
+    for name, module in modules.items():
+        key = type(module)
+        if key in seen or not name:
+            continue
+        src = _forward_source(module)
+        if not src or "attention_interface(" not in src:
+            continue
+        seen.add(key)
+        if not all("**" in args for args in _call_args(src, "attention_interface")):
+            return f"{type(module).__name__} -> attention"
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules.get(parent_name)
+        if parent is None or isinstance(parent, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        parent_src = _forward_source(parent)
+        calls = _call_args(parent_src or "", f"self.{attr}")
+        if calls and not all("**" in args for args in calls):
+            return f"{type(parent).__name__} -> {attr}"
+    return None
 
 
 def expert_parameters(model) -> bool:
@@ -186,6 +274,9 @@ def capabilities(model, *, kernel: str | None = None, compile: bool = False) -> 
         elif impl not in (None, "sdpa", "eager", *NAMES) or not hasattr(lm, "set_attn_implementation") \
                 or not getattr(type(lm), "_can_set_attn_implementation", lambda: True)():
             why["flat"] = f"its attention ({impl}) does not go through transformers' attention interface"
+        elif lost := kwargs_lost(lm):
+            why["flat"] = (f"its layers do not pass keyword arguments on to attention ({lost}), so per-example "
+                           "attention would not see the example boundaries")
         if not str(impl).startswith("flash_attention") and not mask_reads_positions(lm):
             why["rows"] = "its body builds attention masks without position_ids, so examples in a row see each other"
     layouts = tuple(x for x in LAYOUTS if x not in why)
@@ -198,7 +289,7 @@ def capabilities(model, *, kernel: str | None = None, compile: bool = False) -> 
         args.append("s_aux")
     transforms = logit_transforms(cfg)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    fused = not transforms and isinstance(head, nn.Linear) and hasattr(lm, "base_model")
+    fused = not transforms and isinstance(head, nn.Linear) and body_of(lm) is not None
     exclude = PEFT_MAMBA_REFUSED if model_type in PEFT_MAMBA_TYPES else ()
     dropout_zero = None
     if expert_parameters(lm):

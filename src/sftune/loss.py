@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sftune.attention import NAMES, flat_rows
-from sftune.capabilities import logit_transforms
+from sftune.capabilities import body_of, logit_transforms
 from sftune.model import unwrap_causal_lm
 
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
@@ -127,7 +127,7 @@ class CausalLMWithLoss(nn.Module):
         lm = self.causal_lm
         special = logit_transforms(getattr(lm, "config", None))  # softcaps, scales, multipliers after lm_head
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-        self.fused = fused and not special and isinstance(head, nn.Linear) and hasattr(lm, "base_model")
+        self.fused = fused and not special and isinstance(head, nn.Linear) and body_of(lm) is not None
         self.layout = layout
         """The row layout the batches use (``sftune.capabilities.LAYOUTS``); None: flat when ``varlen``."""
 
@@ -165,9 +165,13 @@ class CausalLMWithLoss(nn.Module):
         return fn(input_ids=input_ids, use_cache=False, **kw)
 
     def hidden_states(self, input_ids, position_ids, doc_bounds=None, model_inputs=None) -> torch.Tensor:
-        """The body's last hidden states ``[rows, T, hidden]`` (what the fused loss reads)."""
-        out = self._call(self.causal_lm.base_model, input_ids, position_ids, doc_bounds, model_inputs)
-        return out.last_hidden_state
+        """The body's last hidden states ``[rows, T, hidden]`` (what the fused loss reads); the logits
+        for a model whose body cannot be found (:func:`sftune.capabilities.body_of`; the loss is then
+        unfused), which are as much a per-token function of the input for the probe."""
+        body = body_of(self.causal_lm)
+        if body is None:
+            return self.logits(input_ids, position_ids, doc_bounds, model_inputs)
+        return self._call(body, input_ids, position_ids, doc_bounds, model_inputs).last_hidden_state
 
     def logits(self, input_ids, position_ids, doc_bounds=None, model_inputs=None) -> torch.Tensor:
         """The model's logits ``[rows, T, vocab]``, with every transform the model applies."""

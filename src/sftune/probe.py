@@ -11,6 +11,12 @@ longest of the first few hundred (so sliding windows are exercised), are run wit
 * through the loss: the fused lm_head + cross-entropy sum against the cross-entropy of the model's
   own logits (which include every logit transform). On a mismatch the unfused loss is used.
 
+The reference is the model called as plain transformers calls it (no ``position_ids``: a family
+that numbers positions its own way, such as RoBERTa's offset, shows as a mismatch). Any exception
+raised while a candidate layout or the fused loss runs (a layer that reads the 4-D mask, a head
+that does not take the body's output) is a non-match, recorded with its reason; when no layout
+matches, the run is refused with a message.
+
 With ``model.check=auto`` a mismatch falls back and says so in the run's one ``model check`` line;
 ``strict`` refuses; ``off`` skips. The decision is all-reduced (safest wins), so every rank of a
 data-parallel run lays its batches out the same way. The result goes into the data report.
@@ -26,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sftune.attention import BoundsLost, disable_varlen, enable_varlen, set_backend
+from sftune.attention import disable_varlen, enable_varlen, set_backend
 from sftune.backends import attention_line, choose_attention
 from sftune.capabilities import LAYOUTS, Capabilities, capabilities
 from sftune.data.packing import collate
@@ -99,37 +105,54 @@ def compare(lm, examples, candidates, fused: bool, device, tol: float | None = N
     tol = tol or TOLERANCE.get(dtype, 5e-2)
     with torch.no_grad():
         ref_hidden, ref_loss = [], 0.0
-        for e in examples:
+        for e in examples:  # the plain model on one example, as transformers calls it: no position_ids
             b = _batch([[e]], device)
-            ref_hidden.append(lm.hidden_states(b.input_ids, b.position_ids)[0].float())
-            logits = lm.logits(b.input_ids, b.position_ids)[0].index_select(0, b.loss_index)
+            ref_hidden.append(lm.hidden_states(b.input_ids, None)[0].float())
+            logits = lm.logits(b.input_ids, None)[0].index_select(0, b.loss_index)
             ref_loss += float(F.cross_entropy(logits.float(), b.loss_targets, reduction="sum"))
-        result = {"layout": None, "fused": fused, "diffs": {}, "loss_diff": None}
+        result = {"layout": None, "fused": fused, "diffs": {}, "loss_diff": None, "errors": {}}
+        norm = max(abs(ref_loss), 1.0)
         for layout in candidates:
             rows = _layout_rows(layout, examples)
             b = _batch(rows, device)
             doc_bounds = b.doc_bounds if layout == "flat" else None
             try:
                 hidden = lm.hidden_states(b.input_ids, b.position_ids, doc_bounds).float()
-            except BoundsLost:  # the layers drop extra arguments: no per-example attention
+                diff = max(_rel_diff(h, r) for h, r in zip(per_example(hidden, rows), ref_hidden))
+            except Exception as e:  # noqa: BLE001 - any failure of a candidate is a non-match, with its reason
                 result["diffs"][layout] = float("inf")
+                result["errors"][layout] = _why(e)
                 continue
-            diff = max(_rel_diff(h, r) for h, r in zip(per_example(hidden, rows), ref_hidden))
             result["diffs"][layout] = diff
             if diff > tol:
                 continue
-            result["layout"] = layout
-            norm = max(abs(ref_loss), 1.0)
-            loss_diff = abs(_loss(lm, b, doc_bounds, fused) - ref_loss) / norm
-            result["loss_diff"] = loss_diff
+            loss_diff = _loss_diff(lm, b, doc_bounds, fused, ref_loss, norm, result, "fused loss")
             if fused and loss_diff > tol:
-                result["fused"] = False
+                result["fused"] = fused = False
                 result["fused_diff"] = loss_diff
-                result["loss_diff"] = loss_diff = abs(_loss(lm, b, doc_bounds, False) - ref_loss) / norm
-            if loss_diff > tol:
-                result["layout"] = None
-            break
+                loss_diff = _loss_diff(lm, b, doc_bounds, False, ref_loss, norm, result, f"{layout} loss")
+            result["loss_diff"] = loss_diff
+            if loss_diff <= tol:
+                result["layout"] = layout
+                break
+            result["diffs"][f"{layout} loss"] = loss_diff  # the outputs matched, the loss did not
     return result
+
+
+def _why(e: Exception) -> str:
+    """A short reason for a failed candidate (the exception's type and first line)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:160]
+
+
+def _loss_diff(lm, b, doc_bounds, fused: bool, ref_loss: float, norm: float, result: dict, what: str) -> float:
+    """The relative difference of the batch's loss from the reference; inf (with the reason in
+    ``result["errors"]``) when computing it raises."""
+    try:
+        return abs(_loss(lm, b, doc_bounds, fused) - ref_loss) / norm
+    except Exception as e:  # noqa: BLE001 - a loss that cannot be computed is a non-match
+        result["errors"][what] = _why(e)
+        return float("inf")
 
 
 def _agree(values: list[int], device) -> list[int]:
@@ -181,15 +204,15 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
             # flash-attention computes in half precision: judged at half-precision tolerance
             try:
                 res = compare(lm, examples, candidates, lm.fused, device, 5e-2 if backend == "flash" else None)
-            except Exception as e:  # noqa: BLE001 - a kernel that fails here falls back to the loop
-                if backend == "loop":
-                    raise
-                res = {"layout": None, "diffs": {}, "error": f"{type(e).__name__}: {e}"[:200]}
-            if backend != "loop" and res["layout"] != "flat":  # the kernel differed: the per-example loop
-                record["attention_diff"] = res.get("error") or res["diffs"].get("flat")
-                backend, why_backend = "loop", f"{backend} {'failed' if 'error' in res else 'differed'}"
-                set_backend(backend)
-                res = compare(lm, examples, candidates, lm.fused, device)
+                if backend != "loop" and res["layout"] != "flat":  # the kernel differed: the per-example loop
+                    failed = res["errors"].get("flat")
+                    record["attention_diff"] = failed or res["diffs"].get("flat")
+                    backend, why_backend = "loop", f"{backend} {'failed' if failed else 'differed'}"
+                    set_backend(backend)
+                    res = compare(lm, examples, candidates, lm.fused, device)
+            except Exception as e:  # noqa: BLE001 - the reference itself fails: no layout can match it
+                raise ConfigError(f"model check: {caps.model_type} fails when run on one of this run's examples "
+                                  f"alone ({_why(e)}); it cannot be trained as it is") from e
         finally:
             model.train(was)
         code = [LAYOUTS.index(res["layout"]) if res["layout"] else len(LAYOUTS), int(not res["fused"])]
@@ -197,13 +220,13 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         ms = 1000 * (time.perf_counter() - start)
         n = len(examples)
         record.update(examples=n, tokens=sum(len(e[0]) for e in examples), ms=round(ms, 1), diffs=res["diffs"],
-                      loss_diff=res["loss_diff"])
+                      loss_diff=res["loss_diff"], **({"errors": res["errors"]} if res["errors"] else {}))
         if code[0] >= len(LAYOUTS):
             record["status"] = "refused"
             raise ConfigError(
                 f"model check: no row layout reproduces {caps.model_type} run one example at a time on {n} of this "
-                f"run's examples (relative differences {_fmt(res['diffs'])}); the model gives different outputs "
-                "for the same example in a batch. Set model.check=off to train anyway")
+                f"run's examples (relative differences {_fmt(res['diffs'], res['errors'])}); the model gives "
+                "different outputs for the same example in a batch. Set model.check=off to train anyway")
         layout, fused = LAYOUTS[code[0]], not code[1] and lm.fused
         changed = layout != candidates[0] or fused != lm.fused
         if changed and mode == "strict":
@@ -219,7 +242,7 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
             if fused != lm.fused:
                 bad["fused loss"] = res.get("fused_diff", float("nan"))
             line = (f"model check: [yellow]{', '.join(bad) or 'another rank'} differed[/] from the model run one "
-                    f"example at a time ({_fmt(bad)}) → {what} (exact)")
+                    f"example at a time ({_fmt(bad, res['errors'])}) → {what} (exact)")
             record["status"] = "fallback"
         else:
             line = f"model check: {what} matches the model run one example at a time"
@@ -242,5 +265,8 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
     return Choice(layout, fused, caps, line, record)
 
 
-def _fmt(diffs: dict) -> str:
-    return ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
+def _fmt(diffs: dict, errors: dict | None = None) -> str:
+    """``flat 0.31, rows 1e-07``; a candidate that raised shows its reason instead of ``inf``."""
+    errors = errors or {}
+    shown = [f"{k} failed ({errors[k]})" if k in errors else f"{k} {v:.2g}" for k, v in diffs.items()]
+    return ", ".join(shown + [f"{k} failed ({v})" for k, v in errors.items() if k not in diffs])
