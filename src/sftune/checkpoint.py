@@ -4,6 +4,13 @@ A checkpoint directory ``output_dir/checkpoints/step-0000120`` holds what accele
 handling saves (model or adapter weights, optimizer, scheduler, RNG states of every rank) plus
 ``trainer_state.json`` (step, data position, world size). It is written under a temporary name and
 renamed into place, so a crash mid-save never leaves a half checkpoint that resume would pick.
+
+Its ``manifest.json``, written last, records the size and SHA-256 of every file in it (sharded
+FSDP files included: :mod:`sftune.integrity`). Resume checks the newest checkpoint first: one whose
+files differ from the manifest is set aside as ``step-N.corrupt`` (kept, no longer listed, so keep-K
+rotation never counts it) and the previous one is checked, with one line naming the file and the
+checkpoint taken. A checkpoint without a manifest (written before sftune recorded digests) is taken
+with a note, its files checked by loading them.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from safetensors.torch import load_file
 
 from sftune.errors import SftuneError
+from sftune.digests import check_dir, record, set_aside
 from sftune.safeio import disk_errors, dumps
 from sftune.console import console
 
@@ -38,9 +47,10 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep: int,
-                    files: dict[str, bytes] | None = None) -> Path:
+                    files: dict[str, bytes] | None = None, digests: bool = True) -> Path:
     """Save the full training state at ``step`` (call on every rank). ``files``: more files for the
-    checkpoint directory, by name (the data position of a streamed run)."""
+    checkpoint directory, by name (the data position of a streamed run). ``digests=False`` writes no
+    manifest (only ``bench/checkpoint.py`` uses it, to measure what the digests cost)."""
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -58,6 +68,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
             for name, content in (files or {}).items():
                 (tmp / name).write_bytes(content)
             (tmp / "trainer_state.json").write_text(dumps({**state, "step": step}, indent=2))
+            if digests:  # every file of every rank, then the manifest: last, atomically
+                record(tmp, step=step)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -114,14 +126,41 @@ def _load_one(accelerator, path: Path) -> dict:
     return state
 
 
-def load_checkpoint(accelerator, output_dir: str | Path) -> dict | None:
-    """Restore the newest checkpoint that loads into the prepared objects; return its trainer state.
+def _set_aside_damaged(output_dir: str | Path) -> tuple[list[str], bool]:
+    """Check checkpoints newest first until one is intact (or legacy); set the damaged ones aside.
+    Returns what was set aside (``"step-N (file: why)"``) and whether a legacy checkpoint came next."""
+    aside = []
+    for path in reversed(list_checkpoints(output_dir)):
+        check = check_dir(path)
+        if check.ok:
+            return aside, check.status == "legacy"
+        moved = set_aside(path)
+        aside.append(f"{path.name} ({check.file}: {check.why}; set aside as {moved.name})")
+    return aside, False
 
-    A damaged checkpoint (a file that does not load) is named, with a warning, and the previous
-    one is tried; when none loads the error names every damaged file."""
+
+def load_checkpoint(accelerator, output_dir: str | Path) -> dict | None:
+    """Restore the newest intact checkpoint into the prepared objects; return its trainer state.
+
+    Rank 0 checks the digests first and sets damaged checkpoints aside (one line says which file
+    failed and which checkpoint is taken). A checkpoint without digests whose file does not load
+    is named, with a warning, and the previous one is tried; when none is left the error names
+    every damaged file."""
+    aside, legacy = _set_aside_damaged(output_dir) if accelerator.is_main_process else ([], False)
+    accelerator.wait_for_everyone()
     ckpts = list_checkpoints(output_dir)
+    if not ckpts and aside:
+        raise CheckpointDamaged("no intact checkpoint in " + str(checkpoint_dir(output_dir)) + ": "
+                                + "; ".join(aside) + "\n  → start a fresh run (train.resume=false) or restore a "
+                                "checkpoint from a backup")
     if not ckpts:
         return None
+    if aside and accelerator.is_main_process:
+        console.print(f"[yellow]warning: damaged checkpoint {escape('; '.join(aside))}: resuming from "
+                      f"{ckpts[-1].name}[/]", soft_wrap=True)
+    if legacy and accelerator.is_main_process:
+        console.print(f"note: {ckpts[-1].name} has no digests (written before sftune recorded them): "
+                      "its files are checked by loading them", soft_wrap=True)
     failures = []
     for path in reversed(ckpts):
         try:
