@@ -290,6 +290,28 @@ def test_checkpoint_without_digests_is_taken_with_a_note(tiny_model_dir, qa_rows
     assert "resumed from" in err and "step-0000002" in err
 
 
+def test_damaged_final_model_is_named_by_generate_and_export_verify(tiny_model_dir, qa_rows_file, tmp_path, capsys):
+    """The final save records its files' digests (sftune_manifest.json); 4 KiB flipped in the weights is
+    named by generate and export --verify (and an exported copy damaged later by export --verify)."""
+    out = tmp_path / "final"
+    train(cfg_for(tiny_model_dir, qa_rows_file, out, **{"train.max_steps": 2}))
+    code, _, err = run_cli(["export", str(out), "--out", str(tmp_path / "exp"), "--verify"], capsys)
+    assert code == 0 and "verify: PASS" in err
+    flip_middle(tmp_path / "exp" / "model.safetensors")  # the exported copy, damaged after export
+    from sftune.export.verify import verify_export
+
+    res = verify_export(str(out), tmp_path / "exp")
+    assert not res.ok and "do not match what was written: model.safetensors" in res.lines[0]
+    flip_middle(out / "model.safetensors")
+    for args in (["generate", str(out), "--prompt", "hi"], ["export", str(out), "--out", str(tmp_path / "e2"),
+                                                           "--verify"]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "Traceback" not in err, err
+        said = " ".join(err.split())
+        assert f"the model files in {out} do not match what was written: model.safetensors" in said
+        assert f"sftune verify {out}" in said
+
+
 @pytest.mark.parametrize("kind", ["oserror", "torch"])
 def test_disk_full_while_saving_a_checkpoint(kind, tiny_model_dir, qa_rows_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "full"

@@ -133,7 +133,8 @@ def trusted_cache(ds: datasets.Dataset, fp: str) -> None:
         why = sidecar_check(f)
         if why is not None:
             if Path(str(f) + SIDECAR).exists():  # a file without a digest predates them: rebuilt quietly
-                console.print(f"note: the tokenized data cache {f} is damaged ({why}): rebuilding it", markup=False)
+                console.print(f"note: the tokenized data cache {f} is damaged ({why}): rebuilding it", markup=False,
+                              soft_wrap=True)
             for stale in (f, Path(str(f) + SIDECAR)):
                 stale.unlink(missing_ok=True)
 
