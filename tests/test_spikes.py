@@ -27,8 +27,7 @@ RUN = {"train.max_steps": 12, "train.batch_size": 4, "train.save_every": 4, "tra
 def guard(**over):
     t = {"on_spike": "warn", "spike_window": 3, "spike_factor": 3.0, "spike_min_jump": 1.0,
          "spike_grad_factor": 10.0, "max_skipped_steps": 10, **over}
-    return SpikeGuard(SimpleNamespace(**t), logger=SimpleNamespace(log=lambda r: None, path=Path("/nonexistent/m")),
-                      main=False)
+    return SpikeGuard(SimpleNamespace(**t), logger=SimpleNamespace(log=lambda r: None, path=Path("/nonexistent/m")))
 
 
 def test_rule_warm_up_factor_floor_and_grad_norm():

@@ -6,7 +6,10 @@ handling saves (model or adapter weights, optimizer, scheduler, RNG states of ev
 renamed into place, so a crash mid-save never leaves a half checkpoint that resume would pick.
 
 Its ``manifest.json``, written last, records the size and SHA-256 of every file in it (sharded
-FSDP files included: :mod:`sftune.integrity`). Resume checks the newest checkpoint first: one whose
+FSDP files included: :mod:`sftune.digests`). Hashing a gigabyte takes about as long as writing it,
+so rank 0 does it in a background thread while training goes on: the thread hashes, writes the
+manifest, renames the directory into place and prunes to ``keep``; the next save, a load and the
+end of the run (:func:`saves_finished`) wait for it. Until then the checkpoint is not listed. Resume checks the newest checkpoint first: one whose
 files differ from the manifest is set aside as ``step-N.corrupt`` (kept, no longer listed, so keep-K
 rotation never counts it) and the previous one is checked, with one line naming the file and the
 checkpoint taken. A checkpoint without a manifest (written before sftune recorded digests) is taken
@@ -15,9 +18,11 @@ with a note, its files checked by loading them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -36,8 +41,10 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def list_checkpoints(output_dir: str | Path, wait: bool = False) -> list[Path]:
+    """Complete checkpoints, oldest first (``wait``: once the ones being saved in the background are in place)."""
+    if wait:
+        wait_for_saves(raise_errors=False)
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
@@ -46,11 +53,48 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+_pending: list[threading.Thread] = []  # rank 0's checkpoints being hashed and put in place
+_failed: list[BaseException] = []
+
+
+def wait_for_saves(raise_errors: bool = True) -> None:
+    """Block until every checkpoint saved in the background is in place; raise what went wrong
+    there (a full disk while writing the manifest)."""
+    while _pending:
+        _pending.pop(0).join()
+    if _failed and raise_errors:
+        failed = _failed[0]
+        _failed.clear()
+        raise failed
+
+
+@contextlib.contextmanager
+def saves_finished():
+    """The block's checkpoints are all in place when it ends (with an error too: then its error wins)."""
+    try:
+        yield
+    except BaseException:
+        wait_for_saves(raise_errors=False)
+        _failed.clear()
+        raise
+    wait_for_saves()
+
+
+def _put_in_place(tmp: Path, final: Path, output_dir, keep: int) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep: int,
-                    files: dict[str, bytes] | None = None, digests: bool = True) -> Path:
+                    files: dict[str, bytes] | None = None, digests: bool = True, background: bool = True) -> Path:
     """Save the full training state at ``step`` (call on every rank). ``files``: more files for the
-    checkpoint directory, by name (the data position of a streamed run). ``digests=False`` writes no
-    manifest (only ``bench/checkpoint.py`` uses it, to measure what the digests cost)."""
+    checkpoint directory, by name (the data position of a streamed run). The digests are taken in a
+    background thread unless ``background=False``; ``digests=False`` writes no manifest (only
+    ``bench/checkpoint.py`` uses these two, to measure what the digests cost)."""
+    wait_for_saves()
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -68,13 +112,22 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
             for name, content in (files or {}).items():
                 (tmp / name).write_bytes(content)
             (tmp / "trainer_state.json").write_text(dumps({**state, "step": step}, indent=2))
-            if digests:  # every file of every rank, then the manifest: last, atomically
-                record(tmp, step=step)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+
+            def finish() -> None:  # every file of every rank hashed, then the manifest: last, atomically
+                try:
+                    with disk_errors(root, f"the checkpoint of step {step}", kept=kept.strip(), cleanup=tmp):
+                        if digests:
+                            record(tmp, step=step)
+                        _put_in_place(tmp, final, output_dir, keep)
+                except BaseException as e:  # noqa: BLE001 - raised in the training thread by wait_for_saves
+                    _failed.append(e)
+
+            if digests and background:
+                _pending.append(threading.Thread(target=finish, name=f"sftune-checkpoint-{step}"))
+                _pending[-1].start()  # not a daemon: even an error exit waits for it
+            else:
+                finish()
+                wait_for_saves()
     accelerator.wait_for_everyone()
     return final
 
@@ -146,6 +199,7 @@ def load_checkpoint(accelerator, output_dir: str | Path) -> dict | None:
     failed and which checkpoint is taken). A checkpoint without digests whose file does not load
     is named, with a warning, and the previous one is tried; when none is left the error names
     every damaged file."""
+    wait_for_saves()
     aside, legacy = _set_aside_damaged(output_dir) if accelerator.is_main_process else ([], False)
     accelerator.wait_for_everyone()
     ckpts = list_checkpoints(output_dir)

@@ -43,11 +43,11 @@ def file_digest(path: str | Path, algorithm: str = ALGORITHM) -> str:
     return h.hexdigest()
 
 
-def digest_files(root: Path, names: list[str]) -> dict[str, dict]:
+def digest_files(root: Path, names: list[str], algorithm: str = ALGORITHM) -> dict[str, dict]:
     """``{name: {"size", "sha256"}}`` for files under ``root``, several hashed at once."""
     def one(name: str) -> tuple[str, dict]:
         p = root / name
-        return name, {"size": p.stat().st_size, ALGORITHM: file_digest(p)}
+        return name, {"size": p.stat().st_size, algorithm: file_digest(p, algorithm)}
 
     if not names:
         return {}
@@ -105,16 +105,20 @@ def check_dir(root: str | Path, name: str = MANIFEST) -> Check:
     try:
         manifest = json.loads(path.read_text())
         files, algorithm = manifest["files"], manifest.get("algorithm", ALGORITHM)
+        if not isinstance(files, dict) or algorithm not in hashlib.algorithms_available:
+            raise ValueError(f"files {type(files).__name__}, algorithm {algorithm}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return Check(str(root), "damaged", name, f"the manifest does not load ({type(e).__name__})")
-    for rel, want in sorted(files.items()):
+    for rel, want in sorted(files.items()):  # sizes first: cheap, and a truncated file is named at once
         p = root / rel
         if not p.is_file():
             return Check(str(root), "damaged", rel, "missing")
         size = p.stat().st_size
         if size != want.get("size"):
             return Check(str(root), "damaged", rel, f"{size} bytes, {want.get('size')} were written")
-        if file_digest(p, algorithm) != want.get(algorithm):
+    got = digest_files(root, list(files), algorithm)
+    for rel, want in sorted(files.items()):
+        if got[rel][algorithm] != want.get(algorithm):
             return Check(str(root), "damaged", rel, f"its {algorithm} differs from the one recorded when it was "
                                                     "written (same size: the content changed)")
     return Check(str(root), "intact", files=len(files))

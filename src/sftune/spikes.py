@@ -45,11 +45,12 @@ class Rollback(Exception):
 class SpikeGuard:
     """Checks each step's loss and gradient norm against the window of recent steps."""
 
-    def __init__(self, train_cfg, logger, main: bool = True):
+    def __init__(self, train_cfg, logger, accelerator=None):
         t = train_cfg
         self.mode, self.window, self.factor = t.on_spike, t.spike_window, t.spike_factor
         self.grad_factor, self.min_jump, self.max_skips = t.spike_grad_factor, t.spike_min_jump, t.max_skipped_steps
-        self.logger, self.main = logger, main
+        self.logger, self.accelerator = logger, accelerator
+        self.main = accelerator is None or accelerator.is_main_process
         self.history: list[tuple[int, float, float | None]] = []  # (step, loss, grad norm) of recent normal steps
         self.records: list[dict] = []  # every spike seen (what metrics.jsonl holds)
         self.skipped: list[int] = []  # steps whose update a spike dropped (skip, or a rollback's replay)
@@ -89,7 +90,7 @@ class SpikeGuard:
             self.history = (self.history + [(step, loss, norm)])[-self.window:] if self.window else []
             return False
         action = self.mode
-        if action == "rollback" and not list_checkpoints(self.logger.path.parent):
+        if action == "rollback" and not self._has_checkpoint():
             action = "skip (no checkpoint to roll back to)"
         rec = {"step": step, "spike": True, "spike_loss": loss, "spike_grad_norm": norm, "spike_why": why,
                "spike_action": action}
@@ -112,6 +113,15 @@ class SpikeGuard:
         return True
 
     # -- checkpoints
+
+    def _has_checkpoint(self) -> bool:
+        """Whether there is a checkpoint to roll back to, the same answer on every rank (rank 0's
+        background save put in place first)."""
+        found = list_checkpoints(self.logger.path.parent, wait=True)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+            found = list_checkpoints(self.logger.path.parent)
+        return bool(found)
 
     def state(self) -> dict:
         """What a checkpoint keeps: the window, the spikes so far and the steps a rollback drops."""

@@ -25,7 +25,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from rich.markup import escape
 from transformers import get_scheduler
 
-from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, saves_finished
 from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kwargs, resolve_resume
 from sftune.config import Config, config_to_yaml
 from sftune.data.mixture import fill_trained
@@ -284,7 +284,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"), sinks=sinks)
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
               total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
-                                              accelerator), threads=threads, spikes=SpikeGuard(cfg.train, logger, main))
+                                              accelerator), threads=threads, spikes=SpikeGuard(cfg.train, logger, accelerator))
 
     # the quickstart's "before": held-out exact match of the untrained model
     if run.generates and cfg.eval.exact_match and data.source.eval is not None and not resume:
@@ -353,7 +353,7 @@ def loop(run: Run, skipped=()) -> LoopResult:
     window, last_loss, step = LogWindow(run.device), None, run.start_step
     boundary = StepBoundary(run.start_step)  # Ctrl-C saves the state of the last step boundary, RNG included
     guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, acc,
-                           lambda: ([None] + list_checkpoints(run.out_dir))[-1])
+                           lambda: ([None] + list_checkpoints(run.out_dir, wait=True))[-1])
     guard.skipped = list(skipped)
     progress = training_progress(run.main)
     threads = run.threads or cpu_threads.Pinned()  # CPU threads fitted to the machine between steps
@@ -486,7 +486,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     main = os.environ.get("RANK", "0") == "0"
     if main:
         check_output_dir(Path(cfg.train.output_dir))
-    with RunLock(cfg.train.output_dir, enabled=main):
+    with RunLock(cfg.train.output_dir, enabled=main), saves_finished():  # checkpoints in place before the lock goes
         run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt, sinks=sinks)
         with run.cluster.handling():  # SIGTERM = Ctrl-C, then exit status 75 (sftune.cluster)
             result = loop(run)
