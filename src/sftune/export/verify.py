@@ -92,12 +92,13 @@ def verify_export(run: str, out: str | Path, *, n: int = 5) -> VerifyResult:
     out = Path(out)
     res = VerifyResult(ok=True)
     try:
-        check_model(out)  # the exported files, as export wrote them (sftune.digests)
+        check_model(out)  # the exported files, as export wrote them (sftune.digests); the checks below go on
     except SftuneError as e:
-        return VerifyResult(ok=False, lines=[f"FAIL files: {e}"])
+        res.ok = False
+        res.lines.append(f"FAIL files: {e}")
     exported = AutoTokenizer.from_pretrained(str(out))
     if not getattr(exported, "chat_template", None):
-        res.lines.append(f"the run's format ({fmt.name}) exports no chat template: nothing to verify")
+        res.lines.append(f"the run's format ({fmt.name}) exports no chat template: no prompt to verify")
         return res
     rows, where = _probe_rows(loaded, n)
     notes: list[str] = []
