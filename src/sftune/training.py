@@ -211,11 +211,11 @@ class Run:
                     console.print(f"  [dim]{escape(repr(smp['prompt'][-60:]))}[/] → {escape(repr(smp['generated'][:80]))}")
         return m
 
-    def save(self, step: int) -> None:
-        save_checkpoint(self.accelerator, self.out_dir, step,
+    def save(self, step: int, wait: bool = False) -> None:  # wait: in place on return, not hashed in the background
+        save_checkpoint(self.accelerator, self.out_dir, step,  # with mixtures' and streams' data position
                         {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
                          "total_steps": self.total_steps, **self.spikes.state()}, self.cfg.train.keep_checkpoints,
-                        files=save_position(self.batches, self.data, step))  # mixtures' and streams' data position
+                        files=save_position(self.batches, self.data, step), background=not wait)
         if self.cluster is not None:
             self.cluster.saved()
         self.logger.notify({"step": step, "event": "save"})
@@ -283,8 +283,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
         Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"), sinks=sinks)
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
-              total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
-                                              accelerator), threads=threads, spikes=SpikeGuard(cfg.train, logger, accelerator))
+              total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes, accelerator),
+              threads=threads, spikes=SpikeGuard(cfg.train, logger, accelerator))
 
     # the quickstart's "before": held-out exact match of the untrained model
     if run.generates and cfg.eval.exact_match and data.source.eval is not None and not resume:
@@ -428,7 +428,7 @@ def loop(run: Run, skipped=()) -> LoopResult:
         preempted = isinstance(stop, Preempted)  # SIGTERM (sftune.cluster)
         if run.main:
             console.print(f"\n[yellow]{'preempted' if preempted else 'interrupted'}: saving a checkpoint at step {step}[/]")
-        run.save(step)
+        run.save(step, wait=True)
         run.logger.close()
         return LoopResult(step, last_loss, interrupted=True, skipped=guard.skipped, preempted=preempted)
     finally:
@@ -442,7 +442,7 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
     eval_metrics = run.evaluate(run.total_steps)
     if cfg.train.save_every:
         run.save(run.total_steps)
-    with disk_errors(out_dir, "the final model"):
+    with disk_errors(out_dir, "the final model"), saves_finished():  # the last checkpoint hashed meanwhile
         save_final(cfg, run.accelerator, run.lm, run.tokenizer, out_dir, run.data)
     metrics = {"train_loss": result.last_loss, **eval_metrics, **run.spikes.summary()}
     if result.skipped:
