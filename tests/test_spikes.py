@@ -18,8 +18,8 @@ from conftest import train_config
 
 pytestmark = pytest.mark.usefixtures("no_plots")
 
-SPIKE_AT = 7  # the injected bad batch: the 7th optimizer step
-RUN = {"train.max_steps": 12, "train.batch_size": 4, "train.save_every": 4, "train.spike_window": 3,
+SPIKE_AT = 6  # the injected bad batch: the 6th optimizer step
+RUN = {"train.max_steps": 10, "train.batch_size": 4, "train.save_every": 3, "train.spike_window": 3,
        "train.lr": 3e-3, "train.scheduler": "constant",  # still learning fast at the spike: damage shows
        "train.keep_checkpoints": 5}  # max_grad_norm 1e9 (conftest): norms measured, never clipped
 
@@ -101,7 +101,7 @@ def test_warn_logs_and_counts_the_spike(tiny_model_dir, qa_rows_file, clean, tmp
     assert rec["spike_action"] == "warn"
     assert json.loads((out / "final_metrics.json").read_text())["loss_spikes"] == 1
     assert SPIKE_AT in {r["step"] for r in records(out) if "loss" in r}  # trained on: logged as a step
-    assert final_loss(out) > final_loss(clean) + 0.5  # the bad update did damage
+    assert final_loss(out) > final_loss(clean) + 0.3  # the bad update did damage (measured: 4.75 vs 4.08)
 
 
 def test_skip_drops_the_update(tiny_model_dir, qa_rows_file, clean, tmp_path, monkeypatch):
@@ -121,10 +121,10 @@ def test_rollback_replays_without_the_spiking_batch_deterministically(tiny_model
         run_with_spike("rollback", tiny_model_dir, qa_rows_file, out, monkeypatch)
         weights.append(load_file(str(out / "model.safetensors")))
     err = capsys.readouterr().err
-    assert "rolled back to" in err and "step-0000004 (step 4)" in " ".join(err.split())
+    assert "rolled back to" in err and "step-0000003 (step 3)" in " ".join(err.split())
     assert f"the batch of step {SPIKE_AT} is skipped" in " ".join(err.split())
     steps = [r["step"] for r in records(out) if "loss" in r]
     assert steps == sorted(steps) and SPIKE_AT not in steps  # one run's log: the abandoned records dropped
     assert json.loads((out / "final_metrics.json").read_text())["spike_steps_skipped"] == 1
-    assert math.isclose(final_loss(out), final_loss(clean), rel_tol=0.1)  # measured: 3.93 vs 3.74 (warn 4.86)
+    assert math.isclose(final_loss(out), final_loss(clean), rel_tol=0.1)  # measured: 4.27 vs 4.08 (warn 4.75)
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the same command twice
