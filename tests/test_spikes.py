@@ -44,10 +44,10 @@ def test_rule_warm_up_factor_floor_and_grad_norm():
 
 def test_window_survives_a_checkpoint():
     g = guard(on_spike="skip")
-    g.history, g.skipped, g.drop = [(4, 2.0, None)], [3, 5], {6}
+    g.history, g.skipped, g.drop, g.records = [(4, 2.0, None)], [3, 5], {6}, [{"step": 3}, {"step": 5}]
     h = guard()
     h.restore(json.loads(json.dumps({**g.state(), "step": 4})))
-    assert h.history == [(4, 2.0, None)] and h.skipped == [3] and h.drop == {6}
+    assert h.history == [(4, 2.0, None)] and h.skipped == [3] and h.drop == {6} and h.records == [{"step": 3}]
 
 
 def inject(monkeypatch, step: int = SPIKE_AT, factor: float = 1e3):

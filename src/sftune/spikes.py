@@ -101,9 +101,10 @@ class SpikeGuard:
             console.print(f"[yellow]step {step}: loss spike: {why}; {action}{hint}[/]", soft_wrap=True)
         if self.mode == "warn":
             return False
-        if len(self.skipped) + len(self.drop) >= self.max_skips:
+        undone = len(set(self.skipped) | self.drop)
+        if undone >= self.max_skips:
             raise TrainingDiverged(
-                f"step {step}: loss spike ({why}); {len(self.skipped) + len(self.drop)} step(s) were already skipped "
+                f"step {step}: loss spike ({why}); {undone} step(s) were already skipped "
                 f"or rolled back, the limit train.max_skipped_steps={self.max_skips}, so the run stopped\n"
                 "  → lower train.lr, check the data around these steps, or raise train.spike_factor")
         if action == "rollback":
@@ -126,13 +127,15 @@ class SpikeGuard:
     def state(self) -> dict:
         """What a checkpoint keeps: the window, the spikes so far and the steps a rollback drops."""
         return {"spike_window": [list(h) for h in self.history], "spike_drop": sorted(self.drop),
-                "spike_skipped": self.skipped}
+                "spike_skipped": self.skipped, "spike_records": self.records}
 
     def restore(self, state: dict) -> None:
+        """Back to a checkpoint's state (a resume, or a rollback)."""
+        step = state.get("step", 0)
         self.history = [tuple(h) for h in state.get("spike_window", [])]
         self.drop |= set(state.get("spike_drop", []))
-        step = state.get("step", 0)
         self.skipped = [s for s in state.get("spike_skipped", []) if s <= step]
+        self.records = [r for r in state.get("spike_records", []) if r["step"] <= step]
 
     def summary(self) -> dict:
         """For ``final_metrics.json``."""
@@ -148,12 +151,13 @@ def rollback(run, skipped: list[int]) -> list[int]:
     spikes, acc = run.spikes, run.accelerator
     run.optimizer.zero_grad(set_to_none=True)
     spike = max(spikes.drop)
+    current = [r for r in spikes.records if r["step"] == spike]
     state = load_checkpoint(acc, run.out_dir)
     run.start_step = step = state["step"]
     spikes.restore(state)
     spikes.drop.add(spike)
+    spikes.records += current
     restore_position(run.batches, run.data, state["path"], step)
-    spikes.records = [r for r in spikes.records if r["step"] <= step or r["step"] == spike]
     if run.main:
         truncate_metrics(run.out_dir, step)
         for rec in spikes.records:
