@@ -50,6 +50,32 @@ def test_window_survives_a_checkpoint():
     assert h.history == [(4, 2.0, None)] and h.skipped == [3] and h.drop == {6} and h.records == [{"step": 3}]
 
 
+def test_check_skip_limit_and_rollback_without_checkpoint(tmp_path):
+    """``check`` on the numbers the NaN guard reduced: skip drops the update up to max_skipped_steps, then the
+    run stops; rollback with no checkpoint to go back to skips instead, and says so."""
+    from sftune.faults import TrainingDiverged
+
+    logged = []
+
+    def make(**over):
+        g = guard(**over)
+        g.logger = SimpleNamespace(log=logged.append, path=tmp_path / "metrics.jsonl")  # no checkpoints there
+        g.history = [(1, 2.0, None)] * 3
+        return g
+
+    def stats(loss_sum):
+        return torch.tensor([loss_sum], dtype=torch.float64)
+
+    g = make(on_spike="skip", max_skipped_steps=1)
+    assert g.check(4, stats(20.0), 10.0) is False  # mean loss 2.0: normal, enters the window
+    assert g.check(5, stats(900.0), 10.0) is True and g.skipped == [5]
+    with pytest.raises(TrainingDiverged, match="train.max_skipped_steps=1"):
+        g.check(6, stats(900.0), 10.0)
+    r = make(on_spike="rollback")
+    assert r.check(7, stats(900.0), 10.0) is True and r.skipped == [7]
+    assert logged[-1]["spike_action"] == "skip (no checkpoint to roll back to)" and logged[-1]["spike_loss"] == 90.0
+
+
 def inject(monkeypatch, step: int = SPIKE_AT, factor: float = 1e3):
     """The test seam: the loss of the ``step``-th training forward (one micro-batch per step) is
     multiplied by ``factor``, as a batch of garbage tokens with a huge weight would make it; its gradient
