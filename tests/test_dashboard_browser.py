@@ -242,3 +242,23 @@ def test_charts_compare_axes_log_scale_and_titles(server, page, tmp_path):
     finally:
         page.screenshot(path=str(tmp_path / "last.png"), full_page=True)
         print(f"screenshots: {tmp_path}")
+
+
+def test_a_loss_spike_is_marked_on_the_loss_chart(server, page):
+    """A ``spike`` record of metrics.jsonl (sftune.spikes) is a marker trace of its own on the loss chart, its
+    rule on hover; a run without spikes has no such trace."""
+    root, url = server
+    run = fake_run(root, "spiky", steps=6)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"time": time.time(), "step": 4, "spike": True, "spike_loss": 80.0, "spike_grad_norm": None,
+                            "spike_why": "loss 80 > 3 x median 4.7 of the last 3 steps", "spike_action": "skip"}) + "\n")
+    page.goto(f"{url}/#/run/spiky")
+    page.wait_for_selector("#chart-loss .scatterlayer .trace")
+    traces = page.evaluate("document.getElementById('chart-loss').data.map((t) => [t.name, t.mode, t.x, t.y, t.text])")
+    spike = [t for t in traces if t[0] == "loss spike"]
+    assert spike == [["loss spike", "markers", [4], [80.0], ["loss 80 > 3 x median 4.7 of the last 3 steps: skip"]]]
+    assert points(page, "chart-loss", traces.index(spike[0])) == 1
+    fake_run(root, "calm", steps=3)
+    page.goto(f"{url}/#/run/calm")
+    page.wait_for_selector("#chart-loss .scatterlayer .trace")
+    assert "loss spike" not in page.evaluate("document.getElementById('chart-loss').data.map((t) => t.name)")

@@ -44,3 +44,29 @@ def test_tokenizer_signature_changes_with_the_chat_template(tiny_tokenizer):
     assert tokenizer_signature(other) == tokenizer_signature(tiny_tokenizer)
     other.chat_template = "{{ messages }}"
     assert tokenizer_signature(other) != tokenizer_signature(tiny_tokenizer)
+
+
+def test_a_damaged_tokenized_cache_is_rebuilt_never_read(tiny_model_dir, tmp_path, capsys):
+    """The cached tokenization carries a digest beside it; bytes changed in the middle of the Arrow file
+    (its size intact) are found before the cache is read: a one-line note, the cache rebuilt, the same ids."""
+    from pathlib import Path
+
+    from sftune.data.sources import load_source
+    from sftune.digests import SIDECAR, sidecar_check
+
+    rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(30)]
+    cfg = data_config(tiny_model_dir, write_jsonl(tmp_path / "qa.jsonl", rows))
+    tok, _ = load_tokenizer(cfg)
+    first = prepare_data(cfg.data, tok, 64)
+    folder = Path(load_source(cfg.data).train.cache_files[0]["filename"]).parent
+    cached = [f for f in folder.glob("cache-*.arrow") if Path(str(f) + SIDECAR).exists()]
+    assert len(cached) == 1 and sidecar_check(cached[0]) is None
+    data = bytearray(cached[0].read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    cached[0].write_bytes(bytes(data))
+    capsys.readouterr()
+    again = prepare_data(cfg.data, tok, 64)
+    assert f"the tokenized data cache {cached[0]} is damaged" in capsys.readouterr().err
+    assert sidecar_check(cached[0]) is None  # rebuilt, with a fresh digest
+    assert (again.train.ids == first.train.ids).all() and (again.train.labels == first.train.labels).all()

@@ -236,24 +236,80 @@ def test_huge_lr_stops_with_a_message(tiny_model_dir, qa_rows_file, tmp_path, ca
 # ----------------------------------------------------------------------------- checkpoints and disk
 
 
-def test_damaged_checkpoint_falls_back_with_warning(tiny_model_dir, qa_rows_file, tmp_path, capsys):
+def flip_middle(path: Path, n: int = 4096) -> None:
+    """Bit rot: invert ``n`` bytes in the middle of a file; its size and header stay as they were."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoint_is_set_aside_and_the_previous_one_taken(tiny_model_dir, qa_rows_file, tmp_path, capsys):
+    """4 KiB flipped in the middle of the newest checkpoint's weights (size and header intact: it still
+    loads): resume names the file, sets the checkpoint aside as step-N.corrupt (kept, no longer listed
+    or rotated) and resumes from the previous one, in one line. All damaged: a clear error."""
     out = tmp_path / "dmg"
     over = {"train.save_every": 2, "train.max_steps": 4, "train.keep_checkpoints": 3}
     train(cfg_for(tiny_model_dir, qa_rows_file, out, **over))
+    newest = out / "checkpoints" / "step-0000004" / "model.safetensors"
+    flip_middle(newest)
+    capsys.readouterr()
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
+        **over, "train.resume": True, "train.max_steps": 5})], capsys)
+    assert code == 0, err
+    warning = next(line for line in err.splitlines() if "damaged checkpoint" in line)
+    assert "step-0000004" in warning and "model.safetensors" in warning and "resuming from step-0000002" in warning
+    assert "at step 2" in " ".join(err.split())
+    assert (out / "checkpoints" / "step-0000004.corrupt" / "model.safetensors").exists()  # kept, not deleted
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [  # keep 3: .corrupt is not counted
+        "step-0000002", "step-0000004", "step-0000004.corrupt", "step-0000005"]
+
+    for ck in ("step-0000002", "step-0000004", "step-0000005"):  # now every checkpoint is damaged
+        flip_middle(out / "checkpoints" / ck / "optimizer.bin")
+    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
+        **over, "train.resume": True, "train.max_steps": 6})], capsys)
+    assert code == 2 and "Traceback" not in err and "no intact checkpoint in" in err and "optimizer.bin" in err
+    assert "train.resume=false" in err
+
+
+def test_checkpoint_without_digests_is_taken_with_a_note(tiny_model_dir, qa_rows_file, tmp_path, capsys):
+    """A checkpoint written before sftune recorded digests resumes, with a note; a truncated file in one
+    is still found by loading it."""
+    out = tmp_path / "legacy"
+    over = {"train.save_every": 2, "train.max_steps": 4, "train.keep_checkpoints": 3}
+    train(cfg_for(tiny_model_dir, qa_rows_file, out, **over))
+    for ck in (out / "checkpoints").iterdir():
+        (ck / "manifest.json").unlink()
     newest = out / "checkpoints" / "step-0000004" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     capsys.readouterr()
     code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
         **over, "train.resume": True, "train.max_steps": 5})], capsys)
     assert code == 0, err
-    assert "step-0000004 is damaged" in err and str(newest) in err and "resumed from" in err
-    assert "step-0000002" in err
+    assert "has no digests" in err and "step-0000004 is damaged" in err and str(newest) in err
+    assert "resumed from" in err and "step-0000002" in err
 
-    for ck in (out / "checkpoints").iterdir():  # now every checkpoint is damaged
-        (ck / "trainer_state.json").write_text("{not json")
-    code, _, err = run_cli(["train", "codealpaca", *args_for(tiny_model_dir, qa_rows_file, out, **{
-        **over, "train.resume": True, "train.max_steps": 6})], capsys)
-    assert code == 2 and "Traceback" not in err and "no checkpoint in" in err and "trainer_state.json" in err
+
+def test_damaged_final_model_is_named_by_generate_and_export_verify(tiny_model_dir, qa_rows_file, tmp_path, capsys):
+    """The final save records its files' digests (sftune_manifest.json); 4 KiB flipped in the weights is
+    named by generate and export --verify (and an exported copy damaged later by export --verify)."""
+    out = tmp_path / "final"
+    train(cfg_for(tiny_model_dir, qa_rows_file, out, **{"train.max_steps": 2}))
+    code, _, err = run_cli(["export", str(out), "--out", str(tmp_path / "exp"), "--verify"], capsys)
+    assert code == 0 and "verify: PASS" in err
+    flip_middle(tmp_path / "exp" / "model.safetensors")  # the exported copy, damaged after export
+    from sftune.export.verify import verify_export
+
+    res = verify_export(str(out), tmp_path / "exp")
+    assert not res.ok and "do not match what was written: model.safetensors" in res.lines[0]
+    flip_middle(out / "model.safetensors")
+    for args in (["generate", str(out), "--prompt", "hi"], ["export", str(out), "--out", str(tmp_path / "e2"),
+                                                           "--verify"]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "Traceback" not in err, err
+        said = " ".join(err.split())
+        assert f"the model files in {out} do not match what was written: model.safetensors" in said
+        assert f"sftune verify {out}" in said
 
 
 @pytest.mark.parametrize("kind", ["oserror", "torch"])

@@ -229,6 +229,11 @@ def test_fsdp_sharded_checkpoint_resumes(dropout_model_dir, data_file, tmp_path)
     ckpt = full / "checkpoints" / "step-0000003"
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # one shard per rank, not a full state dict
         assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    from sftune.digests import check_dir, files_under
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())["files"]  # every rank's shards have a digest
+    assert sorted(manifest) == files_under(ckpt) and "pytorch_model_fsdp_0/__1_0.distcp" in manifest
+    assert check_dir(ckpt).status == "intact"
     (cut / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, cut / "checkpoints" / ckpt.name)
     lines = (full / "metrics.jsonl").read_text().splitlines()

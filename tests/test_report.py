@@ -33,3 +33,19 @@ def test_throughput_plot_label(tmp_path, monkeypatch):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0}))
     report.build_report(tmp_path)
     assert "tokens / s (all non-padding tokens)" in labels and not any("trained tokens" in x for x in labels)
+
+
+def test_loss_spikes_are_counted_and_plotted(tmp_path, monkeypatch):
+    """A ``spike`` record (sftune.spikes): a section with its step, loss, rule and action; a point on the loss plot."""
+    import sftune.report as report
+
+    plotted = {}
+    monkeypatch.setattr(report, "_plot", lambda path, title, ylabel, series, logy=False: plotted.update(
+        {title: {label: (xs, ys) for label, xs, ys in series}}))
+    recs = [{"step": s, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 1.0} for s in (1, 2, 3)]
+    recs.append({"step": 4, "spike": True, "spike_loss": 812.5, "spike_grad_norm": None, "spike_action": "skip",
+                 "spike_why": "loss 812.5 > 3 x median 2 of the last 3 steps"})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = report.build_report(tmp_path).read_text()
+    assert "## Loss spikes: 1" in text and "| 4 | 812.5 | loss 812.5 > 3 x median 2 of the last 3 steps | skip |" in text
+    assert plotted["Loss"]["loss spike"] == ([4], [812.5])

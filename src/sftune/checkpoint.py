@@ -4,19 +4,33 @@ A checkpoint directory ``output_dir/checkpoints/step-0000120`` holds what accele
 handling saves (model or adapter weights, optimizer, scheduler, RNG states of every rank) plus
 ``trainer_state.json`` (step, data position, world size). It is written under a temporary name and
 renamed into place, so a crash mid-save never leaves a half checkpoint that resume would pick.
+
+Its ``manifest.json``, written last, records the size and SHA-256 of every file in it (sharded
+FSDP files included: :mod:`sftune.digests`). Hashing a gigabyte takes about as long as writing it,
+so rank 0 does it in a background thread while training goes on: the thread hashes, writes the
+manifest, renames the directory into place and prunes to ``keep``; the next save, a load and the
+end of the run (:func:`saves_finished`) wait for it. Until then the checkpoint is not listed. Resume checks the newest checkpoint first: one whose
+files differ from the manifest is set aside as ``step-N.corrupt`` (kept, no longer listed, so keep-K
+rotation never counts it) and the previous one is checked, with one line naming the file and the
+checkpoint taken. A checkpoint without a manifest (written before sftune recorded digests) is taken
+with a note, its files checked by loading them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from safetensors.torch import load_file
 
 from sftune.errors import SftuneError
+from sftune.digests import check_dir, record, set_aside
 from sftune.safeio import disk_errors, dumps
 from sftune.console import console
 
@@ -27,8 +41,10 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def list_checkpoints(output_dir: str | Path, wait: bool = False) -> list[Path]:
+    """Complete checkpoints, oldest first (``wait``: once the ones being saved in the background are in place)."""
+    if wait:
+        wait_for_saves(raise_errors=False)
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
@@ -37,10 +53,48 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+_pending: list[threading.Thread] = []  # rank 0's checkpoints being hashed and put in place
+_failed: list[BaseException] = []
+
+
+def wait_for_saves(raise_errors: bool = True) -> None:
+    """Block until every checkpoint saved in the background is in place; raise what went wrong
+    there (a full disk while writing the manifest)."""
+    while _pending:
+        _pending.pop(0).join()
+    if _failed and raise_errors:
+        failed = _failed[0]
+        _failed.clear()
+        raise failed
+
+
+@contextlib.contextmanager
+def saves_finished():
+    """The block's checkpoints are all in place when it ends (with an error too: then its error wins)."""
+    try:
+        yield
+    except BaseException:
+        wait_for_saves(raise_errors=False)
+        _failed.clear()
+        raise
+    wait_for_saves()
+
+
+def _put_in_place(tmp: Path, final: Path, output_dir, keep: int) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep: int,
-                    files: dict[str, bytes] | None = None) -> Path:
+                    files: dict[str, bytes] | None = None, digests: bool = True, background: bool = True) -> Path:
     """Save the full training state at ``step`` (call on every rank). ``files``: more files for the
-    checkpoint directory, by name (the data position of a streamed run)."""
+    checkpoint directory, by name (the data position of a streamed run). The digests are taken in a
+    background thread unless ``background=False``; ``digests=False`` writes no manifest (only
+    ``bench/checkpoint.py`` uses these two, to measure what the digests cost)."""
+    wait_for_saves()
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -58,11 +112,22 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
             for name, content in (files or {}).items():
                 (tmp / name).write_bytes(content)
             (tmp / "trainer_state.json").write_text(dumps({**state, "step": step}, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+
+            def finish() -> None:  # every file of every rank hashed, then the manifest: last, atomically
+                try:
+                    with disk_errors(root, f"the checkpoint of step {step}", kept=kept.strip(), cleanup=tmp):
+                        if digests:
+                            record(tmp, step=step)
+                        _put_in_place(tmp, final, output_dir, keep)
+                except BaseException as e:  # noqa: BLE001 - raised in the training thread by wait_for_saves
+                    _failed.append(e)
+
+            if digests and background:
+                _pending.append(threading.Thread(target=finish, name=f"sftune-checkpoint-{step}"))
+                _pending[-1].start()  # not a daemon: even an error exit waits for it
+            else:
+                finish()
+                wait_for_saves()
     accelerator.wait_for_everyone()
     return final
 
@@ -114,14 +179,42 @@ def _load_one(accelerator, path: Path) -> dict:
     return state
 
 
-def load_checkpoint(accelerator, output_dir: str | Path) -> dict | None:
-    """Restore the newest checkpoint that loads into the prepared objects; return its trainer state.
+def _set_aside_damaged(output_dir: str | Path) -> tuple[list[str], bool]:
+    """Check checkpoints newest first until one is intact (or legacy); set the damaged ones aside.
+    Returns what was set aside (``"step-N (file: why)"``) and whether a legacy checkpoint came next."""
+    aside = []
+    for path in reversed(list_checkpoints(output_dir)):
+        check = check_dir(path)
+        if check.ok:
+            return aside, check.status == "legacy"
+        moved = set_aside(path)
+        aside.append(f"{path.name} ({check.file}: {check.why}; set aside as {moved.name})")
+    return aside, False
 
-    A damaged checkpoint (a file that does not load) is named, with a warning, and the previous
-    one is tried; when none loads the error names every damaged file."""
+
+def load_checkpoint(accelerator, output_dir: str | Path) -> dict | None:
+    """Restore the newest intact checkpoint into the prepared objects; return its trainer state.
+
+    Rank 0 checks the digests first and sets damaged checkpoints aside (one line says which file
+    failed and which checkpoint is taken). A checkpoint without digests whose file does not load
+    is named, with a warning, and the previous one is tried; when none is left the error names
+    every damaged file."""
+    wait_for_saves()
+    aside, legacy = _set_aside_damaged(output_dir) if accelerator.is_main_process else ([], False)
+    accelerator.wait_for_everyone()
     ckpts = list_checkpoints(output_dir)
+    if not ckpts and aside:
+        raise CheckpointDamaged("no intact checkpoint in " + str(checkpoint_dir(output_dir)) + ": "
+                                + "; ".join(aside) + "\n  → start a fresh run (train.resume=false) or restore a "
+                                "checkpoint from a backup")
     if not ckpts:
         return None
+    if aside and accelerator.is_main_process:
+        console.print(f"[yellow]warning: damaged checkpoint {escape('; '.join(aside))}: resuming from "
+                      f"{ckpts[-1].name}[/]", soft_wrap=True)
+    if legacy and accelerator.is_main_process:
+        console.print(f"note: {ckpts[-1].name} has no digests (written before sftune recorded them): "
+                      "its files are checked by loading them", soft_wrap=True)
     failures = []
     for path in reversed(ckpts):
         try:

@@ -1,4 +1,4 @@
-"""The command line: ``sftune train | preview | eval | generate | chat | export | report | config | ui``.
+"""The command line: ``sftune train | preview | eval | generate | chat | export | verify | report | config | ui``.
 
 ``train`` and ``preview`` take a RECIPE (a YAML path or a built-in name) followed by ``key=value``
 overrides; the after-training commands take a run directory (or any model). User errors print one
@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to the Hugging Face hub (needs network "
                                                             "and a token)")
 
+    p = sub.add_parser("verify", help="check a run's checkpoints and final model against their digests",
+                       description="Check every checkpoint of RUN_DIR and its final model against the digests "
+                                   "recorded when they were written: intact or damaged (which file), and which "
+                                   "checkpoint a resume would take. Exit status 1 when something is damaged.")
+    p.add_argument("model", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+
     p = sub.add_parser("report", help="rebuild a run's report.md and plots",
                        description="Rebuild output_dir/report.md and its PNG plots from metrics.jsonl, "
                                    "data_report.json and final_metrics.json.")
@@ -222,6 +229,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from pathlib import Path
+
+    from sftune.console import out
+    from sftune.integrity import describe, verify_run
+    from sftune.safeio import dumps
+
+    if not Path(args.model).is_dir():
+        raise SftuneError(f"'{args.model}' is not a run directory")
+    report = verify_run(args.model)
+    for line in [dumps(report)] if args.json else describe(report):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    return 0 if report["ok"] else 1
+
+
 def cmd_report(args) -> int:
     from sftune.report import build_report
     from sftune.console import console
@@ -297,7 +319,7 @@ def cmd_ui(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "preview": cmd_preview, "config": cmd_config, "generate": cmd_generate,
-            "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export, "report": cmd_report,
+            "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export, "report": cmd_report, "verify": cmd_verify,
             "ui": cmd_ui}
 
 

@@ -60,6 +60,7 @@ class NonFiniteGuard:
         acc = self.accelerator
         if acc is not None and acc.num_processes > 1:  # every rank decides the same way
             stats = acc.reduce(stats, reduction="sum")
+        self.stats = stats  # the step's loss (and gradient norm) over every rank: sftune.spikes reads them
         if bool(torch.isfinite(stats).all()):
             return False
         loss = stats[0].item()

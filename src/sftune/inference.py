@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from sftune.config import Config, validate_config
 from sftune.data.formats import BadRow, Format, format_from_identity
+from sftune.digests import check_model
 from sftune.errors import DataError, RowSkip, SftuneError
 from sftune.generation import Streamer, generate_with
 from sftune.model import load_pretrained, resolve_path
@@ -103,6 +104,7 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
         where = f"; its newest checkpoint is {ckpts[-1].name}" if ckpts else ""
         raise SftuneError(f"the run '{path}' has no final model: it was interrupted or stopped before the end"
                           f"{where}\n  → finish it with `sftune train {p / 'sftune_config.yaml'} train.resume=true`")
+    check_model(p)  # the files the final save wrote, as it wrote them (sftune.digests)
     cfg = None
     if (p / "sftune_config.yaml").exists():
         cfg = validate_config(yaml.safe_load((p / "sftune_config.yaml").read_text()) or {},

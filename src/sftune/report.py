@@ -21,7 +21,9 @@ def _plot(path: Path, title: str, ylabel: str, series: list[tuple[str, list, lis
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for label, xs, ys in series:
-        if xs:
+        if xs and label == "loss spike":
+            ax.plot(xs, ys, "x", color="red", markersize=9, label=label)
+        elif xs:
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
@@ -59,12 +61,14 @@ def build_report(run_dir: str | Path) -> Path:
     train = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if "eval_loss" in r and not r.get("final")]
     samples = sorted((r for r in records if "samples" in r), key=_sample_order)
+    spikes = [r for r in records if r.get("spike")]  # sftune.spikes
 
     plots = []
     steps = [r["step"] for r in train]
     _plot(run / "loss.png", "Loss", "loss (per token)",
           [("train", steps, [r["loss"] for r in train]),
-           ("eval", [r["step"] for r in evals], [r["eval_loss"] for r in evals])])
+           ("eval", [r["step"] for r in evals], [r["eval_loss"] for r in evals]),
+           ("loss spike", [r["step"] for r in spikes], [r["spike_loss"] for r in spikes])])
     plots.append(("Loss", "loss.png"))
     _plot(run / "lr.png", "Learning rate", "learning rate", [("lr", steps, [r["lr"] for r in train])])
     plots.append(("Learning rate", "lr.png"))
@@ -80,6 +84,10 @@ def build_report(run_dir: str | Path) -> Path:
         if peak is not None:
             rows.append(("peak GPU memory", f"{peak:.2f} GiB (torch.cuda.max_memory_allocated)"))
         lines += ["## Final metrics", "", _table(rows), ""]
+    if spikes:
+        lines += [f"## Loss spikes: {len(spikes)}", "", "| step | loss | why | action |", "|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['spike_loss']:.4g} | {_md_escape(r['spike_why'])} | {r['spike_action']} |"
+                  for r in spikes] + [""]
     if (run / "data_report.json").exists():
         d = json.loads((run / "data_report.json").read_text())
         skipped = ", ".join(f"{n} {r}" for r, n in d.get("skipped", {}).items()) or "0"

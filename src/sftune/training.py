@@ -25,7 +25,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from rich.markup import escape
 from transformers import get_scheduler
 
-from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, saves_finished
 from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kwargs, resolve_resume
 from sftune.config import Config, config_to_yaml
 from sftune.data.mixture import fill_trained
@@ -42,19 +42,13 @@ from sftune.faults import NonFiniteGuard, StepBoundary
 from sftune.safeio import disk_errors, dumps
 from sftune.levers import adamw_8bit, apply_kernels, bucket_for, device_metrics, needs_checkpointing
 from sftune.loss import CausalLMWithLoss
-from sftune.model import (
-    add_lora,
-    count_parameters,
-    fast_activations,
-    load_model,
-    load_model_config,
-    load_tokenizer,
-    resolve_max_length,
-)
+from sftune.model import (add_lora, count_parameters, fast_activations, load_model, load_model_config, load_tokenizer,
+                          resolve_max_length)
 from sftune.probe import choose_layout
 from sftune import threads as cpu_threads
 from sftune.report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
+from sftune.spikes import Rollback, SpikeGuard, rollback
 from sftune.console import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
 
 
@@ -160,6 +154,8 @@ class Run:
     """SIGTERM, the per-step agreement of the ranks and the checkpoint clock (:mod:`sftune.cluster`)."""
     threads: Any = None
     """Fits the CPU thread count to the machine between steps (:mod:`sftune.threads`)."""
+    spikes: Any = None
+    """Loss spikes: the window of recent steps, ``train.on_spike`` (:mod:`sftune.spikes`)."""
 
     @property
     def main(self) -> bool:
@@ -215,11 +211,11 @@ class Run:
                     console.print(f"  [dim]{escape(repr(smp['prompt'][-60:]))}[/] → {escape(repr(smp['generated'][:80]))}")
         return m
 
-    def save(self, step: int) -> None:
-        save_checkpoint(self.accelerator, self.out_dir, step,
+    def save(self, step: int, wait: bool = False) -> None:  # wait: in place on return, not hashed in the background
+        save_checkpoint(self.accelerator, self.out_dir, step,  # with mixtures' and streams' data position
                         {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
-                         "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints,
-                        files=save_position(self.batches, self.data, step))  # mixtures' and streams' data position
+                         "total_steps": self.total_steps, **self.spikes.state()}, self.cfg.train.keep_checkpoints,
+                        files=save_position(self.batches, self.data, step), background=not wait)
         if self.cluster is not None:
             self.cluster.saved()
         self.logger.notify({"step": step, "event": "save"})
@@ -287,8 +283,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
         Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"), sinks=sinks)
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
-              total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
-                                              accelerator), threads=threads)
+              total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes, accelerator),
+              threads=threads, spikes=SpikeGuard(cfg.train, logger, accelerator))
 
     # the quickstart's "before": held-out exact match of the untrained model
     if run.generates and cfg.eval.exact_match and data.source.eval is not None and not resume:
@@ -298,6 +294,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     if resume:
         state = load_checkpoint(accelerator, out_dir)
         run.start_step = state["step"]
+        run.spikes.restore(state)  # the window of recent losses (sftune.spikes)
         restore_position(run.batches, data, state["path"], run.start_step)  # mixtures and streams (sftune.data.position)
         if main:
             console.print(f"resumed from {state['path']} at step {run.start_step}", markup=False)
@@ -348,14 +345,16 @@ class LoopResult:
     preempted: bool = False
 
 
-def loop(run: Run) -> LoopResult:
-    """The training loop: forward, loss, backward, step. Read it top to bottom."""
+def loop(run: Run, skipped=()) -> LoopResult:
+    """The training loop: forward, loss, backward, step. Read it top to bottom. ``skipped``: NaN-skipped
+    steps before a rollback (:mod:`sftune.spikes`)."""
     cfg, acc, lm, optimizer = run.cfg, run.accelerator, run.lm, run.optimizer
     lm.train()
     window, last_loss, step = LogWindow(run.device), None, run.start_step
     boundary = StepBoundary(run.start_step)  # Ctrl-C saves the state of the last step boundary, RNG included
     guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, acc,
-                           lambda: ([None] + list_checkpoints(run.out_dir))[-1])
+                           lambda: ([None] + list_checkpoints(run.out_dir, wait=True))[-1])
+    guard.skipped = list(skipped)
     progress = training_progress(run.main)
     threads = run.threads or cpu_threads.Pinned()  # CPU threads fitted to the machine between steps
     try:
@@ -393,7 +392,8 @@ def loop(run: Run) -> LoopResult:
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the (already global) norm as a DTensor
                     grad_norm = grad_norm.full_tensor()
                 done = step + 1
-                skip = guard.check(done, step_loss, grad_norm)  # NaN / inf: stop, or skip the update
+                skip = guard.check(done, step_loss, grad_norm) or \
+                    run.spikes.check(done, guard.stats, step_weight, grad_norm)  # NaN / inf, then spikes
                 with boundary.commit(done):  # a Ctrl-C from here waits until the step is whole
                     if not skip:
                         optimizer.step()
@@ -420,13 +420,15 @@ def loop(run: Run) -> LoopResult:
                 if (save_due or cfg.train.save_every and done % cfg.train.save_every == 0) and done != run.total_steps:
                     run.save(done)
             step = run.total_steps
+    except Rollback:  # on_spike=rollback: the newest intact checkpoint reloaded, replayed from there
+        return loop(run, rollback(run, guard.skipped))
     except KeyboardInterrupt as stop:
         run.cluster.watch(None)  # a further SIGTERM must not abort the save below
         step = boundary.rewind(optimizer)  # the partial step is undone, RNG included
         preempted = isinstance(stop, Preempted)  # SIGTERM (sftune.cluster)
         if run.main:
             console.print(f"\n[yellow]{'preempted' if preempted else 'interrupted'}: saving a checkpoint at step {step}[/]")
-        run.save(step)
+        run.save(step, wait=True)
         run.logger.close()
         return LoopResult(step, last_loss, interrupted=True, skipped=guard.skipped, preempted=preempted)
     finally:
@@ -440,9 +442,9 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
     eval_metrics = run.evaluate(run.total_steps)
     if cfg.train.save_every:
         run.save(run.total_steps)
-    with disk_errors(out_dir, "the final model"):
+    with disk_errors(out_dir, "the final model"), saves_finished():  # the last checkpoint hashed meanwhile
         save_final(cfg, run.accelerator, run.lm, run.tokenizer, out_dir, run.data)
-    metrics = {"train_loss": result.last_loss, **eval_metrics}
+    metrics = {"train_loss": result.last_loss, **eval_metrics, **run.spikes.summary()}
     if result.skipped:
         metrics["skipped_steps"] = len(result.skipped)
         if main:
@@ -484,7 +486,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     main = os.environ.get("RANK", "0") == "0"
     if main:
         check_output_dir(Path(cfg.train.output_dir))
-    with RunLock(cfg.train.output_dir, enabled=main):
+    with RunLock(cfg.train.output_dir, enabled=main), saves_finished():  # checkpoints in place before the lock goes
         run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt, sinks=sinks)
         with run.cluster.handling():  # SIGTERM = Ctrl-C, then exit status 75 (sftune.cluster)
             result = loop(run)

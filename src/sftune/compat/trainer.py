@@ -47,6 +47,10 @@ class History:
         epoch = round(step / max(t.steps_per_epoch, 1), 4)
         t.state.global_step, t.state.epoch = step, epoch
         if record.get("event") == "save":
+            if t.callbacks:  # a callback may read the checkpoint: in place first (digests hashed, renamed)
+                from sftune.checkpoint import wait_for_saves
+
+                wait_for_saves()
             t.callback("on_save")
         elif "loss" in record and "lr" in record:
             self.loss_sum += record["loss"] * (step - self.last_step)

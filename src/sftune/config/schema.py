@@ -390,7 +390,26 @@ class TrainConfig(_Section):
     it, and stops once more than ``max_skipped_steps`` steps were skipped."""
 
     max_skipped_steps: int = Field(10, ge=0)
-    """With ``on_nonfinite=skip``: the most steps that may be skipped before the run stops."""
+    """With ``on_nonfinite=skip`` (or ``on_spike`` skip / rollback): the most steps that may be skipped
+    before the run stops."""
+
+    on_spike: Literal["warn", "skip", "rollback"] = "warn"
+    """A loss spike (see ``spike_window``): ``warn`` logs it and trains on; ``skip`` drops that update
+    as ``on_nonfinite=skip`` does; ``rollback`` reloads the newest intact checkpoint and replays to the
+    spike, skipping the spiking batch (deterministic). Spikes are logged, charted and counted."""
+
+    spike_window: int = Field(20, ge=0)
+    """N: a step is a spike against the median of the last N normal steps (no check until N steps are
+    seen: the warm-up). 0 turns spike detection off."""
+
+    spike_factor: float = Field(3.0, gt=1, allow_inf_nan=False)
+    """k: a step's loss is a spike above k x the window's median loss (and ``spike_min_jump`` above it)."""
+
+    spike_min_jump: float = Field(1.0, ge=0, allow_inf_nan=False)
+    """The absolute floor of a loss spike: it must also exceed the median by this much (nats)."""
+
+    spike_grad_factor: float = Field(10.0, gt=1, allow_inf_nan=False)
+    """A gradient norm (before clipping; with ``max_grad_norm``) above this x the window's median is a spike."""
 
     save_every_minutes: float | None = Field(None, gt=0, allow_inf_nan=False)
     """Also save a checkpoint when this many minutes have passed since the last one (rank 0's clock,

@@ -3,7 +3,9 @@
 ``prepare_data`` runs every stage and returns the tokenized train and eval sets as
 :class:`TokenizedSet` (flat, memory-mapped token arrays) plus the :class:`DataReport`.
 Tokenization is a cached ``datasets.map`` with an explicit fingerprint over the source data, the
-tokenizer and the data config, so a re-run with unchanged inputs loads the cached result.
+tokenizer and the data config, so a re-run with unchanged inputs loads the cached result. Each cached
+Arrow file's digest is recorded beside it after writing and checked before it is read
+(:func:`trusted_cache`): a damaged cache is rebuilt, never read.
 """
 
 from __future__ import annotations
@@ -12,17 +14,20 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import numpy as np
 
 from sftune import __version__
 from sftune.config import DataConfig
+from sftune.console import console
 from sftune.data.formats import Format, choose_format
 from sftune.data.packing import BatchPlan
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns, load_source
 from sftune.data.tokenize import Tokenizer
+from sftune.digests import SIDECAR, sidecar_check, write_sidecar
 from sftune.errors import DataError
 
 _FEATURES = datasets.Features({
@@ -132,19 +137,40 @@ def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:
     return min(4, os.cpu_count() or 1) if n_rows >= 50_000 else None
 
 
+def trusted_cache(ds: datasets.Dataset, fp: str) -> None:
+    """Remove the cached tokenization of ``fp`` unless each of its Arrow files matches the digest
+    recorded when it was written (``.sftune-digest`` beside it): a damaged cache is rebuilt, never read."""
+    if not ds.cache_files or not datasets.is_caching_enabled():
+        return
+    folder = Path(ds.cache_files[0]["filename"]).parent
+    for f in sorted(folder.glob(f"cache-{fp}*.arrow")):
+        why = sidecar_check(f)
+        if why is not None:
+            if Path(str(f) + SIDECAR).exists():  # a file without a digest predates them: rebuilt quietly
+                console.print(f"note: the tokenized data cache {f} is damaged ({why}): rebuilding it", markup=False,
+                              soft_wrap=True)
+            for stale in (f, Path(str(f) + SIDECAR)):
+                stale.unlink(missing_ok=True)
+
+
 def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig, max_length: int,
                    source: str) -> datasets.Dataset:
     own = getattr(fmt, "map_function", None)  # a format with no text (sftune.data.pretokenized) maps rows itself
     fn = own(tokenizer, max_length, source) if own else Tokenizer(fmt, tokenizer, max_length,
                                                                    on_bad_row=cfg.on_bad_row, source=source).table
     fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length, fmt)
+    trusted_cache(ds, fp)
     quiet = len(ds) < 20_000 and datasets.is_progress_bar_enabled()  # leave a caller's setting as it was
     if quiet:
         datasets.disable_progress_bars()
     try:
-        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
-                      new_fingerprint=fp, num_proc=_num_proc(cfg, len(ds)), desc="Tokenizing",
-                      load_from_cache_file=True)
+        out = ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
+                     new_fingerprint=fp, num_proc=_num_proc(cfg, len(ds)), desc="Tokenizing",
+                     load_from_cache_file=True)
+        for f in out.cache_files:  # what was just written (or verified): its digest, for the next run
+            if not Path(f["filename"] + SIDECAR).exists():
+                write_sidecar(f["filename"])
+        return out
     finally:
         if quiet:
             datasets.enable_progress_bars()

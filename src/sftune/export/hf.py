@@ -5,7 +5,9 @@ The output directory loads with ``AutoModelForCausalLM.from_pretrained`` (full f
 the tokenizer, with a chat template that reproduces the training prompt format, a generation
 config whose EOS list includes the end-of-turn token, ``sftune_config.yaml`` and
 ``sftune_lineage.json`` (base model, prompt format identity and hash, data fingerprint, version),
-so preference training (DPO, reward models) starts from the same prompt contract.
+so preference training (DPO, reward models) starts from the same prompt contract. Last,
+``sftune_manifest.json`` records the size and SHA-256 of each file the save wrote; loading the model
+for inference (generate, chat, eval, export) checks them first (:mod:`sftune.digests`).
 
 ``sftune export --format gguf`` adds a GGUF file and an Ollama ``Modelfile`` (:mod:`sftune.export.gguf`);
 ``--verify`` checks that the exported chat template tokenizes the run's own prompts to the ids
@@ -21,6 +23,7 @@ import torch
 
 from sftune.config import Config, config_to_yaml
 from sftune.data.formats import Format
+from sftune.digests import model_snapshot, record_model
 from sftune.distributed import is_sharded, plain_copy
 from sftune.errors import ConfigError, SftuneError
 from sftune.inference import load_for_inference
@@ -62,6 +65,7 @@ def save_final(cfg: Config, accelerator, lm, tokenizer, out_dir: Path, data) -> 
     state_dict = accelerator.get_state_dict(lm)  # gathers shards under FSDP / ZeRO-3
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        before = model_snapshot(out_dir)
         prefix = "model."
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
         if cfg.lora.enabled and is_sharded(accelerator):
@@ -77,6 +81,7 @@ def save_final(cfg: Config, accelerator, lm, tokenizer, out_dir: Path, data) -> 
             model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
         save_tokenizer_and_templates(cfg, tokenizer, data.fmt, out_dir)
         write_lineage(out_dir, lineage(str(out_dir), cfg, data.fmt, tokenizer))
+        record_model(out_dir, before)  # sftune_manifest.json: what was written, checked when loaded
     accelerator.wait_for_everyone()
 
 
@@ -117,6 +122,7 @@ def export_run(run: str, out: str, *, dtype: str = "auto", push_to_hub: str | No
     tokenizer, fmt = loaded.tokenizer, loaded.fmt
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    before = model_snapshot(out_dir)
     set_generation_stops(model, tokenizer, fmt)
     template = fmt.export_chat_template(tokenizer)
     if template:
@@ -137,6 +143,7 @@ def export_run(run: str, out: str, *, dtype: str = "auto", push_to_hub: str | No
         write_modelfile(out_dir, name, tokenizer, fmt, header=header)
         extra["gguf"] = {"file": name, "quant": quant}
     write_lineage(out_dir, lineage(run, loaded.cfg, fmt, tokenizer, **extra))
+    record_model(out_dir, before)
     if push_to_hub:
         saved.push_to_hub(push_to_hub)
         tokenizer.push_to_hub(push_to_hub)

@@ -1,4 +1,5 @@
-"""``sftune export --verify``: the exported chat template tokenizes the run's own prompts to the ids
+"""``sftune export --verify``: the exported files match the digests export recorded, the run's own files
+those of its final save (:mod:`sftune.digests`), the exported chat template tokenizes the run's own prompts to the ids
 sftune trained with, each prompt starts a training sequence, and a GGUF file loads back with
 matching logits."""
 
@@ -14,6 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sftune.data.formats import Format, normalize_messages
 from sftune.data.sources import load_source
 from sftune.data.tokenize import SequenceEncoder, special_prefix
+from sftune.digests import check_model
+from sftune.errors import SftuneError
 from sftune.inference import load_for_inference
 
 
@@ -87,10 +90,15 @@ def verify_export(run: str, out: str | Path, *, n: int = 5) -> VerifyResult:
     loaded = load_for_inference(run, dtype="float32", device="cpu")
     fmt, tok = loaded.fmt, loaded.tokenizer
     out = Path(out)
-    exported = AutoTokenizer.from_pretrained(str(out))
     res = VerifyResult(ok=True)
+    try:
+        check_model(out)  # the exported files, as export wrote them (sftune.digests); the checks below go on
+    except SftuneError as e:
+        res.ok = False
+        res.lines.append(f"FAIL files: {e}")
+    exported = AutoTokenizer.from_pretrained(str(out))
     if not getattr(exported, "chat_template", None):
-        res.lines.append(f"the run's format ({fmt.name}) exports no chat template: nothing to verify")
+        res.lines.append(f"the run's format ({fmt.name}) exports no chat template: no prompt to verify")
         return res
     rows, where = _probe_rows(loaded, n)
     notes: list[str] = []

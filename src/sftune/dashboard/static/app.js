@@ -51,7 +51,10 @@ function kvTable(obj) {
 
 // Each chart's title and controls sit in an HTML caption above it, clear of plotly's mode bar.
 const CHARTS = [
-  {id: "loss", title: "Loss", log: true, series: [["train loss", "loss", (r) => "loss" in r && "step" in r], ["eval loss", "eval_loss", (r) => "eval_loss" in r && !r.final]]},
+  {id: "loss", title: "Loss", log: true, series: [["train loss", "loss", (r) => "loss" in r && "step" in r], ["eval loss", "eval_loss", (r) => "eval_loss" in r && !r.final],
+    // a loss spike (sftune.spikes): a red cross at its step and loss, its rule and action on hover
+    ["loss spike", "spike_loss", (r) => r.spike === true, {mode: "markers", marker: {size: 11, symbol: "x", color: "#d62728"},
+      text: (r) => `${r.spike_why}: ${r.spike_action}`}]]},
   {id: "lr", title: "Learning rate", yaxis: {exponentformat: "e", rangemode: "tozero"}, series: [["lr", "lr", (r) => "lr" in r]]},
   {id: "tps", title: "Throughput (tokens/s)", series: [["tokens/s", "tokens_per_s", (r) => "tokens_per_s" in r]]},
 ];
@@ -87,12 +90,13 @@ function xOf(axis, run) {  // run: {records, total_steps}; a record's position o
 }
 
 function traces(chart, records, prefix, index, x = (r) => r.step) {
-  return chart.series.map(([label, key, keep], i) => {
+  return chart.series.map(([label, key, keep, style], i) => {
     const rs = records.filter(keep);
     const color = COLORS[(index === undefined ? i : index) % COLORS.length];
-    return {x: rs.map(x), y: rs.map((r) => r[key]), name: prefix ? `${prefix} ${label}` : label, type: "scatter",
+    const trace = {x: rs.map(x), y: rs.map((r) => r[key]), name: prefix ? `${prefix} ${label}` : label, type: "scatter",
             mode: "lines+markers", marker: {size: 4, color}, line: {color, dash: i > 0 && index !== undefined ? "dash" : "solid"}};
-  });
+    return style ? {...trace, ...style, text: style.text ? rs.map(style.text) : undefined} : trace;
+  }).filter((t, i) => !chart.series[i][3] || t.x.length);  // a marker series only when it has points
 }
 
 function drawChart(div, chart, data, axis = "step") {
