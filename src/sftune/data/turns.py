@@ -95,10 +95,22 @@ def turn_start(render, gen_prompt, messages: list[dict], i: int, prompt: str, up
     units = [(s - a_u, e - a_u) for s, e in view.units(upto)] + [(s - a_p, e - a_p) for s, e in view.units(prompt)]
     while x > 0 and (a_u + x not in s_u or a_p + x not in s_p or any(s < x < e for s, e in units)):
         x -= 1
-    k, rest = a_u + x, prompt[a_p + x:]
+    k, r0 = a_u + x, a_p + x
     c = common_prefix(upto, other)
-    at = upto.find(rest, k, max(k, c))
-    return at + len(rest) if at >= 0 else k
+    u_units, p_units = view.units(upto), view.units(prompt)
+
+    def whole(at: int, starts: set[int], spans) -> bool:
+        return at in starts and not any(s < at < e for s, e in spans)
+
+    heads = [e for e in s_p if r0 < e <= len(prompt) and whole(e, s_p, p_units)]
+    for e in sorted(heads, reverse=True):  # R's longest head (whole tokens of P) written before the message's text
+        head = prompt[r0:e]
+        at = upto.find(head, k, c)
+        while at >= 0:
+            if whole(at, s_u, u_units) and whole(at + len(head), s_u, u_units):
+                return at + len(head)
+            at = upto.find(head, at + 1, c)
+    return k
 
 
 def turn_text(render: Callable[[list[dict]], str], gen_prompt: Callable[[list[dict]], str], messages: list[dict],
@@ -114,9 +126,10 @@ def turn_text(render: Callable[[list[dict]], str], gen_prompt: Callable[[list[di
       ends at a token boundary of ``P`` tokenized alone and of ``U`` tokenized alone, never inside
       an added/special token or an XML-like tag ``<...>``: it ends at ``k`` in ``U``. ``R``, the rest
       of ``P``, is what the prompt has that ``U`` does not there (a pre-filled ``<think>``, the
-      history's end written differently when it is last). If ``R`` occurs in ``U`` between ``k`` and
-      the first character the message itself influences, the trained text starts right after it;
-      otherwise at ``k`` (a pre-fill the turn writes otherwise stays context).
+      history's end written differently when it is last). If ``R``, or its longest head in whole
+      tokens of ``P`` (never ending inside a tag), occurs in ``U`` in whole tokens between ``k`` and
+      the first character the message itself influences, the trained text starts right after that
+      occurrence; otherwise at ``k`` (a pre-fill the turn writes otherwise stays context).
     * **Stop.** It runs up to and including the first stop token (``view.stops``: EOS, the model's
       generation-config EOS, ``data.stop_token``, the template's end-of-turn token, hand-over tokens
       such as ``<|call|>`` / ``<|eom_id|>``) after the message's own text ends (its last character
