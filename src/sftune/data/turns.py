@@ -102,14 +102,14 @@ def turn_start(render, gen_prompt, messages: list[dict], i: int, prompt: str, up
     def whole(at: int, starts: set[int], spans) -> bool:
         return at in starts and not any(s < at < e for s, e in spans)
 
+    r0 += len(prompt[r0:]) - len(prompt[r0:].lstrip())  # whitespace aside, on both sides
+    at = k + len(upto[k:c]) - len(upto[k:c].lstrip())
     heads = [e for e in s_p if r0 < e <= len(prompt) and whole(e, s_p, p_units)]
     for e in sorted(heads, reverse=True):  # R's longest head (whole tokens of P) written before the message's text
         head = prompt[r0:e]
-        at = upto.find(head, k, c)
-        while at >= 0:
-            if whole(at, s_u, u_units) and whole(at + len(head), s_u, u_units):
-                return at + len(head)
-            at = upto.find(head, at + 1, c)
+        if upto.startswith(head, at) and at + len(head) <= c and whole(at, s_u, u_units) \
+                and whole(at + len(head), s_u, u_units):
+            return at + len(head)
     return k
 
 
@@ -127,9 +127,10 @@ def turn_text(render: Callable[[list[dict]], str], gen_prompt: Callable[[list[di
       an added/special token or an XML-like tag ``<...>``: it ends at ``k`` in ``U``. ``R``, the rest
       of ``P``, is what the prompt has that ``U`` does not there (a pre-filled ``<think>``, the
       history's end written differently when it is last). If ``R``, or its longest head in whole
-      tokens of ``P`` (never ending inside a tag), occurs in ``U`` in whole tokens between ``k`` and
-      the first character the message itself influences, the trained text starts right after that
-      occurrence; otherwise at ``k`` (a pre-fill the turn writes otherwise stays context).
+      tokens of ``P`` (never ending inside a tag), is written in ``U`` right after ``k`` (whitespace
+      aside), in whole tokens and before the first character the message itself influences, the
+      trained text starts right after it; otherwise at ``k`` (a pre-fill the turn writes otherwise
+      stays context).
     * **Stop.** It runs up to and including the first stop token (``view.stops``: EOS, the model's
       generation-config EOS, ``data.stop_token``, the template's end-of-turn token, hand-over tokens
       such as ``<|call|>`` / ``<|eom_id|>``) after the message's own text ends (its last character
@@ -153,12 +154,15 @@ def turn_text(render: Callable[[list[dict]], str], gen_prompt: Callable[[list[di
     at = _own_end(render, hist, msg, more, [nxt])
     at = at if at >= 0 else more.find(upto[start:end]) + (end - start)
     until = more.find(MARK + "next")
-    opener = view.first_atom(more, at, until)
+    after = at + common_prefix(upto[end:], more[at:until])  # past what the turn writes when it is last
+    opener = view.first_atom(more, after, until)
+    if opener is not None and more[after:opener[0]].strip():
+        opener = None  # plain text opens the next message
     role = msg["role"]
     if opener is not None and opener[1] in view.stops:
         return upto[start:end] + more[at: opener[0] + len(opener[1])]
     what = (f"the next message opens with {opener[1]!r}, which is no stop token" if opener is not None
-            else f"the next message opens with {more[at:until][-40:]!r}, no single token")
+            else f"the next message opens with {more[after:until][-40:]!r}, no single token")
     raise BadRow(f"message {i} ({role}): {where} writes no end-of-turn token after it and {what}: cannot decide "
                  "where generation stops", column,
                  "set data.stop_token to the token the model stops on (the model's generation_config eos_token_id "
