@@ -106,5 +106,5 @@ def test_template_without_end_token_is_a_bad_row_naming_it(chat_tokenizer):
                                     "{% if add_generation_prompt %}assistant: {% endif %}")
     fmt = MessagesFormat(DataConfig(), chat_tokenizer, "messages")
     with pytest.raises(BadRow, match=r"message 2 \(assistant\): the chat template of .* writes no end-of-turn token"
-                                     r" after it and the next message opens with '\\nuser: ', no single token"):
+                                     r" after it and the next message opens with 'user: ', no single token"):
         fmt.render({"messages": CONV})
