@@ -30,10 +30,17 @@ class TokenView:
         atoms = {t.content for t in added} | {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
         self.atoms = sorted((a for a in atoms if a), key=len, reverse=True)
         self.stops = sorted(set(stops), key=len, reverse=True)
+        self._backend = None  # tokenize.plain_backend, False where there is none
 
     def starts(self, text: str) -> set[int]:
         """Character positions where a token starts when ``text`` is tokenized alone (and its end)."""
         tok = self.tokenizer
+        if self._backend is None:
+            from sftune.data.tokenize import plain_backend  # (tokenize imports the formats)
+
+            self._backend = plain_backend(tok) or False
+        if self._backend:
+            return {s for s, _ in self._backend.encode(text, add_special_tokens=False).offsets} | {len(text)}
         if getattr(tok, "is_fast", False):
             offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             return {s for s, _ in offsets} | {len(text)}
@@ -74,7 +81,8 @@ def _own_end(render, history: list[dict], message: dict, text: str, after: list[
 
 
 def _anchors(render, messages: list[dict], i: int, upto: str, prompt: str, gen_prompt) -> tuple[int, int]:
-    """The end of the history's last written own text, in the turn's render and in the prompt."""
+    """The end of the history's last written own text, in the turn's render and in the prompt: the
+    trained text never starts before it."""
     for j in range(i - 1, -1, -1):
         hist, m = messages[:j], messages[j]
         a_u = _own_end(render, hist, m, upto, messages[j + 1:i + 1])
@@ -84,7 +92,7 @@ def _anchors(render, messages: list[dict], i: int, upto: str, prompt: str, gen_p
     return 0, 0
 
 
-def turn_start(render, gen_prompt, messages: list[dict], i: int, prompt: str, upto: str, other: str,
+def turn_start(render, gen_prompt, messages: list[dict], i: int, prompt: str, upto: str, other: Callable[[], str],
                view: TokenView) -> int:
     """Where the trained text of turn ``i`` starts in ``upto`` (see :func:`turn_text`)."""
     if upto.startswith(prompt):
@@ -96,7 +104,7 @@ def turn_start(render, gen_prompt, messages: list[dict], i: int, prompt: str, up
     while x > 0 and (a_u + x not in s_u or a_p + x not in s_p or any(s < x < e for s, e in units)):
         x -= 1
     k, r0 = a_u + x, a_p + x
-    c = common_prefix(upto, other)
+    c = common_prefix(upto, other())
     u_units, p_units = view.units(upto), view.units(prompt)
 
     def whole(at: int, starts: set[int], spans) -> bool:
@@ -140,9 +148,21 @@ def turn_text(render: Callable[[list[dict]], str], gen_prompt: Callable[[list[di
     """
     hist, msg = messages[:i], messages[i]
     upto = render(messages[: i + 1])
-    other = render(hist + [perturbed(msg)])
+    renders: list[str] = []
+
+    def other() -> str:  # the turn rendered with the message's texts perturbed (once, when needed)
+        if not renders:
+            renders.append(render(hist + [perturbed(msg)]))
+        return renders[0]
+
     start = turn_start(render, gen_prompt, messages, i, prompt, upto, other, view)
-    end = max(start, len(upto) - common_suffix(upto, other) if other != upto else start)
+    content = msg.get("content") or ""
+    at = upto.rfind(content) if content and not any(msg.get(k) for k in ("tool_calls", "reasoning_content",
+                                                                          "thinking")) else -1
+    if at >= start:  # the content written as it is: its own text ends there (what perturbing it finds)
+        end = at + len(content)
+    else:
+        end = max(start, len(upto) - common_suffix(upto, other()) if other() != upto else start)
     stop = view.first_atom(upto, end, len(upto), view.stops)
     if stop is not None:
         return upto[start: stop[0] + len(stop[1])]
