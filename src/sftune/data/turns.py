@@ -30,17 +30,10 @@ class TokenView:
         atoms = {t.content for t in added} | {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
         self.atoms = sorted((a for a in atoms if a), key=len, reverse=True)
         self.stops = sorted(set(stops), key=len, reverse=True)
-        self._backend = None  # tokenize.plain_backend, False where there is none
 
     def starts(self, text: str) -> set[int]:
         """Character positions where a token starts when ``text`` is tokenized alone (and its end)."""
         tok = self.tokenizer
-        if self._backend is None:
-            from sftune.data.tokenize import plain_backend  # (tokenize imports the formats)
-
-            self._backend = plain_backend(tok) or False
-        if self._backend:
-            return {s for s, _ in self._backend.encode(text, add_special_tokens=False).offsets} | {len(text)}
         if getattr(tok, "is_fast", False):
             offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             return {s for s, _ in offsets} | {len(text)}
