@@ -150,10 +150,9 @@ def turn_text(render: Callable[[list[dict]], str], gen_prompt: Callable[[list[di
 
     start = turn_start(render, gen_prompt, messages, i, prompt, upto, other, view)
     content = msg.get("content") or ""
-    at = upto.rfind(content) if content and not any(msg.get(k) for k in ("tool_calls", "reasoning_content",
-                                                                          "thinking")) else -1
-    if at >= start:  # the content written as it is: its own text ends there (what perturbing it finds)
-        end = at + len(content)
+    plain = content and not any(msg.get(k) for k in ("tool_calls", "reasoning_content", "thinking"))
+    if plain and upto.startswith(content, start):  # the turn is the content as it is, then what ends it
+        end = start + len(content)
     else:
         end = max(start, len(upto) - common_suffix(upto, other()) if other() != upto else start)
     stop = view.first_atom(upto, end, len(upto), view.stops)
