@@ -65,7 +65,7 @@ def test_template_that_is_not_prefix_stable_expands_turn_by_turn(chat_tokenizer)
     # marks the last assistant message: each turn renders differently once later turns follow
     chat_tokenizer.chat_template = (
         "{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}<final>{% endif %}"
-        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+        "{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     fmt = MessagesFormat(DataConfig(), chat_tokenizer, "messages")
     r = fmt.render({"messages": CONV})
     assert len(r.sequences) == 2 and r.expanded == 1 and r.why
@@ -97,3 +97,14 @@ def test_messages_without_assistant_is_bad_row(chat_tokenizer):
 def test_messages_need_a_chat_template(tiny_tokenizer):
     with pytest.raises(ConfigError, match="chat_template"):
         MessagesFormat(DataConfig(), tiny_tokenizer, "messages")
+
+
+def test_template_without_end_token_is_a_bad_row_naming_it(chat_tokenizer):
+    """No end-of-turn token and the next message opens with plain text: nothing says where the
+    model stops, so the row is refused (it used to train the reply with no stop at all)."""
+    chat_tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                    "{% if add_generation_prompt %}assistant: {% endif %}")
+    fmt = MessagesFormat(DataConfig(), chat_tokenizer, "messages")
+    with pytest.raises(BadRow, match=r"message 2 \(assistant\): the chat template of .* writes no end-of-turn token"
+                                     r" after it and the next message opens with 'user: ', no single token"):
+        fmt.render({"messages": CONV})

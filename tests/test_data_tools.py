@@ -333,18 +333,16 @@ def test_gptoss_call_is_a_stop_token(base_tok):
 # ----------------------------------------------------------------------------- packed == unpacked
 
 
-def test_packed_equals_unpacked_with_tool_rows():
+def assert_packed_equals_unpacked(vocab_size: int, examples: list[tuple[list[int], list[int]]]) -> None:
+    """The loss of ``(ids, labels)`` examples packed in one row equals their losses one by one."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from sftune.data.packing import collate
     from sftune.loss import CausalLMWithLoss
 
-    tok = family_tok(build("bytelevel"), "qwen25")
-    _, out = tokenize_rows(tok, [{"messages": c, "tools": TOOLS} for c in (SINGLE, ROUNDS, PARALLEL, REASONING)])
-    examples = [(ids, labels) for ids, labels in zip(out["input_ids"], out["labels"])]
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=2048, n_embd=32, n_layer=2, n_head=2))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=4096, n_embd=32, n_layer=2, n_head=2))
     lm = CausalLMWithLoss(model).eval()
 
     def loss(rows):
@@ -355,6 +353,12 @@ def test_packed_equals_unpacked_with_tool_rows():
         one_by_one = sum(loss([[e]]) for e in examples)
         packed = loss([examples])
     torch.testing.assert_close(packed, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_equals_unpacked_with_tool_rows():
+    tok = family_tok(build("bytelevel"), "qwen25")
+    _, out = tokenize_rows(tok, [{"messages": c, "tools": TOOLS} for c in (SINGLE, ROUNDS, PARALLEL, REASONING)])
+    assert_packed_equals_unpacked(len(tok), list(zip(out["input_ids"], out["labels"])))
 
 
 # ----------------------------------------------------------------------------- agent dataset shapes

@@ -176,6 +176,14 @@ class DataConfig(_Section):
     """Train an assistant message's ``reasoning_content`` where the chat template writes it;
     ``false`` keeps it in the context but puts no loss on its text."""
 
+    stop_token: str | None = None
+    """For the ``messages`` format: the token generation stops on after an assistant turn, for a
+    chat template that writes no end-of-turn token (its models stop on the token that opens the
+    next message). Must be one token of the tokenizer; trained at the end of each such turn and
+    used as a stop at inference. ``None``: the tokenizer's EOS, the model's
+    ``generation_config.json`` EOS ids and the template's own end tokens decide, and a turn none of
+    them ends is a bad row."""
+
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     """Which assistant turns of a conversation carry loss: every one, or only the last (with
     tools: the last assistant turn of each trajectory, usually the final answer)."""
@@ -263,7 +271,7 @@ class DataConfig(_Section):
 SOURCE_KEYS = ("path", "name", "split", "limit", "remove_columns", "shuffle", "seed", "format", "text_column",
                "template", "prompt", "completion", "train_on_prompt", "messages_column", "train_on",
                "response_template", "instruction_template", "chat_template", "add_eos", "on_bad_row", "encoding",
-               "tools_column", "chat_template_kwargs", "train_reasoning")
+               "tools_column", "chat_template_kwargs", "train_reasoning", "stop_token")
 """The data keys a ``data.sources`` entry may set for itself (defined once, from :class:`DataConfig`)."""
 
 

@@ -3,10 +3,8 @@
 For each assistant turn ``i`` the context is ``apply_chat_template(messages[:i], tools=...,
 add_generation_prompt=True, **chat_template_kwargs)`` and the trained text is what the template
 writes for turn ``i`` (rendered as the last message) after that prompt, up to and including the
-token that ends it: the first special token the template writes after the message's own text (and
-any written right after it), where the message's own text ends is found by rendering the turn again
-with its texts changed (tool calls) or by its content. Tool calls, results and schemas: see
-:mod:`sftune.data.tools`. When
+token at which generation stops or hands over: the one rule of :func:`sftune.data.turns.turn_text`.
+Tool calls, results and schemas: see :mod:`sftune.data.tools`. When
 the whole conversation rendered at once starts with that context followed by that turn (a
 prefix-stable template), the turn is trained inside one sequence per conversation; otherwise
 (templates that strip earlier reasoning, end the final turn differently, drop the system prompt, or
@@ -24,9 +22,10 @@ from typing import Any
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftune.config import DataConfig
-from sftune.data.tools import (CONVERTED, MARK, UNWRITTEN_REASONING, arguments_style, check_rendered, common_prefix, common_suffix,
-                               convert_arguments, normalize_tool_calls, parse_kwargs, parse_tools, perturbed,
+from sftune.data.tools import (CONVERTED, MARK, UNWRITTEN_REASONING, arguments_forms, check_rendered,
+                               convert_arguments, normalize_tool_calls, parse_kwargs, parse_tools,
                                sharegpt_call, split_observation, tool_content)
+from sftune.data.turns import TokenView, stop_tokens, turn_text
 from sftune.data.contract import BadRow, Format, Rendered, Sequence, Turn, end_of_turn_ids
 from sftune.errors import ConfigError, RowSkip
 
@@ -139,7 +138,9 @@ class MessagesFormat(Format):
         self.train_reasoning = cfg.train_reasoning
         self.tools: list[dict] | None = None
         """Tool schemas for prompts built without a data row (``chat`` / ``generate --tools``)."""
-        self._style: str | None = None  # how the template takes tool-call arguments (tools.arguments_style)
+        self._forms: tuple[bool, bool] | None = None  # the argument forms the template writes (tools.arguments_forms)
+        self._view: TokenView | None = None  # the tokenizer as the turn rule sees it (turns.TokenView)
+        self.stop_token = cfg.stop_token
         self._reasoning_key: str | None = None
         self._empty: tuple | None = None  # how a call turn without text is passed (_empty_call_content)
         if not getattr(tokenizer, "chat_template", None):
@@ -148,9 +149,6 @@ class MessagesFormat(Format):
                 "Set data.chat_template=chatml (adds <|im_start|>/<|im_end|>), data.chat_template=simple "
                 "(uses the EOS token), or a Jinja template."
             )
-        added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
-        specials = set(added) | {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
-        self._specials = sorted((s for s in specials if s), key=len, reverse=True)
 
     @property
     def is_chat(self) -> bool:
@@ -169,10 +167,13 @@ class MessagesFormat(Format):
             out["chat_template_kwargs"] = self.kwargs
         if not self.train_reasoning:
             out["train_reasoning"] = False
+        if self.stop_token:
+            out["stop_token"] = self.stop_token
         return out
 
     def cache_key(self) -> str:
-        extra = json.dumps([self.tools_column, self.kwargs, self.train_reasoning], sort_keys=True, default=str)
+        extra = json.dumps([self.tools_column, self.kwargs, self.train_reasoning] + ([self.stop_token] if self.stop_token
+                           else []), sort_keys=True, default=str)
         return hashlib.sha256(((self.tokenizer.chat_template or "") + extra).encode()).hexdigest()[:16]
 
     # -- what a row passes to every render: its tools and template arguments
@@ -257,11 +258,11 @@ class MessagesFormat(Format):
                     break
         return self._reasoning_key
 
-    def _arguments_style(self) -> str:
-        if self._style is None:
-            self._style = arguments_style(
+    def _arguments_forms(self) -> tuple[bool, bool]:
+        if self._forms is None:
+            self._forms = arguments_forms(
                 lambda msgs, tools: self.render_text(msgs, extra={"tools": tools, "kwargs": self.kwargs}))
-        return self._style
+        return self._forms
 
     def messages_of(self, row: dict, *, need_assistant: bool = True) -> tuple[list[dict], int]:
         """The row's messages, tool-call arguments in the template's form; and how many were converted."""
@@ -273,90 +274,35 @@ class MessagesFormat(Format):
             messages.insert(0, {"role": "system", "content": system, "_weight": 0.0})
         converted = 0
         if any(m.get("tool_calls") for m in messages):
-            converted = convert_arguments(messages, self._arguments_style(), self.column)
+            converted = convert_arguments(messages, self._arguments_forms(), self.column)
         return messages, converted
 
-    # -- the turn as the template writes it
-    def _end_after(self, text: str, start: int) -> int:
-        """After the first special token at or after ``start`` (and any special tokens written right
-        after it, such as DeepSeek's ``<｜tool▁calls▁end｜><｜end▁of▁sentence｜>``); the whole text
-        when no special token follows."""
-        best = None
-        for s in self._specials:
-            at = text.find(s, start)
-            if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(s) > best[1])):
-                best = (at, len(s))
-        if best is None:
-            return len(text)
-        end = best[0] + best[1]
-        while True:
-            nxt = next((s for s in self._specials if text.startswith(s, end)), None)
-            if nxt is None:
-                return end
-            end += len(nxt)
-
-    def _content_end(self, text: str, content: str) -> int:
-        for probe in (content, content.strip(), content.strip()[-24:]):
-            if probe:
-                at = text.rfind(probe)
-                if at >= 0:
-                    return at + len(probe)
-        return 0
-
+    # -- the turn as the template writes it: the rule of sftune.data.turns
     def turn_text(self, messages: list[dict], i: int, prompt: str, extra: dict | None = None) -> str:
-        """What the template writes for assistant turn ``i`` after the inference ``prompt``, up to
-        and including the token the model must emit to stop or hand over.
+        """What is trained for assistant turn ``i`` after the inference ``prompt``: see
+        :func:`sftune.data.turns.turn_text` (the one rule)."""
+        return turn_text(lambda msgs: self.render_text(msgs, index=i, extra=extra),
+                         lambda msgs: self.render_text(msgs, add_generation_prompt=True, index=i, extra=extra),
+                         messages, i, prompt, self.view(), self.template_name, self.column)
 
-        Where the message's own text ends is found from the template itself: for a turn with tool
-        calls, by rendering it again with every text it carries changed (the renders differ up to
-        its last own character); otherwise by its content. The turn ends after the first special
-        token the template writes after that."""
-        upto = self.render_text(messages[: i + 1], index=i, extra=extra)
-        other = None
-        if messages[i].get("tool_calls") or not upto.startswith(prompt):
-            other = self.render_text(messages[:i] + [perturbed(messages[i])], index=i, extra=extra)
-        if upto.startswith(prompt):
-            raw = upto[len(prompt):]
-        else:
-            raw = self._turn_text_unaligned(messages, i, prompt, upto, other)
-        if messages[i].get("tool_calls"):
-            start = max(0, len(raw) - common_suffix(upto, other))
-        else:
-            start = self._content_end(raw, messages[i]["content"])
-        return raw[: self._end_after(raw, start)]
+    def view(self) -> TokenView:
+        """The tokenizer as the turn rule sees it, with this template's stop tokens."""
+        if self._view is None:
+            self._view = TokenView(self.tokenizer, [])
+            self._view = TokenView(self.tokenizer, stop_tokens(self.tokenizer, self._view, self._probe_end(),
+                                                               self.stop_token))
+        return self._view
 
-    def _turn_text_unaligned(self, messages: list[dict], i: int, prompt: str, upto: str, other: str) -> str:
-        """The generation prompt is not a prefix of the rendered turn (a different system prompt,
-        a ``<think>`` the generation prompt adds): align on the turn's own header instead (what the
-        template writes before the message's first own character)."""
-        s = common_prefix(upto, other)
-        prev = next((m["content"] for m in reversed(messages[:i]) if m["content"].strip()), "")
-        if s >= len(upto) or (s == 0 and i > 0):
-            raise BadRow(f"message {i}: cannot find where the chat template writes this assistant turn", self.column,
-                         "use a template that writes the message content verbatim, or set data.on_bad_row=skip")
-        header = upto[:s]
-        e, p = (header.rfind(prev), prompt.rfind(prev)) if prev else (0, 0)  # no earlier content: from the start
-        if (e < 0 or p < 0) and prev:  # a template that escapes the text (tool results as JSON)
-            quoted = json.dumps(prev, ensure_ascii=False)[1:-1]
-            e, p, prev = header.rfind(quoted), prompt.rfind(quoted), quoted
-        if e < 0 or p < 0:
-            raise BadRow(f"message {i}: cannot align the generation prompt with the rendered turn", self.column,
-                         "set data.on_bad_row=skip to skip such rows")
-        between, prompt_tail = header[e + len(prev):], prompt[p + len(prev):]
-        body = upto[s:]
-        if between.startswith(prompt_tail):  # the template's header goes on after the generation prompt
-            return between[len(prompt_tail):] + body
-        if prompt_tail.startswith(between):  # the generation prompt adds text the turn does not repeat
-            extra = prompt_tail[len(between):]
-            return body[len(extra):] if body.startswith(extra) else body
-        if messages[i].get("tool_calls"):  # a call's header is the model's to write, after what the prompt has
-            k = common_prefix(between, prompt_tail)
-            for sp in self._specials:  # never cut inside a special token
-                j = between.find(sp, max(0, k - len(sp) + 1))
-                if 0 <= j < k:
-                    k = j
-            return between[k:] + body
-        return body  # headers that differ otherwise: the model is asked for the content and its end
+    def _probe_end(self) -> str | None:
+        """The token this template writes right after a plain reply when it is the last message."""
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": MARK + "hello" + MARK}]
+        try:
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, **self.kwargs)
+        except Exception:  # noqa: BLE001 - a template that cannot render the probe
+            return None
+        end = text.rfind(MARK) + 1
+        found = self._view.first_atom(text, end, len(text)) if end > 0 else None
+        return found[1] if found is not None and not text[end:found[0]].strip() else None
 
     def _spans(self, message: dict, trained: str, start: int, w: float) -> list[tuple[int, int, float]]:
         """The trained character spans of a turn: all of it, or all but its reasoning text
@@ -434,26 +380,10 @@ class MessagesFormat(Format):
         return self.public_messages(messages[:last]), {"tools": extra["tools"], **extra["kwargs"]}
 
     def stop_ids(self, tokenizer) -> list[int]:
-        """EOS, the usual end-of-turn tokens, and those this template ends a reply or a call with."""
+        """The stop tokens of the turn rule (:func:`sftune.data.turns.stop_tokens`) as ids."""
         ids = end_of_turn_ids(tokenizer)
-        msgs = [{"role": "user", "content": "hi", "_weight": 1.0}, {"role": "assistant", "content": "hello", "_weight": 1.0}]
-        probes = [(msgs, {"kwargs": self.kwargs})]
-        if self._arguments_style() != "unknown":
-            call = {"role": "assistant", "content": "", "_weight": 1.0, "tool_calls": [
-                {"type": "function", "id": "abcdefghi", "function": {
-                    "name": "probe_fn", "arguments": {"a": "b"} if self._style == "object" else '{"a": "b"}'}}]}
-            tools = [{"type": "function", "function": {"name": "probe_fn", "description": "probe",
-                                                       "parameters": {"type": "object", "properties": {}}}}]
-            probes.append((msgs[:1] + [call], {"tools": tools, "kwargs": self.kwargs}))
-        for conv, extra in probes:
-            try:
-                prompt = self.render_text(conv[:1], add_generation_prompt=True, extra=extra)
-                turn = self.turn_text(conv, 1, prompt, extra)
-            except Exception:  # noqa: BLE001 - a template that cannot render a probe: keep the defaults
-                continue
-            last = max((s for s in self._specials if turn.endswith(s)), key=len, default=None)
-            if last is not None:
-                tid = tokenizer.convert_tokens_to_ids(last)
-                if isinstance(tid, int) and tid >= 0:
-                    ids.add(tid)
+        for t in self.view().stops:
+            tid = tokenizer.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None):
+                ids.add(tid)
         return sorted(ids)

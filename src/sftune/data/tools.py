@@ -8,9 +8,10 @@ template does with them.
   ``{"name", "arguments"}`` one, or OpenAI's JSON-string ``arguments``.
 * :func:`sharegpt_call` / ShareGPT ``function_call`` and ``observation`` messages (LLaMA-Factory,
   APIGen-MT) become assistant tool calls and tool results.
-* :func:`arguments_style`: probes whether a template applies ``tojson`` to ``arguments`` (it then
-  gets objects; JSON strings are parsed first, never double-encoded) or writes them as text (it
-  then gets JSON strings; objects are dumped with ``ensure_ascii=False``).
+* :func:`arguments_forms` / :func:`convert_arguments`: a call's ``arguments`` are passed in the
+  row's form (an object, the Hugging Face convention, or a JSON string) and converted only where
+  rendering shows the template cannot write that form (the render fails, drops it, writes a Python
+  repr, or encodes a string again).
 * :func:`perturbed`: the same message with every text it carries changed at both ends, so comparing
   two renders finds where the template writes the message (its first and last own character).
 * :func:`check_rendered`: a template that silently drops a tool call or a tool result is an error
@@ -161,10 +162,12 @@ def tool_content(content: Any) -> Any:
 # ----------------------------------------------------------------------------- what a template does
 
 
-def arguments_style(render: Callable[[list[dict], list[dict]], str]) -> str:
-    """``"object"`` when the template applies ``tojson`` to arguments, ``"string"`` when it writes
-    them as text, ``"unknown"`` when it writes neither (no tool support: see :func:`check_rendered`).
-    ``render(messages, tools)`` renders a conversation."""
+def arguments_forms(render: Callable[[list[dict], list[dict]], str]) -> tuple[bool, bool]:
+    """Which forms of ``arguments`` the template writes as arguments, decided by rendering:
+    ``(object_ok, string_ok)``. An object is refused where the render fails, drops it or writes its
+    Python repr (``{'city': 'Paris'}``); a JSON string where the render fails, drops it or encodes
+    it again (``"{\\"city\\": ...}"``). A template with its own object syntax
+    (``call:f{city:<q>Paris<q>}``) takes objects. ``render(messages, tools)`` renders a conversation."""
     tools = [{"type": "function", "function": {"name": "probe_fn", "description": "probe",
                                                "parameters": {"type": "object", "properties": {}}}}]
 
@@ -177,30 +180,32 @@ def arguments_style(render: Callable[[list[dict], list[dict]], str]) -> str:
         except Exception:  # noqa: BLE001 - a template that cannot take this form
             return ""
 
-    text = attempt({"k" + MARK: "v"})
-    if f'"k{MARK}": "v"' in text or f'"k{MARK}":"v"' in text:
-        return "object"
-    text = attempt(json.dumps({"k" + MARK: "v"}, ensure_ascii=False))
-    if json.dumps({"k" + MARK: "v"}, ensure_ascii=False) in text:
-        return "string"
-    return "unknown"
+    obj = {"k" + MARK: "v" + MARK}
+    text = attempt(obj)
+    object_ok = "k" + MARK in text and "v" + MARK in text and repr(obj) not in text
+    string = json.dumps(obj, ensure_ascii=False)
+    string_ok = string in attempt(string)
+    return object_ok, string_ok
 
 
-def convert_arguments(messages: list[dict], style: str, column: str) -> int:
-    """Give every call's arguments the form the template takes; returns how many were converted."""
+def convert_arguments(messages: list[dict], forms: tuple[bool, bool], column: str) -> int:
+    """Each call's arguments in the row's form where the template writes that form
+    (:func:`arguments_forms`), else converted (a JSON string parsed, an object dumped with
+    ``ensure_ascii=False``); returns how many were converted."""
+    object_ok, string_ok = forms
     n = 0
     for i, m in enumerate(messages):
         for call in m.get("tool_calls") or []:
             fn = call["function"]
             args = fn["arguments"]
-            if style == "object" and isinstance(args, str):
+            if isinstance(args, str) and not string_ok and object_ok:
                 try:
                     fn["arguments"] = json.loads(args) if args.strip() else {}
                 except json.JSONDecodeError as e:
                     raise BadRow(f"message {i}: the arguments of {fn['name']!r} are not JSON ({e.msg})", column,
                                  "give arguments as an object or a JSON string of one") from None
                 n += 1
-            elif style == "string" and not isinstance(args, str):
+            elif not isinstance(args, str) and not object_ok and string_ok:
                 fn["arguments"] = json.dumps(args, ensure_ascii=False)
                 n += 1
     return n
