@@ -138,3 +138,24 @@ def describe_line(d: dict) -> str:
            if d.get("how") == "live" else f"saved top-{d.get('saved_k')} from {d.get('saved')}")
     return (f"distillation: {loss} from {d.get('teacher') or 'a teacher'} ({how}); alpha {d['alpha']}, "
             f"temperature {d['temperature']}, {vocab}")
+
+
+DISTILL_SERIES = (("divergence", "distill_loss"), ("student CE", "ce_loss"), ("teacher CE (reference)", "teacher_ce"))
+"""The distillation figures of the metrics records, as plotted in report.md."""
+
+
+def distill_lines(train: list[dict]) -> list[str]:
+    """report.md's distillation section from the train records (empty for other runs)."""
+    told = next((r["distill"] for r in train if "distill" in r), None)
+    if told is None:
+        return []
+    last = train[-1]
+    rows = [("teacher", describe_line(told).removeprefix("distillation: "))]
+    rows += [(name, f"{last[key]:.4f} (last record)") for name, key in DISTILL_SERIES if key in last]
+    secs = [r["teacher_s_per_step"] for r in train if "teacher_s_per_step" in r]
+    if secs:
+        rows.append(("teacher time", f"{sum(secs) / len(secs):.3f} s per optimizer step (mean over the records)"))
+    if told.get("weights_mb") is not None:
+        rows.append(("teacher memory", f"{told['weights_mb']} MB of weights ({told.get('dtype')}); its logits are "
+                                       "made chunk by chunk (never [tokens, vocab])"))
+    return ["## Distillation", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]

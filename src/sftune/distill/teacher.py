@@ -74,7 +74,7 @@ def load_teacher(path: str, student_tokenizer, student_rows: int, device: torch.
     model.to(device)
     if layout == "flat":
         enable_varlen(model)  # per-example attention from doc_bounds (else from position_ids)
-    lm = CausalLMWithLoss(model, fused=True, layout=layout)
+    lm = CausalLMWithLoss(model, fused=True, layout=layout).eval()
     head = model.get_output_embeddings()
     if not lm.fused:
         raise ConfigError(f"distill.teacher '{path}' transforms its logits after the output layer (softcapping or "
