@@ -74,16 +74,15 @@ def reference(student_dir, teacher_dir, spec: Spec) -> float:
     s = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float64)
     t = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float64)
     total = 0.0
-    torch.set_grad_enabled(False)
     for ids, labels in EXAMPLES:
         x = torch.tensor([ids])
-        zs, zt = s(x).logits[0, :-1], t(x).logits[0, :-1]
+        with torch.no_grad():
+            zs, zt = s(x).logits[0, :-1], t(x).logits[0, :-1]
         keep = torch.tensor(labels[1:]) != -100
         z, tt, tgt = zs[keep], zt[keep], torch.tensor(labels[1:])[keep]
         div = ref_div(*ref_probs(z, tt, spec), spec)
         ce = torch.nn.functional.cross_entropy(z, tgt, reduction="none")
         total += float((spec.alpha * div + (1 - spec.alpha) * ce).sum())
-    torch.set_grad_enabled(True)
     return total
 
 
