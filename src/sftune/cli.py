@@ -1,4 +1,5 @@
-"""The command line: ``sftune train | preview | eval | generate | chat | export | report | config | ui``.
+"""The command line: ``sftune train | preview | eval | generate | chat | export | report | config | ui |
+distill-prepare``.
 
 ``train`` and ``preview`` take a RECIPE (a YAML path or a built-in name) followed by ``key=value``
 overrides; the after-training commands take a run directory (or any model). User errors print one
@@ -41,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train.resume=auto continues when there is something to continue.")
     _add_recipe_args(p)
     p.add_argument("--trl-config", metavar="FILE", help="run a `trl sft` YAML config (TRL 1.x keys) instead")
+    p.set_defaults(subparser=p)
+
+    p = sub.add_parser("distill-prepare", help="run a distillation teacher once and save its top-k log-probabilities",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Tokenize the recipe's data as training will, run distill.teacher over it and "
+                                   "write the teacher's top distill.prepare_top_k token ids and log-probabilities at "
+                                   "every trained position to --out (sharded Arrow; a rerun skips finished shards). "
+                                   "Train with distill.saved=OUT.")
+    _add_recipe_args(p)
+    p.add_argument("--out", required=True, help="directory for the saved top-k rows")
     p.set_defaults(subparser=p)
 
     p = sub.add_parser("preview", help="show training examples as the model sees them, and a dataset report",
@@ -264,6 +275,17 @@ def cmd_train(args) -> int:
     return exit_status(train(cfg), resume_hint=command)
 
 
+def cmd_distill_prepare(args) -> int:
+    from sftune.config import load_config
+    from sftune.console import console
+    from sftune.distill.saved import prepare_saved
+
+    if _no_recipe(args):
+        return 2
+    prepare_saved(load_config(args.recipe, args.overrides), args.out, console)
+    return 0
+
+
 def cmd_preview(args) -> int:
     from sftune.config import load_config
     from sftune.preview import preview
@@ -298,7 +320,7 @@ def cmd_ui(args) -> int:
 
 COMMANDS = {"train": cmd_train, "preview": cmd_preview, "config": cmd_config, "generate": cmd_generate,
             "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export, "report": cmd_report,
-            "ui": cmd_ui}
+            "ui": cmd_ui, "distill-prepare": cmd_distill_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

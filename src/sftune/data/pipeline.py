@@ -87,6 +87,19 @@ class TokenizedSet:
         """Per-token loss weights of example ``i`` (0 where untrained)."""
         return self.weights[self.starts[i]:self.ends[i]]
 
+    def add_extra(self, kind: str, column, by_example: bool = False) -> None:
+        """Attach payloads of ``kind`` (:mod:`sftune.data.extras`) kept outside the tokenized table, such as
+        a teacher's saved top-k: ``column`` (Arrow) has one entry per kept example (``by_example``) or per
+        table row; a null entry means none."""
+        if by_example:
+            import pyarrow as pa
+
+            idx = np.full(int(self._kept.max()) + 1 if len(self._kept) else 0, -1, dtype=np.int64)
+            idx[self._kept] = np.arange(len(self._kept))
+            column = column.take(pa.array(idx, mask=idx < 0))
+        self._extra_columns[kind] = column
+        self.has_extras = True
+
     def extras(self, i: int) -> dict:
         """Example ``i``'s data beside its tokens, ``{kind: payload}`` (:mod:`sftune.data.extras`)."""
         row = int(self._kept[i])

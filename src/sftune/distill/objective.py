@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from sftune.distill.divergence import Spec, TeacherChunk, distill_loss_sum
+from sftune.distill.saved import attach_saved  # also registers the "teacher" kind's collator (sftune.data.extras)
 from sftune.errors import ConfigError
 
 
@@ -104,8 +105,6 @@ def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
     spec = Spec.of(d)
     head_rows = lm.causal_lm.get_output_embeddings().weight.shape[0]
     if d.saved:
-        from sftune.distill.saved import attach_saved
-
         k, described = attach_saved(d.saved, data, tokenizer)
         if d.top_k is not None and d.top_k > k:
             raise ConfigError(f"distill.top_k={d.top_k} but {d.saved} holds the teacher's top {k} per position: "

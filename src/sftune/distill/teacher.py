@@ -108,7 +108,8 @@ class LiveTeacher:
         start = time.perf_counter()
         cuda = kw["input_ids"].device.type == "cuda"
         with torch.no_grad():
-            hidden = self.lm.hidden_states(kw["input_ids"], kw["position_ids"], kw["doc_bounds"], kw["model_inputs"])
+            hidden = self.lm.hidden_states(kw["input_ids"], kw["position_ids"], kw.get("doc_bounds"),
+                                           kw.get("model_inputs"))
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kw["loss_index"])
         if cuda:
             torch.cuda.synchronize(hidden.device)
