@@ -120,3 +120,48 @@ def test_collator_direct_placed():
     collate_teacher([Placed(0, 0, 3, {"ids": [[2], [3]], "logprobs": [[0.0], [0.0]], "valid": [[1], [0]]})], batch)
     assert batch.loss_extras["teacher_valid"].tolist() == [[True], [False]]
     assert "teacher_target_logprob" not in batch.loss_extras
+
+
+def axolotl_rows(teacher_dir, k: int) -> list[dict]:
+    """Pre-tokenized rows in Axolotl's KD layout, from the teacher: row p is its top-k for the token at p."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir))
+    rng, out = random.Random(1), []
+    for _ in range(8):
+        n, prompt = rng.randint(12, 30), rng.randint(2, 6)
+        ids = [rng.randrange(1, 400) for _ in range(n)]
+        with torch.no_grad():
+            top = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1).topk(k, -1)
+        out.append({"input_ids": ids, "completion_mask": [0] * prompt + [1] * (n - prompt),
+                    "target_token_ids": [list(range(k))] + top.indices[:-1].tolist(),
+                    "target_logprobs": [[0.0] * k] + top.values[:-1].tolist(),
+                    "target_mask": [[0] * k] + [[1] * k] * (n - 1)})
+    return out
+
+
+@pytest.mark.parametrize("spec", [{"distill.loss": "forward_kl"}, {"distill.loss": "jsd", "distill.top_k": 10}],
+                         ids=str)
+def test_axolotl_columns_load_as_they_are(spec, tiny_model_dir, teacher_dir, tmp_path):
+    """A dataset carrying the teacher's top-k in Axolotl's columns trains as the live teacher does."""
+    from datasets import Dataset
+
+    from sftune.config import load_config
+    from sftune.data.pretokenized import PretokenizedFormat
+    from sftune.data.sources import Source, with_row_index
+
+    ds = Dataset.from_list(axolotl_rows(teacher_dir, 400))
+    base = {"model.path": str(tiny_model_dir), "train.max_steps": 2, "train.batch_size": 4, "train.log_every": 1,
+            "data.max_length": 64, **spec}
+    got = {}
+    for how, extra in (("live", {"distill.teacher": str(teacher_dir)}), ("columns", {"distill.saved": "columns"})):
+        cfg = load_config(None, {**base, **extra, "train.output_dir": str(tmp_path / how)})
+        train(cfg, source=Source(train=with_row_index(ds), eval=None, name="rows", rows_read=len(ds)),
+              fmt=PretokenizedFormat(completion_only=True))
+        got[how] = records(tmp_path / how)
+    for step in (1, 2):
+        for key in ("loss", "distill_loss", "ce_loss"):
+            assert got["columns"][step][key] == pytest.approx(got["live"][step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert "teacher_ce" not in got["columns"][1]  # the layout has no target log-probability

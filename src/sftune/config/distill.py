@@ -24,7 +24,9 @@ class DistillConfig(BaseModel):
     saved: str | None = None
     """A directory written by ``sftune distill-prepare``: the teacher's top-k token ids and
     log-probabilities at every trained position of this run's data, read instead of running the
-    teacher (the saved path). Needs ``distill.top_k`` equal to or below the saved k."""
+    teacher (the saved path). Needs ``distill.top_k`` equal to or below the saved k. ``columns``: the
+    training data itself carries them (pre-tokenized rows in Axolotl's KD layout: ``target_token_ids``,
+    ``target_logprobs``, optionally ``target_mask``, one row per input position)."""
 
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     """The divergence between the teacher's distribution p and the student's q at each trained
@@ -53,7 +55,7 @@ class DistillConfig(BaseModel):
 
     top_k_tail: Literal["renormalise", "bucket"] = "renormalise"
     """With ``distill.top_k``: ``renormalise`` compares both distributions restricted to the
-    teacher's k tokens, each renormalised over them (as Axolotl's KD); ``bucket`` keeps the rest of
+    teacher's k tokens, each renormalised over them; ``bucket`` keeps the rest of
     the vocabulary as one extra category holding its total probability (1 - the k tokens' mass) for
     each model: the student is also taught how much mass to leave outside the k. Both equal the full
     divergence when k is the vocabulary size. On saved log-probabilities ``bucket`` needs

@@ -87,6 +87,11 @@ class TokenizedSet:
         """Per-token loss weights of example ``i`` (0 where untrained)."""
         return self.weights[self.starts[i]:self.ends[i]]
 
+    @property
+    def extra_kinds(self) -> tuple[str, ...]:
+        """The kinds of data its examples carry beside their tokens (:mod:`sftune.data.extras`)."""
+        return tuple(sorted(self._extra_columns))
+
     def add_extra(self, kind: str, column, by_example: bool = False) -> None:
         """Attach payloads of ``kind`` (:mod:`sftune.data.extras`) kept outside the tokenized table, such as
         a teacher's saved top-k: ``column`` (Arrow) has one entry per kept example (``by_example``) or per
@@ -155,7 +160,9 @@ def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig
     if quiet:
         datasets.disable_progress_bars()
     try:
-        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
+        extra = getattr(fmt, "extra_features", None)  # extra_<kind> columns a format fills (sftune.data.extras)
+        features = datasets.Features({**_FEATURES, **extra(ds.column_names)}) if extra else _FEATURES
+        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=features,
                       new_fingerprint=fp, num_proc=_num_proc(cfg, len(ds)), desc="Tokenizing",
                       load_from_cache_file=True)
     finally:

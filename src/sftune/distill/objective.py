@@ -104,7 +104,14 @@ def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
         raise ConfigError("train.compile=true is not supported with distillation yet: set train.compile=false")
     spec = Spec.of(d)
     head_rows = lm.causal_lm.get_output_embeddings().weight.shape[0]
-    if d.saved:
+    if d.saved == "columns":  # the dataset's own columns (Axolotl's KD layout, sftune.data.pretokenized)
+        if "teacher" not in getattr(data.train, "extra_kinds", ()):
+            raise ConfigError("distill.saved=columns but the training data carries no teacher columns: give "
+                              "pre-tokenized rows with target_token_ids and target_logprobs (Axolotl's KD layout)")
+        if d.top_k_tail == "bucket" and d.temperature != 1:
+            raise ConfigError("distill.top_k_tail=bucket on saved log-probabilities needs distill.temperature=1")
+        described, teacher = {"teacher": d.teacher, "how": "saved", "saved": "the dataset's columns", "saved_k": "k"}, None
+    elif d.saved:
         k, described = attach_saved(d.saved, data, tokenizer)
         if d.top_k is not None and d.top_k > k:
             raise ConfigError(f"distill.top_k={d.top_k} but {d.saved} holds the teacher's top {k} per position: "
@@ -122,6 +129,8 @@ def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
         described = teacher.describe()
     described.update(loss=d.loss, beta=d.beta, temperature=d.temperature, alpha=d.alpha, top_k=spec.top_k,
                      top_k_tail=d.top_k_tail if spec.top_k else None)
+    if d.saved == "columns" and spec.top_k is None:
+        described.update(top_k="all given", top_k_tail=d.top_k_tail)
     distiller = Distiller(spec, teacher, described)
     lm.objective = distiller
     if console is not None:
