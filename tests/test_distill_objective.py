@@ -111,3 +111,23 @@ def test_refusals(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
         run(tiny_model_dir, qa_rows_file, tmp_path / "c", teacher_dir, **{"train.compile": True})
     with pytest.raises(ConfigError, match="saved top-k"):
         run(tiny_model_dir, qa_rows_file, tmp_path / "s", teacher_dir, **{"distill.saved": str(tmp_path / "none")})
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_one_process(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    """2 ranks x batch 2 x accumulation 2 == 1 process x batch 4 x 2: the divergence's sums are
+    normalised by the step's loss count over all ranks, like the cross-entropy."""
+    from test_distributed import overrides, torchrun
+
+    spec = {"distill.teacher": str(teacher_dir), "distill.loss": "reverse_kl", "distill.alpha": 0.5,
+            "train.max_steps": 2, "data.max_length": 64, "train.grad_accum": 2, "train.max_grad_norm": 1e9}
+    one = tmp_path / "one"
+    train(train_config(tiny_model_dir, qa_rows_file, one, **spec, **{"train.batch_size": 4}))
+    two = tmp_path / "two"
+    torchrun(overrides(tiny_model_dir, qa_rows_file, two, **spec, **{"train.batch_size": 2}))
+    a, b = records(one), records(two)
+    for step in (1, 2):
+        for key in ("loss", "distill_loss", "ce_loss", "teacher_ce"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+    wa, wb = weights(one), weights(two)
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
