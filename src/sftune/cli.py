@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="one user message / instruction")
     src.add_argument("--file", help="JSONL rows with the training data's columns; writes JSONL with 'generated'")
     p.add_argument("--out", help="where to write the JSONL outputs of --file (default: stdout)")
+    p.add_argument("--as-training-set", action="store_true",
+                   help="with --file: write rows to train on (sequence-level distillation): 'messages' with the "
+                        "generation as the last assistant turn for chat rows, else 'prompt' (as rendered) and "
+                        "'completion'")
     _add_generation_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (left-padded), default 16")
     p.add_argument("--raw", action="store_true", help="send --prompt as is, without the training template")
@@ -182,7 +186,9 @@ def cmd_generate(args) -> int:
         return 0
     from sftune.safeio import dumps
 
-    lines = [dumps({**r, "prompt": p, "generated": g}, ensure_ascii=False) for r, p, g in zip(rows, prompts, outputs)]
+    made = [training_row(r, p, g) if args.as_training_set else {**r, "prompt": p, "generated": g}
+            for r, p, g in zip(rows, prompts, outputs)]
+    lines = [dumps(row, ensure_ascii=False) for row in made]
     if args.out:
         from pathlib import Path
 
@@ -191,6 +197,19 @@ def cmd_generate(args) -> int:
         for line in lines:
             out.print(line, markup=False, highlight=False)
     return 0
+
+
+def training_row(row: dict, prompt: str, generated: str) -> dict:
+    """A generated row as training data (``sftune generate --as-training-set``): chat rows keep their
+    messages up to the last user turn and get the generation as the assistant's answer; other rows
+    become prompt (as the model saw it) / completion."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        keep = list(messages)
+        while keep and keep[-1].get("role") == "assistant":
+            keep.pop()
+        return {"messages": keep + [{"role": "assistant", "content": generated}]}
+    return {"prompt": prompt, "completion": generated}
 
 
 def cmd_chat(args) -> int:
