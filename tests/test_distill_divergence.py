@@ -8,6 +8,8 @@ the reference) must agree to 1e-6.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,7 +98,10 @@ CASES = [
 
 @pytest.mark.parametrize("spec", CASES, ids=str)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_matches_the_float64_reference(spec, weighted):
+@pytest.mark.parametrize("grad", ["closed", "autograd"])
+def test_matches_the_float64_reference(spec, weighted, grad):
+    """Both gradient paths: the closed form (full vocabulary, renormalised top-k) and autograd."""
+    spec = dataclasses.replace(spec, exact_grad=grad)
     h, w, b, t, targets, weights = setup_tensors()
     weights = weights if weighted else None
     loss, grads, _ = chunked(h, w, b, live(t), targets, spec, weights)
@@ -132,7 +137,8 @@ def test_a_teacher_equal_to_the_student_gives_zero_loss_and_gradient(spec):
 
 
 @pytest.mark.parametrize("spec", [Spec("forward_kl", top_k=7, temperature=2.0), Spec("jsd", beta=0.6, top_k=7),
-                                  Spec("reverse_kl", top_k=7, tail="bucket")], ids=str)
+                                  Spec("reverse_kl", top_k=7, tail="bucket"),
+                                  Spec("jsd", beta=0.3, top_k=7, alpha=0.5, exact_grad="autograd")], ids=str)
 def test_saved_top_k_log_probabilities_equal_live_top_k(spec):
     """The saved path (log-probabilities at temperature 1, sorted) gives the live top-k loss."""
     h, w, b, t, targets, weights = setup_tensors(3)
@@ -146,14 +152,18 @@ def test_saved_top_k_log_probabilities_equal_live_top_k(spec):
 def test_masked_saved_entries_are_left_out():
     """Entries marked invalid (Axolotl's target_mask, short rows) carry no mass on either side."""
     h, w, b, t, targets, _ = setup_tensors(4)
-    spec = Spec("forward_kl", top_k=6)
+    spec = Spec("jsd", top_k=6, alpha=0.7)
     top = torch.log_softmax(t, -1).topk(6, -1)
     ids = torch.cat([top.indices[:, :4], torch.zeros(N, 2, dtype=torch.long)], 1)
     lp = torch.cat([top.values[:, :4], torch.full((N, 2), -7.0, dtype=torch.float64)], 1)
     valid = torch.arange(6)[None, :].expand(N, 6) < 4
     masked, gm, _ = chunked(h, w, b, lambda s, e: TeacherChunk(ids=ids[s:e], logprobs=lp[s:e], valid=valid[s:e]),
                             targets, spec)
-    four, g4, _ = chunked(h, w, b, saved(t, 4), targets, Spec("forward_kl", top_k=4))
+    four, g4, _ = chunked(h, w, b, saved(t, 4), targets, Spec("jsd", top_k=4, alpha=0.7))
+    auto, ga, _ = chunked(h, w, b, lambda s, e: TeacherChunk(ids=ids[s:e], logprobs=lp[s:e], valid=valid[s:e]),
+                          targets, dataclasses.replace(spec, exact_grad="autograd"))
+    assert auto.item() == pytest.approx(four.item(), rel=1e-12)
+    assert all(torch.allclose(x, y) for x, y in zip(ga, g4))
     assert masked.item() == pytest.approx(four.item(), rel=1e-12)
     assert all(torch.allclose(x, y) for x, y in zip(gm, g4))
 
