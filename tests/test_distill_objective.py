@@ -131,3 +131,15 @@ def test_two_ranks_equal_one_process(tiny_model_dir, teacher_dir, qa_rows_file, 
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
     wa, wb = weights(one), weights(two)
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+
+
+def test_an_empty_micro_batch_asks_no_teacher():
+    """A rank's empty micro-batch (a partial last step) has no saved rows and needs no teacher run."""
+    from sftune.distill.divergence import Spec
+    from sftune.distill.objective import Distiller
+
+    head = torch.nn.Linear(4, 7, bias=False)
+    kw = {"loss_targets": torch.zeros(0, dtype=torch.long), "loss_weights": None, "loss_extras": {}}
+    loss = Distiller(Spec(), None)(None, torch.zeros(0, 4, requires_grad=True), head, kw)
+    loss.backward()
+    assert loss.item() == 0 and head.weight.grad is not None

@@ -50,7 +50,9 @@ class Distiller:
         self._told, self._steps = False, 0
 
     def __call__(self, lm, hidden, head, kw: dict) -> torch.Tensor:
-        if self.teacher is not None:
+        if hidden.shape[0] == 0:  # no loss position here (an empty micro-batch): nothing to ask the teacher
+            teacher = None
+        elif self.teacher is not None:
             teacher = self.teacher.rows(kw)
         else:
             teacher = saved_rows(kw["loss_extras"], hidden.shape[0])
