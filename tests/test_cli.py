@@ -90,3 +90,28 @@ def test_tutorial_recipes_run_offline(recipe, tiny_model_dir, tmp_path, capsys):
                               f"train.output_dir={out_dir}"], capsys)
     assert code == 0, err
     assert (out_dir / "model.safetensors").exists() and (out_dir / "sftune_config.yaml").exists()
+
+
+def test_generate_as_training_set_is_sequence_level_distillation(tiny_model_dir, tmp_path, no_plots):
+    """sftune generate --as-training-set: the teacher's completions become rows that train as they are."""
+    import json
+
+    from sftune.cli import main, training_row
+    from sftune.config import load_config
+    from sftune.training import train
+
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"}]}
+    assert training_row(chat, "user: hi\\nassistant:", "new") == {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "new"}]}
+    assert training_row({"instruction": "x"}, "Q: x\nA:", " y") == {"prompt": "Q: x\nA:", "completion": " y"}
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"The quick brown {w}"}) + "\n" for w in ("fox", "dog", "cat")))
+    dest = tmp_path / "teacher.jsonl"
+    assert main(["generate", str(tiny_model_dir), "--file", str(rows), "--out", str(dest), "--as-training-set",
+                 "--max-new-tokens", "4"]) == 0
+    made = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert len(made) == 3 and all(set(r) == {"prompt", "completion"} for r in made)
+    result = train(load_config(None, {"model.path": str(tiny_model_dir), "data.path": str(dest),
+                                      "train.output_dir": str(tmp_path / "student"), "train.max_steps": 1,
+                                      "train.batch_size": 3}))
+    assert result.steps == 1

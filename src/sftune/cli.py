@@ -1,4 +1,5 @@
-"""The command line: ``sftune train | preview | eval | generate | chat | export | verify | report | config | ui``.
+"""The command line: ``sftune train | preview | eval | generate | chat | export | verify | report | config | ui |
+distill-prepare``.
 
 ``train`` and ``preview`` take a RECIPE (a YAML path or a built-in name) followed by ``key=value``
 overrides; the after-training commands take a run directory (or any model). User errors print one
@@ -43,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trl-config", metavar="FILE", help="run a `trl sft` YAML config (TRL 1.x keys) instead")
     p.set_defaults(subparser=p)
 
+    p = sub.add_parser("distill-prepare", help="run a distillation teacher once and save its top-k log-probabilities",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Tokenize the recipe's data as training will, run distill.teacher over it and "
+                                   "write the teacher's top distill.prepare_top_k token ids and log-probabilities at "
+                                   "every trained position to --out (sharded Arrow; a rerun skips finished shards). "
+                                   "Train with distill.saved=OUT.")
+    _add_recipe_args(p)
+    p.add_argument("--out", required=True, help="directory for the saved top-k rows")
+    p.set_defaults(subparser=p)
+
     p = sub.add_parser("preview", help="show training examples as the model sees them, and a dataset report",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Show the first N training sequences with trained tokens highlighted, then "
@@ -62,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="one user message / instruction")
     src.add_argument("--file", help="JSONL rows with the training data's columns; writes JSONL with 'generated'")
     p.add_argument("--out", help="where to write the JSONL outputs of --file (default: stdout)")
+    p.add_argument("--as-training-set", action="store_true",
+                   help="with --file: write rows to train on (sequence-level distillation): 'messages' with the "
+                        "generation as the last assistant turn for chat rows, else 'prompt' (as rendered) and "
+                        "'completion'")
     _add_generation_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (left-padded), default 16")
     p.add_argument("--raw", action="store_true", help="send --prompt as is, without the training template")
@@ -178,7 +193,9 @@ def cmd_generate(args) -> int:
         return 0
     from sftune.safeio import dumps
 
-    lines = [dumps({**r, "prompt": p, "generated": g}, ensure_ascii=False) for r, p, g in zip(rows, prompts, outputs)]
+    made = [training_row(r, p, g) if args.as_training_set else {**r, "prompt": p, "generated": g}
+            for r, p, g in zip(rows, prompts, outputs)]
+    lines = [dumps(row, ensure_ascii=False) for row in made]
     if args.out:
         from pathlib import Path
 
@@ -187,6 +204,19 @@ def cmd_generate(args) -> int:
         for line in lines:
             out.print(line, markup=False, highlight=False)
     return 0
+
+
+def training_row(row: dict, prompt: str, generated: str) -> dict:
+    """A generated row as training data (``sftune generate --as-training-set``): chat rows keep their
+    messages up to the last user turn and get the generation as the assistant's answer; other rows
+    become prompt (as the model saw it) / completion."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        keep = list(messages)
+        while keep and keep[-1].get("role") == "assistant":
+            keep.pop()
+        return {"messages": keep + [{"role": "assistant", "content": generated}]}
+    return {"prompt": prompt, "completion": generated}
 
 
 def cmd_chat(args) -> int:
@@ -286,6 +316,17 @@ def cmd_train(args) -> int:
     return exit_status(train(cfg), resume_hint=command)
 
 
+def cmd_distill_prepare(args) -> int:
+    from sftune.config import load_config
+    from sftune.console import console
+    from sftune.distill.saved import prepare_saved
+
+    if _no_recipe(args):
+        return 2
+    prepare_saved(load_config(args.recipe, args.overrides), args.out, console)
+    return 0
+
+
 def cmd_preview(args) -> int:
     from sftune.config import load_config
     from sftune.preview import preview
@@ -320,7 +361,7 @@ def cmd_ui(args) -> int:
 
 COMMANDS = {"train": cmd_train, "preview": cmd_preview, "config": cmd_config, "generate": cmd_generate,
             "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export, "report": cmd_report, "verify": cmd_verify,
-            "ui": cmd_ui}
+            "ui": cmd_ui, "distill-prepare": cmd_distill_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

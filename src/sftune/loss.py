@@ -130,6 +130,10 @@ class CausalLMWithLoss(nn.Module):
         self.fused = fused and not special and isinstance(head, nn.Linear) and body_of(lm) is not None
         self.layout = layout
         """The row layout the batches use (``sftune.capabilities.LAYOUTS``); None: flat when ``varlen``."""
+        self.objective = None
+        """When set (``sftune.distill``), what the fused path computes in training mode instead of the
+        cross-entropy sum: ``objective(self, hidden, head, batch_kwargs)`` on the loss positions' hidden
+        states. Not a submodule: what it holds (a teacher) is neither trained, prepared nor saved."""
 
     @property
     def _no_split_modules(self):
@@ -178,14 +182,21 @@ class CausalLMWithLoss(nn.Module):
         return self._call(self.causal_lm, input_ids, position_ids, doc_bounds, model_inputs).logits
 
     def forward(self, input_ids, position_ids, loss_index, loss_targets, doc_bounds=None, loss_weights=None,
-                model_inputs=None):
+                model_inputs=None, loss_extras=None):
         """The summed (``loss_weights``: weighted) token loss of the batch; ``model_inputs``: the
-        batch's further model arguments (:attr:`sftune.data.packing.Batch.model_inputs`)."""
+        batch's further model arguments (:attr:`sftune.data.packing.Batch.model_inputs`);
+        ``loss_extras``: tensors per loss position (:attr:`~sftune.data.packing.Batch.loss_extras`),
+        read by an ``objective``."""
         lm = self.causal_lm
         if self.fused:
             hidden = self.hidden_states(input_ids, position_ids, doc_bounds, model_inputs)
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
             head = lm.get_output_embeddings()
+            if self.objective is not None and self.training:
+                return self.objective(self, hidden, head, dict(
+                    input_ids=input_ids, position_ids=position_ids, loss_index=loss_index, loss_targets=loss_targets,
+                    doc_bounds=doc_bounds, loss_weights=loss_weights, model_inputs=model_inputs,
+                    loss_extras=loss_extras or {}))
             return linear_cross_entropy_sum(hidden, head.weight, loss_targets, head.bias, row_weights=loss_weights)
         logits = self.logits(input_ids, position_ids, doc_bounds, model_inputs)
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, loss_index)

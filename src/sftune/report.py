@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sftune.errors import SftuneError
 from sftune.console import read_metrics
+from sftune.distill.objective import DISTILL_SERIES, distill_lines
 
 
 def _plot(path: Path, title: str, ylabel: str, series: list[tuple[str, list, list]], logy: bool = False) -> None:
@@ -70,6 +71,10 @@ def build_report(run_dir: str | Path) -> Path:
            ("eval", [r["step"] for r in evals], [r["eval_loss"] for r in evals]),
            ("loss spike", [r["step"] for r in spikes], [r["spike_loss"] for r in spikes])])
     plots.append(("Loss", "loss.png"))
+    if any("distill_loss" in r for r in train):  # a distillation run (sftune.distill): its parts and the teacher
+        _plot(run / "distill.png", "Distillation", "per token", [(name, [r["step"] for r in train if key in r],
+              [r[key] for r in train if key in r]) for name, key in DISTILL_SERIES])
+        plots.append(("Distillation", "distill.png"))
     _plot(run / "lr.png", "Learning rate", "learning rate", [("lr", steps, [r["lr"] for r in train])])
     plots.append(("Learning rate", "lr.png"))
     _plot(run / "throughput.png", "Throughput", "tokens / s (all non-padding tokens)",
@@ -88,6 +93,7 @@ def build_report(run_dir: str | Path) -> Path:
         lines += [f"## Loss spikes: {len(spikes)}", "", "| step | loss | why | action |", "|---|---|---|---|"]
         lines += [f"| {r['step']} | {r['spike_loss']:.4g} | {_md_escape(r['spike_why'])} | {r['spike_action']} |"
                   for r in spikes] + [""]
+    lines += distill_lines(train)
     if (run / "data_report.json").exists():
         d = json.loads((run / "data_report.json").read_text())
         skipped = ", ".join(f"{n} {r}" for r, n in d.get("skipped", {}).items()) or "0"

@@ -34,6 +34,7 @@ from sftune.data.position import restore_position, save_position
 from sftune.data.stream import stream_batches, streamed_sources
 from sftune.data.chain import prepare
 from sftune.data.pipeline import PreparedData, describe_plan
+from sftune.distill import attach as attach_distillation
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
@@ -42,8 +43,8 @@ from sftune.faults import NonFiniteGuard, StepBoundary
 from sftune.safeio import disk_errors, dumps
 from sftune.levers import adamw_8bit, apply_kernels, bucket_for, device_metrics, needs_checkpointing
 from sftune.loss import CausalLMWithLoss
-from sftune.model import (add_lora, count_parameters, fast_activations, load_model, load_model_config, load_tokenizer,
-                          resolve_max_length)
+from sftune.model import (add_lora, count_parameters, fast_activations, load_model, load_model_config,
+                          load_tokenizer, resolve_max_length)
 from sftune.probe import choose_layout
 from sftune import threads as cpu_threads
 from sftune.report import build_report
@@ -156,6 +157,8 @@ class Run:
     """Fits the CPU thread count to the machine between steps (:mod:`sftune.threads`)."""
     spikes: Any = None
     """Loss spikes: the window of recent steps, ``train.on_spike`` (:mod:`sftune.spikes`)."""
+    distill: Any = None
+    """The distillation objective on ``lm`` (:mod:`sftune.distill`), or None."""
 
     @property
     def main(self) -> bool:
@@ -272,6 +275,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
 
     # loss model, optimizer, schedule; then the engine (DDP, FSDP, DeepSpeed) wraps them
     lm = CausalLMWithLoss(model, fused=choice.fused, layout=choice.layout)
+    distill = attach_distillation(cfg, lm, tokenizer, data, device, console if main else None)  # sftune.distill
     if cfg.train.compile:
         lm.compile(dynamic=True)
     optimizer = make_optimizer(cfg, lm, device)
@@ -283,8 +287,9 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
         Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"), sinks=sinks)
     run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
-              total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes, accelerator),
-              threads=threads, spikes=SpikeGuard(cfg.train, logger, accelerator))
+              total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
+                                              accelerator), threads=threads, spikes=SpikeGuard(cfg.train, logger, accelerator),
+              distill=distill)
 
     # the quickstart's "before": held-out exact match of the untrained model
     if run.generates and cfg.eval.exact_match and data.source.eval is not None and not resume:
@@ -332,6 +337,8 @@ class LogWindow:
         if skipped:
             record["skipped_steps"] = len(skipped)
         record.update(device_metrics(run.device))  # peak GPU memory on CUDA (sftune.levers)
+        if run.distill:  # divergence, cross-entropy, the teacher's own loss and time (sftune.distill)
+            record.update(run.distill.record(run.accelerator, run.world))
         self.__init__(self.loss.device)
         return record
 
@@ -394,6 +401,8 @@ def loop(run: Run, skipped=()) -> LoopResult:
                 done = step + 1
                 skip = guard.check(done, step_loss, grad_norm) or \
                     run.spikes.check(done, guard.stats, step_weight, grad_norm)  # NaN / inf, then spikes
+                if run.distill:
+                    run.distill.step_end(skip)
                 with boundary.commit(done):  # a Ctrl-C from here waits until the step is whole
                     if not skip:
                         optimizer.step()

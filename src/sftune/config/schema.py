@@ -1,6 +1,6 @@
 """The one typed config: a pydantic schema with a docstring on every field.
 
-:class:`Config` holds the sections ``model``, ``lora``, ``data``, ``train`` and ``eval``; YAML
+:class:`Config` holds the sections ``model``, ``lora``, ``data``, ``train``, ``eval`` and ``distill``; YAML
 recipes mirror them. Loading (recipes, ``key=value`` overrides, closest-key suggestions) is in
 :mod:`sftune.config.loading`.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from sftune.config.distill import DistillConfig
 
 
 class _Section(BaseModel):
@@ -470,6 +472,9 @@ class Config(_Section):
 
     eval: EvalConfig = EvalConfig()
     """Generation-based evaluation."""
+
+    distill: DistillConfig = DistillConfig()
+    """Distillation from a teacher (off unless ``distill.teacher`` or ``distill.saved`` is set)."""
 
     @model_validator(mode="after")
     def _defaults(self):

@@ -92,6 +92,24 @@ class TokenizedSet:
         """Per-token loss weights of example ``i`` (0 where untrained)."""
         return self.weights[self.starts[i]:self.ends[i]]
 
+    @property
+    def extra_kinds(self) -> tuple[str, ...]:
+        """The kinds of data its examples carry beside their tokens (:mod:`sftune.data.extras`)."""
+        return tuple(sorted(self._extra_columns))
+
+    def add_extra(self, kind: str, column, by_example: bool = False) -> None:
+        """Attach payloads of ``kind`` (:mod:`sftune.data.extras`) kept outside the tokenized table, such as
+        a teacher's saved top-k: ``column`` (Arrow) has one entry per kept example (``by_example``) or per
+        table row; a null entry means none."""
+        if by_example:
+            import pyarrow as pa
+
+            idx = np.full(int(self._kept.max()) + 1 if len(self._kept) else 0, -1, dtype=np.int64)
+            idx[self._kept] = np.arange(len(self._kept))
+            column = column.take(pa.array(idx, mask=idx < 0))
+        self._extra_columns[kind] = column
+        self.has_extras = True
+
     def extras(self, i: int) -> dict:
         """Example ``i``'s data beside its tokens, ``{kind: payload}`` (:mod:`sftune.data.extras`)."""
         row = int(self._kept[i])
@@ -164,7 +182,9 @@ def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig
     if quiet:
         datasets.disable_progress_bars()
     try:
-        out = ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
+        extra = getattr(fmt, "extra_features", None)  # extra_<kind> columns a format fills (sftune.data.extras)
+        features = datasets.Features({**_FEATURES, **extra(ds.column_names)}) if extra else _FEATURES
+        out = ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=features,
                      new_fingerprint=fp, num_proc=_num_proc(cfg, len(ds)), desc="Tokenizing",
                      load_from_cache_file=True)
         for f in out.cache_files:  # what was just written (or verified): its digest, for the next run

@@ -7,13 +7,37 @@ Such rows have no text to render, so this format replaces the text tokenizer
 labels are the ids where every applicable mask is 1 (``completion_mask`` only with completion-only
 loss, as TRL), ``-100`` elsewhere; sequences longer than ``max_length`` lose their tail (counted
 as truncated), and a row with no trained token left is a counted skip.
+
+Rows in Axolotl's KD layout also carry a teacher's top-k per input position (``target_token_ids``,
+``target_logprobs``, optionally ``target_mask``; row ``p`` is the teacher's distribution for the
+token at ``p``): each kept row's entries for its trained positions become its ``teacher`` payload
+(column ``extra_teacher``, :mod:`sftune.data.extras`), read by distillation with ``distill.saved=columns``.
 """
 
 from __future__ import annotations
 
+import datasets
+
 from sftune.data.contract import BadRow, Format
 from sftune.data.tokenize import COLUMNS, IGNORE
 from sftune.errors import DataError
+
+
+TEACHER_COLUMNS = ("target_token_ids", "target_logprobs")
+"""Axolotl's KD columns: a teacher's top-k ids and log-probabilities at every input position."""
+TEACHER_FEATURE = {"extra_teacher": {"ids": datasets.List(datasets.List(datasets.Value("int32"))),
+                                     "logprobs": datasets.List(datasets.List(datasets.Value("float32"))),
+                                     "valid": datasets.List(datasets.List(datasets.Value("bool")))}}
+
+
+def teacher_payload(row: dict, labels: list[int]) -> dict:
+    """The teacher rows of a row's trained positions: position ``p - 1`` predicts the token at ``p``."""
+    at = [p for p in range(1, len(labels)) if labels[p] != IGNORE]
+    mask = row.get("target_mask")
+    return {"ids": [list(row["target_token_ids"][p]) for p in at],
+            "logprobs": [list(row["target_logprobs"][p]) for p in at],
+            "valid": [[bool(v) for v in mask[p]] if mask is not None else [True] * len(row["target_token_ids"][p])
+                      for p in at]}
 
 
 class PretokenizedFormat(Format):
@@ -43,6 +67,10 @@ class PretokenizedFormat(Format):
     def cache_key(self) -> str:
         return f"pretokenized:{self.completion_only}"
 
+    def extra_features(self, columns: list[str]) -> dict:
+        """The ``extra_<kind>`` columns this format fills for a dataset with ``columns``."""
+        return TEACHER_FEATURE if set(TEACHER_COLUMNS) <= set(columns) else {}
+
     def map_function(self, tokenizer, max_length: int, source: str):
         """The ``datasets.map`` function (batched) that :func:`sftune.data.pipeline.tokenize_split` runs."""
         ends = set(self.stop_ids(tokenizer))
@@ -70,6 +98,9 @@ class PretokenizedFormat(Format):
             n = len(batch[keys[0]]) if keys else 0
             indices = batch.get("__row__", list(range(n)))
             out = {k: [] for k in COLUMNS}
+            teacher = set(TEACHER_COLUMNS) <= set(keys)
+            if teacher:
+                out["extra_teacher"] = []
             for i in range(n):
                 row = {k: batch[k][i] for k in keys}
                 ids, labels = list(row["input_ids"]), labels_of(row, int(indices[i]))
@@ -85,6 +116,11 @@ class PretokenizedFormat(Format):
                              ("eos_trained", bool(trained) and trained[-1] in ends), ("skip", skip),
                              ("row", int(indices[i])), ("extra", False), ("straddled", False), ("note", "")):
                     out[k].append(v)
+                if teacher:
+                    if len(row["target_token_ids"]) < len(labels) or len(row["target_logprobs"]) < len(labels):
+                        raise DataError("target_token_ids / target_logprobs need one row per input position "
+                                        f"({len(row['input_ids'])})", source=source, row=int(indices[i]))
+                    out["extra_teacher"].append(teacher_payload(row, labels) if not skip else None)
             return out
 
         return fn

@@ -1,0 +1,79 @@
+"""The ``distill`` section of the config: learn a teacher's next-token distribution.
+
+Kept beside :mod:`sftune.config.schema` (which includes it as ``Config.distill``); the
+divergences, the live teacher and the saved top-k path are in :mod:`sftune.distill`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    teacher: str | None = None
+    """The teacher: a model directory (or a training output directory, or a hub id) with the
+    student's tokenizer. ``None``: no distillation (plain SFT). It runs frozen, without gradients,
+    on the same packed batches as the student (the live path), unless ``distill.saved`` is set. Its
+    vocabulary must be the student's (a teacher whose tokens map one to one onto the student's,
+    in another order, is remapped; any other difference is refused)."""
+
+    saved: str | None = None
+    """A directory written by ``sftune distill-prepare``: the teacher's top-k token ids and
+    log-probabilities at every trained position of this run's data, read instead of running the
+    teacher (the saved path). Needs ``distill.top_k`` equal to or below the saved k. ``columns``: the
+    training data itself carries them (pre-tokenized rows in Axolotl's KD layout: ``target_token_ids``,
+    ``target_logprobs``, optionally ``target_mask``, one row per input position)."""
+
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """The divergence between the teacher's distribution p and the student's q at each trained
+    position: ``forward_kl`` KL(p || q) (mean-seeking; the classic distillation loss),
+    ``reverse_kl`` KL(q || p) (mode-seeking), ``jsd`` the generalized Jensen-Shannon divergence
+    with ``distill.beta``."""
+
+    beta: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    """The ``jsd`` interpolation, with TRL's (GKD's) semantics: with the mixture
+    m = beta * p + (1 - beta) * q, jsd = beta * KL(p || m) + (1 - beta) * KL(q || m); beta = 0 is
+    forward KL(p || q) and beta = 1 reverse KL(q || p), exactly (as TRL's ``generalized_jsd_loss``)."""
+
+    temperature: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    """Both models' logits are divided by this before the divergence (not the cross-entropy); no
+    T^2 factor (as TRL's GKD). Above 1 softens the teacher."""
+
+    alpha: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    """The weight of the divergence: the token loss is ``alpha * divergence + (1 - alpha) *
+    cross-entropy`` on the data's tokens. 1: pure distillation; 0: plain SFT (the teacher is still
+    run and logged)."""
+
+    top_k: int | None = Field(None, ge=1)
+    """Use only the teacher's k most likely tokens at each position (``None``: the full
+    vocabulary). The saved path always uses top-k (at most the saved k). How the rest of the
+    vocabulary is treated: ``distill.top_k_tail``."""
+
+    top_k_tail: Literal["renormalise", "bucket"] = "renormalise"
+    """With ``distill.top_k``: ``renormalise`` compares both distributions restricted to the
+    teacher's k tokens, each renormalised over them; ``bucket`` keeps the rest of
+    the vocabulary as one extra category holding its total probability (1 - the k tokens' mass) for
+    each model: the student is also taught how much mass to leave outside the k. Both equal the full
+    divergence when k is the vocabulary size. On saved log-probabilities ``bucket`` needs
+    ``distill.temperature=1`` (the tail's mass at another temperature needs the tail's logits)."""
+
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The teacher's weights: ``auto`` is bfloat16 on a GPU that supports it (else float16) and
+    float32 on CPU. The divergence itself is always computed in float32 (float64 for float64 models)."""
+
+    prepare_shard_size: int = Field(2048, ge=1)
+    """``sftune distill-prepare``: examples per shard of the saved top-k (a rerun skips the shards
+    already written)."""
+
+    prepare_top_k: int = Field(64, ge=1)
+    """``sftune distill-prepare``: how many of the teacher's most likely tokens to save per trained
+    position (with their log-probabilities at temperature 1)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run distils (a teacher or saved top-k is given)."""
+        return bool(self.teacher or self.saved)

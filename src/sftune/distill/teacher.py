@@ -1,0 +1,129 @@
+"""The teacher: loaded frozen, checked against the student's vocabulary, run on the student's batches.
+
+:func:`load_teacher` loads a model directory (a training output directory, a LoRA adapter
+directory: merged, or a hub id) in ``distill.teacher_dtype``, frozen (no gradients, eval mode), and
+wraps it in :class:`~sftune.loss.CausalLMWithLoss` for its body call, so it sees a packed batch
+exactly as the student does (same ``input_ids``, ``position_ids``, per-example attention).
+
+:func:`vocab_map` is the vocabulary rule: the same tokens with the same ids, or the same tokens in
+another order (remapped by a permutation of the teacher's logits); anything else is refused.
+
+:class:`LiveTeacher` runs the body without gradients and keeps only its hidden states at the loss
+positions; its logits are made chunk by chunk from them by the divergence
+(:mod:`sftune.distill.divergence`), never ``[tokens, vocab]`` at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sftune.attention import enable_varlen
+from sftune.distill.divergence import TeacherChunk
+from sftune.errors import ConfigError
+from sftune.loss import CausalLMWithLoss
+from sftune.model import count_parameters, fast_activations, load_pretrained, resolve_path
+
+
+def teacher_dtype(name: str, device: torch.device) -> str:
+    """``distill.teacher_dtype``: ``auto`` is bfloat16 (float16 without bf16 support) on a GPU and
+    float32 on CPU."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def vocab_map(student_tok, teacher_tok, student_rows: int, teacher_rows: int) -> torch.Tensor | None:
+    """``None`` when the teacher's logits line up with the student's; a permutation (the teacher's
+    id of each student id) when the same tokens have other ids; a clear error otherwise."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv == tv:
+        if student_rows != teacher_rows:
+            raise ConfigError(f"distill.teacher: the teacher's output layer has {teacher_rows} rows and the student's "
+                              f"{student_rows}, with the same tokenizer ({len(sv)} tokens); the two distributions "
+                              "are over different sets. Use a teacher and student with the same vocabulary size")
+        return None
+    only_s, only_t = sorted(set(sv) - set(tv)), sorted(set(tv) - set(sv))
+    if only_s or only_t:
+        raise ConfigError(
+            f"distill.teacher has another vocabulary: {len(only_s)} of the student's {len(sv)} tokens are not the "
+            f"teacher's (e.g. {only_s[:3]}) and {len(only_t)} of the teacher's are not the student's (e.g. "
+            f"{only_t[:3]}); distillation needs one token set (a teacher trained with another data.chat_template "
+            "adds tokens: train both with the same one)")
+    if not (student_rows == teacher_rows == len(sv)):
+        raise ConfigError(f"distill.teacher: the same {len(sv)} tokens in another order, but output layers of "
+                          f"{student_rows} (student) and {teacher_rows} (teacher) rows: cannot be remapped")
+    return torch.tensor([tv[tok] for tok, _ in sorted(sv.items(), key=lambda kv: kv[1])], dtype=torch.long)
+
+
+def load_teacher(path: str, student_tokenizer, student_rows: int, device: torch.device, dtype: str = "auto",
+                 layout: str | None = None) -> "LiveTeacher":
+    """The frozen teacher on ``device``, ready to run on the student's batches (``layout``: theirs)."""
+    path = resolve_path(path)
+    name = teacher_dtype(dtype, device)
+    model, tok = load_pretrained(path, dtype=name)
+    if hasattr(model, "merge_and_unload"):  # a LoRA adapter directory: the teacher is base + adapter
+        model = model.merge_and_unload()
+    model.requires_grad_(False)
+    model.eval()
+    fast_activations(model)
+    model.to(device)
+    if layout == "flat":
+        enable_varlen(model)  # per-example attention from doc_bounds (else from position_ids)
+    lm = CausalLMWithLoss(model, fused=True, layout=layout).eval()
+    head = model.get_output_embeddings()
+    if not lm.fused:
+        raise ConfigError(f"distill.teacher '{path}' transforms its logits after the output layer (softcapping or "
+                          "scaling) or has no plain linear head: sftune's chunked distillation needs a linear head")
+    perm = vocab_map(student_tokenizer, tok, student_rows, head.weight.shape[0])
+    return LiveTeacher(lm, perm, path, name)
+
+
+class LiveTeacher:
+    """A frozen teacher that runs on the student's batches (see the module docstring)."""
+
+    def __init__(self, lm: CausalLMWithLoss, perm: torch.Tensor | None = None, path: str = "", dtype: str = ""):
+        self.lm, self.path, self.dtype = lm, path, dtype
+        self.perm = None if perm is None else perm.to(next(lm.parameters()).device)
+        self.seconds = 0.0
+        """Time in the teacher's body (synchronised on CUDA), since :meth:`take_seconds`."""
+
+    def describe(self) -> dict:
+        _, total = count_parameters(self.lm)
+        size = sum(p.numel() * p.element_size() for p in self.lm.parameters())
+        return {"teacher": self.path, "how": "live", "dtype": self.dtype, "parameters": total,
+                "weights_mb": round(size / 2**20, 1), "remapped_vocab": self.perm is not None}
+
+    def take_seconds(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+    def rows(self, kw: dict):
+        """``chunk(s, e) -> TeacherChunk`` over the batch's loss positions (``kw``: the student's
+        forward arguments): the body runs once here, the head chunk by chunk in ``chunk``."""
+        start = time.perf_counter()
+        cuda = kw["input_ids"].device.type == "cuda"
+        with torch.no_grad():
+            hidden = self.lm.hidden_states(kw["input_ids"], kw["position_ids"], kw.get("doc_bounds"),
+                                           kw.get("model_inputs"))
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kw["loss_index"])
+        if cuda:
+            torch.cuda.synchronize(hidden.device)
+        self.seconds += time.perf_counter() - start
+        head = self.lm.causal_lm.get_output_embeddings()
+        targets, perm = kw["loss_targets"], self.perm
+        acc = torch.promote_types(torch.float32, hidden.dtype)
+
+        def chunk(s: int, e: int) -> TeacherChunk:
+            with torch.no_grad():
+                t = F.linear(hidden[s:e], head.weight, head.bias).to(acc)
+                if perm is not None:
+                    t = t[:, perm]
+                ce = torch.logsumexp(t, -1) - t.gather(1, targets[s:e, None]).squeeze(1)
+            return TeacherChunk(logits=t, ce=ce)
+
+        return chunk
