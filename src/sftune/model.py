@@ -23,6 +23,7 @@ from sftune.config import Config
 from sftune.data.templates import resolve_chat_template
 from sftune.errors import ConfigError, SftuneError
 from sftune.console import console
+from sftune.vision_parts import lora_targets
 
 ASSETS = Path(__file__).parent / "assets"
 log = logging.getLogger("sftune")
@@ -232,6 +233,8 @@ def add_lora(cfg: Config, model):
                   fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 style layers
                   task_type="CAUSAL_LM")
     kwargs.update(adjust)
+    if (targets := lora_targets(cfg, model, (torch.nn.Linear, Conv1D))) is not None:  # vision.lora_parts
+        kwargs["target_modules"] = targets
     if notes and int(os.environ.get("RANK", "0")) == 0:
         for note in notes:
             console.print(note)

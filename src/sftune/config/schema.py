@@ -1,6 +1,6 @@
 """The one typed config: a pydantic schema with a docstring on every field.
 
-:class:`Config` holds the sections ``model``, ``lora``, ``data``, ``train`` and ``eval``; YAML
+:class:`Config` holds the sections ``model``, ``lora``, ``data``, ``train``, ``eval`` and ``vision``; YAML
 recipes mirror them. Loading (recipes, ``key=value`` overrides, closest-key suggestions) is in
 :mod:`sftune.config.loading`.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from sftune.config.vision import VisionConfig
 
 
 class _Section(BaseModel):
@@ -443,6 +445,9 @@ class Config(_Section):
 
     eval: EvalConfig = EvalConfig()
     """Generation-based evaluation."""
+
+    vision: VisionConfig = VisionConfig()
+    """Image-text-to-text models: freezing, learning rates, LoRA and checkpointing per part."""
 
     @model_validator(mode="after")
     def _defaults(self):
