@@ -20,7 +20,6 @@ message otherwise), and nothing here changes what a text run does.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -187,32 +186,28 @@ def part_groups(groups: list[dict], vision, model: nn.Module) -> list[dict]:
     return out
 
 
-def lora_targets(cfg, model: nn.Module, linear_types: tuple = (nn.Linear,)):
-    """``lora.target_modules`` restricted to ``vision.lora_parts`` on an image-text-to-text model: a
-    regular expression over full module names (peft matches a string target in full). ``None``: a text
-    model, peft takes ``lora.target_modules`` as given."""
+def lora_targets(cfg, model: nn.Module, linear_types: tuple = (nn.Linear,)) -> list[str] | None:
+    """``lora.target_modules`` restricted to ``vision.lora_parts`` on an image-text-to-text model: the
+    full names of the layers that get adapters (exact: peft matches a listed full name only), the linear
+    layers of those parts (``all-linear``) or those whose last name is listed, never the output head.
+    ``None``: a text model, peft takes ``lora.target_modules`` as given."""
     parts = check_text_model(cfg.vision, model)
     if parts is None:
         return None
     target = cfg.lora.target_modules
-    wanted = [target] if isinstance(target, str) and target != "all-linear" else target
-    prefixes, leaves = [], set()
-    for part in cfg.vision.lora_parts:
-        paths = parts.modules[part][:1] if part == "language_model" else parts.modules[part]  # never the head
-        for path in paths:
-            prefixes.append(path)
-            for name, m in parts.model.get_submodule(path).named_modules():
-                leaf = name.rsplit(".", 1)[-1]
-                if isinstance(m, linear_types) and name and (wanted == "all-linear" or leaf in wanted):
-                    leaves.add(leaf)
-    if not leaves:
+    wanted = None if target == "all-linear" else ({target} if isinstance(target, str) else set(target))
+    chosen = cfg.vision.lora_parts
+    roots = [(part, path) for part in chosen
+             for path in (parts.modules[part][:1] if part == "language_model" else parts.modules[part])]
+    # a part nested in another's module (Qwen2-VL's merger inside the tower) belongs to itself only
+    nested = [path for part in PARTS if part not in chosen for path in parts.modules[part]]
+    names = set()
+    for _, root in roots:
+        for name, m in parts.model.get_submodule(root).named_modules(prefix=root):
+            if isinstance(m, linear_types) and not any(name.startswith(n + ".") for n in nested) and \
+                    (wanted is None or name.rsplit(".", 1)[-1] in wanted):
+                names.add(name)
+    if not names:
         raise ConfigError(f"lora.target_modules={target} matches no linear layer in vision.lora_parts="
-                          f"{cfg.vision.lora_parts}\n  → name layers of those parts, or use all-linear")
-    skip = []
-    if "projector" not in cfg.vision.lora_parts:  # a projector inside the tower (Qwen2-VL's merger)
-        skip = [p for p in parts.modules["projector"] if any(p.startswith(t + ".") for t in prefixes)]
-    if "vision_tower" not in cfg.vision.lora_parts:  # a tower inside the projector path (none known)
-        skip += [p for p in parts.modules["vision_tower"] if any(p.startswith(t + ".") for t in prefixes)]
-    alt = lambda xs: "|".join(re.escape(x) for x in sorted(xs))  # noqa: E731
-    guard = f"(?!(?:{alt(skip)})\\.)" if skip else ""
-    return f"{guard}(?:{alt(prefixes)})\\.(?:.*\\.)?(?:{alt(leaves)})"
+                          f"{chosen}\n  → name layers of those parts, or use all-linear")
+    return sorted(names)
