@@ -142,7 +142,8 @@ def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig
     if quiet:
         datasets.disable_progress_bars()
     try:
-        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
+        features = datasets.Features({**_FEATURES, **getattr(fmt, "extra_features", {})})  # extras (images)
+        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=features,
                       new_fingerprint=fp, num_proc=_num_proc(cfg, len(ds)), desc="Tokenizing",
                       load_from_cache_file=True)
     finally:
