@@ -28,9 +28,10 @@ KIND = "images"
 MROPE = "__mrope__"
 BATCHED = "__batched__"  # keys whose leading (per-sample) dimension was dropped
 N_IMAGES = "__n_images__"
+TOKENS = "__image_tokens__"  # tokens per image (its expansion and the template's tokens around it)
 
 
-def encode(arrays: dict[str, np.ndarray], *, mrope: np.ndarray | None = None, n_images: int = 0) -> bytes:
+def encode(arrays: dict[str, np.ndarray], *, mrope: np.ndarray | None = None, tokens: list[int] = ()) -> bytes:
     """One example's payload: the processor's image arrays (a leading sample dimension of 1 on
     5-D arrays is dropped and restored at collate) and the optional M-RoPE positions."""
     per_sample = np.ndim(arrays.get("pixel_values")) == 5 and np.shape(arrays["pixel_values"])[0] == 1
@@ -44,7 +45,8 @@ def encode(arrays: dict[str, np.ndarray], *, mrope: np.ndarray | None = None, n_
     if mrope is not None:
         out[MROPE] = np.asarray(mrope, dtype=np.int32)
     out[BATCHED] = np.asarray(batched, dtype=str)
-    out[N_IMAGES] = np.asarray(n_images, dtype=np.int64)
+    out[N_IMAGES] = np.asarray(len(tokens), dtype=np.int64)
+    out[TOKENS] = np.asarray(list(tokens), dtype=np.int64)
     buf = io.BytesIO()
     np.savez(buf, **out)
     return buf.getvalue()
@@ -57,6 +59,26 @@ def decode(payload: bytes) -> dict[str, np.ndarray]:
 
 def n_images(payload: bytes) -> int:
     return int(decode(payload)[N_IMAGES])
+
+
+def summary(column, kept) -> dict:
+    """The data report's image figures over the kept examples' payloads (an Arrow binary column):
+    images, examples with images, image tokens, tokens per image (min / mean / max)."""
+    per_image: list[int] = []
+    examples = 0
+    i = 0
+    for chunk in getattr(column, "chunks", [column]):
+        for value in chunk:
+            if kept[i] and value.is_valid:
+                with np.load(io.BytesIO(value.as_py()), allow_pickle=False) as z:
+                    per_image += z[TOKENS].tolist()
+                examples += 1
+            i += 1
+    if not per_image:
+        return {}
+    return {"images": len(per_image), "examples": examples, "image_tokens": int(sum(per_image)),
+            "tokens_per_image": {"min": min(per_image), "mean": round(sum(per_image) / len(per_image), 1),
+                                 "max": max(per_image)}}
 
 
 def mrope_positions(ids, image_token_id: int, grids, merge: int) -> np.ndarray:
