@@ -8,9 +8,9 @@ import vision_models as vm
 from sftune.vision_model import is_vision_config, load_processor
 
 
-@pytest.fixture(scope="module", params=vm.STYLES)
-def vlm_dir(request, tmp_path_factory):
-    return vm.build(request.param, tmp_path_factory.mktemp(request.param)), request.param
+@pytest.fixture(params=vm.STYLES)
+def vlm_dir(request, vlm):
+    return vlm(request.param), request.param
 
 
 def test_each_tiny_style_loads_and_runs_from_its_directory(vlm_dir):
@@ -36,11 +36,11 @@ def test_text_models_are_not_vision(tiny_model_dir):
     assert not is_vision_config(AutoConfig.from_pretrained(str(tiny_model_dir)))
 
 
-def test_qwen2_vl_processor_loads_without_torchvision(tmp_path):
+def test_qwen2_vl_processor_loads_without_torchvision(vlm):
     """transformers 5.x's AutoProcessor wants a video processor (torchvision); the image-only one is built."""
     import importlib.util
 
-    path = vm.build("qwen2_vl", tmp_path / "q")
+    path = vlm("qwen2_vl")
     processor = load_processor(str(path), size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28})
     assert type(processor).__name__ == "Qwen2VLProcessor"
     if importlib.util.find_spec("torchvision") is None:

@@ -138,3 +138,41 @@ def image(size=(56, 56), colour=(255, 0, 0)):
     from PIL import Image
 
     return Image.new("RGB", size, colour)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
+
+
+def write_data(path: Path, n: int = 12, *, layout: str = "trl", sizes=((56, 56), (28, 56), (56, 28))) -> Path:
+    """A JSONL of ``n`` image conversations ("what colour is this?") beside its PNG images.
+
+    ``layout``: ``trl`` (``{"type": "image"}`` parts and an ``images`` column of relative paths),
+    ``inline`` (``{"type": "image", "image": path}`` parts) or ``sharegpt`` (``conversations``
+    with ``<image>`` placeholders and an ``images`` column). Every third row has two images."""
+    path = Path(path)
+    (path / "img").mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    lines = []
+    for i in range(n):
+        k = 2 if i % 3 == 2 else 1
+        files = []
+        for j in range(k):
+            colour = names[(i + j) % len(names)]
+            rel = f"img/{i}_{j}.png"
+            image(sizes[(i + j) % len(sizes)], COLOURS[colour]).save(path / rel)
+            files.append((rel, colour))
+        answer = " and ".join(c for _, c in files)
+        question = "What colour is this?" if k == 1 else "What colours are these?"
+        if layout == "sharegpt":
+            row = {"conversations": [{"from": "human", "value": "<image>" * k + question},
+                                     {"from": "gpt", "value": answer}], "images": [f for f, _ in files]}
+        else:
+            parts = [{"type": "image", **({"image": f} if layout == "inline" else {})} for f, _ in files]
+            row = {"messages": [{"role": "user", "content": parts + [{"type": "text", "text": question}]},
+                                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+            if layout == "trl":
+                row["images"] = [f for f, _ in files]
+        lines.append(json.dumps(row))
+    out = path / "data.jsonl"
+    out.write_text("\n".join(lines) + "\n")
+    return out

@@ -23,6 +23,7 @@ from sftune.config import Config
 from sftune.data.templates import resolve_chat_template
 from sftune.errors import ConfigError, SftuneError
 from sftune.console import console
+from sftune.vision_model import attach_processor, model_class
 from sftune.vision_parts import lora_targets
 
 ASSETS = Path(__file__).parent / "assets"
@@ -78,6 +79,7 @@ def load_tokenizer(cfg: Config):
                                               replace_extra_special_tokens=False)
         tok.chat_template = template
     tok.padding_side = "right"
+    attach_processor(path, tok, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     return tok, n_added
 
 
@@ -174,13 +176,14 @@ def load_model(cfg: Config, tokenizer, n_added: int = 0, device: torch.device | 
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.lora.load_in_4bit:
         kwargs["quantization_config"] = _bnb_config(cfg, device)
+    config = load_model_config(cfg)
+    auto = model_class(config)  # image-text-to-text models load whole (sftune.vision_model)
     if cfg.model.from_scratch:
-        config = load_model_config(cfg)
         torch.manual_seed(cfg.train.seed)
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = auto.from_config(config, **kwargs)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.model.revision, **kwargs)
+            model = auto.from_pretrained(path, revision=cfg.model.revision, **kwargs)
         except Exception as e:
             raise _from_pretrained_error("model", path, e) from None
     vocab = model.get_input_embeddings().weight.shape[0]

@@ -95,3 +95,30 @@ def load_processor(path: str, **image_kwargs):
             raise
         log.info("processor of %s: image-only (%s)", path, str(e).strip().splitlines()[0] if str(e).strip() else e)
     return _image_only(path, **image_kwargs)
+
+
+def model_class(config):
+    """The auto class that loads ``config``'s model: image-text-to-text, or a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+
+
+def attach_processor(path: str, tokenizer, *, revision=None, trust_remote_code: bool = False) -> bool:
+    """For an image-text-to-text model at ``path``: load its processor around ``tokenizer`` (the
+    one sftune trains with) and hang it on the tokenizer as ``sftune_processor``, where the data
+    formats find it. Returns whether the model is one."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - the model loader reports a config it cannot read
+        return False
+    if not is_vision_config(config):
+        return False
+    processor = load_processor(path)
+    if getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template
+    processor.tokenizer = tokenizer
+    tokenizer.sftune_processor = processor
+    return True

@@ -18,6 +18,7 @@ import numpy as np
 
 from sftune import __version__
 from sftune.config import DataConfig
+from sftune.data import vision_batch
 from sftune.data.formats import Format, choose_format
 from sftune.data.packing import BatchPlan
 from sftune.data.report import DataReport
@@ -142,7 +143,8 @@ def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig
     if quiet:
         datasets.disable_progress_bars()
     try:
-        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=_FEATURES,
+        features = datasets.Features({**_FEATURES, **getattr(fmt, "extra_features", {})})  # extras (images)
+        return ds.map(fn, batched=True, batch_size=500, remove_columns=ds.column_names, features=features,
                       new_fingerprint=fp, num_proc=_num_proc(cfg, len(ds)), desc="Tokenizing",
                       load_from_cache_file=True)
     finally:
@@ -163,6 +165,8 @@ def _report(tok: datasets.Dataset, source: Source, fmt: Format, split: str, max_
         straddled=t.column("straddled").to_numpy(zero_copy_only=False),
         notes=np.asarray(t.column("note").to_pylist(), dtype=object),
     )
+    if "extra_images" in t.column_names:  # vision data: images and tokens per image (sftune.data.vision_batch)
+        rep.images = vision_batch.summary(t.column("extra_images"), skip == "")
     return rep, np.flatnonzero(skip == "")
 
 
