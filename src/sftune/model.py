@@ -24,6 +24,7 @@ from sftune.data.templates import resolve_chat_template
 from sftune.errors import ConfigError, SftuneError
 from sftune.console import console
 from sftune.vision_model import attach_processor, model_class
+from sftune.vision_inference import load_vision_model
 from sftune.vision_parts import lora_targets
 
 ASSETS = Path(__file__).parent / "assets"
@@ -108,7 +109,9 @@ def load_pretrained(path: str, *, dtype: str = "auto", init_seed: int | None = N
     dt = torch_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if (p / "adapter_config.json").exists():
+        if (model := load_vision_model(path, tokenizer, dt, init_seed)) is not None:
+            pass  # an image-text-to-text model, its processor on the tokenizer (sftune.vision_inference)
+        elif (p / "adapter_config.json").exists():
             model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dt)
         elif init_seed is not None:
             torch.manual_seed(init_seed)  # as load_model does for model.from_scratch
