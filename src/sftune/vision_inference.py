@@ -34,7 +34,7 @@ def load_image_files(paths: list[str] | None, what: str = "--image") -> list:
         try:
             out.append(load_image(str(Path(p).expanduser().resolve()), None, what, k))
         except BadRow as e:
-            raise SftuneError(f"{what} {p}: {e.message}" + (f"\n  → {e.hint}" if e.hint else "")) from None
+            raise SftuneError(f"{what} {p}: {e.message}") from None
     return out
 
 
@@ -135,5 +135,102 @@ def save_processor(tokenizer, out_dir: Path) -> bool:
     processor.tokenizer = tokenizer
     if getattr(tokenizer, "chat_template", None):
         processor.chat_template = tokenizer.chat_template
-    processor.save_pretrained(str(out_dir))
+    present = [a for a in type(processor).get_attributes() if getattr(processor, a, None) is not None]
+    processor.get_attributes = lambda: present  # an image-only processor has no video processor to save
+    try:
+        processor.save_pretrained(str(out_dir))
+    finally:
+        del processor.get_attributes
     return True
+
+
+def decode_images(items, what: str = "images") -> list:
+    """Images sent as base64 (``data:image/png;base64,...`` or the bare base64 of the file's bytes),
+    as the dashboard's chat API takes them."""
+    import base64
+    import binascii
+
+    out = []
+    for k, item in enumerate(items or []):
+        if not isinstance(item, str):
+            raise SftuneError(f"{what}[{k}] is {type(item).__name__}; send each image as a base64 string")
+        data = item.split(",", 1)[1] if item.startswith("data:") else item
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise SftuneError(f"{what}[{k}] is not base64 data") from None
+        try:
+            out.append(load_image(raw, None, what, k))
+        except BadRow as e:
+            raise SftuneError(f"{what}[{k}]: {e.message}") from None
+    return out
+
+
+def first_message_shows(message: str, history: list[dict], n: int) -> tuple[str, list[dict]]:
+    """The images of a chat go with its first user message: ``(message, history)`` with ``n`` image
+    markers there (history messages are plain text, as the chat clients send them)."""
+    if not n:
+        return message, history
+    first = next((k for k, m in enumerate(history) if m.get("role") == "user"), None)
+    if first is None:
+        return with_images(message, n), history
+    history = [dict(m) for m in history]
+    history[first]["content"] = with_images(str(history[first]["content"]), n)
+    return message, history
+
+
+def probe_image():
+    """A picture for checks when the run's rows give none: a red square on grey."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (64, 64), (128, 128, 128))
+    ImageDraw.Draw(im).rectangle((16, 16, 47, 47), fill=(220, 30, 30))
+    return im
+
+
+def verify_image_generation(loaded, out: Path, rows: list[dict], max_new_tokens: int = 8) -> tuple[bool, list[str]]:
+    """``export --verify`` for an image-text-to-text model: the exported directory, loaded with
+    transformers alone (``AutoModelForImageTextToText`` and its processor), gives the same prompt ids
+    and the same greedy generation from an image as the run does in sftune. The image and question
+    come from the first of ``rows`` with an image, else a probe picture."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from sftune.vision_model import load_processor
+
+    fmt = loaded.fmt
+    image, text, where = probe_image(), "Describe the picture.", "a probe picture"
+    for k, row in enumerate(rows):
+        try:
+            converted, images = row_and_images(fmt, row)
+            user = next(m for m in converted[fmt.column] if m.get("role", m.get("from")) in ("user", "human"))
+            content = user.get("content", user.get("value"))
+        except (BadRow, StopIteration, TypeError, AttributeError, KeyError):
+            continue
+        if images and isinstance(content, str):
+            image, text, where = images[0], content.replace(IMAGE, ""), f"row {k}'s first image"
+            break
+    processor = load_processor(str(out))
+    model = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[rendered], images=[[image]], return_tensors="pt", add_special_tokens=False,
+                    **getattr(fmt, "image_kwargs", {}))
+    ours = encode(loaded.tokenizer.sftune_processor, [fmt.prompt_from_text(with_images(text, 1))], [[image]],
+                  getattr(fmt, "image_kwargs", {}))
+    lines = []
+    same_ids = enc["input_ids"][0].tolist() == ours["input_ids"][0].tolist()
+    lines.append(f"  {'PASS' if same_ids else 'FAIL'} image prompt ({where}): {enc['input_ids'].shape[1]} tokens "
+                 f"{'equal' if same_ids else 'differ from the run: ' + str(ours['input_ids'].shape[1])}")
+    stops = fmt.stop_ids(loaded.tokenizer)
+    with torch.no_grad():
+        new = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                             pad_token_id=loaded.tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+    new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+    exported = processor.tokenizer.decode(new, skip_special_tokens=False)
+    run = loaded.generate([fmt.prompt_from_text(with_images(text, 1))], images=[[image]],
+                          max_new_tokens=max_new_tokens, batch_size=1)[0]
+    same_text = exported == run
+    lines.append(f"  {'PASS' if same_text else 'FAIL'} generation from the image: exported {exported!r}"
+                 + ("" if same_text else f" vs the run {run!r}"))
+    return same_ids and same_text, lines
