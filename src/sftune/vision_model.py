@@ -107,7 +107,7 @@ def model_class(config):
 def attach_processor(path: str, tokenizer, *, revision=None, trust_remote_code: bool = False) -> bool:
     """For an image-text-to-text model at ``path``: load its processor around ``tokenizer`` (the
     one sftune trains with) and hang it on the tokenizer as ``sftune_processor``, where the data
-    formats find it. Returns whether the model is one."""
+    formats find it (with the format class, ``sftune_vision_format``). Returns whether the model is one."""
     from transformers import AutoConfig
 
     try:
@@ -119,6 +119,9 @@ def attach_processor(path: str, tokenizer, *, revision=None, trust_remote_code: 
     processor = load_processor(path)
     if getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = processor.chat_template
+    from sftune.data.vision import VisionMessagesFormat
+
     processor.tokenizer = tokenizer
     tokenizer.sftune_processor = processor
+    tokenizer.sftune_vision_format = VisionMessagesFormat  # what sftune.data.formats builds for messages
     return True

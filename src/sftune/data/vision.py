@@ -34,7 +34,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from sftune.data import vision_batch
+import sftune.data.vision_batch as vision_batch
 from sftune.data.chat import MessagesFormat
 from sftune.data.contract import BadRow, Rendered, Sequence, Turn
 from sftune.data.images import IMAGE, base_dir, conversation, load_image

@@ -22,7 +22,7 @@ import io
 import numpy as np
 import torch
 
-from sftune.data import extras
+import sftune.data.extras as extras
 
 KIND = "images"
 MROPE = "__mrope__"
