@@ -117,6 +117,7 @@ def attach_processor(path: str, tokenizer, *, revision=None, trust_remote_code: 
     if not is_vision_config(config):
         return False
     processor = load_processor(path)
+    _check_positions(config, processor)
     if getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = processor.chat_template
     from sftune.data.vision import VisionMessagesFormat
@@ -125,3 +126,17 @@ def attach_processor(path: str, tokenizer, *, revision=None, trust_remote_code: 
     tokenizer.sftune_processor = processor
     tokenizer.sftune_vision_format = VisionMessagesFormat  # what sftune.data.formats builds for messages
     return True
+
+
+def _check_positions(config, processor) -> None:
+    """A model with multimodal rotary positions (M-RoPE) that sftune does not compute is refused:
+    its image tokens would train with the wrong positions."""
+    from sftune.data.vision import MROPE_PROCESSORS
+    from sftune.errors import ConfigError
+
+    text = getattr(config, "text_config", None) or config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("mrope_section") and type(processor).__name__ not in MROPE_PROCESSORS:
+        raise ConfigError(f"{config.model_type} places image tokens with multimodal rotary positions (M-RoPE) that "
+                          f"sftune computes only for {', '.join(MROPE_PROCESSORS)}; this model cannot be trained on "
+                          "images by sftune yet")

@@ -110,7 +110,7 @@ class VisionMessagesFormat(MessagesFormat):
 
     def cache_key(self) -> str:
         ip = self.processor.image_processor
-        extra = json.dumps([super().cache_key(), type(self.processor).__name__, ip.to_json_string(), self.image_kwargs,
+        extra = json.dumps([super().cache_key(), vision_batch.VERSION, type(self.processor).__name__, ip.to_json_string(), self.image_kwargs,
                             self.images_column, str(self.base)], sort_keys=True, default=str)
         return hashlib.sha256(extra.encode()).hexdigest()[:16]
 

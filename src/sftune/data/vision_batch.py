@@ -25,6 +25,8 @@ import torch
 import sftune.data.extras as extras
 
 KIND = "images"
+VERSION = 2
+"""The payload layout's version: part of the tokenization cache key (``VisionMessagesFormat.cache_key``)."""
 MROPE = "__mrope__"
 BATCHED = "__batched__"  # keys whose leading (per-sample) dimension was dropped
 N_IMAGES = "__n_images__"
