@@ -134,6 +134,7 @@ def test_packed_equals_unpacked_and_the_models_own_forward(style):
     from transformers import AutoModelForImageTextToText
 
     from sftune.attention import disable_varlen, enable_varlen
+    from sftune.capabilities import capabilities
     from sftune.loss import CausalLMWithLoss
 
     name, path, processor = style
@@ -162,6 +163,11 @@ def test_packed_equals_unpacked_and_the_models_own_forward(style):
     assert g_one.keys() == g_packed.keys() and any("visual" in k or "vision" in k for k in g_one)
     for k in g_one:
         torch.testing.assert_close(g_packed[k], g_one[k], rtol=1e-4, atol=1e-6, msg=k)
+    if "rows" in capabilities(model).layouts:  # several examples in a row, masks from the restarting positions
+        rows, g_rows = _loss_and_grads(lm, [examples[:2], examples[2:]], flat=False)
+        assert rows == pytest.approx(one, rel=1e-5)
+        for k in g_one:
+            torch.testing.assert_close(g_rows[k], g_one[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def vlm_tokenizer(path):
