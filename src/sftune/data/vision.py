@@ -227,7 +227,8 @@ class VisionTokenizer(Tokenizer):
         mrope = None
         if fmt.mrope:
             mrope = vision_batch.mrope_positions(ex.input_ids, fmt.image_token_id, arrays["image_grid_thw"], fmt.merge)
-        return ex, vision_batch.encode(arrays, mrope=mrope, tokens=[e - s for s, e in ranges[:kept]])
+        return ex, vision_batch.encode(arrays, mrope=mrope, spans=ranges[:kept],
+                                       sizes=[im.size for im in images[:kept]])
 
     def examples(self, batch: dict[str, list]) -> list[tuple[int, Example, str]]:
         keys = list(batch)
