@@ -134,6 +134,7 @@ def test_packed_equals_unpacked_and_the_models_own_forward(style):
     from transformers import AutoModelForImageTextToText
 
     from sftune.attention import disable_varlen, enable_varlen
+    from sftune.capabilities import capabilities
     from sftune.loss import CausalLMWithLoss
 
     name, path, processor = style
@@ -162,23 +163,55 @@ def test_packed_equals_unpacked_and_the_models_own_forward(style):
     assert g_one.keys() == g_packed.keys() and any("visual" in k or "vision" in k for k in g_one)
     for k in g_one:
         torch.testing.assert_close(g_packed[k], g_one[k], rtol=1e-4, atol=1e-6, msg=k)
+    if "rows" in capabilities(model).layouts:  # several examples in a row, masks from the restarting positions
+        rows, g_rows = _loss_and_grads(lm, [examples[:2], examples[2:]], flat=False)
+        assert rows == pytest.approx(one, rel=1e-5)
+        for k in g_one:
+            torch.testing.assert_close(g_rows[k], g_one[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def vlm_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    from sftune.model import ready_tokenizer
+    from sftune.vision_model import attach_processor
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ready_tokenizer(tok)
+    assert attach_processor(str(path), tok)
+    return tok
 
 
 def test_prepared_data_carries_images_and_reports_them(vlm, tmp_path):
     from sftune.data.pipeline import prepare_data
-    from sftune.model import ready_tokenizer
-    from sftune.vision_model import attach_processor
 
-    from transformers import AutoTokenizer
-
-    path = vlm("llava")
     data = vm.write_data(tmp_path, n=6)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    ready_tokenizer(tok)
-    assert attach_processor(str(path), tok)
+    tok = vlm_tokenizer(vlm("llava"))
     prepared = prepare_data(DataConfig(path=str(data)), tok, 256)
     assert prepared.train.has_extras and len(prepared.train) == 6
     d = vision_batch.decode(prepared.train.extras(2)["images"])  # every third row has two images
     assert d["pixel_values"].shape == (2, 3, 28, 28)
     assert prepared.report.images == {"images": 8, "examples": 6, "image_tokens": 32,
                                       "tokens_per_image": {"min": 4, "mean": 4.0, "max": 4}}
+
+
+def test_image_rows_in_a_mixture_and_streams_refused(vlm, tmp_path):
+    """data.sources: each source's images relative to its own file, ShareGPT beside TRL's layout."""
+    from sftune.config import load_config
+    from sftune.data.chain import prepare
+    from sftune.errors import ConfigError
+
+    trl = vm.write_data(tmp_path / "a", n=4)
+    share = vm.write_data(tmp_path / "b", n=3, layout="sharegpt")
+    inline = vm.write_data(tmp_path / "c", n=3, layout="inline")
+    tok = vlm_tokenizer(vlm("qwen2_vl"))
+    cfg = load_config(None, {"model.path": str(vlm("qwen2_vl")), "data.sources": [
+        {"path": str(trl), "weight": 1}, {"path": str(share), "weight": 1}, {"path": str(inline), "weight": 1}]})
+    data = prepare(cfg.data, tok, 256, seed=0)
+    assert data.train.has_extras and len(data.train) == 10
+    counts = [vision_batch.n_images(data.train.extras(i)["images"]) for i in range(len(data.train))]
+    assert sorted(counts) == [1] * 7 + [2] * 3
+    streamed = load_config(None, {"model.path": str(vlm("qwen2_vl")), "data.path": str(trl),
+                                  "data.streaming": True, "train.max_steps": 2})
+    with pytest.raises(ConfigError, match="streams do not carry"):
+        prepare(streamed.data, tok, 256, seed=0)

@@ -12,12 +12,16 @@ from sftune.data.packing import collate
 def test_payload_round_trip_keeps_arrays_and_drops_the_per_sample_dim():
     pv = np.random.rand(1, 5, 3, 4, 4).astype(np.float32)  # Idefics3: [1 sample, tiles, C, H, W]
     mask = np.ones((1, 5, 4, 4), dtype=bool)
-    d = vb.decode(vb.encode({"pixel_values": pv, "pixel_attention_mask": mask}, tokens=[9, 9]))
+    d = vb.decode(vb.encode({"pixel_values": pv, "pixel_attention_mask": mask},
+                             spans=[(0, 9), (12, 21)], sizes=[(30, 20), (8, 8)]))
     assert d["pixel_values"].shape == (5, 3, 4, 4) and np.array_equal(d["pixel_values"], pv[0])
     assert d["pixel_attention_mask"].shape == (5, 4, 4) and sorted(d[vb.BATCHED].tolist()) == sorted(
         ["pixel_values", "pixel_attention_mask"])
     assert d[vb.N_IMAGES] == 2 and d[vb.TOKENS].tolist() == [9, 9]
-    llava = vb.decode(vb.encode({"pixel_values": np.zeros((2, 3, 4, 4), np.float32)}, tokens=[4, 4]))
+    assert vb.images_of(vb.encode({}, spans=[(3, 9)], sizes=[(30, 20)])) == [
+        {"start": 3, "tokens": 6, "size": [30, 20]}]
+    llava = vb.decode(vb.encode({"pixel_values": np.zeros((2, 3, 4, 4), np.float32)},
+                                 spans=[(0, 4), (5, 9)], sizes=[(4, 4)] * 2))
     assert llava["pixel_values"].shape == (2, 3, 4, 4) and llava[vb.BATCHED].tolist() == []
 
 
@@ -36,7 +40,7 @@ def test_collator_keeps_example_order_and_places_mrope_per_example():
         ids = [1] * n_text + [9] * (grid[1] * grid[2] // 4)
         payload = vb.encode({"pixel_values": np.full((grid[1] * grid[2], 2), tag, np.float32),
                              "image_grid_thw": np.asarray([grid])},
-                            mrope=vb.mrope_positions(ids, 9, [grid], 2), tokens=[len(ids) - n_text])
+                            mrope=vb.mrope_positions(ids, 9, [grid], 2), spans=[(n_text, len(ids))], sizes=[(8, 8)])
         return ids, [-100] * len(ids), None, {"images": payload}
 
     a, b, c = example(2, 1.0, (1, 2, 2)), example(1, 2.0, (1, 4, 2)), example(3, 3.0, (1, 2, 2))
@@ -54,7 +58,8 @@ def test_collator_keeps_example_order_and_places_mrope_per_example():
 
 
 def test_summary_counts_kept_examples_only():
-    col = pa.chunked_array([pa.array([vb.encode({}, tokens=[4, 6]), None, vb.encode({}, tokens=[2])], pa.binary())])
+    col = pa.chunked_array([pa.array([vb.encode({}, spans=[(0, 4), (5, 11)]), None, vb.encode({}, spans=[(0, 2)])],
+                                     pa.binary())])
     s = vb.summary(col, np.array([True, True, False]))
     assert s == {"images": 2, "examples": 1, "image_tokens": 10, "tokens_per_image": {"min": 4, "mean": 5.0, "max": 6}}
     assert vb.summary(col, np.array([False, True, False])) == {}

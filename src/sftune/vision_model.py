@@ -107,7 +107,7 @@ def model_class(config):
 def attach_processor(path: str, tokenizer, *, revision=None, trust_remote_code: bool = False) -> bool:
     """For an image-text-to-text model at ``path``: load its processor around ``tokenizer`` (the
     one sftune trains with) and hang it on the tokenizer as ``sftune_processor``, where the data
-    formats find it. Returns whether the model is one."""
+    formats find it (with the format class, ``sftune_vision_format``). Returns whether the model is one."""
     from transformers import AutoConfig
 
     try:
@@ -117,8 +117,26 @@ def attach_processor(path: str, tokenizer, *, revision=None, trust_remote_code: 
     if not is_vision_config(config):
         return False
     processor = load_processor(path)
+    _check_positions(config, processor)
     if getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = processor.chat_template
+    from sftune.data.vision import VisionMessagesFormat
+
     processor.tokenizer = tokenizer
     tokenizer.sftune_processor = processor
+    tokenizer.sftune_vision_format = VisionMessagesFormat  # what sftune.data.formats builds for messages
     return True
+
+
+def _check_positions(config, processor) -> None:
+    """A model with multimodal rotary positions (M-RoPE) that sftune does not compute is refused:
+    its image tokens would train with the wrong positions."""
+    from sftune.data.vision import MROPE_PROCESSORS
+    from sftune.errors import ConfigError
+
+    text = getattr(config, "text_config", None) or config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("mrope_section") and type(processor).__name__ not in MROPE_PROCESSORS:
+        raise ConfigError(f"{config.model_type} places image tokens with multimodal rotary positions (M-RoPE) that "
+                          f"sftune computes only for {', '.join(MROPE_PROCESSORS)}; this model cannot be trained on "
+                          "images by sftune yet")

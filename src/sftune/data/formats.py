@@ -415,11 +415,9 @@ def choose_format(cfg: DataConfig, columns: list[str], tokenizer) -> Format:
         if not (cfg.template or cfg.prompt or cfg.completion) and "prompt" in columns and "completion" in columns:
             cfg = cfg.model_copy(update={"prompt": "prompt", "completion": "completion"})
         return PromptCompletionFormat(cfg)
-    processor = getattr(tokenizer, "sftune_processor", None)  # an image-text-to-text model (sftune.vision_model)
-    if processor is not None:
-        from sftune.data.vision import VisionMessagesFormat
-
-        return VisionMessagesFormat(cfg, processor, msg_col or "messages", find_tools_column(columns, cfg))
+    vision = getattr(tokenizer, "sftune_vision_format", None)  # an image-text-to-text model (sftune.vision_model)
+    if vision is not None:
+        return vision(cfg, tokenizer.sftune_processor, msg_col or "messages", find_tools_column(columns, cfg))
     return MessagesFormat(cfg, tokenizer, msg_col or "messages", find_tools_column(columns, cfg))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from sftune import __version__
 from sftune.config import DataConfig
-from sftune.data import vision_batch
+import sftune.data.vision_batch as vision_batch
 from sftune.data.formats import Format, choose_format
 from sftune.data.packing import BatchPlan
 from sftune.data.report import DataReport

@@ -34,7 +34,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from sftune.data import vision_batch
+import sftune.data.vision_batch as vision_batch
 from sftune.data.chat import MessagesFormat
 from sftune.data.contract import BadRow, Rendered, Sequence, Turn
 from sftune.data.images import IMAGE, base_dir, conversation, load_image
@@ -110,7 +110,7 @@ class VisionMessagesFormat(MessagesFormat):
 
     def cache_key(self) -> str:
         ip = self.processor.image_processor
-        extra = json.dumps([super().cache_key(), type(self.processor).__name__, ip.to_json_string(), self.image_kwargs,
+        extra = json.dumps([super().cache_key(), vision_batch.VERSION, type(self.processor).__name__, ip.to_json_string(), self.image_kwargs,
                             self.images_column, str(self.base)], sort_keys=True, default=str)
         return hashlib.sha256(extra.encode()).hexdigest()[:16]
 
@@ -227,7 +227,8 @@ class VisionTokenizer(Tokenizer):
         mrope = None
         if fmt.mrope:
             mrope = vision_batch.mrope_positions(ex.input_ids, fmt.image_token_id, arrays["image_grid_thw"], fmt.merge)
-        return ex, vision_batch.encode(arrays, mrope=mrope, tokens=[e - s for s, e in ranges[:kept]])
+        return ex, vision_batch.encode(arrays, mrope=mrope, spans=ranges[:kept],
+                                       sizes=[im.size for im in images[:kept]])
 
     def examples(self, batch: dict[str, list]) -> list[tuple[int, Example, str]]:
         keys = list(batch)

@@ -22,18 +22,23 @@ import io
 import numpy as np
 import torch
 
-from sftune.data import extras
+import sftune.data.extras as extras
 
 KIND = "images"
+VERSION = 3
+"""The payload layout's version: part of the tokenization cache key (``VisionMessagesFormat.cache_key``)."""
 MROPE = "__mrope__"
 BATCHED = "__batched__"  # keys whose leading (per-sample) dimension was dropped
 N_IMAGES = "__n_images__"
 TOKENS = "__image_tokens__"  # tokens per image (its expansion and the template's tokens around it)
+SPANS = "__image_spans__"  # each image's [start, end) token range in the example
+SIZES = "__image_sizes__"  # each image's (width, height) as given
 
 
-def encode(arrays: dict[str, np.ndarray], *, mrope: np.ndarray | None = None, tokens: list[int] = ()) -> bytes:
+def encode(arrays: dict[str, np.ndarray], *, mrope: np.ndarray | None = None, spans=(), sizes=()) -> bytes:
     """One example's payload: the processor's image arrays (a leading sample dimension of 1 on
-    5-D arrays is dropped and restored at collate) and the optional M-RoPE positions."""
+    5-D arrays is dropped and restored at collate), the optional M-RoPE positions, and for reports
+    and previews each image's token range ``spans`` and ``(width, height)`` ``sizes``."""
     per_sample = np.ndim(arrays.get("pixel_values")) == 5 and np.shape(arrays["pixel_values"])[0] == 1
     out, batched = {}, []
     for k, v in arrays.items():
@@ -45,8 +50,11 @@ def encode(arrays: dict[str, np.ndarray], *, mrope: np.ndarray | None = None, to
     if mrope is not None:
         out[MROPE] = np.asarray(mrope, dtype=np.int32)
     out[BATCHED] = np.asarray(batched, dtype=str)
-    out[N_IMAGES] = np.asarray(len(tokens), dtype=np.int64)
-    out[TOKENS] = np.asarray(list(tokens), dtype=np.int64)
+    spans = np.asarray(list(spans), dtype=np.int64).reshape(-1, 2)
+    out[N_IMAGES] = np.asarray(len(spans), dtype=np.int64)
+    out[TOKENS] = spans[:, 1] - spans[:, 0]
+    out[SPANS] = spans
+    out[SIZES] = np.asarray(list(sizes), dtype=np.int64).reshape(-1, 2)
     buf = io.BytesIO()
     np.savez(buf, **out)
     return buf.getvalue()
@@ -59,6 +67,15 @@ def decode(payload: bytes) -> dict[str, np.ndarray]:
 
 def n_images(payload: bytes) -> int:
     return int(decode(payload)[N_IMAGES])
+
+
+def images_of(payload: bytes | None) -> list[dict]:
+    """Each image of an example: ``{"start", "tokens", "size": [width, height]}`` (previews)."""
+    if not payload:
+        return []
+    d = decode(payload)
+    return [{"start": int(s), "tokens": int(e - s), "size": [int(w), int(h)]}
+            for (s, e), (w, h) in zip(d[SPANS].tolist(), d[SIZES].tolist())]
 
 
 def summary(column, kept) -> dict:
