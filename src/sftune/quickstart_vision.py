@@ -4,7 +4,7 @@ Each picture is one shape (circle, square, triangle, cross) in one colour (red, 
 yellow, white, purple) on a black background, at a random place and size, drawn with PIL. A row
 is a conversation in the Hugging Face convention: the user sends the picture and asks for its
 colour or its shape, the assistant answers with one word. The held-out pictures are drawn from
-another seed (positions and sizes the training set never shows), so exact match on them measures
+another seed, none of them in the training set, so exact match on them measures
 whether the model learned to *see* the colour and the shape. ``sftune train quickstart-vision``
 reports it before and after training.
 
@@ -67,29 +67,33 @@ def _png(im) -> bytes:
     return buf.getvalue()
 
 
-def make_rows(n: int, rng: random.Random) -> list[dict]:
+def make_rows(n: int, rng: random.Random, exclude: frozenset = frozenset()) -> list[dict]:
     """``n`` conversations, the tasks and every colour and shape in turn: TRL's layout (image parts in
-    the messages, the pictures as PNG bytes in ``images``)."""
+    the messages, the pictures as PNG bytes in ``images``). Pictures in ``exclude`` are drawn again."""
     rows, colours = [], list(COLOURS)
-    for i in range(n):
+    while len(rows) < n:
+        i = len(rows)
         task = ("colour", "shape")[i % 2]
         colour, shape = colours[(i // 2) % len(colours)], SHAPES[(i // 2 // len(colours) + i) % len(SHAPES)]
         if rng.random() < 0.5:  # break the fixed cycle without losing the balance much
             colour, shape = rng.choice(colours), rng.choice(SHAPES)
+        picture = _png(draw(colour, shape, rng))
+        if picture in exclude:
+            continue
         answer = colour if task == "colour" else shape
         rows.append({"messages": [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[task]}]},
             {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-            "images": [_png(draw(colour, shape, rng))], "task": task, "colour": colour, "shape": shape})
+            "images": [picture], "task": task, "colour": colour, "shape": shape})
     return rows
 
 
 def make_dataset(train_rows: int = TRAIN_ROWS, test_rows: int = TEST_ROWS, seed: int = SEED):
-    """A ``DatasetDict`` with ``train`` and ``test`` (pictures drawn from another seed)."""
+    """A ``DatasetDict`` with ``train`` and ``test`` (pictures drawn from another seed, none in train)."""
     import datasets
 
     train = make_rows(train_rows, random.Random(seed))
-    test = make_rows(test_rows, random.Random(seed + 1))
+    test = make_rows(test_rows, random.Random(seed + 1), exclude=frozenset(r["images"][0] for r in train))
     return datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
                                  "test": datasets.Dataset.from_list(test)})
 

@@ -432,9 +432,7 @@ def format_from_identity(cfg: DataConfig | None, tokenizer) -> Format:
             pass
     column = (cfg.messages_column if cfg else None) or "messages"
     if getattr(tokenizer, "sftune_processor", None) is not None:  # an image-text-to-text model (sftune.data.vision)
-        from sftune.data.vision import VisionMessagesFormat
-
-        return VisionMessagesFormat(cfg or DataConfig(), tokenizer.sftune_processor, column)
+        return tokenizer.sftune_vision_format(cfg or DataConfig(), tokenizer.sftune_processor, column)
     if getattr(tokenizer, "chat_template", None):
         return MessagesFormat(cfg or DataConfig(), tokenizer, column)
     return RawFormat()
