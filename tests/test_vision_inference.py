@@ -19,14 +19,14 @@ from sftune.inference import load_for_inference
 from sftune.vision_inference import decode_images, first_message_shows
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return vm.build("llava", tmp_path_factory.mktemp("llava"))
+@pytest.fixture
+def llava_dir(vlm):
+    return vlm("llava")
 
 
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return vm.build("qwen2_vl", tmp_path_factory.mktemp("qwen"))
+@pytest.fixture
+def qwen_dir(vlm):
+    return vlm("qwen2_vl")
 
 
 def _png(path, colour=(255, 0, 0), size=(56, 56)):

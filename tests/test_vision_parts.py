@@ -17,9 +17,9 @@ EXPECTED = {"qwen2_vl": ("model.visual", "model.visual.merger", "model.language_
             "idefics3": ("model.vision_model", "model.connector", "model.text_model")}
 
 
-@pytest.fixture(scope="module", params=vm.STYLES)
-def vlm(request, tmp_path_factory):
-    return vm.build(request.param, tmp_path_factory.mktemp(request.param)), request.param
+@pytest.fixture(params=vm.STYLES)
+def vlm_dir(request, vlm):
+    return vlm(request.param), request.param
 
 
 def _model(path):
@@ -43,8 +43,8 @@ def _cfg(**over):
     return load_config(None, {"train.lr": 1e-3, **over})
 
 
-def test_parts_are_found_from_the_models_own_attributes_and_cover_every_parameter(vlm):
-    path, style = vlm
+def test_parts_are_found_from_the_models_own_attributes_and_cover_every_parameter(vlm_dir):
+    path, style = vlm_dir
     model = _model(path)
     parts = find_parts(model)
     tower, projector, language = EXPECTED[style]
@@ -55,10 +55,10 @@ def test_parts_are_found_from_the_models_own_attributes_and_cover_every_paramete
 
 
 @pytest.mark.parametrize("frozen", ["vision_tower", "projector", "language_model"])
-def test_a_frozen_part_gets_no_gradient_and_is_not_in_the_optimizer(vlm, frozen):
+def test_a_frozen_part_gets_no_gradient_and_is_not_in_the_optimizer(vlm_dir, frozen):
     from sftune.training import make_optimizer
 
-    path, _ = vlm
+    path, _ = vlm_dir
     model = _model(path)
     parts = prepare_parts(_cfg(**{f"vision.freeze_{frozen}": True}), model)
     _loss(path, model).backward()
@@ -72,17 +72,17 @@ def test_a_frozen_part_gets_no_gradient_and_is_not_in_the_optimizer(vlm, frozen)
     assert in_optimizer == {id(p) for p in model.parameters() if part_of[id(p)] != frozen}
 
 
-def test_freezing_everything_is_refused(vlm):
-    path, _ = vlm
+def test_freezing_everything_is_refused(vlm_dir):
+    path, _ = vlm_dir
     keys = {f"vision.freeze_{p}": True for p in ("vision_tower", "projector", "language_model")}
     with pytest.raises(ConfigError, match="nothing left to train"):
         prepare_parts(_cfg(**keys), _model(path))
 
 
-def test_per_part_learning_rates_reach_the_optimizer_and_follow_the_schedule(vlm):
+def test_per_part_learning_rates_reach_the_optimizer_and_follow_the_schedule(vlm_dir):
     from sftune.training import make_optimizer, make_scheduler
 
-    path, _ = vlm
+    path, _ = vlm_dir
     model = _model(path)
     cfg = _cfg(**{"vision.lr_vision_tower": 1e-5, "vision.lr_projector": 2e-4, "train.warmup_steps": 2,
                   "train.weight_decay": 0.1})
@@ -101,10 +101,10 @@ def test_per_part_learning_rates_reach_the_optimizer_and_follow_the_schedule(vlm
     assert {g["initial_lr"] for g in optimizer.param_groups} == set(want.values())
 
 
-def test_lora_adapts_the_language_model_only_unless_told(vlm):
+def test_lora_adapts_the_language_model_only_unless_told(vlm_dir):
     from sftune.model import add_lora
 
-    path, style = vlm
+    path, style = vlm_dir
     tower, projector, language = EXPECTED[style]
 
     def adapted(**over):
@@ -122,8 +122,8 @@ def test_lora_adapts_the_language_model_only_unless_told(vlm):
     assert tower_only and all(n.startswith(tower + ".") and not n.startswith(projector + ".") for n in tower_only)
 
 
-def test_the_vision_tower_is_checkpointed_on_its_own(vlm):
-    path, _ = vlm
+def test_the_vision_tower_is_checkpointed_on_its_own(vlm_dir):
+    path, _ = vlm_dir
     model = _model(path)
     parts = prepare_parts(_cfg(**{"vision.gradient_checkpointing": True}), model)
     flags = {n: m.gradient_checkpointing for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")}
@@ -152,3 +152,26 @@ def test_text_models_are_unchanged_and_refuse_vision_keys(tiny_model_dir):
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match=r"vision.freeze_vision_tower=True: the model has no vision tower"):
         prepare_parts(_cfg(**{"vision.freeze_vision_tower": True}), model)
+
+
+def test_training_freezes_the_tower_and_adapts_only_the_language_model(vlm, tmp_path, no_plots):
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from conftest import train_config
+    from sftune.training import train
+
+    path, data = vlm("qwen2_vl"), vm.write_data(tmp_path / "data", n=8)
+    base = {"data.template": None, "data.max_length": 256, "train.max_steps": 2, "train.batch_size": 4}
+    out = tmp_path / "frozen"
+    train(train_config(path, data, out, **base, **{"vision.freeze_vision_tower": True, "vision.lr_projector": 1e-2}))
+    before = AutoModelForImageTextToText.from_pretrained(str(path)).state_dict()
+    after = AutoModelForImageTextToText.from_pretrained(str(out)).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not {k for k in changed if k.startswith("model.visual.") and ".merger." not in k}
+    assert any(".merger." in k for k in changed) and any(k.startswith("model.language_model.") for k in changed)
+    out = tmp_path / "lora"
+    train(train_config(path, data, out, **base, **{"lora.enabled": True}))
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert targets and all(t.startswith("model.language_model.") for t in targets)

@@ -1,7 +1,8 @@
 """The offline vision quickstart: generated pictures and a tiny LLaVA-style model shipped in the package.
 
 Each picture is one shape (circle, square, triangle, cross) in one colour (red, green, blue,
-yellow, white, purple) on a black background, at a random place and size, drawn with PIL. A row
+yellow, white, purple) on a black background with a few dim speckles, near the centre at a
+random offset and size, drawn with PIL. A row
 is a conversation in the Hugging Face convention: the user sends the picture and asks for its
 colour or its shape, the assistant answers with one word. The held-out pictures are drawn from
 another seed, none of them in the training set, so exact match on them measures
@@ -40,13 +41,17 @@ TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
 
 
 def draw(colour: str, shape: str, rng: random.Random):
-    """One picture: ``shape`` in ``colour`` on black, at a random place and size (a PIL image)."""
+    """One picture: ``shape`` in ``colour`` on black with a few dim speckles, near the centre at a
+    random offset and size (a PIL image)."""
     from PIL import Image, ImageDraw
 
     im = Image.new("RGB", (SIZE, SIZE), (0, 0, 0))
     d = ImageDraw.Draw(im)
-    r = rng.randint(7, 12)
-    cx, cy = rng.randint(r, SIZE - 1 - r), rng.randint(r, SIZE - 1 - r)
+    for _ in range(8):  # dim speckles: no two pictures alike
+        grey = rng.randint(30, 90)
+        d.point((rng.randrange(SIZE), rng.randrange(SIZE)), fill=(grey, grey, grey))
+    cx, cy = SIZE // 2 + rng.randint(-4, 3), SIZE // 2 + rng.randint(-4, 3)
+    r = rng.randint(8, min(13, cx, cy, SIZE - 1 - cx, SIZE - 1 - cy))
     fill = COLOURS[colour]
     if shape == "circle":
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
