@@ -68,6 +68,14 @@ def test_eval_prompts_carry_their_images(llava_dir, tmp_path):
     with_image, without = generation_examples(loaded.fmt, rows, None)
     assert with_image.reference == "red" and "<image>" in with_image.prompt and len(with_image.images) == 1
     assert without.reference == "ok" and without.images == []
+    from sftune.evaluate import run_eval  # sftune eval: image paths relative to the eval file
+
+    (tmp_path / "eval").mkdir()
+    _png(tmp_path / "eval" / "a.png")
+    data = tmp_path / "eval" / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_eval(str(llava_dir), str(data), max_new_tokens=3, out=str(tmp_path / "eval.json"))
+    assert result[str(llava_dir)]["generated"] == 2 and result[str(llava_dir)]["examples"] == 2
 
 
 def test_generate_and_chat_take_image_files(llava_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -152,6 +152,10 @@ def test_text_models_are_unchanged_and_refuse_vision_keys(tiny_model_dir):
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match=r"vision.freeze_vision_tower=True: the model has no vision tower"):
         prepare_parts(_cfg(**{"vision.freeze_vision_tower": True}), model)
+    from sftune.model import load_tokenizer
+
+    with pytest.raises(ConfigError, match="vision.lr_projector=0.1: the model .* has no vision tower"):  # before the data
+        load_tokenizer(_cfg(**{"model.path": str(tiny_model_dir), "vision.lr_projector": 0.1}))
 
 
 def test_training_freezes_the_tower_and_adapts_only_the_language_model(vlm, tmp_path, no_plots):

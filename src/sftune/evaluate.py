@@ -29,7 +29,8 @@ from sftune.data.packing import BatchPlan
 from sftune.data.pipeline import prepare_data
 from sftune.errors import RowSkip
 from sftune.safeio import dumps
-from sftune.vision_inference import prompt_images, row_and_images
+from sftune.data.images import base_dir
+from sftune.vision_inference import has_images, prompt_images, row_and_images
 from sftune.generation import generate_with
 from sftune.inference import load_for_inference
 from sftune.loss import CausalLMWithLoss
@@ -196,6 +197,8 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
 
 
     loaded = load_for_inference(model)
+    if has_images(loaded.fmt):  # relative image paths: the eval file's, not the training data's
+        loaded.fmt.base = base_dir(data_path)
     base_cfg = loaded.cfg.model_dump() if loaded.cfg is not None else {}
     data = {**base_cfg.get("data", {}), "path": data_path, "eval_split": None, "limit": limit, "eval_limit": None,
             "shuffle": False, "remove_columns": [], "sources": None, "streaming": False}  # one file, in memory

@@ -25,7 +25,7 @@ from sftune.errors import ConfigError, SftuneError
 from sftune.console import console
 from sftune.vision_model import attach_processor, model_class
 from sftune.vision_inference import load_vision_model
-from sftune.vision_parts import lora_targets
+from sftune.vision_parts import lora_targets, refuse_on_text_model
 
 ASSETS = Path(__file__).parent / "assets"
 log = logging.getLogger("sftune")
@@ -80,7 +80,9 @@ def load_tokenizer(cfg: Config):
                                               replace_extra_special_tokens=False)
         tok.chat_template = template
     tok.padding_side = "right"
-    attach_processor(path, tok, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    vlm = attach_processor(path, tok, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    if not vlm and not cfg.model.tokenizer:  # vision.* keys on a text model: refused before the data
+        refuse_on_text_model(cfg.vision, f"the model '{cfg.model.path}'")
     return tok, n_added
 
 

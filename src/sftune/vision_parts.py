@@ -104,14 +104,20 @@ def find_parts(model: nn.Module) -> Parts | None:
     return Parts(root, modules, params)
 
 
-def check_text_model(vision, model: nn.Module, what: str = "the model") -> Parts | None:
-    """The model's parts; refuses set ``vision.*`` keys on a text model (they would do nothing)."""
-    parts = find_parts(model)
+def refuse_on_text_model(vision, what: str = "the model") -> None:
+    """Set ``vision.*`` keys on a text model are refused (they would do nothing)."""
     keys = set_vision_keys(vision)
-    if parts is None and keys:
+    if keys:
         raise ConfigError(f"{', '.join(keys)}: {what} has no vision tower (it is a text-only model), so "
                           "the vision.* keys cannot apply\n  → remove them, or set model.path to an "
                           "image-text-to-text model")
+
+
+def check_text_model(vision, model: nn.Module, what: str = "the model") -> Parts | None:
+    """The model's parts; refuses set ``vision.*`` keys on a text model."""
+    parts = find_parts(model)
+    if parts is None:
+        refuse_on_text_model(vision, what)
     return parts
 
 
