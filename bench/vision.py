@@ -7,8 +7,8 @@ Every contender trains the same tiny LLaVA-style model (sftune's ``builtin:quick
 a CLIP-like vision tower over 32x32 pictures, 16 image tokens each, a projector and a 4-layer
 Llama; initialised from one seed, fp32 on CPU) on the same generated conversations (a picture and
 a question; the assistant describes the shape in a sentence), for one epoch, with the same
-learning rate and schedule, the loss on the assistant's reply only. Each runs in its own process,
-so its peak resident memory is its own.
+learning rate and schedule and the same torch thread count (``--threads``), the loss on the
+assistant's reply only. Each runs in its own process, so its peak resident memory is its own.
 
 Contenders:
   trl          TRL's SFTTrainer with the processor (prompt/completion conversations + images, its
@@ -95,7 +95,7 @@ def _peak_rss() -> int:
     return 0
 
 
-def run_sftune(model_dir: str, work: Path, packing: bool, mean_len: float) -> dict:
+def run_sftune(model_dir: str, work: Path, packing: bool, mean_len: float, threads: int) -> dict:
     from sftune.config import load_config
     from sftune.console import read_metrics
     from sftune.training import train
@@ -104,13 +104,13 @@ def run_sftune(model_dir: str, work: Path, packing: bool, mean_len: float) -> di
             "train.epochs": 1, "train.lr": LR, "train.log_every": 1, "train.seed": 0, "train.warmup_steps": 0,
             "train.scheduler": "linear", "eval.exact_match": False, "data.packing": packing,
             "train.batch_size": max(1, round(BATCH * mean_len / PACKED_LENGTH)) if packing else BATCH,
-            "data.max_length": PACKED_LENGTH if packing else 256}
+            "data.max_length": PACKED_LENGTH if packing else 256, "train.num_threads": threads}
     train(load_config(None, over))
     steps = [m for m in read_metrics(work / "out") if "loss" in m and "step" in m]
     return {"step_times": [m["time"] for m in steps], "losses": [m["loss"] for m in steps], "peak_rss": _peak_rss()}
 
 
-def run_trl(model_dir: str, work: Path) -> dict:
+def run_trl(model_dir: str, work: Path, threads: int) -> dict:
     import datasets
     import torch
     from PIL import Image
@@ -129,7 +129,7 @@ def run_trl(model_dir: str, work: Path) -> dict:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    torch.set_num_threads(os.cpu_count() or 2)
+    torch.set_num_threads(threads)
     rows = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
     ds = datasets.Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:],
                                       "images": [Image.open(work / r["images"][0]).convert("RGB")]} for r in rows])
@@ -144,11 +144,11 @@ def run_trl(model_dir: str, work: Path) -> dict:
     return {"step_times": times, "losses": losses, "peak_rss": _peak_rss()}
 
 
-def child(contender: str, model_dir: str, work: str, mean_len: float, queue) -> None:
+def child(contender: str, model_dir: str, work: str, mean_len: float, threads: int, queue) -> None:
     try:
         start = time.time()
-        res = run_trl(model_dir, Path(work)) if contender == "trl" else \
-            run_sftune(model_dir, Path(work), contender == "sftune_pack", mean_len)
+        res = run_trl(model_dir, Path(work), threads) if contender == "trl" else \
+            run_sftune(model_dir, Path(work), contender == "sftune_pack", mean_len, threads)
         res["wall"] = time.time() - start
         queue.put(res)
     except Exception as e:  # report, don't hang the parent
@@ -157,13 +157,13 @@ def child(contender: str, model_dir: str, work: str, mean_len: float, queue) -> 
         queue.put({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
 
 
-def measure(contender: str, model_dir: str, work: Path, tokens: int, mean_len: float) -> dict:
+def measure(contender: str, model_dir: str, work: Path, tokens: int, mean_len: float, threads: int) -> dict:
     import shutil
 
     shutil.rmtree(work / "out", ignore_errors=True)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=child, args=(contender, model_dir, str(work), mean_len, queue))
+    p = ctx.Process(target=child, args=(contender, model_dir, str(work), mean_len, threads, queue))
     p.start()
     res = queue.get()
     p.join()
@@ -182,6 +182,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=800)
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                        help="torch threads, the same for every contender (default: the CPU count)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "vision_results.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -192,9 +194,10 @@ def main(argv=None) -> int:
         rows = make_rows(args.rows, work)
         (work / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         tokens = real_tokens(model_dir, rows, work)
-        results = {"rows": len(rows), "real_tokens": tokens, "batch": BATCH, "lr": LR, "results": {}}
+        results = {"rows": len(rows), "real_tokens": tokens, "batch": BATCH, "lr": LR, "threads": args.threads,
+                   "results": {}}
         for contender in args.contenders.split(","):
-            res = measure(contender, model_dir, work, tokens, tokens / len(rows))
+            res = measure(contender, model_dir, work, tokens, tokens / len(rows), args.threads)
             results["results"][contender] = res
             print(contender, json.dumps(res), flush=True)
     table = results["results"]

@@ -2,12 +2,11 @@
 
 Each picture is one shape (circle, square, triangle, cross) in one colour (red, green, blue,
 yellow, white, purple) on a black background with a few dim speckles, near the centre at a
-random offset and size, drawn with PIL. A row
-is a conversation in the Hugging Face convention: the user sends the picture and asks for its
-colour or its shape, the assistant answers with one word. The held-out pictures are drawn from
-another seed, none of them in the training set, so exact match on them measures
-whether the model learned to *see* the colour and the shape. ``sftune train quickstart-vision``
-reports it before and after training.
+random offset and size, drawn with PIL. A row is a conversation in the Hugging Face convention:
+the user sends the picture and asks for its colour or its shape, the assistant answers with one
+word. The held-out pictures are drawn from another seed, none of them in the training set, so
+exact match on them measures whether the model learned to *see* the colour and the shape.
+``sftune train quickstart-vision`` reports it before and after training.
 
 The model (``builtin:quickstart-vision``) is a LLaVA-style model initialised from scratch: a 2-layer
 CLIP-like vision tower over 32x32 pictures in 8x8 patches (16 image tokens), a projector and a
