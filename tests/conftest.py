@@ -143,3 +143,18 @@ def dropout_model_dir(tmp_path_factory, tiny_tokenizer):
 def no_plots(monkeypatch):
     """The report's plots take most of a tiny run's time; tests that check other things skip them."""
     monkeypatch.setattr("sftune.training.build_report", lambda out: Path(out) / "report.md")
+
+
+@pytest.fixture(scope="session")
+def vlm(tmp_path_factory):
+    """``vlm(style)``: the tiny vision-language model directory of a style (tests/vision_models.py), built once."""
+    import vision_models
+
+    built = {}
+
+    def get(style: str) -> Path:
+        if style not in built:
+            built[style] = vision_models.build(style, tmp_path_factory.mktemp(style))
+        return built[style]
+
+    return get

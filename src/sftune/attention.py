@@ -186,8 +186,10 @@ def enable_varlen(model) -> bool:
         return False
     register()
     name = NAME_EAGER if impl == "eager" else NAME
-    try:
-        model.set_attn_implementation(name)
+    vision = getattr(config, "vision_config", None)
+    try:  # an image-text-to-text model: its vision tower keeps its own attention
+        model.set_attn_implementation(name if vision is None else {
+            "": name, "text_config": name, "vision_config": getattr(vision, "_attn_implementation", None) or "sdpa"})
     except (ValueError, ImportError, AttributeError):
         return False
     return getattr(model.config, "_attn_implementation", None) == name

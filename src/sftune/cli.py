@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (left-padded), default 16")
     p.add_argument("--raw", action="store_true", help="send --prompt as is, without the training template")
     p.add_argument("--tools", metavar="FILE", help="JSON list of tool schemas rendered into every chat prompt")
+    p.add_argument("--image", metavar="FILE", action="append",
+                   help="an image shown with --prompt (vision-language models; repeat for several)")
 
     p = sub.add_parser("chat", help="interactive chat with a trained run (works with a pipe too)",
                        description="A multi-turn REPL for chat-format models; single-turn for prompt/completion "
@@ -89,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL_OR_RUN")
     _add_generation_args(p, default_tokens=256)
     p.add_argument("--tools", metavar="FILE", help="JSON list of tool schemas rendered into the chat prompt")
+    p.add_argument("--image", metavar="FILE", action="append",
+                   help="an image shown with the first message (vision-language models; repeat for several)")
 
     p = sub.add_parser("eval", help="loss, perplexity and exact match on held-out data (optionally vs a baseline)",
                        description="Evaluate on held-out data: loss and perplexity over the completion tokens, and "
@@ -168,26 +172,33 @@ def cmd_generate(args) -> int:
     from sftune.data.formats import BadRow
     from sftune.data.sources import read_json_rows
     from sftune.errors import DataError, RowSkip
+    from pathlib import Path
+
     from sftune.inference import load_for_inference
     from sftune.console import out
+    from sftune.vision_inference import with_images
 
     loaded = load_for_inference(args.model)
     loaded.use_tools(args.tools)
+    images = image_args(args, loaded)
     if args.prompt is not None:
-        prompts = [args.prompt if args.raw else loaded.prompt_from_text(args.prompt)]
+        text = with_images(args.prompt, len(images[0])) if images else args.prompt
+        prompts = [text if args.raw else loaded.prompt_from_text(text)]
         rows = None
     else:
         rows = read_json_rows(args.file)
-        prompts = []
+        prompts, images = [], []
         for i, r in enumerate(rows):
             try:
-                prompts.append(loaded.prompt_from_row(r))
+                prompt, shown = loaded.prompt_and_images(r, Path(args.file).parent)
             except (RowSkip, BadRow, DataError) as e:
                 reason = getattr(e, "reason", None) or getattr(e, "message", None) or str(e)
                 raise DataError(f"cannot build a prompt: {reason}", source=args.file, row=i,
                                 column=getattr(e, "column", None), hint=getattr(e, "hint", None)) from None
-    outputs = loaded.generate(prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              temperature=args.temperature, top_p=args.top_p)
+            prompts.append(prompt)
+            images.append(shown)
+    outputs = loaded.generate(prompts, images=images or None, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p)
     if rows is None:
         out.print(outputs[0], markup=False, highlight=False)
         return 0
@@ -197,8 +208,6 @@ def cmd_generate(args) -> int:
             for r, p, g in zip(rows, prompts, outputs)]
     lines = [dumps(row, ensure_ascii=False) for row in made]
     if args.out:
-        from pathlib import Path
-
         Path(args.out).write_text("\n".join(lines) + "\n")
     else:
         for line in lines:
@@ -221,11 +230,26 @@ def training_row(row: dict, prompt: str, generated: str) -> dict:
 
 def cmd_chat(args) -> int:
     from sftune.inference import chat, load_for_inference
+    from sftune.vision_inference import load_image_files
 
     loaded = load_for_inference(args.model)
     loaded.use_tools(args.tools)
-    chat(loaded, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    chat(loaded, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+         images=load_image_files(args.image))
     return 0
+
+
+def image_args(args, loaded) -> list[list]:
+    """``sftune generate --image``: ``[images of --prompt]``, or [] without; refused where unusable."""
+    from sftune.vision_inference import load_image_files, need_images_model
+
+    images = load_image_files(args.image)
+    need_images_model(loaded.fmt, args.model, images)
+    if images and (args.file or args.raw):
+        raise SftuneError(f"--image goes with --prompt{'' if args.file else ' without --raw'}: "
+                          + ("rows of --file give their own images (an images column or image parts)" if args.file
+                             else "the chat template places the image, so the prompt cannot be sent raw"))
+    return [images] if images else []
 
 
 def cmd_eval(args) -> int:
@@ -245,8 +269,9 @@ def cmd_export(args) -> int:
 
     out = export_run(args.model, args.out, dtype=args.dtype, push_to_hub=args.push_to_hub, format=args.format,
                      quant=args.quant)
+    task = "image-text-to-text" if (out / "processor_config.json").is_file() else "text-generation"  # vision: processor
     console.print(f"exported to [bold]{escape(str(out))}[/]: load it with "
-                  f"transformers.pipeline('text-generation', '{escape(str(out))}')")
+                  f"transformers.pipeline('{task}', '{escape(str(out))}')")
     if args.format == "gguf":
         console.print(f"GGUF: {out}/model-{args.quant}.gguf; Ollama: ollama create NAME -f {out}/Modelfile",
                       markup=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,8 @@ from sftune.data.packing import BatchPlan
 from sftune.data.pipeline import prepare_data
 from sftune.errors import RowSkip
 from sftune.safeio import dumps
+from sftune.data.images import base_dir
+from sftune.vision_inference import has_images, prompt_images, row_and_images
 from sftune.generation import generate_with
 from sftune.inference import load_for_inference
 from sftune.loss import CausalLMWithLoss
@@ -77,16 +79,20 @@ def eval_loss(model, data, *, batch_size: int, max_length: int, pad_id: int, dev
 class GenerationExample:
     prompt: str
     reference: str | None
+    images: list = field(default_factory=list)
+    """The prompt's images (PIL), for an image-text-to-text model (sftune.vision_inference)."""
 
 
 def prompt_and_reference(fmt: Format, row: dict) -> GenerationExample:
     """The inference prompt for a row (as trained) and the reference completion, if any; a text
-    format without a response template is continued from the first half of its text."""
+    format without a response template is continued from the first half of its text. An image
+    conversation's prompt carries its images."""
+    row, images = row_and_images(fmt, row)
     reference = fmt.reference(row)
     prompt = fmt.prompt(row)
     if reference is None and isinstance(fmt, TextFormat) and fmt.response_template is None:
         return GenerationExample(prompt[: max(1, len(prompt) // 2)], None)
-    return GenerationExample(prompt, reference)
+    return GenerationExample(prompt, reference, prompt_images(fmt, prompt, images))
 
 
 def normalize(text: str) -> str:
@@ -125,7 +131,8 @@ def sample_generations(cfg, model, tokenizer, data, synced: bool = False) -> lis
     if not examples:
         return []
     preds = generate_with(data.fmt, model, tokenizer, [e.prompt for e in examples],
-                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, synced=synced)
+                          images=[e.images for e in examples], max_new_tokens=cfg.eval.max_new_tokens,
+                          batch_size=cfg.eval.batch_size, synced=synced)
     return [{"prompt": e.prompt, "reference": e.reference, "generated": p} for e, p in zip(examples, preds)]
 
 
@@ -136,7 +143,8 @@ def generation_eval(cfg, model, tokenizer, data, label: str = "", show: bool = T
     if not examples:
         return {"exact_match": 0.0, "contains_match": 0.0, "n": 0, "samples": []}
     preds = generate_with(data.fmt, model, tokenizer, [e.prompt for e in examples],
-                          max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, synced=synced)
+                          images=[e.images for e in examples], max_new_tokens=cfg.eval.max_new_tokens,
+                          batch_size=cfg.eval.batch_size, synced=synced)
     metrics = generation_metrics(preds, [e.reference for e in examples])
     metrics["samples"] = [{"prompt": e.prompt, "reference": e.reference, "generated": p}
                           for e, p in zip(examples[:cfg.eval.samples], preds)]
@@ -171,7 +179,7 @@ def evaluate_loaded(loaded, cfg, *, limit: int | None, max_new_tokens: int, batc
     examples = generation_examples(data.fmt, data.source.train, limit)
     if examples:
         preds = generate_with(data.fmt, loaded.model, tokenizer, [e.prompt for e in examples],
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+                              images=[e.images for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size)
         gm = generation_metrics(preds, [e.reference for e in examples])
         result.update({"exact_match": gm["exact_match"], "contains_match": gm["contains_match"],
                        "generated": gm["n"]})
@@ -189,6 +197,8 @@ def run_eval(model: str, data_path: str, *, split: str | None = None, baseline: 
 
 
     loaded = load_for_inference(model)
+    if has_images(loaded.fmt):  # relative image paths: the eval file's, not the training data's
+        loaded.fmt.base = base_dir(data_path)
     base_cfg = loaded.cfg.model_dump() if loaded.cfg is not None else {}
     data = {**base_cfg.get("data", {}), "path": data_path, "eval_split": None, "limit": limit, "eval_limit": None,
             "shuffle": False, "remove_columns": [], "sources": None, "streaming": False}  # one file, in memory

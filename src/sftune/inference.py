@@ -23,6 +23,7 @@ from sftune.errors import DataError, RowSkip, SftuneError
 from sftune.generation import Streamer, generate_with
 from sftune.model import load_pretrained, resolve_path
 from sftune.threads import for_inference
+from sftune.vision_inference import need_images_model, prompt_images, row_and_images, with_images
 from sftune.console import console
 
 
@@ -76,8 +77,18 @@ class Loaded:
             raise DataError(f"cannot build a prompt from this row: {reason}",
                             column=getattr(e, "column", None)) from None
 
-    def generate(self, prompts: list[str], **kwargs) -> list[str]:
-        return generate_with(self.fmt, self.model, self.tokenizer, prompts, **kwargs)
+    def prompt_and_images(self, row: dict, base: Path | None = None) -> tuple[str, list]:
+        """A data row's prompt and the images it shows (``base``: where relative image paths are)."""
+        try:
+            row, images = row_and_images(self.fmt, row, base)
+            prompt = self.prompt_from_row(row)
+            return prompt, prompt_images(self.fmt, prompt, images)
+        except BadRow as e:
+            raise DataError(f"cannot build a prompt from this row: {e.message}", column=e.column, hint=e.hint) from None
+
+    def generate(self, prompts: list[str], images: list[list] | None = None, **kwargs) -> list[str]:
+        """Completions of ``prompts``; ``images``: each prompt's images (image-text-to-text models)."""
+        return generate_with(self.fmt, self.model, self.tokenizer, prompts, images=images, **kwargs)
 
 
 def _has_weights(p: Path) -> bool:
@@ -119,8 +130,11 @@ def load_for_inference(path: str, *, dtype: str = "auto", device: str | None = N
 
 
 def chat(loaded: Loaded, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-         stdin=None, stdout=None) -> int:
-    """A multi-turn REPL (single-turn for prompt/completion models). ``/reset`` and ``/exit``."""
+         stdin=None, stdout=None, images: list | None = None) -> int:
+    """A multi-turn REPL (single-turn for prompt/completion models). ``/reset`` and ``/exit``.
+    ``images`` (``--image``): shown with the first message of each conversation."""
+    images = images or []
+    need_images_model(loaded.fmt, loaded.path, images)
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     interactive = stdin.isatty()
@@ -144,10 +158,12 @@ def chat(loaded: Loaded, *, max_new_tokens: int = 256, temperature: float = 0.0,
             history = []
             console.print("[dim](history cleared)[/]")
             continue
+        if images and not (multi_turn and history):
+            message = with_images(message, len(images))  # the conversation's first message shows the images
         prompt = loaded.prompt_from_text(message, history if multi_turn else None)
         streamer = Streamer(loaded.tokenizer, set(loaded.fmt.stop_ids(loaded.tokenizer)), stdout)
-        reply = loaded.generate([prompt], max_new_tokens=max_new_tokens, batch_size=1, temperature=temperature,
-                                top_p=top_p, streamer=streamer)[0]
+        reply = loaded.generate([prompt], images=[images] if images else None, max_new_tokens=max_new_tokens,
+                                batch_size=1, temperature=temperature, top_p=top_p, streamer=streamer)[0]
         turns += 1
         if multi_turn:
             history += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]

@@ -23,6 +23,9 @@ from sftune.config import Config
 from sftune.data.templates import resolve_chat_template
 from sftune.errors import ConfigError, SftuneError
 from sftune.console import console
+from sftune.vision_model import attach_processor, model_class
+from sftune.vision_inference import load_vision_model
+from sftune.vision_parts import lora_targets, refuse_on_text_model
 
 ASSETS = Path(__file__).parent / "assets"
 log = logging.getLogger("sftune")
@@ -77,6 +80,9 @@ def load_tokenizer(cfg: Config):
                                               replace_extra_special_tokens=False)
         tok.chat_template = template
     tok.padding_side = "right"
+    vlm = attach_processor(path, tok, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    if not vlm and not cfg.model.tokenizer:  # vision.* keys on a text model: refused before the data
+        refuse_on_text_model(cfg.vision, f"the model '{cfg.model.path}'")
     return tok, n_added
 
 
@@ -105,7 +111,9 @@ def load_pretrained(path: str, *, dtype: str = "auto", init_seed: int | None = N
     dt = torch_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if (p / "adapter_config.json").exists():
+        if (model := load_vision_model(path, tokenizer, dt, init_seed)) is not None:
+            pass  # an image-text-to-text model, its processor on the tokenizer (sftune.vision_inference)
+        elif (p / "adapter_config.json").exists():
             model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dt)
         elif init_seed is not None:
             torch.manual_seed(init_seed)  # as load_model does for model.from_scratch
@@ -173,13 +181,14 @@ def load_model(cfg: Config, tokenizer, n_added: int = 0, device: torch.device | 
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.lora.load_in_4bit:
         kwargs["quantization_config"] = _bnb_config(cfg, device)
+    config = load_model_config(cfg)
+    auto = model_class(config)  # image-text-to-text models load whole (sftune.vision_model)
     if cfg.model.from_scratch:
-        config = load_model_config(cfg)
         torch.manual_seed(cfg.train.seed)
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = auto.from_config(config, **kwargs)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.model.revision, **kwargs)
+            model = auto.from_pretrained(path, revision=cfg.model.revision, **kwargs)
         except Exception as e:
             raise _from_pretrained_error("model", path, e) from None
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -232,6 +241,8 @@ def add_lora(cfg: Config, model):
                   fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 style layers
                   task_type="CAUSAL_LM")
     kwargs.update(adjust)
+    if (targets := lora_targets(cfg, model, (torch.nn.Linear, Conv1D))) is not None:  # vision.lora_parts
+        kwargs["target_modules"] = targets
     if notes and int(os.environ.get("RANK", "0")) == 0:
         for note in notes:
             console.print(note)

@@ -5,7 +5,9 @@ a terminal, or ``NO_COLOR``) each run of trained tokens is marked ``«…»`` in
 object per training sequence in training order, ``{"input_ids", "labels", "position_ids", "text", "rows",
 "source"}``, on stdout; this shape is stable so other tools can check masks against it. ``source`` is
 the label of the source the sequence came from (a list parallel to ``rows`` when packing put examples
-of several sources in one sequence).
+of several sources in one sequence). Image conversations (vision-language models) show each image as
+one placeholder with its size and token count instead of its tokens; ``--json`` adds ``"images"``:
+each image's first token, token count and ``[width, height]``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sftune.data.packing import BatchPlan
 from sftune.data.stream import first_units
 from sftune.data.pipeline import describe_plan
 from sftune.data.tokenize import IGNORE
+from sftune.data.vision_batch import images_of
 from sftune.errors import SftuneError
 from sftune.model import load_model_config, load_tokenizer, resolve_max_length
 from sftune.console import console, out
@@ -40,13 +43,23 @@ def token_pieces(tokenizer, ids) -> list[str]:
     return [tokenizer.decode([int(t)], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in ids]
 
 
-def colored(tokenizer, ids, labels, weights=None, plain: bool = False) -> Text:
+def colored(tokenizer, ids, labels, weights=None, plain: bool = False, images=()) -> Text:
     """Trained tokens green (yellow where a message's weight is not 1), masked tokens dim; with
-    ``plain``, trained runs are also marked «…» so the text reads without colour."""
+    ``plain``, trained runs are also marked «…» so the text reads without colour. ``images``
+    (``{"start", "tokens", "size"}``): each image's tokens shown as one placeholder."""
     text = Text()
     weights = [1.0] * len(ids) if weights is None else weights
     trained_run = False
-    for piece, lab, w in zip(token_pieces(tokenizer, ids), labels, weights):
+    starts = {im["start"]: im for im in images}
+    skip = 0
+    for k, (piece, lab, w) in enumerate(zip(token_pieces(tokenizer, ids), labels, weights)):
+        if k in starts:
+            im = starts[k]
+            skip = im["tokens"]
+            text.append(f"[image {im['size'][0]}x{im['size'][1]}, {im['tokens']} tokens]", style="magenta")
+        if skip:
+            skip -= 1
+            continue
         piece = piece.replace("\n", "↵\n")
         trained = lab != IGNORE
         if plain and trained != trained_run:
@@ -80,9 +93,11 @@ def preview_sequences(cfg: Config, n: int = 3):
     mixed = hasattr(data.train, "source")  # a mixture, or a stream's first window
     sequences = []
     for row in rows_shown:
-        ids, labels, weights, positions, rows = [], [], [], [], []
+        ids, labels, weights, positions, rows, images = [], [], [], [], [], []
         for i in row:
             e_ids, e_labels = data.train.example(i)
+            extras = data.train.extras(i) if getattr(data.train, "has_extras", False) else {}
+            images += [{**im, "start": im["start"] + len(ids)} for im in images_of(extras.get("images"))]
             ids += e_ids.tolist()
             labels += e_labels.tolist()
             weights += [round(float(w), 4) for w in data.train.example_weights(i)]
@@ -90,7 +105,8 @@ def preview_sequences(cfg: Config, n: int = 3):
             rows.append(int(data.train.rows[i]))
         sources = [names[int(data.train.source[i])] if mixed else names[0] for i in row]
         sequences.append({"input_ids": ids, "labels": labels, "weights": weights, "position_ids": positions,
-                          "rows": rows, "source": sources[0] if len(set(sources)) == 1 else sources})
+                          "rows": rows, "source": sources[0] if len(set(sources)) == 1 else sources,
+                          **({"images": images} if images else {})})
     return tokenizer, data, sequences
 
 
@@ -168,11 +184,14 @@ def preview(cfg: Config, n: int = 3, as_json: bool = False) -> None:
             out.print(json.dumps({"input_ids": ids, "labels": labels, "position_ids": positions, **extra,
                                   "text": tokenizer.decode(ids, skip_special_tokens=False,
                                                            clean_up_tokenization_spaces=False),
-                                  "rows": rows, "source": seq["source"]}), markup=False, highlight=False)
+                                  "rows": rows, "source": seq["source"],
+                                  **({"images": seq["images"]} if "images" in seq else {})}),
+                      markup=False, highlight=False)
         else:
             trained = sum(lab != IGNORE for lab in labels)
             console.rule(f"sequence {r}: rows {escape(str(rows))}, {len(ids)} tokens, {trained} trained")
-            console.print(colored(tokenizer, ids, labels, weights, plain=plain_output(console)))
+            console.print(colored(tokenizer, ids, labels, weights, plain=plain_output(console),
+                                  images=seq.get("images", ())))
             tools = tool_summary(tokenizer, data.fmt, data.source, seq)
             if tools:
                 console.print(f"[dim]{escape(tools)}[/]")

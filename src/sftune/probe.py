@@ -60,7 +60,8 @@ def probe_examples(data, k: int = 3, scan: int = 256) -> list[tuple[list[int], l
     out = []
     for i in sorted(order.tolist()):
         ids, labels = data.example(i)
-        out.append(([int(x) for x in ids], [int(x) for x in labels]))
+        extra = data.extras(i) if getattr(data, "has_extras", False) else {}  # images (sftune.data.extras)
+        out.append(([int(x) for x in ids], [int(x) for x in labels]) + ((None, extra) if extra else ()))
     return out
 
 
@@ -73,9 +74,9 @@ def per_example(hidden: torch.Tensor, rows) -> list[torch.Tensor]:
     out = []
     for r, row in enumerate(rows):
         pos = 0
-        for ids, _ in row:
-            out.append(hidden[r, pos:pos + len(ids)])
-            pos += len(ids)
+        for ex in row:
+            out.append(hidden[r, pos:pos + len(ex[0])])
+            pos += len(ex[0])
     return out
 
 
@@ -93,7 +94,8 @@ def _layout_rows(layout: str, examples):
 def _loss(lm, b, doc_bounds, fused: bool) -> float:
     was, lm.fused = lm.fused, fused
     try:
-        return float(lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, doc_bounds))
+        return float(lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, doc_bounds,
+                        model_inputs=b.model_inputs or None))
     finally:
         lm.fused = was
 
@@ -107,8 +109,9 @@ def compare(lm, examples, candidates, fused: bool, device, tol: float | None = N
         ref_hidden, ref_loss = [], 0.0
         for e in examples:  # the plain model on one example, as transformers calls it: no position_ids
             b = _batch([[e]], device)
-            ref_hidden.append(lm.hidden_states(b.input_ids, None)[0].float())
-            logits = lm.logits(b.input_ids, None)[0].index_select(0, b.loss_index)
+            extra = b.model_inputs or None  # images (sftune.data.vision_batch); their positions too
+            ref_hidden.append(lm.hidden_states(b.input_ids, None, model_inputs=extra)[0].float())
+            logits = lm.logits(b.input_ids, None, model_inputs=extra)[0].index_select(0, b.loss_index)
             ref_loss += float(F.cross_entropy(logits.float(), b.loss_targets, reduction="sum"))
         result = {"layout": None, "fused": fused, "diffs": {}, "loss_diff": None, "errors": {}}
         norm = max(abs(ref_loss), 1.0)
@@ -117,7 +120,7 @@ def compare(lm, examples, candidates, fused: bool, device, tol: float | None = N
             b = _batch(rows, device)
             doc_bounds = b.doc_bounds if layout == "flat" else None
             try:
-                hidden = lm.hidden_states(b.input_ids, b.position_ids, doc_bounds).float()
+                hidden = lm.hidden_states(b.input_ids, b.position_ids, doc_bounds, b.model_inputs or None).float()
                 diff = max(_rel_diff(h, r) for h, r in zip(per_example(hidden, rows), ref_hidden))
             except Exception as e:  # noqa: BLE001 - any failure of a candidate is a non-match, with its reason
                 result["diffs"][layout] = float("inf")

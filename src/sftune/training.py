@@ -46,6 +46,7 @@ from sftune.loss import CausalLMWithLoss
 from sftune.model import (add_lora, count_parameters, fast_activations, load_model, load_model_config,
                           load_tokenizer, resolve_max_length)
 from sftune.probe import choose_layout
+from sftune.vision_parts import part_groups, prepare_parts
 from sftune import threads as cpu_threads
 from sftune.report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
@@ -113,7 +114,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) ->
     """AdamW, fused where torch has a fused kernel for the device (CUDA, and CPU since torch 2.4:
     several times faster than foreach and without its temporaries), else foreach."""
     kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
-    groups = param_groups(model, cfg.train.weight_decay)
+    groups = part_groups(param_groups(model, cfg.train.weight_decay), cfg.vision, model)  # vision.lr_*
     if cfg.train.optimizer == "adamw_8bit":  # sftune.levers: bitsandbytes, CUDA only
         return adamw_8bit(groups, kw, device)
     try:
@@ -269,6 +270,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if main:
             console.print("gradient checkpointing: on")
+    prepare_parts(cfg, model, console if main else None)  # vision.*: freeze parts, the tower's checkpointing
     trainable, total = count_parameters(model)
     if main:
         console.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")

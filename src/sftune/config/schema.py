@@ -1,6 +1,6 @@
 """The one typed config: a pydantic schema with a docstring on every field.
 
-:class:`Config` holds the sections ``model``, ``lora``, ``data``, ``train``, ``eval`` and ``distill``; YAML
+:class:`Config` holds the sections ``model``, ``lora``, ``data``, ``train``, ``eval``, ``distill`` and ``vision``; YAML
 recipes mirror them. Loading (recipes, ``key=value`` overrides, closest-key suggestions) is in
 :mod:`sftune.config.loading`.
 """
@@ -12,6 +12,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from sftune.config.distill import DistillConfig
+from sftune.config.vision import VisionConfig
 
 
 class _Section(BaseModel):
@@ -230,6 +231,20 @@ class DataConfig(_Section):
     """Processes for tokenisation. ``None`` uses one process for small data and up to the CPU
     count for large data."""
 
+    images_column: str = "images"
+    """Vision-language models: the column holding each row's images, in order of appearance of the
+    ``{"type": "image"}`` parts (or ``<image>`` placeholders) of its messages. An image is a file
+    path (relative to the data file), bytes, or a ``datasets`` Image value."""
+
+    image_max_pixels: int | None = Field(None, ge=1)
+    """Vision-language models with dynamic resolution (Qwen2-VL family): the most pixels an image
+    is resized to (passed to the processor); fewer pixels, fewer image tokens. ``None``: the
+    processor's own setting."""
+
+    image_min_pixels: int | None = Field(None, ge=1)
+    """Vision-language models with dynamic resolution: the fewest pixels an image is resized to
+    (passed to the processor). ``None``: the processor's own setting."""
+
     sources: list[SourceConfig] | None = None
     """Several datasets mixed by weight (``sftune.data.mixture``): a list of entries, each with its
     own data keys (``path``, ``split``, ``template``, ``limit``, ...; unset keys inherit the
@@ -257,6 +272,13 @@ class DataConfig(_Section):
             raise ValueError("a fractional eval_split must be between 0 and 1, for example 0.05")
         return v
 
+    @model_validator(mode="after")
+    def _check_image_pixels(self):
+        if self.image_min_pixels and self.image_max_pixels and self.image_min_pixels > self.image_max_pixels:
+            raise ValueError(f"data.image_min_pixels={self.image_min_pixels} is above data.image_max_pixels="
+                             f"{self.image_max_pixels}; make the minimum at most the maximum")
+        return self
+
     @field_validator("chat_template_kwargs", mode="before")
     @classmethod
     def _parse_template_kwargs(cls, v):
@@ -273,7 +295,7 @@ class DataConfig(_Section):
 SOURCE_KEYS = ("path", "name", "split", "limit", "remove_columns", "shuffle", "seed", "format", "text_column",
                "template", "prompt", "completion", "train_on_prompt", "messages_column", "train_on",
                "response_template", "instruction_template", "chat_template", "add_eos", "on_bad_row", "encoding",
-               "tools_column", "chat_template_kwargs", "train_reasoning", "stop_token")
+               "tools_column", "chat_template_kwargs", "train_reasoning", "stop_token", "images_column")
 """The data keys a ``data.sources`` entry may set for itself (defined once, from :class:`DataConfig`)."""
 
 
@@ -475,6 +497,8 @@ class Config(_Section):
 
     distill: DistillConfig = DistillConfig()
     """Distillation from a teacher (off unless ``distill.teacher`` or ``distill.saved`` is set)."""
+    vision: VisionConfig = VisionConfig()
+    """Image-text-to-text models: freezing, learning rates, LoRA and checkpointing per part."""
 
     @model_validator(mode="after")
     def _defaults(self):

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import sftune.dashboard.runs as R
+from sftune import vision_inference
 from sftune.errors import SftuneError
 
 STATIC = Path(__file__).parent / "static"
@@ -278,6 +279,9 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
         temperature = float(body.get("temperature") or 0.0)
         loaded, lock = models.get(run, bool(body.get("base")))
         tools = body.get("tools") if isinstance(body.get("tools"), list) and loaded.is_chat else None
+        images = vision_inference.decode_images(body.get("images"))  # base64, shown with the first message
+        vision_inference.need_images_model(loaded.fmt, run.name, images)
+        message, history = vision_inference.first_message_shows(message, history if loaded.is_chat else [], len(images))
         prompt = loaded.prompt_from_text(message, history if loaded.is_chat else None, tools=tools)
         sink = _QueueWriter()
         done = object()
@@ -286,8 +290,8 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
             try:
                 with lock:
                     streamer = Streamer(loaded.tokenizer, set(loaded.fmt.stop_ids(loaded.tokenizer)), sink)
-                    loaded.generate([prompt], max_new_tokens=max_new, batch_size=1, temperature=temperature,
-                                    streamer=streamer)
+                    loaded.generate([prompt], images=[images] if images else None, max_new_tokens=max_new,
+                                    batch_size=1, temperature=temperature, streamer=streamer)
             except Exception as e:  # shown in the reply, not lost in a thread
                 sink.write(f"\n[error: {e}]")
             finally:

@@ -415,6 +415,9 @@ def choose_format(cfg: DataConfig, columns: list[str], tokenizer) -> Format:
         if not (cfg.template or cfg.prompt or cfg.completion) and "prompt" in columns and "completion" in columns:
             cfg = cfg.model_copy(update={"prompt": "prompt", "completion": "completion"})
         return PromptCompletionFormat(cfg)
+    vision = getattr(tokenizer, "sftune_vision_format", None)  # an image-text-to-text model (sftune.vision_model)
+    if vision is not None:
+        return vision(cfg, tokenizer.sftune_processor, msg_col or "messages", find_tools_column(columns, cfg))
     return MessagesFormat(cfg, tokenizer, msg_col or "messages", find_tools_column(columns, cfg))
 
 
@@ -427,6 +430,9 @@ def format_from_identity(cfg: DataConfig | None, tokenizer) -> Format:
             return choose_format(cfg, [], tokenizer)
         except ConfigError:
             pass
+    column = (cfg.messages_column if cfg else None) or "messages"
+    if getattr(tokenizer, "sftune_processor", None) is not None:  # an image-text-to-text model (sftune.data.vision)
+        return tokenizer.sftune_vision_format(cfg or DataConfig(), tokenizer.sftune_processor, column)
     if getattr(tokenizer, "chat_template", None):
-        return MessagesFormat(cfg or DataConfig(), tokenizer, (cfg.messages_column if cfg else None) or "messages")
+        return MessagesFormat(cfg or DataConfig(), tokenizer, column)
     return RawFormat()

@@ -22,6 +22,7 @@ import numpy as np
 from sftune import __version__
 from sftune.config import DataConfig
 from sftune.console import console
+import sftune.data.vision_batch as vision_batch
 from sftune.data.formats import Format, choose_format
 from sftune.data.packing import BatchPlan
 from sftune.data.report import DataReport
@@ -209,6 +210,8 @@ def _report(tok: datasets.Dataset, source: Source, fmt: Format, split: str, max_
         straddled=t.column("straddled").to_numpy(zero_copy_only=False),
         notes=np.asarray(t.column("note").to_pylist(), dtype=object),
     )
+    if "extra_images" in t.column_names:  # vision data: images and tokens per image (sftune.data.vision_batch)
+        rep.images = vision_batch.summary(t.column("extra_images"), skip == "")
     return rep, np.flatnonzero(skip == "")
 
 

@@ -56,6 +56,9 @@ class DataReport:
     model_check: dict = field(default_factory=dict)
     """The start-up equivalence probe (``sftune.probe``): the row layout and loss chosen for the
     model, whether they matched the model run one example at a time, and its ``line``."""
+    images: dict = field(default_factory=dict)
+    """Vision-language data: images in the kept examples, examples with images, image tokens and
+    tokens per image (min / mean / max; ``data.image_max_pixels`` changes them)."""
     sources: list[dict] = field(default_factory=list)
     """Per source of a mixture (``data.sources``): label, path, target share, rows read / used /
     kept, skipped (why), truncated, draws per epoch, and (from the batch plan) examples and tokens
@@ -148,6 +151,10 @@ class DataReport:
             trunc = f"[yellow]{self.truncated}[/] cut at max_length={self.max_length} (rows " \
                     f"{', '.join(map(str, self.truncated_rows))}{', …' if self.truncated > 5 else ''})"
         t.add_row("truncated", trunc)
+        if self.images:
+            im, per = self.images, self.images["tokens_per_image"]
+            t.add_row("images", f"{im['images']:,} in {im['examples']:,} examples, {im['image_tokens']:,} tokens "
+                      f"(per image: min {per['min']}, mean {per['mean']}, max {per['max']}; never trained)")
         if self.length_percentiles:
             p = self.length_percentiles
             t.add_row("tokens/example", f"p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}")

@@ -261,12 +261,14 @@ def check_same_columns(files: dict[str, list[str]], builder: str, encoding: str,
 
 def _load(cfg: DataConfig) -> tuple[datasets.DatasetDict | dict, str]:
     if cfg.path.startswith("builtin:"):
-        from sftune import quickstart
+        from sftune import quickstart, quickstart_vision
 
         name = cfg.path.split(":", 1)[1]
-        if name != "quickstart":
-            raise DataError(f"unknown built-in dataset '{cfg.path}'", hint="the built-in dataset is builtin:quickstart")
-        return quickstart.make_dataset(), "builtin:quickstart"
+        makers = {"quickstart": quickstart.make_dataset, "quickstart-vision": quickstart_vision.make_dataset}
+        if name not in makers:
+            raise DataError(f"unknown built-in dataset '{cfg.path}'",
+                            hint="the built-in datasets are builtin:quickstart and builtin:quickstart-vision")
+        return makers[name](), cfg.path
     path = Path(cfg.path).expanduser()
     if path.exists():
         builder, files = _local_files(path)

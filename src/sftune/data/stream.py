@@ -77,6 +77,9 @@ class Stream:
         for s in specs:
             columns = peek_columns(s.cfg)
             fmt = choose_format(s.cfg, columns, tokenizer)
+            if getattr(fmt, "carries_images", False):  # sftune.data.vision: not carried by streams yet
+                raise ConfigError(f"data.streaming: {s.label} holds image conversations for a vision-language "
+                                  "model, which streams do not carry yet; train it without data.streaming")
             check_columns(SimpleNamespace(column_names=columns), fmt.columns, s.label, f"the {fmt.name} format")
             self.formats.append(fmt)
             self.tokenizers.append(Tokenizer(fmt, tokenizer, max_length, on_bad_row=s.cfg.on_bad_row, source=s.label))

@@ -27,6 +27,7 @@ from sftune.digests import model_snapshot, record_model
 from sftune.distributed import is_sharded, plain_copy
 from sftune.errors import ConfigError, SftuneError
 from sftune.inference import load_for_inference
+from sftune.vision_inference import save_processor
 
 
 from sftune.export.lineage import format_hash, lineage, write_lineage
@@ -43,6 +44,7 @@ def save_tokenizer_and_templates(cfg: Config, tokenizer, fmt: Format, out_dir: P
     template = fmt.export_chat_template(tokenizer)
     if template:
         tokenizer.chat_template = template
+    save_processor(tokenizer, out_dir)  # an image-text-to-text model's processor (sftune.vision_inference)
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / "sftune_config.yaml").write_text(config_to_yaml(resolved_config(cfg, fmt)))
 
@@ -129,6 +131,7 @@ def export_run(run: str, out: str, *, dtype: str = "auto", push_to_hub: str | No
         tokenizer.chat_template = template
     saved = model.to(getattr(torch, dtype)) if dtype != "auto" else model
     saved.save_pretrained(str(out_dir), safe_serialization=True)
+    save_processor(tokenizer, out_dir)
     tokenizer.save_pretrained(str(out_dir))
     if loaded.cfg is not None:
         (out_dir / "sftune_config.yaml").write_text(config_to_yaml(loaded.cfg))

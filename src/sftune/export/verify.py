@@ -18,6 +18,7 @@ from sftune.data.tokenize import SequenceEncoder, special_prefix
 from sftune.digests import check_model
 from sftune.errors import SftuneError
 from sftune.inference import load_for_inference
+from sftune.vision_inference import has_images, row_and_images, verify_image_generation
 
 
 from sftune.export.lineage import LINEAGE, Q8_0_TOLERANCE
@@ -56,6 +57,7 @@ def _cases(fmt: Format, rows: list[dict], n: int, notes: list[str]) -> list[tupl
     cases = []
     for i, row in enumerate(rows):
         try:
+            row, _ = row_and_images(fmt, row)  # image parts as the text formats read them
             prompt = fmt.prompt(row)
             kw: dict = {}
             if hasattr(fmt, "prompt_messages"):  # chat: the row's tools and template kwargs too
@@ -138,6 +140,9 @@ def verify_export(run: str, out: str | Path, *, n: int = 5) -> VerifyResult:
     if gguf_file is not None:
         ids = prefix + tok(cases[0][1], add_special_tokens=False)["input_ids"]
         res.lines.append("  " + _check_gguf_logits(out, gguf_file, ids, res))
+    if has_images(fmt):  # an image-text-to-text model: the export generates from an image as the run does
+        ok, lines = verify_image_generation(loaded, out, rows)
+        res.ok, res.lines = res.ok and ok, res.lines + lines
     return res
 
 

@@ -293,6 +293,15 @@ async function chatView(name) {
   const side = el("input", {type: "checkbox", id: "side"});
   const input = el("input", {id: "message", size: 70, placeholder: "a message, e.g. reverse abcd", autocomplete: "off"});
   const tokens = el("input", {id: "max-tokens", type: "number", value: 64, min: 1, max: 1024, style: "width:5em"});
+  // vision-language runs: an image shown with the conversation's first message (sent as a data URL every turn)
+  const picture = el("input", {type: "file", id: "image", accept: "image/*"});
+  const readPicture = () => new Promise((resolve) => {
+    const f = picture.files && picture.files[0];
+    if (!f) { resolve([]); return; }
+    const r = new FileReader();
+    r.onload = () => resolve([r.result]);
+    r.readAsDataURL(f);
+  });
   const panels = {run: el("div", {class: "panel", id: "panel-run"}, el("b", {}, name)), base: el("div", {class: "panel", id: "panel-base", hidden: true}, el("b", {}, "base model"))};
   const history = {run: [], base: []};
   side.addEventListener("change", () => { panels.base.hidden = !side.checked; });
@@ -304,17 +313,18 @@ async function chatView(name) {
     input.value = "";
     send.disabled = true;
     const which = side.checked ? ["run", "base"] : ["run"];
+    const images = await readPicture();
     await Promise.all(which.map(async (k) => {
       panels[k].append(el("div", {class: "msg user"}, message));
       const reply = el("div", {class: "msg assistant"});
       panels[k].append(reply);
-      const text = await streamInto(reply, {run: name, message, history: history[k], base: k === "base", max_new_tokens: Number(tokens.value)});
+      const text = await streamInto(reply, {run: name, message, history: history[k], base: k === "base", max_new_tokens: Number(tokens.value), images});
       history[k].push({role: "user", content: message}, {role: "assistant", content: text});
     }));
     send.disabled = false;
     input.focus();
-  }}, el("label", {}, "message", input), el("label", {}, "max new tokens", tokens), el("label", {}, "side by side with the base model", side), send,
-    el("button", {type: "button", onclick: () => { history.run = []; history.base = []; for (const p of Object.values(panels)) put(p, p.firstChild); }}, "Reset"));
+  }}, el("label", {}, "message", input), el("label", {}, "max new tokens", tokens), el("label", {}, "side by side with the base model", side), el("label", {title: "vision-language runs"}, "image", picture), send,
+    el("button", {type: "button", onclick: () => { history.run = []; history.base = []; picture.value = ""; for (const p of Object.values(panels)) put(p, p.firstChild); }}, "Reset"));
   put(view, el("h1", {}, "Chat with ", el("a", {href: runLink(name)}, name), " ", badge(d.state)),
     el("p", {class: "muted"}, "Prompts use the run's training format (template or chat template); replies stream as they are generated."),
     d.chat ? form : el("p", {class: "error"}, "This run has no final model yet."), el("div", {class: "panels"}, panels.run, panels.base));
