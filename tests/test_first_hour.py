@@ -159,9 +159,9 @@ def test_alpaca_recipe_on_an_alpaca_file(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "data.remove_columns=[]" in err
     code, _, err = run_cli(base + ["data.remove_columns=[]"], capsys)
     assert code == 2 and "data.template=alpaca" in err
-    code, _, err = run_cli(base + ["data.remove_columns=[]", "data.template=alpaca"], capsys)
+    code, out, err = run_cli(base + ["data.remove_columns=[]", "data.template=alpaca"], capsys)
     assert code == 0, err
-    assert "[train]" in err and "[test]" not in err  # a single file is its own split
+    assert "[train]" in out and "[test]" not in out  # a single file is its own split
 
 
 # ----------------------------------------------------------------------------- 9. smaller

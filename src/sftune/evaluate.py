@@ -26,7 +26,7 @@ from sftune.capabilities import capabilities
 from sftune.config import load_config, parse_override
 from sftune.data.formats import BadRow, Format, TextFormat
 from sftune.data.packing import BatchPlan
-from sftune.data.pipeline import prepare_data
+from sftune.data.chain import prepare
 from sftune.errors import RowSkip
 from sftune.safeio import dumps
 from sftune.generation import generate_with
@@ -159,7 +159,7 @@ def evaluate_loaded(loaded, cfg, *, limit: int | None, max_new_tokens: int, batc
 
     tokenizer = tokenizer or loaded.tokenizer
     max_length = resolve_max_length(cfg, tokenizer, loaded.model.config)
-    data = prepare_data(cfg.data, tokenizer, max_length, fmt=loaded.fmt)
+    data = prepare(cfg.data, tokenizer, max_length, fmt=loaded.fmt, seed=cfg.train.seed)
 
     device = next(loaded.model.parameters()).device
     caps = capabilities(loaded.model)  # the fastest exact layout this model takes (see sftune.capabilities)

@@ -28,12 +28,8 @@ from transformers import get_scheduler
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kwargs, resolve_resume
 from sftune.config import Config, config_to_yaml
-from sftune.data.mixture import fill_trained
-from sftune.data.packing import Batches, BatchPlan
-from sftune.data.position import restore_position, save_position
-from sftune.data.stream import stream_batches, streamed_sources
-from sftune.data.chain import prepare
-from sftune.data.pipeline import PreparedData, describe_plan
+from sftune.data.chain import DataPlan, plan, prepare, require_steps
+from sftune.data.pipeline import PreparedData
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
 from sftune.evaluate import eval_loss, generation_eval, sample_generations
@@ -146,11 +142,11 @@ class Run:
     out_dir: Path
     tokenizer: Any
     data: PreparedData
-    plan: BatchPlan
+    feed: DataPlan
+    """The batches of each step, the data position and the report (:mod:`sftune.data.chain`)."""
     lm: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    batches: Batches
     logger: MetricsLogger
     total_steps: int
     start_step: int = 0
@@ -217,9 +213,8 @@ class Run:
 
     def save(self, step: int) -> None:
         save_checkpoint(self.accelerator, self.out_dir, step,
-                        {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
-                         "total_steps": self.total_steps}, self.cfg.train.keep_checkpoints,
-                        files=save_position(self.batches, self.data, step))  # mixtures' and streams' data position
+                        {"world_size": self.world, "epoch": self.feed.epoch(step), "total_steps": self.total_steps},
+                        self.cfg.train.keep_checkpoints, files=self.feed.position_files(step))
         if self.cluster is not None:
             self.cluster.saved()
         self.logger.notify({"step": step, "event": "save"})
@@ -236,6 +231,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     if resume is True and not list_checkpoints(out_dir):
         raise ConfigError(f"train.resume=true but {out_dir}/checkpoints holds no checkpoint to resume from")
     set_seed(cfg.train.seed)
+    require_steps(cfg)
 
     # data: rows -> formatted sequences -> ids + labels (+ weights)
     n_added = 0
@@ -254,13 +250,10 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     fast_activations(model)
     model = apply_kernels(cfg.model.kernels, model, device)  # model.kernels (sftune.levers)
     choice = choose_layout(cfg, model, data, data.report, console if main else None, device, is_sharded(accelerator))
-    plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                           world_size=accelerator.num_processes, packing=cfg.data.packing, max_length=max_length,
-                           seed=cfg.train.seed, layout=choice.layout,
-                           hidden_size=getattr(model_config, "hidden_size", 768), bucket=bucket_for(cfg))
-    describe_plan(data.report, plan)
-    total_steps = plan.total_steps(cfg.train.max_steps, cfg.train.epochs)
-    fill_trained(data.report, plan, data.train, total_steps)  # per source of data.sources (sftune.data.mixture)
+    feed = plan(cfg, data, tokenizer.pad_token_id, layout=choice.layout, rank=accelerator.process_index,
+                world=accelerator.num_processes, hidden_size=getattr(model_config, "hidden_size", 768),
+                bucket=bucket_for(cfg))
+    total_steps = feed.total_steps
     if main:
         data.report.render(console, title="Training data")
         if cfg.train.eval_every and data.eval is None:
@@ -282,12 +275,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     lm, optimizer = accelerator.prepare(lm, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    batches = stream_batches(cfg, data, plan, tokenizer, accelerator.process_index, accelerator.num_processes,
-                             cfg.train.seed) or \
-        Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"), sinks=sinks)
-    run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
-              total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
+    run = Run(cfg, accelerator, out_dir, tokenizer, data, feed, lm, optimizer, scheduler, logger, total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
                                               accelerator), threads=threads)
 
     # the quickstart's "before": held-out exact match of the untrained model
@@ -298,7 +287,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     if resume:
         state = load_checkpoint(accelerator, out_dir)
         run.start_step = state["step"]
-        restore_position(run.batches, data, state["path"], run.start_step)  # mixtures and streams (sftune.data.position)
+        feed.restore(state["path"], run.start_step)  # a changed mixture or stream is refused
         if main:
             console.print(f"resumed from {state['path']} at step {run.start_step}", markup=False)
             if truncate_metrics(out_dir, run.start_step):  # steps after the checkpoint were abandoned
@@ -327,7 +316,7 @@ class LogWindow:
         if run.world > 1:
             stats = run.accelerator.reduce(stats, reduction="sum")
         elapsed = time.perf_counter() - self.start
-        record = {"step": done, "epoch": round(done / run.plan.steps_per_epoch, 4),
+        record = {"step": done, **run.feed.progress(done),
                   "loss": (stats[0] / stats[1].clamp(min=1e-12)).item(), "lr": run.scheduler.get_last_lr()[0],
                   "tokens_per_s": round(stats[2].item() / max(elapsed, 1e-9), 1), "loss_tokens": int(stats[1].item())}
         if grad_norm is not None:
@@ -366,7 +355,7 @@ def loop(run: Run) -> LoopResult:
             for step in range(run.start_step, run.total_steps):
                 boundary.begin(step)
                 threads.begin()
-                micro_batches = run.batches(step)
+                micro_batches = run.feed(step)
                 # The normaliser: the loss weight of the whole step, over every micro-batch and rank (a
                 # plain token count unless messages carry weights). Each micro-batch's backward takes
                 # loss_sum / normaliser, so 1x8, 4x2 and 2 ranks x 4 give the same gradients; dividing
@@ -458,10 +447,10 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
             console.print(f"[bold]held-out exact match: before {100 * before['exact_match']:.1f}% → "
                           f"after {100 * after['exact_match']:.1f}%[/] ({after['n']} examples)")
     run.logger.log({"step": run.total_steps, "final": True, **{k: v for k, v in metrics.items() if v is not None}})
-    if (sources := streamed_sources(run.batches)) and main:  # what a streamed run read and trained, per source
+    if (sources := run.feed.finish()) and main:  # a stream's report: what it read and trained
         run.logger.log({"step": run.total_steps, "data_sources": sources})
-        run.data.report.sources = sources
         (out_dir / "data_report.json").write_text(dumps(run.data.report.to_dict(), indent=2))
+        run.data.report.render(console, title="Training data (streamed)")
     run.logger.close()
     if main:
         (out_dir / "final_metrics.json").write_text(dumps(metrics, indent=2))

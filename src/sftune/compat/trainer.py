@@ -180,7 +180,7 @@ class SFTTrainer:
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Loss and perplexity on the eval set with the model as it is now (Trainer's ``evaluate``)."""
-        from sftune.data.pipeline import prepare_data
+        from sftune.data.chain import prepare
         from sftune.data.sources import Source, with_row_index
         from sftune.evaluate import eval_loss
         from sftune.loss import CausalLMWithLoss
@@ -197,8 +197,9 @@ class SFTTrainer:
         cfg = self.config
         source = Source(train=with_row_index(ds), eval=None, name="eval_dataset", rows_read=len(ds))
         max_length = resolve_max_length(cfg, self.tokenizer, self.model.config)
-        data = prepare_data(cfg.data.model_copy(update={"eval_split": None}), self.tokenizer, max_length,
-                            source=source, fmt=self.format)
+        data = prepare(cfg.data.model_copy(update={"eval_split": None, "sources": None, "streaming": False}),
+                       self.tokenizer, max_length,
+                       source=source, fmt=self.format, seed=cfg.train.seed)
         device = next(self.model.parameters()).device
         m = eval_loss(CausalLMWithLoss(self.model), data.train, batch_size=cfg.train.batch_size,
                       max_length=max_length, pad_id=self.tokenizer.pad_token_id, device=device,

@@ -451,10 +451,8 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _streaming_needs_max_steps(self):
-        if self.data.streaming and self.train.max_steps is None:
-            raise ValueError("data.streaming=true needs train.max_steps (a stream has no length to count "
-                             "epochs in): set train.max_steps=N")
+    def _sources_not_empty(self):
+        # (data.streaming's need of train.max_steps is training's: sftune.data.chain.plan; preview needs none)
         if self.data.sources is not None and not self.data.sources:
             raise ValueError("data.sources is an empty list: give at least one source, or leave it unset")
         return self

@@ -12,12 +12,14 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import datasets
 import numpy as np
 
 from sftune import __version__
 from sftune.config import DataConfig
+from sftune.data.examples import ExampleSet
 from sftune.data.formats import Format, choose_format
 from sftune.data.packing import BatchPlan
 from sftune.data.report import DataReport
@@ -47,7 +49,8 @@ EXTRA_PREFIX = "extra_"
 
 
 class TokenizedSet:
-    """Kept examples as flat token arrays (zero-copy from the Arrow cache) plus offsets."""
+    """Kept examples as flat token arrays (zero-copy from the Arrow cache) plus offsets: one
+    source's :class:`~sftune.data.examples.ExampleSet`."""
 
     def __init__(self, ds: datasets.Dataset, kept: np.ndarray):
         table = ds.with_format("arrow")[:]
@@ -64,6 +67,7 @@ class TokenizedSet:
         self.rows = np.asarray(table.column("row").to_numpy())[kept]
         self.n_loss = np.asarray(table.column("n_loss").to_numpy())[kept]
         self.w_loss = np.asarray(table.column("w_loss").to_numpy())[kept]
+        self.source = np.zeros(len(kept), dtype=np.int64)  # one source
         # unit weights everywhere: the loss is a plain token mean (the fast path)
         self.weighted = bool(len(self.weights)) and not np.all((self.weights == 0) | (self.weights == 1))
         # data beside the tokens (sftune.data.extras): a column "extra_<kind>" per kind
@@ -95,8 +99,9 @@ class TokenizedSet:
 
 @dataclass
 class PreparedData:
-    train: TokenizedSet
-    eval: TokenizedSet | None
+    train: ExampleSet
+    """The training examples (a streamed run: the first window only)."""
+    eval: ExampleSet | None
     report: DataReport
     eval_report: DataReport | None
     fmt: Format
@@ -104,6 +109,9 @@ class PreparedData:
     max_length: int
     signature: dict | None = None
     """What a mixture's or a stream's data depends on (``sftune.data.position``); None for one source."""
+    stream: Callable[[], Any] | None = None
+    """A streamed run's fresh :class:`~sftune.data.stream.Stream` of its examples (None in memory:
+    ``train`` is then the whole data)."""
 
 
 def tokenizer_signature(tokenizer) -> str:

@@ -56,6 +56,8 @@ class DataReport:
     model_check: dict = field(default_factory=dict)
     """The start-up equivalence probe (``sftune.probe``): the row layout and loss chosen for the
     model, whether they matched the model run one example at a time, and its ``line``."""
+    streamed: bool = False
+    """The data is streamed (``data.streaming``): the counts are what the run read and trained so far."""
     sources: list[dict] = field(default_factory=list)
     """Per source of a mixture (``data.sources``): label, path, target share, rows read / used /
     kept, skipped (why), truncated, draws per epoch, and (from the batch plan) examples and tokens
@@ -124,6 +126,12 @@ class DataReport:
         t.add_row("source", escape(f"{self.source} [{self.split}] as {self.format}"))
         kept = f"{self.kept} kept" if self.kept == self.kept_rows else \
             f"{self.kept_rows} kept as {self.kept} sequences"
+        if self.streamed and not self.rows_read:  # before the first step: nothing read yet
+            t.add_row("rows", "streamed: counted as the run reads them (its report has the totals)")
+            console.print(t)
+            if self.sources:
+                console.print(source_table(self.sources))
+            return
         t.add_row("rows", f"{self.rows_read} read, {self.rows_used} used, {kept}")
         if self.expanded_rows:
             why = "; ".join(escape(w) for w in self.expanded_why)
