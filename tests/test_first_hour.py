@@ -29,7 +29,7 @@ def test_train_is_callable_from_the_package_in_a_fresh_process():
     code = ("from sftune import load_config, train\n"
             "assert callable(train), train\n"
             "import inspect; assert 'cfg' in inspect.signature(train).parameters\n"
-            "import sftune.training as tr; assert tr.Batches and tr.train\n")
+            "import sftune.training as tr; assert tr.DataPlan and tr.train\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 
