@@ -22,7 +22,7 @@ from sftune.capabilities import lora_error_hint, lora_settings
 from sftune.config import Config
 from sftune.data.templates import resolve_chat_template
 from sftune.errors import ConfigError, SftuneError
-from sftune.console import console
+from sftune.console import console, is_main_process
 
 ASSETS = Path(__file__).parent / "assets"
 log = logging.getLogger("sftune")
@@ -232,7 +232,7 @@ def add_lora(cfg: Config, model):
                   fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 style layers
                   task_type="CAUSAL_LM")
     kwargs.update(adjust)
-    if notes and int(os.environ.get("RANK", "0")) == 0:
+    if notes and is_main_process():
         for note in notes:
             console.print(note)
     try:

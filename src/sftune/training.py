@@ -51,7 +51,8 @@ from sftune.probe import choose_layout
 from sftune import threads as cpu_threads
 from sftune.report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
-from sftune.console import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
+from sftune.console import (MetricsLogger, console, is_main_process, quiet_third_party, training_progress,
+                            truncate_metrics)
 
 
 @dataclass
@@ -470,7 +471,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     of every metrics record, see :class:`~sftune.console.MetricsLogger`). The output directory is
     checked and locked first: one run per output directory.
     """
-    main = os.environ.get("RANK", "0") == "0"
+    main = is_main_process()
     if main:
         check_output_dir(Path(cfg.train.output_dir))
     with RunLock(cfg.train.output_dir, enabled=main):

@@ -176,7 +176,9 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set the dotted ``key`` (``data.max_length``) of ``raw``, a config as a dict, to ``value``:
+    the one way an override is applied (the command line, the dashboard)."""
     parts = key.split(".")
     if len(parts) > 2:
         raise _unknown_key_error(key, "the command line")
@@ -261,13 +263,21 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | 
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections (model, data, train, ...).")
         _check_keys(raw, source)
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    for key, value in items:
-        _set_dotted(raw, key, value)
-    _check_keys(raw, "the command line")
+    items = apply_overrides(raw, overrides)
     if name and not raw.get("recipe"):
         raw["recipe"] = name
     return validate_config(raw, source, overridden={k for k, _ in items})
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> list[tuple[str, Any]]:
+    """Apply ``overrides`` (``key=value`` strings or a dict of dotted keys to values) to ``raw`` in
+    place, refusing unknown keys with the closest valid one; returns the ``(key, value)`` pairs."""
+    items = list(overrides.items()) if isinstance(overrides, dict) else \
+        [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        set_dotted(raw, key, value)
+    _check_keys(raw, "the command line")
+    return items
 
 
 def validate_config(raw: dict, source: str = "the config", overridden: set[str] | None = None) -> Config:

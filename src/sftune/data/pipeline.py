@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 
 from sftune import __version__
-from sftune.config import DataConfig
+from sftune.config import TOKENIZATION, DataConfig, keys_with
 from sftune.data.examples import ExampleSet
 from sftune.data.formats import Format, choose_format
 from sftune.data.packing import BatchPlan
@@ -126,11 +126,15 @@ def tokenizer_signature(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+CACHE_VERSION = "v3"
+"""The tokenized cache's layout version: bump it when the tokenized columns change meaning."""
+TOKENIZATION_KEYS = tuple(k.removeprefix("data.") for k in keys_with(TOKENIZATION))
+"""The data keys that change how rows are rendered and tokenized (declared in the schema)."""
+
+
 def _fingerprint(ds: datasets.Dataset, tok_sig: str, cfg: DataConfig, max_length: int, fmt: Format) -> str:
-    keys = ("format", "text_column", "template", "prompt", "completion", "train_on_prompt", "messages_column",
-            "chat_template", "add_eos", "on_bad_row", "train_on", "response_template", "instruction_template")
-    payload = json.dumps([ds._fingerprint, tok_sig, {k: getattr(cfg, k) for k in keys}, max_length, __version__,
-                          type(fmt).__name__, fmt.cache_key(), "v2"], default=str)
+    payload = json.dumps([ds._fingerprint, tok_sig, {k: getattr(cfg, k) for k in TOKENIZATION_KEYS}, max_length,
+                          __version__, type(fmt).__name__, fmt.cache_key(), CACHE_VERSION], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

@@ -15,13 +15,12 @@ import json
 import pickle
 from pathlib import Path
 
+from sftune.config.schema import SOURCE_KEYS
 from sftune.data.mixture import SourceSpec
 from sftune.data.pipeline import tokenizer_signature
 from sftune.errors import DataError
 
 FILE = "data_position.pkl"
-_NOT_FORMAT = {"sources", "num_proc", "streaming", "packing", "pack_buffer", "shuffle_buffer", "eval_split",
-               "eval_limit", "max_length", "weight", "label"}
 
 
 def signature(specs: list[SourceSpec], tokenizer, max_length: int, cfg, seed: int) -> dict:
@@ -31,7 +30,7 @@ def signature(specs: list[SourceSpec], tokenizer, max_length: int, cfg, seed: in
 
     sig = {"sources": [s.label for s in specs], "weights": [round(s.weight, 6) for s in specs],
            "paths": [s.cfg.path for s in specs], "tokenizer": tokenizer_signature(tokenizer),
-           "format": [digest(s.cfg.model_dump(exclude=_NOT_FORMAT)) for s in specs], "max_length": max_length,
+           "format": [digest(s.cfg.model_dump(include=set(SOURCE_KEYS))) for s in specs], "max_length": max_length,
            "seed": seed, "streaming": cfg.streaming, "packing": cfg.packing}
     if cfg.streaming:
         sig.update(pack_buffer=cfg.pack_buffer, shuffle_buffer=cfg.shuffle_buffer)
