@@ -108,3 +108,21 @@ def test_weighted_fused_loss_matches_reference(chunk):
     torch.testing.assert_close(fused.double(), ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gh, h.grad, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(gw, w.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_padding_warning_filter_is_installed_by_the_loss_model_not_at_import(tiny_model_dir):
+    import logging
+    import subprocess
+    import sys
+
+    code = ("import logging, sftune.loss; "
+            "print(len(logging.getLogger('transformers.modeling_utils').filters))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "0"
+    from transformers import AutoModelForCausalLM
+
+    from sftune.loss import CausalLMWithLoss
+
+    CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)))
+    CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)))
+    filters = logging.getLogger("transformers.modeling_utils").filters
+    assert sum(type(f).__name__ == "_DropPaddingWarning" for f in filters) == 1

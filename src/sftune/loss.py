@@ -36,7 +36,15 @@ class _DropPaddingWarning(logging.Filter):
         return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
 
 
-logging.getLogger("transformers.modeling_utils").addFilter(_DropPaddingWarning())
+_PADDING_FILTER = _DropPaddingWarning()
+
+
+def quiet_padding_warning() -> None:
+    """Install the filter above on transformers' logger (once; a loss model does when it is built,
+    so importing sftune changes no logging)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    if _PADDING_FILTER not in logger.filters:
+        logger.addFilter(_PADDING_FILTER)
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -123,6 +131,7 @@ class CausalLMWithLoss(nn.Module):
 
     def __init__(self, model: nn.Module, fused: bool = True, layout: str | None = None):
         super().__init__()
+        quiet_padding_warning()
         self.model = model
         lm = self.causal_lm
         special = logit_transforms(getattr(lm, "config", None))  # softcaps, scales, multipliers after lm_head

@@ -160,7 +160,7 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         model.to(device)
     device = next(model.parameters()).device
     backend, why_backend = choose_attention(device, caps) if "flat" in candidates else ("loop", "")
-    set_backend(backend)
+    set_backend(causal, backend)
     lm = CausalLMWithLoss(model, fused=caps.fused_loss)
     reasons: dict[str, list[str]] = {}
     for k, v in why_not.items():
@@ -188,7 +188,7 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
             if backend != "loop" and res["layout"] != "flat":  # the kernel differed: the per-example loop
                 record["attention_diff"] = res.get("error") or res["diffs"].get("flat")
                 backend, why_backend = "loop", f"{backend} {'failed' if 'error' in res else 'differed'}"
-                set_backend(backend)
+                set_backend(causal, backend)
                 res = compare(lm, examples, candidates, lm.fused, device)
         finally:
             model.train(was)
@@ -229,7 +229,7 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         line += f"; left out {left_out}"
     if layout != "flat":
         disable_varlen(causal)
-        set_backend("loop")
+        set_backend(causal, "loop")
     else:
         record["attention"] = backend
     record.update(layout=layout, fused_loss=fused, line=line.replace("[yellow]", "").replace("[/]", ""))

@@ -253,7 +253,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     choice = choose_layout(cfg, model, data, data.report, console if main else None, device, is_sharded(accelerator))
     feed = plan(cfg, data, tokenizer.pad_token_id, layout=choice.layout, rank=accelerator.process_index,
                 world=accelerator.num_processes, hidden_size=getattr(model_config, "hidden_size", 768),
-                bucket=bucket_for(cfg))
+                bucket=bucket_for(cfg, model))
     total_steps = feed.total_steps
     if main:
         data.report.render(console, title="Training data")
