@@ -32,8 +32,8 @@ from sftune.data.chain import DataPlan, plan, prepare, require_steps
 from sftune.data.pipeline import PreparedData
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
-from sftune.evaluate import eval_loss, generation_eval, sample_generations
-from sftune.export.hf import save_final
+from sftune.eval_metrics import eval_loss, generation_eval, sample_generations
+from sftune.export.save import save_final
 from sftune.faults import NonFiniteGuard, StepBoundary
 from sftune.safeio import disk_errors, dumps
 from sftune.levers import adamw_8bit, apply_kernels, bucket_for, device_metrics, needs_checkpointing

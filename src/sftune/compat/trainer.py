@@ -182,7 +182,7 @@ class SFTTrainer:
         """Loss and perplexity on the eval set with the model as it is now (Trainer's ``evaluate``)."""
         from sftune.data.chain import prepare
         from sftune.data.sources import Source, with_row_index
-        from sftune.evaluate import eval_loss
+        from sftune.eval_metrics import eval_loss
         from sftune.loss import CausalLMWithLoss
         from sftune.model import resolve_max_length
 
