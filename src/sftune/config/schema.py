@@ -7,34 +7,11 @@ recipes mirror them. Loading (recipes, ``key=value`` overrides, closest-key sugg
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Role:
-    """What a key is to the rest of sftune, declared on the field (read with :func:`keys_with`)."""
-
-    name: str
-
-
-PER_SOURCE = Role("per_source")
-"""A ``data.sources`` entry may set it for itself; it is part of a source's data signature, which
-a resume of a mixture or a stream must match (:mod:`sftune.data.position`)."""
-TOKENIZATION = Role("tokenization")
-"""It changes how rows are rendered and tokenized: part of the tokenization cache key
-(:mod:`sftune.data.pipeline`)."""
-UNTRAINED = Role("untrained")
-"""It does not change what is trained: a restart may change it and still resume (:mod:`sftune.cluster`)."""
-
-PerSource = Annotated[T, PER_SOURCE]
-Tokenizing = Annotated[T, PER_SOURCE, TOKENIZATION]
-Untrained = Annotated[T, UNTRAINED]
-
+from sftune.config.roles import PER_SOURCE, UNTRAINED, PerSource, Role, Tokenizing, Untrained
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
@@ -481,13 +458,3 @@ class Config(_Section):
             raise ValueError("data.sources is an empty list: give at least one source, or leave it unset")
         return self
 
-
-def keys_with(role: Role) -> list[str]:
-    """The dotted keys (``data.num_proc``) whose field, or whose whole section, declares ``role``."""
-    out = []
-    for section, field in Config.model_fields.items():
-        model = field.annotation
-        if isinstance(model, type) and issubclass(model, _Section):
-            out += [f"{section}.{name}" for name, sub in model.model_fields.items()
-                    if role in model.section_roles or role in sub.metadata]
-    return out
