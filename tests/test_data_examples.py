@@ -8,7 +8,7 @@ import numpy as np
 from conftest import write_jsonl
 from sftune.config import DataConfig, load_config
 from sftune.data.chain import prepare
-from sftune.data.examples import Example, ExampleList, ExampleSet
+from sftune.data.examples import ExampleList, ExampleSet, StreamExample
 
 
 def _rows(n, tag):
@@ -32,8 +32,8 @@ def test_every_set_implements_the_interface(tiny_tokenizer, tmp_path):
 
 
 def test_stream_examples_are_named_and_carry_extras():
-    e = Example(np.array([1, 2, 3]), np.array([-100, 2, 3]), None, 1, 7, {"teacher": [0.5]})
-    plain = Example(np.array([4, 5]), np.array([-100, 5]), None, 0, 2)
+    e = StreamExample(np.array([1, 2, 3]), np.array([-100, 2, 3]), None, 1, 7, {"teacher": [0.5]})
+    plain = StreamExample(np.array([4, 5]), np.array([-100, 5]), None, 0, 2)
     s = ExampleList([e, plain])
     assert s.has_extras and s.extras(0) == {"teacher": [0.5]} and s.extras(1) == {}
     assert s.source.tolist() == [1, 0] and s.rows.tolist() == [7, 2] and s.n_loss.tolist() == [2, 1]

@@ -116,12 +116,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
                                            row_weights)
 
 
-def reference_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Plain summed cross-entropy over targets != -100 (the reference the fused loss must match)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-
-
 class CausalLMWithLoss(nn.Module):
     """A causal LM whose forward returns the summed token loss of a batch.
 

@@ -116,7 +116,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) ->
     several times faster than foreach and without its temporaries), else foreach."""
     kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
     groups = param_groups(model, cfg.train.weight_decay)
-    if cfg.train.optimizer == "adamw_8bit":  # sftune.levers: bitsandbytes, CUDA only
+    if cfg.train.optimizer == "adamw_8bit":  # half the optimizer memory; bitsandbytes, CUDA only
         return adamw_8bit(groups, kw, device)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
@@ -226,9 +226,9 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     quiet_third_party()
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
-    threads = cpu_threads.for_training(cfg.train.num_threads, device, main)  # train.num_threads (sftune.threads)
+    threads = cpu_threads.for_training(cfg.train.num_threads, device, main)  # the cores idle now, not all of them
     out_dir = Path(cfg.train.output_dir)
-    resume = resolve_resume(cfg, out_dir, accelerator.num_processes, main)  # train.resume=auto (sftune.cluster)
+    resume = resolve_resume(cfg, out_dir, accelerator.num_processes, main)  # a restarted job continues its own run
     if resume is True and not list_checkpoints(out_dir):
         raise ConfigError(f"train.resume=true but {out_dir}/checkpoints holds no checkpoint to resume from")
     set_seed(cfg.train.seed)
@@ -249,7 +249,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     elif cfg.lora.enabled and not hasattr(model, "peft_config"):
         model = add_lora(cfg, model)
     fast_activations(model)
-    model = apply_kernels(cfg.model.kernels, model, device)  # model.kernels (sftune.levers)
+    model = apply_kernels(cfg.model.kernels, model, device)  # before the probe, so it checks the patched model
     choice = choose_layout(cfg, model, data, data.report, console if main else None, device, is_sharded(accelerator))
     feed = plan(cfg, data, tokenizer.pad_token_id, layout=choice.layout, rank=accelerator.process_index,
                 world=accelerator.num_processes, hidden_size=getattr(model_config, "hidden_size", 768),
@@ -260,7 +260,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
         if cfg.train.eval_every and data.eval is None:
             console.print(f"note: train.eval_every={cfg.train.eval_every} is ignored: the data has no eval split "
                           "(set data.eval_split, e.g. data.eval_split=0.05)")
-    if needs_checkpointing(cfg, model_config, max_length, device, model):  # model.gradient_checkpointing
+    if needs_checkpointing(cfg, model_config, max_length, device, model):  # when the activations would not fit
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if main:
             console.print("gradient checkpointing: on")
@@ -324,7 +324,7 @@ class LogWindow:
             record["grad_norm"] = float(grad_norm)
         if skipped:
             record["skipped_steps"] = len(skipped)
-        record.update(device_metrics(run.device))  # peak GPU memory on CUDA (sftune.levers)
+        record.update(device_metrics(run.device))  # peak GPU memory on CUDA
         self.__init__(self.loss.device)
         return record
 
@@ -349,7 +349,7 @@ def loop(run: Run) -> LoopResult:
     progress = training_progress(run.main)
     threads = run.threads or cpu_threads.Pinned()  # CPU threads fitted to the machine between steps
     try:
-        run.cluster.watch(boundary)  # SIGTERM too (sftune.cluster)
+        run.cluster.watch(boundary)  # a SIGTERM stops at a step boundary as Ctrl-C does
         with progress:
             task = progress.add_task("train", total=run.total_steps, completed=run.start_step, loss="-", lr="-",
                                      tps="-", ckpt="")
@@ -413,7 +413,7 @@ def loop(run: Run) -> LoopResult:
     except KeyboardInterrupt as stop:
         run.cluster.watch(None)  # a further SIGTERM must not abort the save below
         step = boundary.rewind(optimizer)  # the partial step is undone, RNG included
-        preempted = isinstance(stop, Preempted)  # SIGTERM (sftune.cluster)
+        preempted = isinstance(stop, Preempted)  # SIGTERM: the scheduler wants the node back
         if run.main:
             console.print(f"\n[yellow]{'preempted' if preempted else 'interrupted'}: saving a checkpoint at step {step}[/]")
         run.save(step)
@@ -476,7 +476,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
         check_output_dir(Path(cfg.train.output_dir))
     with RunLock(cfg.train.output_dir, enabled=main):
         run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt, sinks=sinks)
-        with run.cluster.handling():  # SIGTERM = Ctrl-C, then exit status 75 (sftune.cluster)
+        with run.cluster.handling():  # SIGTERM = Ctrl-C, then exit status 75 (requeue me)
             result = loop(run)
             if result.interrupted:
                 out = TrainResult(str(run.out_dir), result.step, result.last_loss, interrupted=True,

@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from sftune.compat.trl07 import RUN_FILES, _as_dataset
+from sftune.compat.trl07 import RUN_FILES, as_dataset
 from sftune.compat.trl07 import build as build_trl07
 from sftune.compat.trl1 import UNSUPPORTED_ARGS, SFTConfig, dataset_type, prompt_completion_messages
 from sftune.compat.trl1 import build as build_trl1
@@ -189,7 +189,7 @@ class SFTTrainer:
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise SftuneError("evaluate() needs an eval set: pass eval_dataset= to SFTTrainer or to evaluate()")
-        ds = _as_dataset(ds, "eval_dataset")
+        ds = as_dataset(ds, "eval_dataset")
         if eval_dataset is not None and self.api == "TRL 1.x" and self.config.data.format == "messages" and \
                 dataset_type(ds, self.args.dataset_text_field) == "conversational_prompt_completion":
             ds = prompt_completion_messages(ds)

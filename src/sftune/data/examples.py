@@ -44,7 +44,7 @@ class ExampleSet(Protocol):
         """Example ``i``'s data beside its tokens, ``{kind: payload}`` (``{}`` for text)."""
 
 
-class Example(NamedTuple):
+class StreamExample(NamedTuple):
     """One tokenized example as a stream carries it."""
 
     ids: np.ndarray
@@ -60,9 +60,9 @@ class Example(NamedTuple):
 
 
 class ExampleList:
-    """A list of :class:`Example` behind the :class:`ExampleSet` interface."""
+    """A list of :class:`StreamExample` behind the :class:`ExampleSet` interface."""
 
-    def __init__(self, examples: list[Example]):
+    def __init__(self, examples: list[StreamExample]):
         self.items = examples
         self.lengths = np.asarray([len(e.ids) for e in examples], dtype=np.int64)
         self.rows = np.asarray([e.row for e in examples], dtype=np.int64)

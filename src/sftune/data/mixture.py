@@ -31,6 +31,12 @@ import numpy as np
 from sftune.config import DataConfig
 from sftune.data.report import DataReport
 
+MIXTURE_TAG = 0x6D6978
+"""RNG stream tag ("mix") of the mixture's offset, beside the seed."""
+PASS_TAG = 0x736F75
+"""RNG stream tag ("sou") of a source's shuffle in each pass, beside the seed, the source and the pass."""
+
+
 @dataclass
 class SourceSpec:
     """One source, resolved: its full data config, its normalised weight and its display label."""
@@ -77,7 +83,7 @@ class Mixture:
         self.cum = np.cumsum(self.weights)
         self.cum[-1] = 2.0  # the last interval takes every point up to 1
         self.seed = seed
-        self.offset = np.random.default_rng([seed, 0x6D6978]).integers(0, 2**64, dtype=np.uint64)
+        self.offset = np.random.default_rng([seed, MIXTURE_TAG]).integers(0, 2**64, dtype=np.uint64)
 
     def sources(self, start: int, stop: int) -> np.ndarray:
         """The source index of each global example index in ``[start, stop)``."""
@@ -88,7 +94,7 @@ class Mixture:
 
 def pass_order(seed: int, source: int, n: int, p: int) -> np.ndarray:
     """The order in which a source of ``n`` examples is drawn in its pass ``p`` (a new shuffle per pass)."""
-    return np.random.default_rng([seed, 0x736F75, source, p]).permutation(n)
+    return np.random.default_rng([seed, PASS_TAG, source, p]).permutation(n)
 
 
 def draw(mixture: Mixture, sizes: list[int], seed: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

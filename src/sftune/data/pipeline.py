@@ -24,7 +24,7 @@ from sftune.data.formats import Format, choose_format
 from sftune.data.packing import BatchPlan
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns, load_source
-from sftune.data.tokenize import Tokenizer
+from sftune.data.tokenize import RowTokenizer
 from sftune.errors import DataError
 
 _FEATURES = datasets.Features({
@@ -147,8 +147,8 @@ def _num_proc(cfg: DataConfig, n_rows: int) -> int | None:
 def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig, max_length: int,
                    source: str) -> datasets.Dataset:
     own = getattr(fmt, "map_function", None)  # a format with no text (sftune.data.pretokenized) maps rows itself
-    fn = own(tokenizer, max_length, source) if own else Tokenizer(fmt, tokenizer, max_length,
-                                                                   on_bad_row=cfg.on_bad_row, source=source).table
+    fn = own(tokenizer, max_length, source) if own else RowTokenizer(fmt, tokenizer, max_length,
+                                                                      on_bad_row=cfg.on_bad_row, source=source).table
     fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length, fmt)
     quiet = len(ds) < 20_000 and datasets.is_progress_bar_enabled()  # leave a caller's setting as it was
     if quiet:
@@ -225,7 +225,7 @@ def nothing_to_learn(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConf
     if not too_long:
         return
     sample = ds.select(range(min(len(ds), 2000)))
-    out = Tokenizer(fmt, tokenizer, 10**9, on_bad_row="skip", source="")(sample.to_dict())
+    out = RowTokenizer(fmt, tokenizer, 10**9, on_bad_row="skip", source="")(sample.to_dict())
     firsts = [next(i for i, lab in enumerate(labels) if lab != -100) for labels, skip in
               zip(out["labels"], out["skip"]) if not skip]
     if not firsts:

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from sftune.data.examples import Example, ExampleList
+from sftune.data.examples import ExampleList, StreamExample
 from sftune.data.formats import choose_format
 from sftune.data.mixture import Mixture, SourceSpec
 from sftune.data.packing import best_fit_decreasing
@@ -38,7 +38,7 @@ from sftune.data.pipeline import EXTRA_PREFIX, PreparedData
 from sftune.data.readers import RowReader, peek_columns
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns
-from sftune.data.tokenize import Tokenizer
+from sftune.data.tokenize import RowTokenizer
 from sftune.errors import ConfigError
 
 CHUNK = 64
@@ -74,7 +74,7 @@ def _counts() -> dict:
 
 
 class Stream:
-    """The chain up to packed units (lists of :class:`~sftune.data.examples.Example`)."""
+    """The chain up to packed units (lists of :class:`~sftune.data.examples.StreamExample`)."""
 
     @classmethod
     def for_run(cls, specs: list[SourceSpec], cfg, tokenizer, max_length: int, seed: int) -> "Stream":
@@ -93,7 +93,8 @@ class Stream:
             fmt = choose_format(s.cfg, columns, tokenizer)
             check_columns(SimpleNamespace(column_names=columns), fmt.columns, s.label, f"the {fmt.name} format")
             self.formats.append(fmt)
-            self.tokenizers.append(Tokenizer(fmt, tokenizer, max_length, on_bad_row=s.cfg.on_bad_row, source=s.label))
+            self.tokenizers.append(RowTokenizer(fmt, tokenizer, max_length, on_bad_row=s.cfg.on_bad_row,
+                                                source=s.label))
         self.buffers = [ShuffleBuffer(RowReader(s.cfg, i, seed), shuffle_buffer, [seed, SHUFFLE_TAG, i])
                         for i, s in enumerate(specs)]
         self.index = 0  # the mixture's next global example index
@@ -131,13 +132,13 @@ class Stream:
                 weights = None if np.all((w == 0) | (w == 1)) else w
                 extras = {key[len(EXTRA_PREFIX):]: out[key][k] for key in out
                           if key.startswith(EXTRA_PREFIX) and out[key][k] is not None}
-                out_by_pos.setdefault(p, []).append(Example(np.asarray(out["input_ids"][k], dtype=np.int32),
+                out_by_pos.setdefault(p, []).append(StreamExample(np.asarray(out["input_ids"][k], dtype=np.int32),
                                                             np.asarray(out["labels"][k], dtype=np.int32), weights,
                                                             s, row_no, extras or None))
         for p in sorted(out_by_pos):
             self.pending.extend(out_by_pos[p])
 
-    def next_example(self) -> Example:
+    def next_example(self) -> StreamExample:
         """The next tokenized example, in the mixture's order (before packing)."""
         while not self.pending:
             self._tokenize_chunk()
