@@ -14,8 +14,8 @@ response, ``max_length`` 1024.
 Modes:
   sftune     ``sftune preview``'s path: ``load_config`` -> ``load_tokenizer`` -> ``prepare_data``
              (load, render, tokenize with labels, data report), sftune's default ``num_proc``
-  streaming  the same with ``data.streaming=true``: reported "not available" when this version of
-             sftune has no such key
+  streaming  the same with ``data.streaming=true``: one pass of the rows through the stream (read,
+             shuffle buffer, format, tokenize); "not available" when this version has no such key
   trl        TRL's ``SFTTrainer`` as a user runs it: the rows mapped to prompt/completion with the
              same Alpaca template, then ``SFTTrainer(...)`` (its dataset preparation: tokenization,
              completion mask, truncation) with a tiny GPT-2 model, TRL's defaults otherwise
@@ -97,9 +97,13 @@ def default_num_proc(n_rows: int) -> int | None:
 
 def child_sftune(path: str, streaming: bool) -> dict:
     from sftune.config import load_config
-    from sftune.data.pipeline import prepare_data
     from sftune.errors import ConfigError
     from sftune.model import load_tokenizer
+
+    try:
+        from sftune.data.chain import prepare
+    except ImportError:  # an older checkout: the one-source pipeline
+        from sftune.data.pipeline import prepare_data as prepare
 
     over = {"model.path": str(TOKENIZER), "data.path": path, "data.template": "alpaca",
             "data.max_length": MAX_LENGTH}
@@ -108,22 +112,25 @@ def child_sftune(path: str, streaming: bool) -> dict:
     try:
         cfg = load_config(None, over)
     except ConfigError as e:
-        if streaming:
+        if streaming and "streaming" in str(e) and "max_steps" not in str(e):  # an unknown key, not a refusal
             return {"unavailable": f"data.streaming is not a key of this version ({str(e).splitlines()[0][:120]})"}
         raise
     tok, _ = load_tokenizer(cfg)
     start, cpu = time.perf_counter(), cpu_seconds()
-    data = prepare_data(cfg.data, tok, MAX_LENGTH)
-    train = data.train
-    if hasattr(train, "lengths"):
-        examples, tokens = len(train), int(train.lengths.sum())
-    else:  # a stream: consume it
+    data = prepare(cfg.data, tok, MAX_LENGTH)
+    rows = data.report.rows_read
+    if getattr(data, "stream", None) is None:
+        examples, tokens = len(data.train), int(data.train.lengths.sum())
+    else:  # a stream: read one pass of the rows through the chain (format, tokenize)
+        stream = data.stream()
+        with open(path, "rb") as f:
+            rows = sum(1 for _ in f)
         examples = tokens = 0
-        for ex in train:
+        while stream.counts[0]["rows_read"] < rows:
             examples += 1
-            tokens += len(ex["input_ids"] if isinstance(ex, dict) else ex[0])
+            tokens += len(stream.next_example().ids)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-    return {"seconds": seconds, "cpu": cpu, "examples": examples, "tokens": tokens, "rows": data.report.rows_read}
+    return {"seconds": seconds, "cpu": cpu, "examples": examples, "tokens": tokens, "rows": rows}
 
 
 def child_trl(path: str, num_proc: int | None) -> dict:

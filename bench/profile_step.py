@@ -68,7 +68,7 @@ def main() -> int:
 
     data = Data()
     plan = BatchPlan.build([len(e[0]) for e in examples], batch_size=8, grad_accum=1, packing=False,
-                           max_length=vs_trl.MAX_LENGTH, seed=0, flat=True)
+                           max_length=vs_trl.MAX_LENGTH, seed=0, layout="flat")
     steps = plan.epoch_steps(0)
     lm = CausalLMWithLoss(model)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)

@@ -46,7 +46,7 @@ def _arm() -> None:
 
         training.save_checkpoint = save_then_die
 
-    original = training.Batches.__call__
+    original = training.DataPlan.__call__
 
     def batches(self, step):
         if die_step is not None and step == int(die_step) and rank == os.environ.get("SFTUNE_TEST_DIE_RANK", "1"):
@@ -55,7 +55,7 @@ def _arm() -> None:
             os.kill(os.getppid(), signal.SIGTERM)
         return original(self, step)
 
-    training.Batches.__call__ = batches
+    training.DataPlan.__call__ = batches
 
 
 if __name__ == "__main__":

@@ -83,3 +83,20 @@ def test_packed_per_example_logits_match(tiny_model_dir):
                        use_cache=False).logits[0]
     torch.testing.assert_close(packed[:10], la, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[10:], lb, rtol=1e-5, atol=1e-5)
+
+
+def test_the_backend_belongs_to_its_model(tiny_model_dir):
+    """Two models in one process (the dashboard, eval --baseline) keep their own flat-row kernel;
+    a wrapper answers for the model inside it."""
+    from transformers import AutoModelForCausalLM
+
+    from sftune import attention
+    from sftune.loss import CausalLMWithLoss
+
+    a = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    b = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    attention.set_backend(a, "flex")
+    assert attention.get_backend(a) == "flex" and attention.get_backend(b) == "loop"
+    assert attention.get_backend(CausalLMWithLoss(a)) == "flex"
+    assert all(getattr(m, attention.BACKEND_ATTR) == "flex" for m in a.modules())
+    assert not any(attention.BACKEND_ATTR in k for k in a.state_dict())

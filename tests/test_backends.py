@@ -30,7 +30,6 @@ FLASH = CUDA and importlib.util.find_spec("flash_attn") is not None
 @pytest.fixture
 def backend():
     yield attention.set_backend
-    attention.set_backend("loop")
 
 
 def flat_logits(model, exs, device="cpu", grad=False):
@@ -69,9 +68,9 @@ def test_flex_matches_the_model_on_cpu(name, backend):
     model = build(name)
     exs = examples()
     ref, _, _ = reference(model, exs)
-    backend("loop")
+    backend(model, "loop")
     loop, _, _ = flat_logits(model, exs)
-    backend("flex")
+    backend(model, "flex")
     flex, _, _ = flat_logits(model, exs)
     assert max_logit_diff(loop, ref) < 2e-4
     assert max_logit_diff(flex, ref) < 2e-4, (name, max_logit_diff(flex, ref))
@@ -84,8 +83,8 @@ def test_flex_is_not_the_loop_by_accident(backend, monkeypatch):
     calls = []
     real = backends.flex_forward
     monkeypatch.setattr(backends, "flex_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    backend("flex")
     model = build("llama")
+    backend(model, "flex")
     flat_logits(model, examples())
     assert len(calls) == model.config.num_hidden_layers
 
@@ -96,16 +95,19 @@ def test_probe_uses_and_reports_the_backend(backend, monkeypatch):
     monkeypatch.setenv("SFTUNE_ATTENTION", "flex")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        choice = probe(build("mistral"))
+        model = build("mistral")
+        choice = probe(model)
     assert choice.layout == "flat" and choice.record["attention"] == "flex"
-    assert attention.get_backend() == "flex"
+    assert attention.get_backend(model) == "flex"
+    other = build("llama")  # another model in the same process keeps its own kernel
+    assert attention.get_backend(other) == "loop"
 
 
 def _grads_match(name, kernel):
     model = build(name).cuda()
     exs = examples()
     ref_logits, ref_loss, ref_grads = reference(model, exs)
-    attention.set_backend(kernel)
+    attention.set_backend(model, kernel)
     model.train()
     logits, lm, b = flat_logits(model, exs, "cuda", grad=True)
     loss = lm(b.input_ids, b.position_ids, b.loss_index, b.loss_targets, b.doc_bounds)
@@ -142,16 +144,18 @@ def test_probe_falls_back_to_the_loop_when_the_kernel_is_wrong(fault, backend, m
 
     monkeypatch.setenv("SFTUNE_ATTENTION", "flex")
     monkeypatch.setattr(backends, "flex_forward", broken)
-    choice = probe(build("llama"))
+    model = build("llama")
+    choice = probe(model)
     assert choice.layout == "flat" and choice.record["attention"] == "loop"
-    assert attention.get_backend() == "loop" and choice.record["attention_diff"]
+    assert attention.get_backend(model) == "loop" and choice.record["attention_diff"]
 
 
 def test_flex_rows_are_bucketed(backend):
     from sftune.config import Config
     from sftune.levers import bucket_for
 
-    backend("flex")
-    assert bucket_for(Config()) == 128
-    backend("loop")
-    assert bucket_for(Config()) == 0
+    model = build("llama")
+    backend(model, "flex")
+    assert bucket_for(Config(), model) == 128 and bucket_for(Config()) == 0
+    backend(model, "loop")
+    assert bucket_for(Config(), model) == 0

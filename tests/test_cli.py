@@ -66,7 +66,7 @@ def test_preview_colored_text(tiny_model_dir, tmp_path, capsys):
     code, out, err = run_cli(["preview", "codealpaca", f"model.path={tiny_model_dir}", f"data.path={f}", "-n", "1",
                               "data.packing=true"], capsys)
     assert code == 0, err
-    assert "### Question: What?" in err and "packing" in err
+    assert "### Question: What?" in out and "packing" in out  # the view is the output (stdout)
 
 
 def _tutorial_data(tmp_path):

@@ -71,3 +71,16 @@ def test_duplicate_yaml_keys_name_both_lines(tmp_path, capsys):
     code = main(["config", str(recipe)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "'train' appears twice: on line 1 and on line 5" in err
+
+
+def test_one_dotted_override_function():
+    """The command line and the dashboard apply overrides with the same function: nested sections,
+    whole-section values and the closest-key refusal."""
+    from sftune.config import apply_overrides, validate_config
+
+    raw = {"data": {"max_length": 64}}
+    items = apply_overrides(raw, ["data.max_length=128", "train.lr=0.5", "recipe=x"])
+    assert raw == {"data": {"max_length": 128}, "train": {"lr": 0.5}, "recipe": "x"} and len(items) == 3
+    assert validate_config(raw).data.max_length == 128
+    with pytest.raises(ConfigError, match="data.max_length"):
+        apply_overrides({}, {"data.max_len": 3})

@@ -51,7 +51,8 @@ class _Set:
         self.rows = np.arange(len(lengths))
         self.n_loss = self.lengths // 2
         self.w_loss = self.n_loss.astype(float)
-        self.weighted = False
+        self.weighted = self.has_extras = False
+        self.source = np.zeros(len(lengths), dtype=np.int64)
 
     def __len__(self):
         return len(self.lengths)
@@ -81,8 +82,10 @@ def test_bad_source_keys_are_clear_errors():
         load_config(None, {"data.sources": [{"path": "a.jsonl", "promt": "x"}]})
     with pytest.raises(ConfigError, match="weight"):
         load_config(None, {"data.sources": [{"path": "a.jsonl", "weight": 0}]})
-    with pytest.raises(ConfigError, match="train.max_steps"):
-        load_config(None, {"data.streaming": True})
+    from sftune.data.chain import require_steps
+
+    with pytest.raises(ConfigError, match="train.max_steps"):  # training asks for it; preview does not
+        require_steps(load_config(None, {"data.streaming": True}))
 
 
 @pytest.fixture()

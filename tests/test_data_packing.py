@@ -95,7 +95,7 @@ def test_unpacked_micro_batches_are_laid_out_padding_free():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 500, size=400)
     plan = BatchPlan.build(lengths, batch_size=8, grad_accum=1, packing=False, max_length=512, seed=0)
-    flat = BatchPlan.build(lengths, batch_size=8, grad_accum=1, packing=False, max_length=512, seed=0, flat=True)
+    flat = BatchPlan.build(lengths, batch_size=8, grad_accum=1, packing=False, max_length=512, seed=0, layout="flat")
     for step in plan.epoch_steps(0)[:10]:
         (mb,) = plan.micro_batches(step)
         rows = plan.layout(mb)

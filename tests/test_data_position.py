@@ -13,22 +13,19 @@ from test_data_stream import _rows, _stream
 
 
 def test_changed_data_is_refused_on_resume(tmp_path, tiny_tokenizer):
-    from types import SimpleNamespace
-
     a = write_jsonl(tmp_path / "a.jsonl", _rows(20))
     b = write_jsonl(tmp_path / "b.jsonl", _rows(20))
     sig = {"sources": ["a", "b"], "weights": [0.5, 0.5], "tokenizer": "t1"}
     saved = StreamBatches(_stream([a, b], [1, 1], tokenizer=tiny_tokenizer), None, 0, 0, 1)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    for name, content in save_position(saved, SimpleNamespace(signature=sig), 0).items():
+    for name, content in save_position(sig, saved.state_at(0), 0).items():
         (ckpt / name).write_bytes(content)
-    changed = SimpleNamespace(signature={**sig, "weights": [0.75, 0.25], "tokenizer": "t2"})
+    changed = {**sig, "weights": [0.75, 0.25], "tokenizer": "t2"}
     with pytest.raises(DataError, match=r"weights: \[0.5, 0.5\] -> \[0.75, 0.25\]; tokenizer: t1 -> t2"):
-        restore_position(StreamBatches(_stream([a, b], [3, 1], tokenizer=tiny_tokenizer), None, 0, 0, 1), changed,
-                         ckpt, 0)
-    restore_position(StreamBatches(_stream([a, b], [1, 1], tokenizer=tiny_tokenizer), None, 0, 0, 1),
-                     SimpleNamespace(signature=sig), ckpt, 0)
+        restore_position(changed, ckpt)
+    state = restore_position(sig, ckpt)
+    assert state["index"] == saved.stream.state_dict()["index"]  # the stream position, to continue from
 
 
 def test_a_changed_mixture_is_refused_on_resume(tiny_model_dir, tmp_path):

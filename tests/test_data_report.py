@@ -37,3 +37,23 @@ def test_render_names_the_source_and_the_skips():
         report().render(console, title="Training data")
     text = cap.get()
     assert "Training data" in text and "f.jsonl [train]" in text and "empty completion" in text
+
+
+def test_source_table_fits_80_columns_with_long_paths():
+    """Long paths show as their file name, one line per source; the JSON keeps the path."""
+    from rich.console import Console
+
+    from sftune.data.report import short_labels, source_table
+
+    deep = "/very/long/directory/name/that/goes/on/and/on/for/a/while/data/"
+    sources = [{"label": deep + "train_conversations.jsonl", "path": deep + "train_conversations.jsonl",
+                "target_share": 0.5, "share_per_epoch": 0.5, "rows_read": 10, "kept": 10, "skipped": {},
+                "truncated": 0},
+               {"label": "code", "path": deep + "code.jsonl", "target_share": 0.5, "share_per_epoch": 0.5,
+                "rows_read": 10, "kept": 10, "skipped": {}, "truncated": 0}]
+    assert short_labels(sources) == ["train_conversations.jsonl", "code"]
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(source_table(sources))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert sum("train_conversations" in line for line in lines) == 1 and sum("code" in line for line in lines) == 1

@@ -28,7 +28,7 @@ def _stream(files, weights, *, packing=True, pack_buffer=8, shuffle_buffer=4, se
 
 
 def _units(stream, n):
-    return [[(e[0].tolist(), e[1].tolist(), e[3], e[4]) for e in stream.next_unit()] for _ in range(n)]
+    return [[(e.ids.tolist(), e.labels.tolist(), e.source, e.row) for e in stream.next_unit()] for _ in range(n)]
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -110,7 +110,7 @@ def test_streamed_mixture_resumes_bit_exactly(tiny_model_dir, tmp_path):
 
     for resume, at_unit in ((False, 7), (True, 5)):  # units 7 (step 3) and 5 after the resume (step 6)
         run = setup(train_config(tiny_model_dir, qa, tmp_path / "cut", **over, **{"train.resume": resume}))
-        stream, taken = run.batches.stream, {"n": 0}
+        stream, taken = run.feed.batches.stream, {"n": 0}
         next_unit = stream.next_unit
 
         def interrupting(next_unit=next_unit, taken=taken, at_unit=at_unit):
@@ -188,10 +188,15 @@ def test_preview_json_shows_the_stream_in_order_with_sources(tiny_model_dir, tin
 
     qa = write_jsonl(tmp_path / "qa.jsonl", _rows(20))
     sources = [{"path": str(qa), "weight": 1, "label": "one"}, {"path": str(qa), "weight": 1, "label": "two"}]
-    args = ["preview", "codealpaca", f"model.path={tiny_model_dir}", "data.streaming=true", "train.max_steps=5",
+    args = ["preview", "codealpaca", f"model.path={tiny_model_dir}", "data.streaming=true",  # no max_steps: none trained
             "data.sources=" + json.dumps(sources), "-n", "6", "--json"]
     assert main(args) == 0
     seqs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(seqs) == 6 and {s["source"] for s in seqs} == {"one", "two"}
     s = _stream([qa, qa], [1, 1], packing=False, tokenizer=tiny_tokenizer, seed=42, shuffle_buffer=1000)
-    assert [u[0][0] for u in _units(s, 6)] == [q["input_ids"] for q in seqs]
+    first = [u[0][0] for u in _units(s, 64)]
+    shown = []  # each sequence is a training row: its examples start where position_ids restart
+    for q in seqs:
+        starts = [k for k, p in enumerate(q["position_ids"]) if p == 0] + [len(q["input_ids"])]
+        shown += [q["input_ids"][a:b] for a, b in zip(starts, starts[1:])]
+    assert shown and all(e in first for e in shown)  # the stream's first examples (by length in each step)

@@ -251,3 +251,11 @@ def test_fast_backend_ignores_the_tokenizers_truncation(gpt2_tokenizer):
     fast = SequenceEncoder(tok, add_bos=False)
     assert fast.batch([text])[0][0] == fast.ids([text])[0] == tok(text, add_special_tokens=False)["input_ids"]
     assert len(fast.ids([text])[0]) == 6
+
+
+def test_row_tokenizer_keeps_its_earlier_name():
+    """The row mapper is RowTokenizer (it maps rows; it is not a tokenizer); code written against the
+    earlier name still runs."""
+    from sftune.data import tokenize
+
+    assert tokenize.Tokenizer is tokenize.RowTokenizer

@@ -1,45 +1,27 @@
-"""Unit tests of sftune.evaluate: exact and contains match, prompts and references as trained, and
-the eval loss as a token-weighted mean that does not depend on the batch size."""
+"""``sftune eval`` (sftune.evaluate): a run and a baseline scored on the same file with the same
+prompts, through the chain's ``prepare`` (one file, in memory), table on stderr and JSON on stdout."""
 
-import pytest
+import json
+import shutil
 
-from sftune.config import DataConfig
-from sftune.data.formats import PromptCompletionFormat
-from sftune.evaluate import eval_loss, generation_examples, generation_metrics, normalize, prompt_and_reference
-
-
-def test_match_metrics():
-    assert normalize("  Paris, FRANCE!  ") == "paris france"
-    m = generation_metrics([" 42", "It is Paris.", "no"], ["42", "paris", "yes"])
-    assert m == {"exact_match": pytest.approx(1 / 3), "contains_match": pytest.approx(2 / 3), "n": 3}
-    assert generation_metrics([], [])["exact_match"] == 0.0
+from conftest import write_jsonl
 
 
-def test_prompt_and_reference_follow_the_format():
-    fmt = PromptCompletionFormat(DataConfig(template="qa"))
-    ex = prompt_and_reference(fmt, {"instruction": "2+2?", "output": "4"})
-    assert ex.prompt == "### Question: 2+2?\n ### Answer:" and ex.reference == " 4"
-    rows = [{"instruction": "a", "output": "b"}, {"instruction": None, "output": "x"}, {"instruction": "c", "output": "d"}]
-    assert [e.prompt for e in generation_examples(fmt, rows, limit=5)] == [
-        "### Question: a\n ### Answer:", "### Question: c\n ### Answer:"]  # a row that does not format is left out
-    assert len(generation_examples(fmt, rows, limit=1)) == 1
+def test_eval_a_run_against_itself_as_baseline(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    from sftune.config import config_to_yaml, load_config
+    from sftune.data.formats import choose_format
+    from sftune.evaluate import run_eval
+    from sftune.export.save import resolved_config
 
-
-def test_eval_loss_is_the_token_mean_whatever_the_batch_size(tiny_model_dir, qa_rows_file):
-    import torch
-
-    from sftune.config import load_config
-    from sftune.data.pipeline import prepare_data
-    from sftune.loss import CausalLMWithLoss
-    from sftune.model import load_model, load_tokenizer
-
-    cfg = load_config(None, {"model.path": str(tiny_model_dir), "data.path": str(qa_rows_file), "data.template": "qa"})
-    tok, _ = load_tokenizer(cfg)  # with the pad rule
-    data = prepare_data(cfg.data, tok, 128)
-    lm = CausalLMWithLoss(load_model(cfg, tok))
-    kw = dict(max_length=128, pad_id=tok.pad_token_id, device=torch.device("cpu"))
-    one, eight = eval_loss(lm, data.train, batch_size=1, **kw), eval_loss(lm, data.train, batch_size=8, **kw)
-    assert one["eval_tokens"] == eight["eval_tokens"] == int(sum((data.train.example(i)[1] != -100).sum()
-                                                                for i in range(len(data.train))))
-    assert one["eval_loss"] == pytest.approx(eight["eval_loss"], rel=1e-5)
-    assert one["eval_ppl"] == pytest.approx(torch.tensor(one["eval_loss"]).exp().item(), rel=1e-6)
+    run = tmp_path / "run"  # a run directory: the model and its resolved config (the qa prompt format)
+    shutil.copytree(tiny_model_dir, run)
+    cfg = load_config(None, {"model.path": str(tiny_model_dir), "data.template": "qa"})
+    fmt = choose_format(cfg.data, ["instruction", "output"], tiny_tokenizer)
+    (run / "sftune_config.yaml").write_text(config_to_yaml(resolved_config(cfg, fmt)))
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)])
+    out = tmp_path / "eval.json"
+    results = run_eval(str(run), str(data), baseline=str(run), limit=2, max_new_tokens=2, out=str(out))
+    (only,) = results.values()  # the same model twice: one entry, the same numbers
+    assert only["examples"] == 2 and only["loss_tokens"] > 0 and only["generated"] == 2
+    assert json.loads(out.read_text())["results"][str(run)]["loss"] == only["loss"]
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])[str(run)]["loss"] == only["loss"]

@@ -131,6 +131,37 @@ def test_reward_model(sft, tmp_path, start):
                                    rtol=1e-4, atol=1e-4)
     trainer = RewardTrainer(model=model, args=args(RewardConfig, tmp_path), train_dataset=preferences(),
                             processing_class=tok)
+    # the prompt contract: TRL renders each chosen conversation to exactly the ids sftune trained on
+    trained = sft_ids(sft, tok)
+    rows = list(trainer.train_dataset)
+    assert [r["chosen_ids"] for r in rows] == [trained[k] for k in range(len(rows))]
+    with torch.no_grad():
+        margins = [reward_margin(model, r) for r in rows]
     trainer.train()
     losses = first_losses(trainer)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    # the first step's loss is the Bradley-Terry loss of the model as handed off, on its batch of two
+    pairs = [(softplus(-margins[a]) + softplus(-margins[b])) / 2 for a in range(len(rows)) for b in range(a)]
+    assert min(abs(losses[0] - x) for x in pairs) < 1e-4, (losses[0], pairs)
+
+
+def softplus(x: float) -> float:
+    return float(torch.nn.functional.softplus(torch.tensor(x)))
+
+
+def reward_margin(model, row) -> float:
+    """The reward model's score of the chosen minus the rejected conversation."""
+    was = model.training
+    model.eval()
+    score = [model(torch.tensor([row[k]])).logits.squeeze().item() for k in ("chosen_ids", "rejected_ids")]
+    model.train(was)
+    return score[0] - score[1]
+
+
+def sft_ids(sft, tok) -> dict[int, list[int]]:
+    """The ids sftune trained on, per conversation row (through the chain's prepare, as training)."""
+    from sftune.data.chain import prepare
+
+    cfg = load_config(None, {"data.path": str(sft / "chat.jsonl"), "data.chat_template": "chatml"})
+    data = prepare(cfg.data, tok, 256)
+    return {int(data.train.rows[i]): data.train.example(i)[0].tolist() for i in range(len(data.train))}

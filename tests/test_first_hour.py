@@ -29,7 +29,7 @@ def test_train_is_callable_from_the_package_in_a_fresh_process():
     code = ("from sftune import load_config, train\n"
             "assert callable(train), train\n"
             "import inspect; assert 'cfg' in inspect.signature(train).parameters\n"
-            "import sftune.training as tr; assert tr.Batches and tr.train\n")
+            "import sftune.training as tr; assert tr.DataPlan and tr.train\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 
@@ -159,9 +159,9 @@ def test_alpaca_recipe_on_an_alpaca_file(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "data.remove_columns=[]" in err
     code, _, err = run_cli(base + ["data.remove_columns=[]"], capsys)
     assert code == 2 and "data.template=alpaca" in err
-    code, _, err = run_cli(base + ["data.remove_columns=[]", "data.template=alpaca"], capsys)
+    code, out, err = run_cli(base + ["data.remove_columns=[]", "data.template=alpaca"], capsys)
     assert code == 0, err
-    assert "[train]" in err and "[test]" not in err  # a single file is its own split
+    assert "[train]" in out and "[test]" not in out  # a single file is its own split
 
 
 # ----------------------------------------------------------------------------- 9. smaller

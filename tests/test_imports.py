@@ -93,3 +93,16 @@ def test_every_module_has_its_test_module():
     missing = sorted(f"{p.relative_to(SRC)} -> tests/{mirror_test_file(p)}" for p in modules
                      if not (TESTS / mirror_test_file(p)).exists())
     assert not missing, "modules without their test module (add its unit tests there):\n  " + "\n  ".join(missing)
+
+
+COMMANDS = ("sftune.cli", "sftune.inference", "sftune.evaluate", "sftune.export.hf", "sftune.export.gguf",
+            "sftune.export.ollama", "sftune.export.verify", "sftune.dashboard", "sftune.preview", "sftune.compat")
+
+
+def test_training_imports_no_command():
+    """Training reaches the training-time parts of export and eval (sftune.export.save,
+    sftune.eval_metrics), never the commands that use them, nor inference's run loading. (Generation
+    itself is a library training uses for its eval samples and exact match.)"""
+    graph = import_graph()
+    bad = sorted(d for d in reach(graph, "sftune.training") if d.startswith(COMMANDS))
+    assert not bad, f"sftune.training reaches command modules: {bad}"

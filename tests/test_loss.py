@@ -153,3 +153,21 @@ def test_no_body_means_unfused_and_logits_for_the_probe():
     lm = CausalLMWithLoss(Bare())
     ids = torch.tensor([[1, 2, 3]])
     assert not lm.fused and lm.hidden_states(ids, None).shape == (1, 3, 7)
+
+
+def test_padding_warning_filter_is_installed_by_the_loss_model_not_at_import(tiny_model_dir):
+    import logging
+    import subprocess
+    import sys
+
+    code = ("import logging, sftune.loss; "
+            "print(len(logging.getLogger('transformers.modeling_utils').filters))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "0"
+    from transformers import AutoModelForCausalLM
+
+    from sftune.loss import CausalLMWithLoss
+
+    CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)))
+    CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)))
+    filters = logging.getLogger("transformers.modeling_utils").filters
+    assert sum(type(f).__name__ == "_DropPaddingWarning" for f in filters) == 1

@@ -3,6 +3,10 @@ marked (colour on a terminal, guillemets without one)."""
 
 import re
 
+import pytest
+
+from conftest import train_config
+
 from sftune.cli import main
 
 
@@ -13,9 +17,39 @@ def run_cli(args, capsys):
 
 
 def test_preview_marks_trained_tokens_without_colour(capsys):
-    code, _, err = run_cli(["preview", "quickstart", "data.limit=10", "-n", "1"], capsys)
+    """The view is the command's output: on stdout (``> file``, ``| less``), nothing of it on stderr."""
+    code, out, err = run_cli(["preview", "quickstart", "data.limit=10", "-n", "1"], capsys)
     assert code == 0, err
-    assert re.search(r"A:« \S+<\|endoftext\|>»", err) and "legend: «trained tokens»" in err
+    assert re.search(r"A:« \S+<\|endoftext\|>»", out) and "legend: «trained tokens»" in out
+    assert "Training data" in out and "legend" not in err and "«" not in err
+
+
+def test_characters_across_tokens_decode_whole(tiny_tokenizer):
+    """Byte-level BPE splits a character's bytes over tokens: the pieces join to the text, no ``�``."""
+    from sftune.preview import colored, token_pieces
+
+    text = "Où Ωμέγα 日本語 😀 ｜ ok"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # the characters really are split
+    pieces = token_pieces(tiny_tokenizer, ids)
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert colored(tiny_tokenizer, ids, ids, plain=True).plain == "«" + text + "»"
+
+
+def test_stream_preview_needs_no_max_steps(tiny_model_dir, qa_rows_file, capsys):
+    """A stream previews without train.max_steps (nothing is trained); training still asks for it."""
+    from sftune.config import load_config
+    from sftune.data.chain import require_steps
+    from sftune.errors import ConfigError
+
+    code, out, err = run_cli(["preview", "codealpaca", f"model.path={tiny_model_dir}", f"data.path={qa_rows_file}",
+                              "data.template=qa", "data.streaming=true", "-n", "1"], capsys)
+    assert code == 0, err
+    assert "streamed" in out
+    cfg = load_config(None, {"model.path": str(tiny_model_dir), "data.path": str(qa_rows_file),
+                             "data.streaming": True})
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        require_steps(cfg)
 
 
 def test_colored_marks_trained_runs_and_weights(tiny_tokenizer):
@@ -30,20 +64,37 @@ def test_colored_marks_trained_runs_and_weights(tiny_tokenizer):
     assert "«" not in styled.plain and [s.style for s in styled.spans][-2:] == ["bold green", "bold yellow"]
 
 
-def test_preview_sequences_are_the_training_rows(tiny_model_dir, qa_rows_file):
-    from sftune.config import load_config
+@pytest.mark.parametrize("packing", [False, True])
+def test_preview_sequences_are_the_first_steps_batches(tiny_model_dir, qa_rows_file, tmp_path, packing):
+    """preview and training call the same two functions (sftune.data.chain): the sequences preview
+    shows are the rows of the first step's micro-batches, packing and the probe's layout included."""
     from sftune.preview import preview_sequences
+    from sftune.training import setup
 
-    cfg = load_config(None, {"model.path": str(tiny_model_dir), "data.path": str(qa_rows_file), "data.template": "qa",
-                             "data.packing": False})
-    tokenizer, data, seqs = preview_sequences(cfg, n=2)
-    rows = [int(r) for r in data.train.rows]
-    assert len(seqs) == 2
-    for seq in seqs:  # in training order: each one example (no packing), as the loop builds it
-        (row,) = seq["rows"]
-        ids, labels = data.train.example(rows.index(row))
-        assert seq["input_ids"] == ids.tolist() and seq["labels"] == labels.tolist()
-        assert seq["position_ids"] == list(range(len(ids))) and seq["labels"][-1] == tokenizer.eos_token_id
+    cfg = train_config(tiny_model_dir, qa_rows_file, tmp_path, **{"data.packing": packing, "train.batch_size": 4,
+                                                                  "train.grad_accum": 2, "train.max_steps": 2})
+    run = setup(cfg)
+    try:
+        rows = [(mb, r) for mb in run.feed(0) for r in range(mb.input_ids.shape[0])]
+    finally:
+        run.accelerator.end_training()
+    tokenizer, data, seqs = preview_sequences(cfg, n=len(rows) + 1, layout=run.feed.plan.mode)
+    first = [s for s in seqs if s["step"] == 0]
+    assert len(first) == len(rows) and seqs[len(rows)]["step"] == 1
+    for seq, (mb, r) in zip(first, rows):
+        k = len(seq["input_ids"])
+        assert mb.input_ids[r, :k].tolist() == seq["input_ids"]
+        assert mb.position_ids[r, :k].tolist() == seq["position_ids"]
+        assert (mb.input_ids[r, k:] == tokenizer.pad_token_id).all()
+
+
+def test_gpt2_pieces_keep_split_characters(gpt2_tokenizer):
+    """On the real GPT-2 tokenizer the issue's examples (each split over byte tokens) read whole."""
+    from sftune.preview import token_pieces
+
+    for text in ("Où", "Ωμέγα", "日本語", "😀", "｜"):
+        ids = gpt2_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert "".join(token_pieces(gpt2_tokenizer, ids)) == text
 
 
 def test_preview_shows_an_image_as_one_placeholder(vlm, tmp_path, capsys):
@@ -58,8 +109,8 @@ def test_preview_shows_an_image_as_one_placeholder(vlm, tmp_path, capsys):
     recipe.write_text("train:\n  batch_size: 4\n")
     code, out, err = run_cli(["preview", str(recipe), "-n", "1", *args[4:]], capsys)
     assert code == 0, err
-    assert re.search(r"\[image 56x56, 6 tokens\]What colour", err) and "<|image_pad|>" not in err
-    assert re.search(r"images +│ 4 in 3 examples", err)
+    assert re.search(r"\[image 56x56, 6 tokens\]What colour", out) and "<|image_pad|>" not in out
+    assert re.search(r"images +│ 4 in 3 examples", out)
     code, out, err = run_cli(["preview", str(recipe), *args[1:]], capsys)
     (seq,) = [json.loads(line) for line in out.splitlines()]  # 3 short rows packed into one sequence
     assert set(seq) >= {"input_ids", "labels", "position_ids", "text", "rows", "source", "images"}

@@ -99,14 +99,14 @@ def test_resume_matches_uninterrupted_run(dropout_model_dir, qa_file, tmp_path):
     # an interruption at step 4, through the public seams: setup() builds the run, loop() trains it
     cut = tmp_path / "cut"
     run = setup(cfg_for(dropout_model_dir, qa_file, cut, **over))
-    batches = run.batches
+    batches = run.feed.batches
 
     def interrupt_at_4(step):
         if step == 4:
             raise KeyboardInterrupt
         return batches(step)
 
-    run.batches = interrupt_at_4
+    run.feed.batches = interrupt_at_4
     result = loop(run)
     assert result.interrupted and result.step == 4
     assert (cut / "checkpoints" / "step-0000004" / "trainer_state.json").exists()

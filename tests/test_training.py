@@ -40,9 +40,9 @@ def test_warmup_ratio_and_constant_schedule(tiny_model_dir, qa_rows_file, tmp_pa
 
 def test_batches_are_deterministic_per_step(tiny_model_dir, qa_rows_file, tmp_path):
     run = setup(train_config(tiny_model_dir, qa_rows_file, tmp_path, **{"train.batch_size": 4}))
-    first = [mb.input_ids.clone() for mb in run.batches(3)]
-    run.batches(run.plan.steps_per_epoch + 1)  # another epoch in between
-    assert all(torch.equal(a, b.input_ids) for a, b in zip(first, run.batches(3), strict=True))
+    first = [mb.input_ids.clone() for mb in run.feed(3)]
+    run.feed(run.feed.plan.steps_per_epoch + 1)  # another epoch in between
+    assert all(torch.equal(a, b.input_ids) for a, b in zip(first, run.feed(3), strict=True))
     run.accelerator.end_training()
 
 

@@ -38,7 +38,10 @@ NAME_EAGER = "sftune_varlen_eager"
 NAMES = (NAME, NAME_EAGER)
 _registered = False
 _flat = contextvars.ContextVar("sftune_flat_rows", default=False)
-_backend = "loop"  # the kernel inside a flat row (sftune.backends): loop, flex or flash
+BACKEND_ATTR = "sftune_attention_backend"
+"""The attribute, on every module of a model, naming the kernel inside its flat rows
+(:mod:`sftune.backends`: loop, flex or flash); unset: loop. It belongs to the model the probe chose
+it for, so several models in one process (the dashboard, ``eval --baseline``) keep their own."""
 
 # keyword arguments that attention layers pass and that do not change what one example attends to
 _NEUTRAL = {"position_ids", "output_attentions", "use_cache", "cache_position", "is_causal", "cu_seq_lens_q",
@@ -64,18 +67,21 @@ def flat_rows():
         _flat.reset(token)
 
 
-def set_backend(name: str) -> None:
-    """The kernel that runs a flat row's attention (see :func:`sftune.backends.choose_attention`)."""
+def set_backend(model, name: str) -> None:
+    """The kernel that runs ``model``'s flat-row attention (see :func:`sftune.backends.choose_attention`):
+    recorded on each of its modules, where its attention layers read it."""
     from sftune.backends import BACKENDS
 
-    global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}")
-    _backend = name
+    for module in model.modules():
+        setattr(module, BACKEND_ATTR, name)  # a plain attribute: not a parameter, not in the state dict
 
 
-def get_backend() -> str:
-    return _backend
+def get_backend(model) -> str:
+    """The kernel of ``model``'s flat rows (``loop`` unless :func:`set_backend` chose another); a
+    wrapper (peft, the loss model) answers for the model inside it."""
+    return next((getattr(m, BACKEND_ATTR) for m in model.modules() if hasattr(m, BACKEND_ATTR)), "loop")
 
 
 def family_eager(module):
@@ -142,10 +148,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         scaling = query.shape[-1] ** -0.5
     # softcap, sinks or anything else the family reads: run the family's own eager attention
     special = {k: v for k, v in kwargs.items() if v is not None and k not in _NEUTRAL}
-    if _backend != "loop":
+    backend = getattr(module, BACKEND_ATTR, "loop")
+    if backend != "loop":
         from sftune import backends
 
-        out = backends.run(_backend, module, query, key, value, doc_bounds, dropout, scaling, sliding_window, special)
+        out = backends.run(backend, module, query, key, value, doc_bounds, dropout, scaling, sliding_window, special)
         if out is not None:
             return out, None
     eager = _eager or bool(special) or getattr(module, "sinks", None) is not None

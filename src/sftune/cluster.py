@@ -144,10 +144,6 @@ class _Handler:
 # ----------------------------------------------------------------------------- resume=auto
 
 RESTART_VARS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
-# keys that do not change what is trained (and every eval.* key): a restart may change them and still resume
-UNTRAINED_KEYS = {"train.resume", "train.output_dir", "train.report_to", "train.num_threads", "train.log_every",
-                  "train.save_every", "train.keep_checkpoints", "train.save_every_minutes",
-                  "train.preempt_grace_seconds", "train.eval_every", "data.num_proc"}
 
 
 def launch_restart() -> str | None:
@@ -172,15 +168,16 @@ def config_differences(cfg, saved_yaml: Path) -> list[str]:
     leaving out those that do not change what is trained."""
     import yaml
 
-    from sftune.config import config_to_yaml
+    from sftune.config import UNTRAINED, config_to_yaml, keys_with
 
+    untrained = set(keys_with(UNTRAINED))  # declared in the schema: they do not change what is trained
     try:
         saved = _flat(yaml.safe_load(saved_yaml.read_text()) or {})
     except (OSError, yaml.YAMLError) as e:
         return [f"{saved_yaml.name} does not load ({type(e).__name__})"]
     now = _flat(yaml.safe_load(config_to_yaml(cfg)))
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if k not in UNTRAINED_KEYS and not k.startswith("eval.") and saved.get(k) != now.get(k)]
+            if k not in untrained and saved.get(k) != now.get(k)]
 
 
 def resolve_resume(cfg, out_dir: Path, world: int, show: bool) -> bool:

@@ -79,13 +79,14 @@ def activation_bytes(model_config, tokens: int, rows: int, seq: int, device: tor
     return int(layers * (tokens * d * 34 + scores) * per_value / 2)
 
 
-def bucket_for(cfg) -> int:
-    """``train.bucket``: ``auto`` is 128 with ``train.compile`` or when flat rows run through the
-    compiled FlexAttention kernel (``sftune.backends``), else 0 (the CPU path: no padding)."""
+def bucket_for(cfg, model=None) -> int:
+    """``train.bucket``: ``auto`` is 128 with ``train.compile`` or when ``model``'s flat rows run
+    through the compiled FlexAttention kernel (``sftune.backends``), else 0 (the CPU path: no padding)."""
     from sftune.attention import get_backend
 
     b = cfg.train.bucket
-    return (128 if cfg.train.compile or get_backend() == "flex" else 0) if b == "auto" else int(b)
+    flex = model is not None and get_backend(model) == "flex"
+    return (128 if cfg.train.compile or flex else 0) if b == "auto" else int(b)
 
 
 def available_bytes(device: torch.device) -> int:

@@ -36,7 +36,15 @@ class _DropPaddingWarning(logging.Filter):
         return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
 
 
-logging.getLogger("transformers.modeling_utils").addFilter(_DropPaddingWarning())
+_PADDING_FILTER = _DropPaddingWarning()
+
+
+def quiet_padding_warning() -> None:
+    """Install the filter above on transformers' logger (once; a loss model does when it is built,
+    so importing sftune changes no logging)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    if _PADDING_FILTER not in logger.filters:
+        logger.addFilter(_PADDING_FILTER)
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -108,12 +116,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
                                            row_weights)
 
 
-def reference_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Plain summed cross-entropy over targets != -100 (the reference the fused loss must match)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-
-
 class CausalLMWithLoss(nn.Module):
     """A causal LM whose forward returns the summed token loss of a batch.
 
@@ -123,6 +125,7 @@ class CausalLMWithLoss(nn.Module):
 
     def __init__(self, model: nn.Module, fused: bool = True, layout: str | None = None):
         super().__init__()
+        quiet_padding_warning()
         self.model = model
         lm = self.causal_lm
         special = logit_transforms(getattr(lm, "config", None))  # softcaps, scales, multipliers after lm_head

@@ -22,7 +22,7 @@ from sftune.capabilities import lora_error_hint, lora_settings
 from sftune.config import Config
 from sftune.data.templates import resolve_chat_template
 from sftune.errors import ConfigError, SftuneError
-from sftune.console import console
+from sftune.console import console, is_main_process
 from sftune.vision_model import attach_processor, model_class
 from sftune.vision_inference import load_vision_model
 from sftune.vision_parts import lora_targets, refuse_on_text_model
@@ -243,7 +243,7 @@ def add_lora(cfg: Config, model):
     kwargs.update(adjust)
     if (targets := lora_targets(cfg, model, (torch.nn.Linear, Conv1D))) is not None:  # vision.lora_parts
         kwargs["target_modules"] = targets
-    if notes and int(os.environ.get("RANK", "0")) == 0:
+    if notes and is_main_process():
         for note in notes:
             console.print(note)
     try:

@@ -18,19 +18,18 @@ from rich.markup import escape
 from rich.text import Text
 
 from sftune.config import Config
-from sftune.data.chain import prepare
-from sftune.data.mixture import fill_trained
-from sftune.data.packing import BatchPlan
-from sftune.data.stream import first_units
-from sftune.data.pipeline import describe_plan
+from sftune.data.chain import plan, prepare
 from sftune.data.tokenize import IGNORE
 from sftune.data.vision_batch import images_of
 from sftune.errors import SftuneError
+from sftune.levers import bucket_for
 from sftune.model import load_model_config, load_tokenizer, resolve_max_length
 from sftune.console import console, out
 
 
 OPEN, CLOSE = "«", "»"  # trained-token marks when there is no colour
+MAX_CHAR_TOKENS = 8
+"""Tokens one character may span (UTF-8 needs at most 4 bytes; byte-level BPE at most one token per byte)."""
 
 
 def plain_output(console) -> bool:
@@ -39,8 +38,20 @@ def plain_output(console) -> bool:
 
 
 def token_pieces(tokenizer, ids) -> list[str]:
-    """Each token decoded on its own, as the preview shows it (the dashboard's preview too)."""
-    return [tokenizer.decode([int(t)], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in ids]
+    """The text of each token, as the preview shows it (the dashboard's preview too). A character
+    whose bytes span several tokens (``Où``, ``日本語``, ``😀`` in GPT-2) is decoded from the run of
+    tokens that holds it and shown at its last token (the others show ``""``), so the pieces join
+    to the decoded text instead of ``�``."""
+    pieces, start = [], 0
+    for i in range(len(ids)):
+        text = tokenizer.decode([int(t) for t in ids[start:i + 1]], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd") and i + 1 < len(ids) and i + 1 - start < MAX_CHAR_TOKENS:
+            pieces.append("")  # an incomplete character: wait for its next byte's token
+            continue
+        pieces.append(text)
+        start = i + 1
+    return pieces
 
 
 def colored(tokenizer, ids, labels, weights=None, plain: bool = False, images=()) -> Text:
@@ -71,9 +82,13 @@ def colored(tokenizer, ids, labels, weights=None, plain: bool = False, images=()
     return text
 
 
-def preview_sequences(cfg: Config, n: int = 3):
+def preview_sequences(cfg: Config, n: int = 3, *, layout: str = "rows", world: int = 1):
     """The tokenizer, the data (with its report) and the first ``n`` training sequences exactly as
-    training builds them: dicts of ``input_ids``, ``labels``, ``weights``, ``position_ids``, ``rows``."""
+    training builds them (:mod:`sftune.data.chain`: the same two functions): the rows of the first
+    steps' micro-batches in training order, packing and ``layout`` included (``rows`` unless given:
+    the model's probe may choose ``flat``, which puts a micro-batch's rows in one), ``train.bucket``
+    and ``world`` ranks' shares together. Dicts of ``input_ids``, ``labels``, ``weights``,
+    ``position_ids``, ``rows``, ``source``, ``step``."""
     tokenizer, _ = load_tokenizer(cfg)
     try:
         model_config = load_model_config(cfg)
@@ -81,33 +96,34 @@ def preview_sequences(cfg: Config, n: int = 3):
         model_config = None  # preview works without the model; max_length then comes from the tokenizer
     max_length = resolve_max_length(cfg, tokenizer, model_config)
     data = prepare(cfg.data, tokenizer, max_length, seed=cfg.train.seed)
-    plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                           packing=cfg.data.packing, max_length=max_length, seed=cfg.train.seed)
-    describe_plan(data.report, plan)
-    fill_trained(data.report, plan, data.train, plan.total_steps(cfg.train.max_steps, cfg.train.epochs))
-
-    rows_shown = [plan.units[u] for u in training_order(plan, n)]
-    if cfg.data.streaming:  # the stream's own first sequences
-        data.train, rows_shown = first_units(cfg, tokenizer, max_length, n)
+    feed = plan(cfg, data, tokenizer.pad_token_id, layout=layout, world=world, training=False,
+                hidden_size=getattr(model_config, "hidden_size", 768), bucket=bucket_for(cfg))
     names = [s["label"] for s in data.report.sources] or [data.report.source]
-    mixed = hasattr(data.train, "source")  # a mixture, or a stream's first window
-    sequences = []
-    for row in rows_shown:
-        ids, labels, weights, positions, rows, images = [], [], [], [], [], []
-        for i in row:
-            e_ids, e_labels = data.train.example(i)
-            extras = data.train.extras(i) if getattr(data.train, "has_extras", False) else {}
-            images += [{**im, "start": im["start"] + len(ids)} for im in images_of(extras.get("images"))]
-            ids += e_ids.tolist()
-            labels += e_labels.tolist()
-            weights += [round(float(w), 4) for w in data.train.example_weights(i)]
-            positions += list(range(len(e_ids)))
-            rows.append(int(data.train.rows[i]))
-        sources = [names[int(data.train.source[i])] if mixed else names[0] for i in row]
-        sequences.append({"input_ids": ids, "labels": labels, "weights": weights, "position_ids": positions,
-                          "rows": rows, "source": sources[0] if len(set(sources)) == 1 else sources,
-                          **({"images": images} if images else {})})
-    return tokenizer, data, sequences
+    sequences: list[dict] = []
+    step = 0
+    while len(sequences) < n and (feed.streamed or step < feed.total_steps):
+        examples, micro = feed.rows(step)
+        for row in (row for rows in micro for row in rows):
+            sequences.append(sequence(examples, row, names, step))
+        step += 1
+    return tokenizer, data, sequences[:n]
+
+
+def sequence(examples, row: list[int], names: list[str], step: int) -> dict:
+    """One row of a micro-batch as preview shows it (the examples of ``row`` one after another)."""
+    ids, labels, weights, positions, images = [], [], [], [], []
+    for i in row:
+        e_ids, e_labels = examples.example(i)
+        extras = examples.extras(i) if getattr(examples, "has_extras", False) else {}
+        images += [{**im, "start": im["start"] + len(ids)} for im in images_of(extras.get("images"))]
+        ids += e_ids.tolist()
+        labels += e_labels.tolist()
+        weights += [round(float(w), 4) for w in examples.example_weights(i)]
+        positions += list(range(len(e_ids)))
+    sources = [names[int(examples.source[i])] for i in row]
+    return {"input_ids": ids, "labels": labels, "weights": weights, "position_ids": positions,
+            "rows": [int(examples.rows[i]) for i in row], "source": sources[0] if len(set(sources)) == 1 else sources,
+            "step": step, **({"images": images} if images else {})}
 
 
 def tool_summary(tokenizer, fmt, source, seq) -> str | None:
@@ -162,25 +178,18 @@ def tool_summary(tokenizer, fmt, source, seq) -> str | None:
     return f"tools {', '.join(names)}: schemas {where}; {calls} of {len(runs)} trained turns call a tool"
 
 
-def training_order(plan: BatchPlan, n: int) -> list[int]:
-    """The first ``n`` units (sequences) in the order training meets them: the first steps of the
-    first epoch, each step's micro-batches in turn (one process)."""
-    units: list[int] = []
-    for step in plan.epoch_steps(0):
-        for micro in plan.micro_batches(step):
-            units += micro
-        if len(units) >= n:
-            break
-    return units[:n]
-
-
 def preview(cfg: Config, n: int = 3, as_json: bool = False) -> None:
+    """``sftune preview``: the view (sequences, legend, report) is the command's output, on stdout;
+    with ``--json`` the sequences are, one object a line, and the report goes to stderr."""
     tokenizer, data, sequences = preview_sequences(cfg, n)
+    view = console if as_json else out
+    plain = plain_output(view)
+    weighted = data.train.weighted or any(w not in (0.0, 1.0) for seq in sequences for w in seq["weights"])
     for r, seq in enumerate(sequences):
         ids, labels, weights, positions, rows = (seq[k] for k in ("input_ids", "labels", "weights", "position_ids",
                                                                   "rows"))
         if as_json:
-            extra = {"weights": weights} if data.train.weighted else {}
+            extra = {"weights": weights} if weighted else {}
             out.print(json.dumps({"input_ids": ids, "labels": labels, "position_ids": positions, **extra,
                                   "text": tokenizer.decode(ids, skip_special_tokens=False,
                                                            clean_up_tokenization_spaces=False),
@@ -189,19 +198,18 @@ def preview(cfg: Config, n: int = 3, as_json: bool = False) -> None:
                       markup=False, highlight=False)
         else:
             trained = sum(lab != IGNORE for lab in labels)
-            console.rule(f"sequence {r}: rows {escape(str(rows))}, {len(ids)} tokens, {trained} trained")
-            console.print(colored(tokenizer, ids, labels, weights, plain=plain_output(console),
-                                  images=seq.get("images", ())))
+            view.rule(f"sequence {r} (step {seq['step']}): rows {escape(str(rows))}, {len(ids)} tokens, "
+                      f"{trained} trained")
+            view.print(colored(tokenizer, ids, labels, weights, plain=plain, images=seq.get("images", ())))
             tools = tool_summary(tokenizer, data.fmt, data.source, seq)
             if tools:
-                console.print(f"[dim]{escape(tools)}[/]")
+                view.print(f"[dim]{escape(tools)}[/]")
     if not as_json:
-        weighted = data.train.weighted
-        if plain_output(console):
-            console.print(f"legend: {OPEN}trained tokens{CLOSE}, unmarked: masked tokens (no loss)", markup=False)
+        if plain:
+            view.print(f"legend: {OPEN}trained tokens{CLOSE}, unmarked: masked tokens (no loss)", markup=False)
         else:
             extra = " [bold yellow]trained with a message weight other than 1[/]" if weighted else ""
-            console.print(f"[dim]legend:[/] [bold green]trained tokens[/]{extra} [dim]masked tokens (no loss)[/]")
-    data.report.render(console, title="Training data")
+            view.print(f"[dim]legend:[/] [bold green]trained tokens[/]{extra} [dim]masked tokens (no loss)[/]")
+    data.report.render(view, title="Training data")
     if data.eval_report is not None:
-        data.eval_report.render(console, title="Eval data")
+        data.eval_report.render(view, title="Eval data")

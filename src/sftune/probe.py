@@ -186,7 +186,7 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         model.to(device)
     device = next(model.parameters()).device
     backend, why_backend = choose_attention(device, caps) if "flat" in candidates else ("loop", "")
-    set_backend(backend)
+    set_backend(causal, backend)
     lm = CausalLMWithLoss(model, fused=caps.fused_loss)
     reasons: dict[str, list[str]] = {}
     for k, v in why_not.items():
@@ -211,7 +211,7 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
                     failed = res["errors"].get("flat")
                     record["attention_diff"] = failed or res["diffs"].get("flat")
                     backend, why_backend = "loop", f"{backend} {'failed' if failed else 'differed'}"
-                    set_backend(backend)
+                    set_backend(causal, backend)
                     res = compare(lm, examples, candidates, lm.fused, device)
             except Exception as e:  # noqa: BLE001 - the reference itself fails: no layout can match it
                 raise ConfigError(f"model check: {caps.model_type} fails when run on one of this run's examples "
@@ -255,7 +255,7 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         line += f"; left out {left_out}"
     if layout != "flat":
         disable_varlen(causal)
-        set_backend("loop")
+        set_backend(causal, "loop")
     else:
         record["attention"] = backend
     record.update(layout=layout, fused_loss=fused, line=line.replace("[yellow]", "").replace("[/]", ""))

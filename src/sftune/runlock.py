@@ -17,6 +17,7 @@ import socket
 import time
 from pathlib import Path
 
+from sftune.console import is_main_process
 from sftune.errors import ConfigError, SftuneError
 
 LOCK_NAME = ".sftune.lock"
@@ -67,7 +68,7 @@ def _locked(path: Path, owner: dict | None) -> RunLocked:
 def refuse_if_locked(out_dir: str | Path) -> None:
     """A quick look before the training stack loads: refuse at once when a live run holds ``out_dir``
     (the lock itself is taken by :class:`RunLock` in ``train``). Only the main process looks."""
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main_process():
         return
     path = Path(out_dir) / LOCK_NAME
     try:

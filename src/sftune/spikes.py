@@ -34,7 +34,6 @@ import statistics
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint
 from sftune.console import console, truncate_metrics
-from sftune.data.position import restore_position
 from sftune.faults import TrainingDiverged
 
 
@@ -157,7 +156,7 @@ def rollback(run, skipped: list[int]) -> list[int]:
     spikes.restore(state)
     spikes.drop.add(spike)
     spikes.records += current
-    restore_position(run.batches, run.data, state["path"], step)
+    run.feed.restore(state["path"], step)
     if run.main:
         truncate_metrics(run.out_dir, step)
         for rec in spikes.records:

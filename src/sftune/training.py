@@ -28,17 +28,13 @@ from transformers import get_scheduler
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, saves_finished
 from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kwargs, resolve_resume
 from sftune.config import Config, config_to_yaml
-from sftune.data.mixture import fill_trained
-from sftune.data.packing import Batches, BatchPlan
-from sftune.data.position import restore_position, save_position
-from sftune.data.stream import stream_batches, streamed_sources
-from sftune.data.chain import prepare
-from sftune.data.pipeline import PreparedData, describe_plan
+from sftune.data.chain import DataPlan, plan, prepare, require_steps
+from sftune.data.pipeline import PreparedData
 from sftune.distill import attach as attach_distillation
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
-from sftune.evaluate import eval_loss, generation_eval, sample_generations
-from sftune.export.hf import save_final
+from sftune.eval_metrics import eval_loss, generation_eval, sample_generations
+from sftune.export.save import save_final
 from sftune.faults import NonFiniteGuard, StepBoundary
 from sftune.safeio import disk_errors, dumps
 from sftune.levers import adamw_8bit, apply_kernels, bucket_for, device_metrics, needs_checkpointing
@@ -51,7 +47,8 @@ from sftune import threads as cpu_threads
 from sftune.report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
 from sftune.spikes import Rollback, SpikeGuard, rollback
-from sftune.console import MetricsLogger, console, quiet_third_party, training_progress, truncate_metrics
+from sftune.console import (MetricsLogger, console, is_main_process, quiet_third_party, training_progress,
+                            truncate_metrics)
 
 
 @dataclass
@@ -142,11 +139,11 @@ class Run:
     out_dir: Path
     tokenizer: Any
     data: PreparedData
-    plan: BatchPlan
+    feed: DataPlan
+    """The batches of each step, the data position and the report (:mod:`sftune.data.chain`)."""
     lm: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    batches: Batches
     logger: MetricsLogger
     total_steps: int
     start_step: int = 0
@@ -216,10 +213,10 @@ class Run:
         return m
 
     def save(self, step: int, wait: bool = False) -> None:  # wait: in place on return, not hashed in the background
-        save_checkpoint(self.accelerator, self.out_dir, step,  # with mixtures' and streams' data position
-                        {"world_size": self.world, "epoch": step / self.plan.steps_per_epoch,
-                         "total_steps": self.total_steps, **self.spikes.state()}, self.cfg.train.keep_checkpoints,
-                        files=save_position(self.batches, self.data, step), background=not wait)
+        save_checkpoint(self.accelerator, self.out_dir, step,
+                        {"world_size": self.world, "epoch": self.feed.epoch(step), "total_steps": self.total_steps,
+                         **self.spikes.state()}, self.cfg.train.keep_checkpoints,
+                        files=self.feed.position_files(step), background=not wait)
         if self.cluster is not None:
             self.cluster.saved()
         self.logger.notify({"step": step, "event": "save"})
@@ -230,12 +227,13 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     quiet_third_party()
     accelerator = make_accelerator(cfg)
     device, main = accelerator.device, accelerator.is_main_process
-    threads = cpu_threads.for_training(cfg.train.num_threads, device, main)  # train.num_threads (sftune.threads)
+    threads = cpu_threads.for_training(cfg.train.num_threads, device, main)  # the cores idle now, not all of them
     out_dir = Path(cfg.train.output_dir)
-    resume = resolve_resume(cfg, out_dir, accelerator.num_processes, main)  # train.resume=auto (sftune.cluster)
+    resume = resolve_resume(cfg, out_dir, accelerator.num_processes, main)  # a restarted job continues its own run
     if resume is True and not list_checkpoints(out_dir):
         raise ConfigError(f"train.resume=true but {out_dir}/checkpoints holds no checkpoint to resume from")
     set_seed(cfg.train.seed)
+    require_steps(cfg)
 
     # data: rows -> formatted sequences -> ids + labels (+ weights)
     n_added = 0
@@ -252,21 +250,18 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     elif cfg.lora.enabled and not hasattr(model, "peft_config"):
         model = add_lora(cfg, model)
     fast_activations(model)
-    model = apply_kernels(cfg.model.kernels, model, device)  # model.kernels (sftune.levers)
+    model = apply_kernels(cfg.model.kernels, model, device)  # before the probe, so it checks the patched model
     choice = choose_layout(cfg, model, data, data.report, console if main else None, device, is_sharded(accelerator))
-    plan = BatchPlan.build(data.train.lengths, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                           world_size=accelerator.num_processes, packing=cfg.data.packing, max_length=max_length,
-                           seed=cfg.train.seed, layout=choice.layout,
-                           hidden_size=getattr(model_config, "hidden_size", 768), bucket=bucket_for(cfg))
-    describe_plan(data.report, plan)
-    total_steps = plan.total_steps(cfg.train.max_steps, cfg.train.epochs)
-    fill_trained(data.report, plan, data.train, total_steps)  # per source of data.sources (sftune.data.mixture)
+    feed = plan(cfg, data, tokenizer.pad_token_id, layout=choice.layout, rank=accelerator.process_index,
+                world=accelerator.num_processes, hidden_size=getattr(model_config, "hidden_size", 768),
+                bucket=bucket_for(cfg, model))
+    total_steps = feed.total_steps
     if main:
         data.report.render(console, title="Training data")
         if cfg.train.eval_every and data.eval is None:
             console.print(f"note: train.eval_every={cfg.train.eval_every} is ignored: the data has no eval split "
                           "(set data.eval_split, e.g. data.eval_split=0.05)")
-    if needs_checkpointing(cfg, model_config, max_length, device, model):  # model.gradient_checkpointing
+    if needs_checkpointing(cfg, model_config, max_length, device, model):  # when the activations would not fit
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if main:
             console.print("gradient checkpointing: on")
@@ -284,14 +279,10 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     lm, optimizer = accelerator.prepare(lm, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    batches = stream_batches(cfg, data, plan, tokenizer, accelerator.process_index, accelerator.num_processes,
-                             cfg.train.seed) or \
-        Batches(plan, data.train, tokenizer.pad_token_id, accelerator.process_index, accelerator.num_processes)
     logger = MetricsLogger(out_dir, cfg.train.report_to, main, cfg.model_dump(mode="json"), sinks=sinks)
-    run = Run(cfg, accelerator, out_dir, tokenizer, data, plan, lm, optimizer, scheduler, batches, logger,
-              total_steps, cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes,
-                                              accelerator), threads=threads, spikes=SpikeGuard(cfg.train, logger, accelerator),
-              distill=distill)
+    run = Run(cfg, accelerator, out_dir, tokenizer, data, feed, lm, optimizer, scheduler, logger, total_steps,
+              cluster=Preemption(cfg.train.preempt_grace_seconds, cfg.train.save_every_minutes, accelerator),
+              threads=threads, spikes=SpikeGuard(cfg.train, logger, accelerator), distill=distill)
 
     # the quickstart's "before": held-out exact match of the untrained model
     if run.generates and cfg.eval.exact_match and data.source.eval is not None and not resume:
@@ -302,7 +293,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
         state = load_checkpoint(accelerator, out_dir)
         run.start_step = state["step"]
         run.spikes.restore(state)  # the window of recent losses (sftune.spikes)
-        restore_position(run.batches, data, state["path"], run.start_step)  # mixtures and streams (sftune.data.position)
+        feed.restore(state["path"], run.start_step)  # a changed mixture or stream is refused
         if main:
             console.print(f"resumed from {state['path']} at step {run.start_step}", markup=False)
             if truncate_metrics(out_dir, run.start_step):  # steps after the checkpoint were abandoned
@@ -331,7 +322,7 @@ class LogWindow:
         if run.world > 1:
             stats = run.accelerator.reduce(stats, reduction="sum")
         elapsed = time.perf_counter() - self.start
-        record = {"step": done, "epoch": round(done / run.plan.steps_per_epoch, 4),
+        record = {"step": done, **run.feed.progress(done),
                   "loss": (stats[0] / stats[1].clamp(min=1e-12)).item(), "lr": run.scheduler.get_last_lr()[0],
                   "tokens_per_s": round(stats[2].item() / max(elapsed, 1e-9), 1), "loss_tokens": int(stats[1].item())}
         if grad_norm is not None:
@@ -367,14 +358,14 @@ def loop(run: Run, skipped=()) -> LoopResult:
     progress = training_progress(run.main)
     threads = run.threads or cpu_threads.Pinned()  # CPU threads fitted to the machine between steps
     try:
-        run.cluster.watch(boundary)  # SIGTERM too (sftune.cluster)
+        run.cluster.watch(boundary)  # a SIGTERM stops at a step boundary as Ctrl-C does
         with progress:
             task = progress.add_task("train", total=run.total_steps, completed=run.start_step, loss="-", lr="-",
                                      tps="-", ckpt="")
             for step in range(run.start_step, run.total_steps):
                 boundary.begin(step)
                 threads.begin()
-                micro_batches = run.batches(step)
+                micro_batches = run.feed(step)
                 # The normaliser: the loss weight of the whole step, over every micro-batch and rank (a
                 # plain token count unless messages carry weights). Each micro-batch's backward takes
                 # loss_sum / normaliser, so 1x8, 4x2 and 2 ranks x 4 give the same gradients; dividing
@@ -436,7 +427,7 @@ def loop(run: Run, skipped=()) -> LoopResult:
     except KeyboardInterrupt as stop:
         run.cluster.watch(None)  # a further SIGTERM must not abort the save below
         step = boundary.rewind(optimizer)  # the partial step is undone, RNG included
-        preempted = isinstance(stop, Preempted)  # SIGTERM (sftune.cluster)
+        preempted = isinstance(stop, Preempted)  # SIGTERM: the scheduler wants the node back
         if run.main:
             console.print(f"\n[yellow]{'preempted' if preempted else 'interrupted'}: saving a checkpoint at step {step}[/]")
         run.save(step, wait=True)
@@ -471,10 +462,10 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
             console.print(f"[bold]held-out exact match: before {100 * before['exact_match']:.1f}% → "
                           f"after {100 * after['exact_match']:.1f}%[/] ({after['n']} examples)")
     run.logger.log({"step": run.total_steps, "final": True, **{k: v for k, v in metrics.items() if v is not None}})
-    if (sources := streamed_sources(run.batches)) and main:  # what a streamed run read and trained, per source
+    if (sources := run.feed.finish()) and main:  # a stream's report: what it read and trained
         run.logger.log({"step": run.total_steps, "data_sources": sources})
-        run.data.report.sources = sources
         (out_dir / "data_report.json").write_text(dumps(run.data.report.to_dict(), indent=2))
+        run.data.report.render(console, title="Training data (streamed)")
     run.logger.close()
     if main:
         (out_dir / "final_metrics.json").write_text(dumps(metrics, indent=2))
@@ -494,12 +485,12 @@ def train(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
     of every metrics record, see :class:`~sftune.console.MetricsLogger`). The output directory is
     checked and locked first: one run per output directory.
     """
-    main = os.environ.get("RANK", "0") == "0"
+    main = is_main_process()
     if main:
         check_output_dir(Path(cfg.train.output_dir))
     with RunLock(cfg.train.output_dir, enabled=main), saves_finished():  # checkpoints in place before the lock goes
         run = setup(cfg, model=model, tokenizer=tokenizer, source=source, fmt=fmt, sinks=sinks)
-        with run.cluster.handling():  # SIGTERM = Ctrl-C, then exit status 75 (sftune.cluster)
+        with run.cluster.handling():  # SIGTERM = Ctrl-C, then exit status 75 (requeue me)
             result = loop(run)
             if result.interrupted:
                 out = TrainResult(str(run.out_dir), result.step, result.last_loss, interrupted=True,

@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from sftune.compat.trl07 import RUN_FILES, _as_dataset
+from sftune.compat.trl07 import RUN_FILES, as_dataset
 from sftune.compat.trl07 import build as build_trl07
 from sftune.compat.trl1 import UNSUPPORTED_ARGS, SFTConfig, dataset_type, prompt_completion_messages
 from sftune.compat.trl1 import build as build_trl1
@@ -184,16 +184,16 @@ class SFTTrainer:
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Loss and perplexity on the eval set with the model as it is now (Trainer's ``evaluate``)."""
-        from sftune.data.pipeline import prepare_data
+        from sftune.data.chain import prepare
         from sftune.data.sources import Source, with_row_index
-        from sftune.evaluate import eval_loss
+        from sftune.eval_metrics import eval_loss
         from sftune.loss import CausalLMWithLoss
         from sftune.model import resolve_max_length
 
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise SftuneError("evaluate() needs an eval set: pass eval_dataset= to SFTTrainer or to evaluate()")
-        ds = _as_dataset(ds, "eval_dataset")
+        ds = as_dataset(ds, "eval_dataset")
         if eval_dataset is not None and self.api == "TRL 1.x" and self.config.data.format == "messages" and \
                 dataset_type(ds, self.args.dataset_text_field) == "conversational_prompt_completion":
             ds = prompt_completion_messages(ds)
@@ -201,8 +201,9 @@ class SFTTrainer:
         cfg = self.config
         source = Source(train=with_row_index(ds), eval=None, name="eval_dataset", rows_read=len(ds))
         max_length = resolve_max_length(cfg, self.tokenizer, self.model.config)
-        data = prepare_data(cfg.data.model_copy(update={"eval_split": None}), self.tokenizer, max_length,
-                            source=source, fmt=self.format)
+        data = prepare(cfg.data.model_copy(update={"eval_split": None, "sources": None, "streaming": False}),
+                       self.tokenizer, max_length,
+                       source=source, fmt=self.format, seed=cfg.train.seed)
         device = next(self.model.parameters()).device
         m = eval_loss(CausalLMWithLoss(self.model), data.train, batch_size=cfg.train.batch_size,
                       max_length=max_length, pad_id=self.tokenizer.pad_token_id, device=device,

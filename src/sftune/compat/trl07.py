@@ -287,7 +287,7 @@ def map_model_kwargs(kwargs: dict) -> dict[str, Any]:
     return keys
 
 
-def _as_dataset(value: Any, name: str) -> datasets.Dataset:
+def as_dataset(value: Any, name: str) -> datasets.Dataset:
     if isinstance(value, datasets.Dataset):
         return value
     if isinstance(value, datasets.DatasetDict):
@@ -313,7 +313,7 @@ def _check_extra(kwargs: dict, g: Guidance) -> None:
             raise TypeError(f"SFTTrainer() got an unexpected keyword argument {k!r}{hint}")
 
 
-def _map_model(g: Guidance, model, tok, tok_arg: str, model_init_kwargs: dict | None) -> None:
+def map_model(g: Guidance, model, tok, tok_arg: str, model_init_kwargs: dict | None) -> None:
     if isinstance(model, (str, Path)):
         g.add(f"model={str(model)!r}", {"model.path": str(model)})
         if model_init_kwargs:
@@ -453,10 +453,10 @@ def build(model=None, args: TrainingArguments | None = None, data_collator=None,
     if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
         raise ConfigError("pass tokenizer= or processing_class=, not both")
     tok = processing_class if processing_class is not None else tokenizer
-    train_ds = _as_dataset(train_dataset, "train_dataset")
-    eval_ds = None if eval_dataset is None else _as_dataset(eval_dataset, "eval_dataset")
+    train_ds = as_dataset(train_dataset, "train_dataset")
+    eval_ds = None if eval_dataset is None else as_dataset(eval_dataset, "eval_dataset")
 
-    _map_model(g, model, tok, "processing_class" if processing_class is not None else "tokenizer",
+    map_model(g, model, tok, "processing_class" if processing_class is not None else "tokenizer",
                model_init_kwargs)
     map_training_args(args, len(train_ds), g)
     fmt = _map_data(g, train_ds, eval_ds, data_collator, dataset_text_field, formatting_func)

@@ -39,8 +39,8 @@ from transformers import TrainingArguments
 from sftune.compat.trl07 import (
     Built,
     Guidance,
-    _as_dataset,
-    _map_model,
+    as_dataset,
+    map_model,
     load_and_adapt,
     make_source,
     map_training_args,
@@ -367,13 +367,13 @@ def build(model, args: SFTConfig, data_collator=None, train_dataset=None, eval_d
     if data_collator is not None:
         raise ConfigError(f"data_collator={type(data_collator).__name__} is not supported: sftune builds its own "
                           "batches (padding-free, exact masks); leave data_collator out")
-    train_ds = _as_dataset(train_dataset, "train_dataset")
+    train_ds = as_dataset(train_dataset, "train_dataset")
     if isinstance(eval_dataset, dict):
         raise ConfigError("eval_dataset is a dict of datasets; pass one datasets.Dataset")
-    eval_ds = None if eval_dataset is None else _as_dataset(eval_dataset, "eval_dataset")
+    eval_ds = None if eval_dataset is None else as_dataset(eval_dataset, "eval_dataset")
     tok = processing_class
 
-    _map_model(g, model, tok, "processing_class", args.model_init_kwargs)
+    map_model(g, model, tok, "processing_class", args.model_init_kwargs)
 
     map_training_args(args, len(train_ds), g, ref=SFTConfig(output_dir=args.output_dir), handled=OWN_FIELDS)
     if eval_ds is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from sftune.config.roles import Role
 from sftune.config.schema import Config
 from sftune.errors import ConfigError
 
@@ -24,7 +25,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # ----------------------------------------------------------------------------- key helpers
 
 
-def _section_models() -> dict[str, type[BaseModel]]:
+def section_models() -> dict[str, type[BaseModel]]:
     return {
         name: field.annotation
         for name, field in Config.model_fields.items()
@@ -32,10 +33,17 @@ def _section_models() -> dict[str, type[BaseModel]]:
     }
 
 
+def keys_with(role: Role) -> list[str]:
+    """The dotted keys (``data.num_proc``) whose field, or whose whole section, declares ``role``
+    (:mod:`sftune.config.roles`)."""
+    return [f"{section}.{name}" for section, model in section_models().items()
+            for name, field in model.model_fields.items() if role in getattr(model, "section_roles", ()) or role in field.metadata]
+
+
 def valid_keys() -> list[str]:
     """All dotted keys of the schema, e.g. ``data.max_length``."""
-    keys = [k for k, f in Config.model_fields.items() if k not in _section_models()]
-    for section, model in _section_models().items():
+    keys = [k for k, f in Config.model_fields.items() if k not in section_models()]
+    for section, model in section_models().items():
         keys += [f"{section}.{k}" for k in model.model_fields]
     return keys
 
@@ -43,7 +51,7 @@ def valid_keys() -> list[str]:
 def describe_keys() -> list[tuple[str, str, str]]:
     """``(key, default, description)`` for every config key (used by docs and ``--help``)."""
     rows = []
-    for section, model in _section_models().items():
+    for section, model in section_models().items():
         for name, field in model.model_fields.items():
             default = field.default
             rows.append((f"{section}.{name}", repr(default), (field.description or "").replace("\n", " ")))
@@ -79,7 +87,7 @@ def _kind_fits(key: str, value: Any) -> bool:
     if value is _MISSING or value is None:
         return True
     section, _, name = key.partition(".")
-    model = _section_models().get(section)
+    model = section_models().get(section)
     field = model.model_fields.get(name) if model else None
     if field is None:
         return True
@@ -132,7 +140,7 @@ def _unknown_key_error(key: str, source: str, value: Any = _MISSING) -> ConfigEr
 
 
 def _check_keys(raw: dict, source: str) -> None:
-    sections = _section_models()
+    sections = section_models()
     for key, value in raw.items():
         if key in sections:
             if value is None:
@@ -176,7 +184,9 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set the dotted ``key`` (``data.max_length``) of ``raw``, a config as a dict, to ``value``:
+    the one way an override is applied (the command line, the dashboard)."""
     parts = key.split(".")
     if len(parts) > 2:
         raise _unknown_key_error(key, "the command line")
@@ -184,7 +194,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
         raw[key] = value
         return
     section, name = parts
-    if section not in _section_models():
+    if section not in section_models():
         raise _unknown_key_error(key, "the command line")
     node = raw.setdefault(section, {}) or {}
     raw[section] = node
@@ -261,13 +271,21 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | 
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections (model, data, train, ...).")
         _check_keys(raw, source)
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    for key, value in items:
-        _set_dotted(raw, key, value)
-    _check_keys(raw, "the command line")
+    items = apply_overrides(raw, overrides)
     if name and not raw.get("recipe"):
         raw["recipe"] = name
     return validate_config(raw, source, overridden={k for k, _ in items})
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> list[tuple[str, Any]]:
+    """Apply ``overrides`` (``key=value`` strings or a dict of dotted keys to values) to ``raw`` in
+    place, refusing unknown keys with the closest valid one; returns the ``(key, value)`` pairs."""
+    items = list(overrides.items()) if isinstance(overrides, dict) else \
+        [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        set_dotted(raw, key, value)
+    _check_keys(raw, "the command line")
+    return items
 
 
 def validate_config(raw: dict, source: str = "the config", overridden: set[str] | None = None) -> Config:

@@ -7,16 +7,19 @@ recipes mirror them. Loading (recipes, ``key=value`` overrides, closest-key sugg
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from sftune.config.distill import DistillConfig
+from sftune.config.roles import PER_SOURCE, UNTRAINED, PerSource, Role, Tokenizing, Untrained
 from sftune.config.vision import VisionConfig
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    section_roles: ClassVar[tuple[Role, ...]] = ()
+    """Roles of every key of the section."""
 
 
 class ModelConfig(_Section):
@@ -110,76 +113,76 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str = "imdb"
+    path: PerSource[str] = "imdb"
     """Hub dataset id, a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a directory of
     them, or ``builtin:quickstart`` (the generated quickstart tasks)."""
 
-    name: str | None = None
+    name: PerSource[str | None] = None
     """Hub dataset configuration name, when the dataset has several."""
 
-    split: str = "train"
+    split: PerSource[str] = "train"
     """Split to train on."""
 
     eval_split: Union[float, str, None] = None
     """Held-out evaluation data: a fraction of the training rows (``0.05``) or a split name
     (``test``)."""
 
-    limit: int | None = Field(None, ge=1)
+    limit: PerSource[int | None] = Field(None, ge=1)
     """Use only the first N rows of the training split (after shuffling, when ``shuffle``)."""
 
     eval_limit: int | None = Field(None, ge=1)
     """Use only the first N rows of the evaluation data."""
 
-    remove_columns: list[str] = []
+    remove_columns: PerSource[list[str]] = []
     """Columns to drop right after loading."""
 
-    shuffle: bool = False
+    shuffle: PerSource[bool] = False
     """Shuffle the rows (with ``data.seed``) before ``limit`` and the eval split."""
 
-    seed: int = 42
+    seed: PerSource[int] = 42
     """Seed for ``shuffle`` and a fractional ``eval_split``."""
 
-    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    format: Tokenizing[Literal["auto", "text", "prompt_completion", "messages"]] = "auto"
     """How rows become training text. ``auto`` picks ``messages`` when a ``messages`` or
     ``conversations`` column exists, ``prompt_completion`` when ``template``, ``prompt`` or
     ``completion`` is set, and ``text`` otherwise."""
 
-    text_column: str = "text"
+    text_column: Tokenizing[str] = "text"
     """Column trained on by the ``text`` format."""
 
-    template: str | None = None
+    template: Tokenizing[str | None] = None
     """Named prompt/completion template: ``qa``, ``alpaca`` or ``alpaca_h4``."""
 
-    prompt: str | None = None
+    prompt: Tokenizing[str | None] = None
     """Prompt for ``prompt_completion``: a column name, or a template over columns such as
     ``"### Question: {instruction}\\n ### Answer:"``. Write ``{{`` and ``}}`` for literal braces."""
 
-    completion: str | None = None
+    completion: Tokenizing[str | None] = None
     """Completion for ``prompt_completion``: a column name or a template such as ``" {output}"``."""
 
-    train_on_prompt: bool = False
+    train_on_prompt: Tokenizing[bool] = False
     """Put the loss on the prompt too (the whole text), as the tutorial's third mode does."""
 
-    messages_column: str | None = None
+    messages_column: Tokenizing[str | None] = None
     """Column of chat messages. ``None`` finds ``messages`` or ``conversations`` (ShareGPT).
     A message may carry ``reasoning_content`` (trained where the chat template writes it),
     ``"train": false`` (context only) or a float ``"weight"`` (its tokens' share of the loss)."""
 
-    tools_column: str | None = None
+    tools_column: Tokenizing[str | None] = None
     """Column of tool schemas for the ``messages`` format: a list of JSON schemas (or a JSON string
     of one), passed as ``tools=`` to every render of its row (training, preview, eval prompts).
     ``None`` uses a ``tools`` column when there is one."""
 
-    chat_template_kwargs: dict[str, Any] = {}
+    chat_template_kwargs: Tokenizing[dict[str, Any]] = {}
     """Extra arguments for every render of the chat template (``enable_thinking``,
     ``builtin_tools``, ``date_string``, ...). A row's ``chat_template_kwargs`` column (an object or
     a JSON string of one) is merged over these, key by key."""
 
-    train_reasoning: bool = True
+    train_reasoning: Tokenizing[bool] = True
     """Train an assistant message's ``reasoning_content`` where the chat template writes it;
     ``false`` keeps it in the context but puts no loss on its text."""
 
-    stop_token: str | None = None
+    stop_token: Tokenizing[str | None] = None
     """For the ``messages`` format: the token generation stops on after an assistant turn, for a
     chat template that writes no end-of-turn token (its models stop on the token that opens the
     next message). Must be one token of the tokenizer; trained at the end of each such turn and
@@ -187,20 +190,20 @@ class DataConfig(_Section):
     ``generation_config.json`` EOS ids and the template's own end tokens decide, and a turn none of
     them ends is a bad row."""
 
-    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    train_on: Tokenizing[Literal["all_assistant", "last_assistant"]] = "all_assistant"
     """Which assistant turns of a conversation carry loss: every one, or only the last (with
     tools: the last assistant turn of each trajectory, usually the final answer)."""
 
-    response_template: str | None = None
+    response_template: Tokenizing[str | None] = None
     """For the ``text`` format: put the loss only after the last occurrence of this string in
     each text (TRL's completion-only collator, ``" ### Answer:"``). A text without it is a
     counted skip."""
 
-    instruction_template: str | None = None
+    instruction_template: Tokenizing[str | None] = None
     """With ``response_template``, multi-turn text: the loss goes on every span from a response
     template up to the next instruction template (``"### Human:"``)."""
 
-    chat_template: str | None = None
+    chat_template: Tokenizing[str | None] = None
     """Chat template for ``messages`` when the tokenizer has none: a named template (``chatml``;
     ``chatml_tools`` adds Qwen2.5-style tool calling)
     or a Jinja string. When the tokenizer has its own, this replaces it."""
@@ -214,34 +217,34 @@ class DataConfig(_Section):
     """Pack several examples into each sequence of ``max_length`` (best-fit-decreasing over the
     whole dataset). Examples never attend to each other: positions restart at each example."""
 
-    add_eos: bool = True
+    add_eos: Tokenizing[bool] = True
     """Append the tokenizer's EOS to text and completions, with a label, so the model learns to
     stop. (Chat data ends each assistant turn with the template's end-of-turn token instead.)"""
 
-    on_bad_row: Literal["error", "skip"] = "error"
+    on_bad_row: Tokenizing[Literal["error", "skip"]] = "error"
     """What a malformed row does (a non-string field, a conversation without an assistant turn):
     stop with an error naming the row, or skip it and count it. Rows with an empty or null
     completion are always skipped and counted."""
 
-    encoding: str = "utf-8"
+    encoding: PerSource[str] = "utf-8"
     """Text encoding of local ``.json``/``.jsonl``/``.csv`` files (for example ``latin-1`` or
     ``cp1252``)."""
 
-    num_proc: int | None = Field(None, ge=1)
+    num_proc: Untrained[int | None] = Field(None, ge=1)
     """Processes for tokenisation. ``None`` uses one process for small data and up to the CPU
     count for large data."""
 
-    images_column: str = "images"
+    images_column: Tokenizing[str] = "images"
     """Vision-language models: the column holding each row's images, in order of appearance of the
     ``{"type": "image"}`` parts (or ``<image>`` placeholders) of its messages. An image is a file
     path (relative to the data file), bytes, or a ``datasets`` Image value."""
 
-    image_max_pixels: int | None = Field(None, ge=1)
+    image_max_pixels: Tokenizing[int | None] = Field(None, ge=1)
     """Vision-language models with dynamic resolution (Qwen2-VL family): the most pixels an image
     is resized to (passed to the processor); fewer pixels, fewer image tokens. ``None``: the
     processor's own setting."""
 
-    image_min_pixels: int | None = Field(None, ge=1)
+    image_min_pixels: Tokenizing[int | None] = Field(None, ge=1)
     """Vision-language models with dynamic resolution: the fewest pixels an image is resized to
     (passed to the processor). ``None``: the processor's own setting."""
 
@@ -292,11 +295,8 @@ class DataConfig(_Section):
         return v
 
 
-SOURCE_KEYS = ("path", "name", "split", "limit", "remove_columns", "shuffle", "seed", "format", "text_column",
-               "template", "prompt", "completion", "train_on_prompt", "messages_column", "train_on",
-               "response_template", "instruction_template", "chat_template", "add_eos", "on_bad_row", "encoding",
-               "tools_column", "chat_template_kwargs", "train_reasoning", "stop_token", "images_column")
-"""The data keys a ``data.sources`` entry may set for itself (defined once, from :class:`DataConfig`)."""
+SOURCE_KEYS = tuple(k for k, f in DataConfig.model_fields.items() if PER_SOURCE in f.metadata)
+"""The data keys a ``data.sources`` entry may set for itself (the :data:`PER_SOURCE` fields of :class:`DataConfig`)."""
 
 
 def _source_fields() -> dict:
@@ -323,7 +323,7 @@ DataConfig.model_rebuild()
 
 
 class TrainConfig(_Section):
-    output_dir: str | None = None
+    output_dir: Untrained[str | None] = None
     """Where checkpoints, metrics and the final model go. ``None`` is ``runs/<recipe name>``."""
 
     epochs: float = Field(3.0, gt=0, allow_inf_nan=False)
@@ -365,19 +365,19 @@ class TrainConfig(_Section):
     seed: int = 42
     """Seed for weight initialisation, dropout and the data order."""
 
-    log_every: int = Field(10, ge=1)
+    log_every: Untrained[int] = Field(10, ge=1)
     """Log train loss, learning rate and tokens/s every N steps."""
 
-    eval_every: int | None = Field(None, ge=1)
+    eval_every: Untrained[int | None] = Field(None, ge=1)
     """Evaluate on the eval split every N steps (and at the end). ``None``: only at the end."""
 
-    save_every: int | None = Field(None, ge=1)
+    save_every: Untrained[int | None] = Field(None, ge=1)
     """Save a checkpoint every N steps. ``None``: no intermediate checkpoints."""
 
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: Untrained[int] = Field(2, ge=1)
     """Keep only the newest K checkpoints."""
 
-    resume: Union[bool, Literal["auto"], None] = None
+    resume: Untrained[Union[bool, Literal["auto"], None]] = None
     """``true``: continue from the newest checkpoint in ``output_dir`` (refused when there is
     none). ``false``: a fresh run (an earlier run's files are moved to ``previous-N/``). ``auto``:
     resume when ``output_dir`` holds a checkpoint of this config (keys that do not change what is
@@ -387,7 +387,7 @@ class TrainConfig(_Section):
     ``--max-restarts``, a SLURM requeue), else ``false``: a first launch is only a continuation
     when the command says so. Put ``train.resume=auto`` in jobs that other schedulers requeue."""
 
-    report_to: list[Literal["tensorboard", "wandb"]] = []
+    report_to: Untrained[list[Literal["tensorboard", "wandb"]]] = []
     """Extra metric loggers. Metrics always go to ``output_dir/metrics.jsonl``."""
 
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -410,7 +410,7 @@ class TrainConfig(_Section):
     changes no example's result), so ``torch.compile`` meets a few shapes instead of one per
     batch. ``auto``: 128 with ``train.compile``, else 0 (no padding)."""
 
-    num_threads: int | None = Field(None, ge=1)
+    num_threads: Untrained[int | None] = Field(None, ge=1)
     """CPU threads for torch; a number pins it. ``None`` (on CPU, without ``OMP_NUM_THREADS`` set):
     sftune starts from the cores idle now, measures the first steps at that count and one fewer or
     more, and re-checks when steps slow down (``sftune.threads``; results equal to fp32 rounding)."""
@@ -443,12 +443,12 @@ class TrainConfig(_Section):
     spike_grad_factor: float = Field(10.0, gt=1, allow_inf_nan=False)
     """A gradient norm (before clipping; with ``max_grad_norm``) above this x the window's median is a spike."""
 
-    save_every_minutes: float | None = Field(None, gt=0, allow_inf_nan=False)
+    save_every_minutes: Untrained[float | None] = Field(None, gt=0, allow_inf_nan=False)
     """Also save a checkpoint when this many minutes have passed since the last one (rank 0's clock,
     agreed by every rank at a step boundary), so a preempted or crashed run loses at most about
     that much work. Works alone or with ``save_every``. ``None``: by steps only."""
 
-    preempt_grace_seconds: float = Field(30.0, ge=0, allow_inf_nan=False)
+    preempt_grace_seconds: Untrained[float] = Field(30.0, ge=0, allow_inf_nan=False)
     """The time between SIGTERM and SIGKILL that the scheduler gives (SLURM ``KillWait``, Kubernetes
     ``terminationGracePeriodSeconds``, torchrun: 30 s). On SIGTERM one process finishes the current
     step when it ends within half of this, else undoes it; then saves a checkpoint at that step
@@ -457,6 +457,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    section_roles: ClassVar[tuple[Role, ...]] = (UNTRAINED,)
     exact_match: bool = False
     """Generate greedily for the eval prompts and report exact-match accuracy before and after
     training (prompt/completion data)."""
@@ -507,10 +508,9 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _streaming_needs_max_steps(self):
-        if self.data.streaming and self.train.max_steps is None:
-            raise ValueError("data.streaming=true needs train.max_steps (a stream has no length to count "
-                             "epochs in): set train.max_steps=N")
+    def _sources_not_empty(self):
+        # (data.streaming's need of train.max_steps is training's: sftune.data.chain.plan; preview needs none)
         if self.data.sources is not None and not self.data.sources:
             raise ValueError("data.sources is an empty list: give at least one source, or leave it unset")
         return self
+

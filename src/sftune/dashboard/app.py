@@ -211,7 +211,7 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
 
     @app.post("/api/preview")
     def preview(body: dict = Body(...)):
-        from sftune.config import load_config, parse_override, validate_config
+        from sftune.config import apply_overrides, load_config, validate_config
         from sftune.preview import preview_sequences, token_pieces
 
         recipe, n = str(body.get("recipe") or ""), max(1, min(int(body.get("n") or 3), 50))
@@ -223,9 +223,7 @@ def create_app(runs_dir: str | Path, token: str | None = None, local_only: bool 
             cfg = validate_config(R.read_config(run), str(run / "sftune_config.yaml"))
             if overrides:
                 raw = cfg.model_dump(mode="json")
-                for key, value in (parse_override(str(o)) for o in overrides):
-                    section, _, field = key.partition(".")
-                    raw.setdefault(section, {})[field] = value
+                apply_overrides(raw, [str(o) for o in overrides])  # the command line's own function
                 cfg = validate_config(raw, "the overrides")
         else:
             cfg = load_config(_recipe_path(root, recipe), [str(o) for o in overrides])

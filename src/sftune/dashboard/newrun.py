@@ -37,11 +37,11 @@ def _kind(annotation) -> tuple[str, list | None, bool]:
 def schema(recipe: str) -> list[dict]:
     """Every key of the config with its recipe value, default, kind and description."""
     from sftune.config import Config, load_config
-    from sftune.config.loading import _section_models
+    from sftune.config.loading import section_models
 
     values = load_config(recipe).model_dump(mode="json")
     fields = []
-    for section, model in _section_models().items():
+    for section, model in section_models().items():
         for name, field in model.model_fields.items():
             kind, choices, nullable = _kind(field.annotation)
             fields.append({"key": f"{section}.{name}", "section": section, "kind": kind, "choices": choices,

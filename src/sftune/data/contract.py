@@ -98,7 +98,7 @@ class BadRow(Exception):
         self.message, self.column, self.hint = message, column, hint
 
 
-def _string_field(row: dict, column: str, *, optional: bool = False) -> str:
+def string_field(row: dict, column: str, *, optional: bool = False) -> str:
     value = row.get(column)
     if value is None:
         if optional:
@@ -175,9 +175,6 @@ class Format:
         """Data-config values that rebuild this format without seeing the data (saved with a run,
         so generation and evaluation prompt exactly as training did)."""
         return {}
-
-    def config_updates(self) -> dict:  # the name used before the contract had one owner
-        return self.identity()
 
     def cache_key(self) -> str:
         """Extra identity for the tokenization cache (a custom format returns a hash of what defines it)."""

@@ -35,7 +35,7 @@ from rich.markup import escape
 from sftune.config import DataConfig
 from sftune.data.chat import MessagesFormat, normalize_messages
 from sftune.data.contract import (BadRow, Format, FormattedExample, Rendered, Sequence, Turn,  # noqa: F401 (the API)
-                                  _string_field, end_of_turn_ids)
+                                  string_field, end_of_turn_ids)
 from sftune.data.templates import PromptCompletionTemplate, is_template, named_template, parse_fields
 from sftune.data.templates import NAMED_TEMPLATES
 from sftune.errors import ConfigError, DataError, RowSkip
@@ -69,7 +69,7 @@ class TextFormat(Format):
     def text_of(self, row: dict) -> str:
         if row.get(self.column) is None:
             raise RowSkip("empty or null text")
-        return _string_field(row, self.column)
+        return string_field(row, self.column)
 
     def __call__(self, row: dict) -> FormattedExample:
         text = self.text_of(row)
@@ -205,7 +205,7 @@ class PromptCompletionFormat(Format):
         for col in self.fields:
             if col in self.completion_columns and (row.get(col) is None or row.get(col) == ""):
                 raise RowSkip("empty or null completion")
-            values[col] = _string_field(row, col, optional=col in self.optional)
+            values[col] = string_field(row, col, optional=col in self.optional)
         return values
 
     def prompt(self, row: dict) -> str:
@@ -218,7 +218,7 @@ class PromptCompletionFormat(Format):
                 raise BadRow(f"no value for the prompt column {c!r}", c,
                              f"each row needs the training prompt's columns: {', '.join(self.prompt_columns)}")
             else:
-                values[c] = _string_field(row, c, optional=True)
+                values[c] = string_field(row, c, optional=True)
         return self.template.render(values)[0]
 
     def reference(self, row: dict) -> str | None:

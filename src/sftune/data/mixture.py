@@ -31,6 +31,12 @@ import numpy as np
 from sftune.config import DataConfig
 from sftune.data.report import DataReport
 
+MIXTURE_TAG = 0x6D6978
+"""RNG stream tag ("mix") of the mixture's offset, beside the seed."""
+PASS_TAG = 0x736F75
+"""RNG stream tag ("sou") of a source's shuffle in each pass, beside the seed, the source and the pass."""
+
+
 @dataclass
 class SourceSpec:
     """One source, resolved: its full data config, its normalised weight and its display label."""
@@ -77,7 +83,7 @@ class Mixture:
         self.cum = np.cumsum(self.weights)
         self.cum[-1] = 2.0  # the last interval takes every point up to 1
         self.seed = seed
-        self.offset = np.random.default_rng([seed, 0x6D6978]).integers(0, 2**64, dtype=np.uint64)
+        self.offset = np.random.default_rng([seed, MIXTURE_TAG]).integers(0, 2**64, dtype=np.uint64)
 
     def sources(self, start: int, stop: int) -> np.ndarray:
         """The source index of each global example index in ``[start, stop)``."""
@@ -88,7 +94,7 @@ class Mixture:
 
 def pass_order(seed: int, source: int, n: int, p: int) -> np.ndarray:
     """The order in which a source of ``n`` examples is drawn in its pass ``p`` (a new shuffle per pass)."""
-    return np.random.default_rng([seed, 0x736F75, source, p]).permutation(n)
+    return np.random.default_rng([seed, PASS_TAG, source, p]).permutation(n)
 
 
 def draw(mixture: Mixture, sizes: list[int], seed: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,8 +115,8 @@ def draw(mixture: Mixture, sizes: list[int], seed: int, start: int, stop: int) -
 
 
 class MixedSet:
-    """Drawn examples of several tokenized sets, behind the one-set interface the batch plan,
-    the probe and the loss evaluation read (``lengths``, ``example``, ``example_weights``, ...).
+    """Drawn examples of several tokenized sets, behind the one-set interface
+    (:class:`~sftune.data.examples.ExampleSet`) the batch plan, the probe and the loss evaluation read.
     ``source[i]`` is the source of example ``i``; ``index[i]`` its index in that source's set."""
 
     def __init__(self, parts: list, source: np.ndarray, index: np.ndarray):
@@ -122,7 +128,7 @@ class MixedSet:
         self.n_loss = self._gather(lambda p: p.n_loss)
         self.w_loss = self._gather(lambda p: p.w_loss)
         self.weighted = any(p.weighted for p in parts)
-        self.has_extras = any(getattr(p, "has_extras", False) for p in parts)
+        self.has_extras = any(p.has_extras for p in parts)
 
     def _gather(self, get) -> np.ndarray:
         values = [np.asarray(get(p)) for p in self.parts]
@@ -143,7 +149,7 @@ class MixedSet:
 
     def extras(self, i: int) -> dict:
         part = self.parts[self.source[i]]
-        return part.extras(int(self.index[i])) if getattr(part, "has_extras", False) else {}
+        return part.extras(int(self.index[i])) if part.has_extras else {}
 
 
 def mixed_epoch(parts: list, weights: list[float], seed: int) -> tuple[MixedSet, np.ndarray]:
@@ -159,8 +165,8 @@ def mixed_epoch(parts: list, weights: list[float], seed: int) -> tuple[MixedSet,
 def trained_by_source(plan, data, total_steps: int) -> dict[str, np.ndarray]:
     """Examples, tokens and loss tokens per source over the run's ``total_steps`` optimizer steps,
     read from the batch plan (the run trains exactly these)."""
-    n_src = len(data.parts) if isinstance(data, MixedSet) else 1
-    source = data.source if isinstance(data, MixedSet) else np.zeros(len(data), dtype=np.int64)
+    source = data.source
+    n_src = int(source.max()) + 1 if len(source) else 1
     examples = np.zeros(n_src, dtype=np.int64)
     tokens = np.zeros(n_src, dtype=np.int64)
     loss = np.zeros(n_src, dtype=np.int64)
@@ -179,7 +185,7 @@ def trained_by_source(plan, data, total_steps: int) -> dict[str, np.ndarray]:
 
 def fill_trained(report, plan, data, total_steps: int) -> None:
     """Write what the run trains per source (examples, tokens, achieved share) into ``report.sources``."""
-    if not report.sources or not isinstance(data, MixedSet):
+    if not report.sources:
         return
     t = trained_by_source(plan, data, total_steps)
     total = max(int(t["examples"].sum()), 1)

@@ -110,13 +110,12 @@ class BatchPlan:
 
     @classmethod
     def build(cls, lengths, *, batch_size: int, grad_accum: int, world_size: int = 1, packing: bool,
-              max_length: int, seed: int, flat: bool = False, hidden_size: int = 768,
-              layout: str | None = None, bucket: int = 0) -> "BatchPlan":
+              max_length: int, seed: int, hidden_size: int = 768, layout: str = "rows",
+              bucket: int = 0) -> "BatchPlan":
         lengths = np.asarray(lengths, dtype=np.int64)
         units = best_fit_decreasing(lengths, max_length) if packing else [[i] for i in range(len(lengths))]
-        mode = layout or ("flat" if flat else "rows")
         return cls(lengths, units, batch_size * grad_accum * world_size, batch_size * world_size, max_length, seed,
-                   packing, mode, 1 / (6 * hidden_size), bucket)
+                   packing, layout, 1 / (6 * hidden_size), bucket)
 
     @property
     def flat(self) -> bool:
@@ -191,10 +190,15 @@ class BatchPlan:
         return len(widths) * w * (1 + (0.5 if causal else 1.0) * self.attn_weight * w)
 
     def batch(self, units: list[int], data, pad_id: int) -> "Batch":
-        """Collated tensors for a micro-batch (``data.example(i)`` gives ids and labels; per-token
-        weights join them when the data has weights other than 0 and 1; ``data.extras(i)`` the
-        example's other data when the set has any, :mod:`sftune.data.extras`)."""
-        weighted, extra = getattr(data, "weighted", False), getattr(data, "has_extras", False)
+        """Collated tensors for a micro-batch of units of ``data`` (an
+        :class:`~sftune.data.examples.ExampleSet`), laid out by :meth:`layout`."""
+        return self.collate_rows(self.layout(units), data, pad_id)
+
+    def collate_rows(self, rows: list[list[int]], data, pad_id: int) -> "Batch":
+        """Collated tensors for rows of example indices (``data.example(i)`` gives ids and labels;
+        per-token weights join them when the data has weights other than 0 and 1; ``data.extras(i)``
+        the example's other data when the set has any, :mod:`sftune.data.extras`)."""
+        weighted, extra = data.weighted, data.has_extras
 
         def one(i):
             ex = data.example(i)
@@ -202,7 +206,7 @@ class BatchPlan:
                 return ex
             return (*ex, data.example_weights(i) if weighted else None, *([data.extras(i)] if extra else []))
 
-        return collate([[one(i) for i in row] for row in self.layout(units)], pad_id, self.bucket)
+        return collate([[one(i) for i in row] for row in rows], pad_id, self.bucket)
 
     def fill(self, epoch: int = 0) -> float:
         """Real tokens / (rows x row width) over an epoch's micro-batches: 1 - padding waste."""
@@ -358,9 +362,14 @@ class Batches:
         self.plan, self.data, self.pad_id, self.rank, self.world = plan, data, pad_id, rank, world
         self._epoch, self._steps = -1, []
 
-    def __call__(self, step: int) -> list[Batch]:
+    def rows(self, step: int) -> tuple[object, list[list[list[int]]]]:
+        """The set and this rank's micro-batches of ``step``, each as its rows of example indices."""
         epoch, index = divmod(step, self.plan.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._steps = epoch, self.plan.epoch_steps(epoch)
         micro = self.plan.micro_batches(self._steps[index], self.rank, self.world)
-        return [self.plan.batch(units, self.data, self.pad_id) for units in micro]
+        return self.data, [self.plan.layout(units) for units in micro]
+
+    def __call__(self, step: int) -> list[Batch]:
+        data, micro = self.rows(step)
+        return [self.plan.collate_rows(rows, data, self.pad_id) for rows in micro]

@@ -15,19 +15,21 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import datasets
 import numpy as np
 
 from sftune import __version__
-from sftune.config import DataConfig
-from sftune.console import console
 import sftune.data.vision_batch as vision_batch
+from sftune.config import TOKENIZATION, DataConfig, keys_with
+from sftune.console import console
+from sftune.data.examples import ExampleSet
 from sftune.data.formats import Format, choose_format
 from sftune.data.packing import BatchPlan
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns, load_source
-from sftune.data.tokenize import Tokenizer
+from sftune.data.tokenize import RowTokenizer
 from sftune.digests import SIDECAR, sidecar_check, write_sidecar
 from sftune.errors import DataError
 
@@ -53,7 +55,8 @@ EXTRA_PREFIX = "extra_"
 
 
 class TokenizedSet:
-    """Kept examples as flat token arrays (zero-copy from the Arrow cache) plus offsets."""
+    """Kept examples as flat token arrays (zero-copy from the Arrow cache) plus offsets: one
+    source's :class:`~sftune.data.examples.ExampleSet`."""
 
     def __init__(self, ds: datasets.Dataset, kept: np.ndarray):
         table = ds.with_format("arrow")[:]
@@ -70,6 +73,7 @@ class TokenizedSet:
         self.rows = np.asarray(table.column("row").to_numpy())[kept]
         self.n_loss = np.asarray(table.column("n_loss").to_numpy())[kept]
         self.w_loss = np.asarray(table.column("w_loss").to_numpy())[kept]
+        self.source = np.zeros(len(kept), dtype=np.int64)  # one source
         # unit weights everywhere: the loss is a plain token mean (the fast path)
         self.weighted = bool(len(self.weights)) and not np.all((self.weights == 0) | (self.weights == 1))
         # data beside the tokens (sftune.data.extras): a column "extra_<kind>" per kind
@@ -119,8 +123,9 @@ class TokenizedSet:
 
 @dataclass
 class PreparedData:
-    train: TokenizedSet
-    eval: TokenizedSet | None
+    train: ExampleSet
+    """The training examples (a streamed run: the first window only)."""
+    eval: ExampleSet | None
     report: DataReport
     eval_report: DataReport | None
     fmt: Format
@@ -128,6 +133,9 @@ class PreparedData:
     max_length: int
     signature: dict | None = None
     """What a mixture's or a stream's data depends on (``sftune.data.position``); None for one source."""
+    stream: Callable[[], Any] | None = None
+    """A streamed run's fresh :class:`~sftune.data.stream.Stream` of its examples (None in memory:
+    ``train`` is then the whole data)."""
 
 
 def tokenizer_signature(tokenizer) -> str:
@@ -142,11 +150,15 @@ def tokenizer_signature(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+CACHE_VERSION = "v3"
+"""The tokenized cache's layout version: bump it when the tokenized columns change meaning."""
+TOKENIZATION_KEYS = tuple(k.removeprefix("data.") for k in keys_with(TOKENIZATION))
+"""The data keys that change how rows are rendered and tokenized (declared in the schema)."""
+
+
 def _fingerprint(ds: datasets.Dataset, tok_sig: str, cfg: DataConfig, max_length: int, fmt: Format) -> str:
-    keys = ("format", "text_column", "template", "prompt", "completion", "train_on_prompt", "messages_column",
-            "chat_template", "add_eos", "on_bad_row", "train_on", "response_template", "instruction_template")
-    payload = json.dumps([ds._fingerprint, tok_sig, {k: getattr(cfg, k) for k in keys}, max_length, __version__,
-                          type(fmt).__name__, fmt.cache_key(), "v2"], default=str)
+    payload = json.dumps([ds._fingerprint, tok_sig, {k: getattr(cfg, k) for k in TOKENIZATION_KEYS}, max_length,
+                          __version__, type(fmt).__name__, fmt.cache_key(), CACHE_VERSION], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -175,8 +187,8 @@ def trusted_cache(ds: datasets.Dataset, fp: str) -> None:
 def tokenize_split(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConfig, max_length: int,
                    source: str) -> datasets.Dataset:
     own = getattr(fmt, "map_function", None)  # a format with no text (sftune.data.pretokenized) maps rows itself
-    fn = own(tokenizer, max_length, source) if own else Tokenizer(fmt, tokenizer, max_length,
-                                                                   on_bad_row=cfg.on_bad_row, source=source).table
+    fn = own(tokenizer, max_length, source) if own else RowTokenizer(fmt, tokenizer, max_length,
+                                                                      on_bad_row=cfg.on_bad_row, source=source).table
     fp = _fingerprint(ds, tokenizer_signature(tokenizer), cfg, max_length, fmt)
     trusted_cache(ds, fp)
     quiet = len(ds) < 20_000 and datasets.is_progress_bar_enabled()  # leave a caller's setting as it was
@@ -262,7 +274,7 @@ def nothing_to_learn(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConf
     if not too_long:
         return
     sample = ds.select(range(min(len(ds), 2000)))
-    out = Tokenizer(fmt, tokenizer, 10**9, on_bad_row="skip", source="")(sample.to_dict())
+    out = RowTokenizer(fmt, tokenizer, 10**9, on_bad_row="skip", source="")(sample.to_dict())
     firsts = [next(i for i, lab in enumerate(labels) if lab != -100) for labels, skip in
               zip(out["labels"], out["skip"]) if not skip]
     if not firsts:

@@ -15,14 +15,12 @@ import json
 import pickle
 from pathlib import Path
 
+from sftune.config.schema import SOURCE_KEYS
 from sftune.data.mixture import SourceSpec
 from sftune.data.pipeline import tokenizer_signature
-from sftune.data.stream import StreamBatches
 from sftune.errors import DataError
 
 FILE = "data_position.pkl"
-_NOT_FORMAT = {"sources", "num_proc", "streaming", "packing", "pack_buffer", "shuffle_buffer", "eval_split",
-               "eval_limit", "max_length", "weight", "label"}
 
 
 def signature(specs: list[SourceSpec], tokenizer, max_length: int, cfg, seed: int) -> dict:
@@ -32,41 +30,42 @@ def signature(specs: list[SourceSpec], tokenizer, max_length: int, cfg, seed: in
 
     sig = {"sources": [s.label for s in specs], "weights": [round(s.weight, 6) for s in specs],
            "paths": [s.cfg.path for s in specs], "tokenizer": tokenizer_signature(tokenizer),
-           "format": [digest(s.cfg.model_dump(exclude=_NOT_FORMAT)) for s in specs], "max_length": max_length,
+           "format": [digest(s.cfg.model_dump(include=set(SOURCE_KEYS))) for s in specs], "max_length": max_length,
            "seed": seed, "streaming": cfg.streaming, "packing": cfg.packing}
     if cfg.streaming:
         sig.update(pack_buffer=cfg.pack_buffer, shuffle_buffer=cfg.shuffle_buffer)
     return sig
 
 
-def save_position(batches, data, step: int) -> dict[str, bytes]:
-    """Files for the checkpoint of ``step`` (none for a single in-memory source)."""
-    if data.signature is None:
+def save_position(signature: dict | None, stream_state: bytes | None, step: int) -> dict[str, bytes]:
+    """Files for the checkpoint of ``step`` (none for a single in-memory source); ``stream_state``
+    is a stream's position (:meth:`~sftune.data.stream.StreamBatches.state_at`), None in memory."""
+    if signature is None:
         return {}
-    stream = pickle.loads(batches.state_at(step)) if isinstance(batches, StreamBatches) else None
-    return {FILE: pickle.dumps({"signature": data.signature, "step": step, "stream": stream})}
+    stream = pickle.loads(stream_state) if stream_state is not None else None
+    return {FILE: pickle.dumps({"signature": signature, "step": step, "stream": stream})}
 
 
-def restore_position(batches, data, checkpoint: str | Path, step: int) -> None:
-    """Refuse a resume whose data changed; continue a stream from its checkpoint's position."""
+def restore_position(signature: dict | None, checkpoint: str | Path) -> dict | None:
+    """Refuse a resume whose data changed; the stream's position saved in the checkpoint (None
+    in memory)."""
     path = Path(checkpoint) / FILE
-    if data.signature is None:
+    if signature is None:
         if path.exists():
             raise DataError(f"the checkpoint {checkpoint} was saved by a run with data.sources or data.streaming, "
                             "and this run has neither: it would continue on other data",
                             hint="resume with the data settings the run was started with, or start a new run "
                             "(train.resume=false)")
-        return
+        return None
     if not path.exists():
         raise DataError(f"the checkpoint {checkpoint} has no data position ({FILE}): it was saved by a run without "
                         "data.sources or data.streaming", hint="resume with the data settings the run was started "
                         "with, or start a new run (train.resume=false)")
     saved = pickle.loads(path.read_bytes())
-    changed = [k for k in data.signature if saved["signature"].get(k) != data.signature[k]]
+    changed = [k for k in signature if saved["signature"].get(k) != signature[k]]
     if changed:
-        what = "; ".join(f"{k}: {saved['signature'].get(k)} -> {data.signature[k]}" for k in changed)
+        what = "; ".join(f"{k}: {saved['signature'].get(k)} -> {signature[k]}" for k in changed)
         raise DataError(f"the data changed since the checkpoint ({what}); the resumed run would not continue the "
                         "same data", source=str(checkpoint), hint="resume with the data settings the run was "
                         "started with, or start a new run (train.resume=false)")
-    if isinstance(batches, StreamBatches):
-        batches.restore(saved["stream"], step)
+    return saved["stream"]

@@ -3,7 +3,7 @@
 TRL 1.x accepts datasets that are already tokenized: ``input_ids`` and, optionally, ``labels``
 (used as they are), or ``completion_mask`` / ``assistant_masks`` (1 where the token is trained).
 Such rows have no text to render, so this format replaces the text tokenizer
-(:class:`sftune.data.tokenize.Tokenizer`) with :meth:`PretokenizedFormat.map_function`: the
+(:class:`sftune.data.tokenize.RowTokenizer`) with :meth:`PretokenizedFormat.map_function`: the
 labels are the ids where every applicable mask is 1 (``completion_mask`` only with completion-only
 loss, as TRL), ``-100`` elsewhere; sequences longer than ``max_length`` lose their tail (counted
 as truncated), and a row with no trained token left is a counted skip.

@@ -27,11 +27,14 @@ from sftune.config import DataConfig
 from sftune.errors import DataError
 
 KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILES_TAG = 0x66696C
+"""RNG stream tag ("fil") of a source's file order in each pass after the first, beside the seed,
+the source and the pass."""
 
 
 def stream_files(cfg: DataConfig) -> list[str] | None:
     """The local files of a streamed source, in order (``None``: a hub dataset)."""
-    from sftune.data.sources import _local_files
+    from sftune.data.sources import local_files
 
     path = Path(cfg.path).expanduser()
     if any(ch in cfg.path for ch in "*?["):
@@ -39,7 +42,7 @@ def stream_files(cfg: DataConfig) -> list[str] | None:
         if not files:
             raise DataError("the pattern matches no .jsonl/.json/.csv/.parquet file", source=cfg.path)
     elif path.is_file() or path.is_dir():
-        _, splits = _local_files(path)
+        _, splits = local_files(path)
         files = splits.get(cfg.split) or (next(iter(splits.values())) if len(splits) == 1 else None)
         if not files:
             raise DataError(f"there are no '{cfg.split}' files; the splits are {', '.join(splits)}",
@@ -72,7 +75,7 @@ class RowReader:
         n = len(self.files)
         if p == 0 or n == 1:
             return list(range(n))
-        return np.random.default_rng([self.seed, 0x66696C, self.index, p]).permutation(n).tolist()
+        return np.random.default_rng([self.seed, FILES_TAG, self.index, p]).permutation(n).tolist()
 
     def __iter__(self):
         return self

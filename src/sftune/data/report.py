@@ -8,6 +8,7 @@ and saved in the run directory.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from rich.markup import escape
@@ -59,6 +60,8 @@ class DataReport:
     images: dict = field(default_factory=dict)
     """Vision-language data: images in the kept examples, examples with images, image tokens and
     tokens per image (min / mean / max; ``data.image_max_pixels`` changes them)."""
+    streamed: bool = False
+    """The data is streamed (``data.streaming``): the counts are what the run read and trained so far."""
     sources: list[dict] = field(default_factory=list)
     """Per source of a mixture (``data.sources``): label, path, target share, rows read / used /
     kept, skipped (why), truncated, draws per epoch, and (from the batch plan) examples and tokens
@@ -127,6 +130,12 @@ class DataReport:
         t.add_row("source", escape(f"{self.source} [{self.split}] as {self.format}"))
         kept = f"{self.kept} kept" if self.kept == self.kept_rows else \
             f"{self.kept_rows} kept as {self.kept} sequences"
+        if self.streamed and not self.rows_read:  # before the first step: nothing read yet
+            t.add_row("rows", "streamed: counted as the run reads them (its report has the totals)")
+            console.print(t)
+            if self.sources:
+                console.print(source_table(self.sources))
+            return
         t.add_row("rows", f"{self.rows_read} read, {self.rows_used} used, {kept}")
         if self.expanded_rows:
             why = "; ".join(escape(w) for w in self.expanded_why)
@@ -178,14 +187,28 @@ class DataReport:
             console.print(source_table(self.sources))
 
 
+SOURCE_WIDTH = 24
+"""The per-source table's source column (characters): the table fits an 80-column terminal."""
+
+
+def short_labels(sources: list[dict]) -> list[str]:
+    """Each source as the table shows it: its label, or for a source labelled by its path the file
+    name (the full path unless two sources share a name; the JSON report keeps ``path``)."""
+    names = [Path(s["label"]).name if s["label"] == s.get("path") else s["label"] for s in sources]
+    return [n if names.count(n) == 1 else s["label"] for n, s in zip(names, sources)]
+
+
 def source_table(sources: list[dict]) -> Table:
     """Per source of a mixture: the accounting, and the achieved share beside the target."""
     t = Table(title="Sources (achieved: share of the examples this run trains)", title_justify="left")
     for col in ("source", "target", "achieved", "read", "kept", "skipped", "cut", "trained", "tokens", "passes"):
-        t.add_column(col, justify="left" if col == "source" else "right", overflow="fold")
-    for s in sources:
+        if col == "source":
+            t.add_column(col, justify="left", overflow="ellipsis", no_wrap=True, max_width=SOURCE_WIDTH)
+        else:
+            t.add_column(col, justify="right", overflow="fold")
+    for s, name in zip(sources, short_labels(sources)):
         achieved = s.get("achieved_share", s["share_per_epoch"])
-        t.add_row(escape(s["label"]), f"{100 * s['target_share']:.1f}%", f"{100 * achieved:.1f}%",
+        t.add_row(escape(name), f"{100 * s['target_share']:.1f}%", f"{100 * achieved:.1f}%",
                   str(s["rows_read"]), str(s["kept"]), str(sum(s["skipped"].values())), str(s["truncated"]),
                   str(s.get("examples_trained", "-")), f"{s.get('tokens_trained', 0):,}", f"{s.get('passes', 0):g}")
     return t

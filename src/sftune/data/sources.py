@@ -46,7 +46,7 @@ class Source:
     its own split, whatever ``data.split`` says)."""
 
 
-def _local_files(path: Path) -> tuple[str, dict[str, list[str]]]:
+def local_files(path: Path) -> tuple[str, dict[str, list[str]]]:
     if path.is_file():
         builder = BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -271,7 +271,7 @@ def _load(cfg: DataConfig) -> tuple[datasets.DatasetDict | dict, str]:
         return makers[name](), cfg.path
     path = Path(cfg.path).expanduser()
     if path.exists():
-        builder, files = _local_files(path)
+        builder, files = local_files(path)
         for f in (Path(f) for fs in files.values() for f in fs):
             check_text_file(f, cfg.encoding)
             if builder == "csv":

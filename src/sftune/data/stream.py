@@ -23,24 +23,32 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import pickle
 from collections import deque
 from types import SimpleNamespace
 
 import numpy as np
 
+from sftune.data.examples import ExampleList, StreamExample
 from sftune.data.formats import choose_format
-from sftune.data.mixture import Mixture, SourceSpec, resolve_sources
+from sftune.data.mixture import Mixture, SourceSpec
 from sftune.data.packing import best_fit_decreasing
-from sftune.data.pipeline import PreparedData
+from sftune.data.pipeline import EXTRA_PREFIX, PreparedData
 from sftune.data.readers import RowReader, peek_columns
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns
-from sftune.data.tokenize import Tokenizer
+from sftune.data.tokenize import RowTokenizer
 from sftune.errors import ConfigError
 
 CHUNK = 64
 """Rows taken from the mixture and tokenized together."""
+PEEK = 256
+"""Examples of a separate stream looked at before training (the probe's and the layout's window)."""
+SHUFFLE_TAG = 0x736866
+"""RNG stream tag ("shf") of a source's shuffle buffer, beside the seed and the source index."""
+PACK_TAG = 0x706B
+"""RNG stream tag ("pk") of the order of a packing window's units, beside the seed and the window."""
 
 
 class ShuffleBuffer:
@@ -62,11 +70,17 @@ class ShuffleBuffer:
 
 def _counts() -> dict:
     return {"rows_read": 0, "kept": 0, "skipped": {}, "skipped_rows": {}, "truncated": 0, "examples_trained": 0,
-            "tokens_trained": 0, "loss_tokens_trained": 0}
+            "tokens_trained": 0, "loss_tokens_trained": 0, "lengths": {}}
 
 
 class Stream:
-    """The chain up to packed units (lists of examples ``(ids, labels, weights, source, row)``)."""
+    """The chain up to packed units (lists of :class:`~sftune.data.examples.StreamExample`)."""
+
+    @classmethod
+    def for_run(cls, specs: list[SourceSpec], cfg, tokenizer, max_length: int, seed: int) -> "Stream":
+        """A fresh stream of a run's sources, with ``cfg``'s (``data.*``) packing and buffers."""
+        return cls(specs, tokenizer, max_length, seed=seed, packing=cfg.packing, pack_buffer=cfg.pack_buffer,
+                   shuffle_buffer=cfg.shuffle_buffer)
 
     def __init__(self, specs: list[SourceSpec], tokenizer, max_length: int, *, seed: int, packing: bool,
                  pack_buffer: int, shuffle_buffer: int):
@@ -82,8 +96,9 @@ class Stream:
                                   "model, which streams do not carry yet; train it without data.streaming")
             check_columns(SimpleNamespace(column_names=columns), fmt.columns, s.label, f"the {fmt.name} format")
             self.formats.append(fmt)
-            self.tokenizers.append(Tokenizer(fmt, tokenizer, max_length, on_bad_row=s.cfg.on_bad_row, source=s.label))
-        self.buffers = [ShuffleBuffer(RowReader(s.cfg, i, seed), shuffle_buffer, [seed, 0x736866, i])
+            self.tokenizers.append(RowTokenizer(fmt, tokenizer, max_length, on_bad_row=s.cfg.on_bad_row,
+                                                source=s.label))
+        self.buffers = [ShuffleBuffer(RowReader(s.cfg, i, seed), shuffle_buffer, [seed, SHUFFLE_TAG, i])
                         for i, s in enumerate(specs)]
         self.index = 0  # the mixture's next global example index
         self.pending: deque = deque()  # tokenized examples not yet packed
@@ -118,12 +133,16 @@ class Stream:
                 c["truncated"] += bool(out["truncated"][k])
                 w = np.asarray(out["weights"][k], dtype=np.float32)
                 weights = None if np.all((w == 0) | (w == 1)) else w
-                out_by_pos.setdefault(p, []).append((np.asarray(out["input_ids"][k], dtype=np.int32),
-                                                     np.asarray(out["labels"][k], dtype=np.int32), weights, s, row_no))
+                extras = {key[len(EXTRA_PREFIX):]: out[key][k] for key in out
+                          if key.startswith(EXTRA_PREFIX) and out[key][k] is not None}
+                out_by_pos.setdefault(p, []).append(StreamExample(np.asarray(out["input_ids"][k], dtype=np.int32),
+                                                            np.asarray(out["labels"][k], dtype=np.int32), weights,
+                                                            s, row_no, extras or None))
         for p in sorted(out_by_pos):
             self.pending.extend(out_by_pos[p])
 
-    def _example(self):
+    def next_example(self) -> StreamExample:
+        """The next tokenized example, in the mixture's order (before packing)."""
         while not self.pending:
             self._tokenize_chunk()
         return self.pending.popleft()
@@ -131,11 +150,11 @@ class Stream:
     def next_unit(self) -> list:
         if not self.units:
             if not self.packing:
-                self.units.append([self._example()])
+                self.units.append([self.next_example()])
             else:
-                window = [self._example() for _ in range(self.pack_buffer)]
-                bins = best_fit_decreasing([len(e[0]) for e in window], self.max_length)
-                order = np.random.default_rng([self.seed, 0x706B, self.window]).permutation(len(bins))
+                window = [self.next_example() for _ in range(self.pack_buffer)]
+                bins = best_fit_decreasing([len(e.ids) for e in window], self.max_length)
+                order = np.random.default_rng([self.seed, PACK_TAG, self.window]).permutation(len(bins))
                 self.units.extend([window[i] for i in bins[b]] for b in order)
                 self.window += 1
         return self.units.popleft()
@@ -158,28 +177,6 @@ class Stream:
             b.rng.bit_generator.state = st["rng"]
 
 
-class ExampleSet:
-    """A list of examples behind the one-set interface (lengths, example, example_weights, rows)."""
-
-    def __init__(self, examples: list):
-        self.items = examples
-        self.lengths = np.asarray([len(e[0]) for e in examples], dtype=np.int64)
-        self.rows = np.asarray([e[4] for e in examples], dtype=np.int64)
-        self.source = np.asarray([e[3] for e in examples], dtype=np.int64)
-        self.n_loss = np.asarray([int((e[1] != -100).sum()) for e in examples], dtype=np.int64)
-        self.weighted = any(e[2] is not None for e in examples)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def example(self, i: int):
-        return self.items[i][0], self.items[i][1]
-
-    def example_weights(self, i: int):
-        ids, labels, w = self.items[i][:3]
-        return w if w is not None else (labels != -100).astype(np.float32)
-
-
 class StreamBatches:
     """This rank's micro-batches of step ``step``, in order, from a :class:`Stream` (the streamed
     counterpart of :class:`sftune.data.packing.Batches`)."""
@@ -189,24 +186,30 @@ class StreamBatches:
         self.next_step = 0
         self._before = (0, stream.state_dict())
 
-    def __call__(self, step: int) -> list:
+    def rows(self, step: int) -> tuple[ExampleList, list[list[list[int]]]]:
+        """Step ``step``'s examples and this rank's micro-batches, each as its rows of example indices."""
         if step != self.next_step:
             raise RuntimeError(f"a stream gives its steps in order: asked for step {step}, at {self.next_step}")
         self._before = (step, self.stream.state_dict())  # copies of the containers: cheap, pickled only on save
         units = [self.stream.next_unit() for _ in range(self.plan.step_units)]
         self.next_step = step + 1
         examples = [e for u in units for e in u]
-        data = ExampleSet(examples)
+        data = ExampleList(examples)
         for e in examples:  # per-source accounting of what is trained (every rank counts the whole step)
-            c = self.stream.counts[e[3]]
+            c = self.stream.counts[e.source]
             c["examples_trained"] += 1
-            c["tokens_trained"] += len(e[0])
-            c["loss_tokens_trained"] += int((e[1] != -100).sum())
+            c["tokens_trained"] += len(e.ids)
+            c["loss_tokens_trained"] += int((e.labels != -100).sum())
+            c["lengths"][len(e.ids)] = c["lengths"].get(len(e.ids), 0) + 1
         starts = np.cumsum([0] + [len(u) for u in units])
         plan = dataclasses.replace(self.plan, lengths=data.lengths,
                                    units=[list(range(starts[k], starts[k + 1])) for k in range(len(units))])
         micro = plan.micro_batches(list(range(len(units))), self.rank, self.world)
-        return [plan.batch(m, data, self.pad_id) for m in micro]
+        return data, [plan.layout(m) for m in micro]
+
+    def __call__(self, step: int) -> list:
+        data, micro = self.rows(step)
+        return [self.plan.collate_rows(rows, data, self.pad_id) for rows in micro]
 
     def restore(self, state: dict, step: int) -> None:
         """Continue from ``state`` (a :meth:`state_at`, unpickled) as the position of ``step``."""
@@ -221,6 +224,40 @@ class StreamBatches:
         if step != self.next_step:
             raise RuntimeError(f"the stream's position at step {step} is not known (at {self.next_step})")
         return pickle.dumps(self.stream.state_dict())
+
+    def seen(self) -> dict:
+        """Examples and tokens trained so far, over all ranks (a stream has no epochs)."""
+        counts = self.stream.counts
+        return {"examples_seen": sum(c["examples_trained"] for c in counts),
+                "tokens_seen": sum(c["tokens_trained"] for c in counts)}
+
+    def sources(self) -> list[dict]:
+        """Per-source counts of the run so far: what was read and what was trained."""
+        return source_entries(self.stream)
+
+    def fill_report(self, report: DataReport) -> None:
+        """The report's totals from what the stream read and trained (its per-source lines too)."""
+        counts = self.stream.counts
+        report.sources = self.sources()
+        report.rows_read = report.rows_used = sum(c["rows_read"] for c in counts)
+        report.kept = report.kept_rows = sum(c["kept"] for c in counts)
+        report.truncated = sum(c["truncated"] for c in counts)
+        report.skipped, report.skipped_rows = {}, {}
+        for spec, c in zip(self.stream.specs, counts):
+            label = f"{spec.label}: " if len(counts) > 1 else ""
+            for why, n in c["skipped"].items():
+                report.skipped[label + why] = n
+                report.skipped_rows[label + why] = list(c["skipped_rows"][why])
+        report.total_tokens = sum(c["tokens_trained"] for c in counts)
+        report.loss_tokens = sum(c["loss_tokens_trained"] for c in counts)
+        hist: dict[int, int] = {}
+        for c in counts:
+            for length, n in c.get("lengths", {}).items():
+                hist[length] = hist.get(length, 0) + n
+        if hist:
+            lengths = np.repeat(np.fromiter(hist, dtype=np.int64), np.fromiter(hist.values(), dtype=np.int64))
+            report.length_percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+            report.length_percentiles.update(max=int(lengths.max()), min=int(lengths.min()))
 
 
 def source_entries(stream: Stream) -> list[dict]:
@@ -240,47 +277,20 @@ def source_entries(stream: Stream) -> list[dict]:
     return out
 
 
-def prepare_stream(cfg, tokenizer, max_length: int, seed: int):
-    """The streamed counterpart of ``prepare_data``: a report naming the sources, and a first
-    window of examples (from a separate stream) for the start-up probe and the row layout."""
-    data_cfg = cfg
-    if data_cfg.eval_split is not None:
+def prepare_stream(cfg, tokenizer, max_length: int, seed: int, specs: list[SourceSpec]) -> PreparedData:
+    """The streamed counterpart of ``prepare_data``: a report naming the sources, a first window of
+    examples (from a separate stream) for the start-up probe and the row layout, and ``stream``, the
+    factory of the run's fresh streams (training's, preview's)."""
+    if cfg.eval_split is not None:
         raise ConfigError("data.eval_split is not supported with data.streaming=true yet: set data.eval_split=null")
-    specs = resolve_sources(data_cfg)
-    stream = Stream(specs, tokenizer, max_length, seed=seed, packing=data_cfg.packing,
-                    pack_buffer=data_cfg.pack_buffer, shuffle_buffer=data_cfg.shuffle_buffer)
-    peek = []
-    while len(peek) < min(256, data_cfg.pack_buffer):
-        peek.append(stream._example())
+    new_stream = functools.partial(Stream.for_run, specs, cfg, tokenizer, max_length, seed)
+    stream = new_stream()
+    peek = [stream.next_example() for _ in range(min(PEEK, cfg.pack_buffer))]
     report = DataReport(source=", ".join(s.label for s in specs) + " (streamed)",
-                        format="/".join(dict.fromkeys(f.name for f in stream.formats)), split=data_cfg.split,
-                        max_length=max_length)
+                        format="/".join(dict.fromkeys(f.name for f in stream.formats)), split=cfg.split,
+                        max_length=max_length, streamed=True)
     stream.counts = [_counts() for _ in specs]  # the first window was only looked at: nothing trained yet
     report.sources = source_entries(stream)
     source = Source(train=None, eval=None, name=specs[0].label, rows_read=0)
-    return PreparedData(ExampleSet(peek), None, report, None, stream.formats[0], source, max_length)
-
-
-def stream_batches(cfg, data, plan, tokenizer, rank: int, world: int, seed: int):
-    """:class:`StreamBatches` for a streamed run (``None`` otherwise)."""
-    if not cfg.data.streaming:
-        return None
-    specs = resolve_sources(cfg.data)
-    stream = Stream(specs, tokenizer, data.max_length, seed=seed, packing=cfg.data.packing,
-                    pack_buffer=cfg.data.pack_buffer, shuffle_buffer=cfg.data.shuffle_buffer)
-    return StreamBatches(stream, plan, tokenizer.pad_token_id, rank, world)
-
-
-def streamed_sources(batches) -> list[dict] | None:
-    """Per-source counts of a streamed run so far (``None`` when not streamed)."""
-    return source_entries(batches.stream) if isinstance(batches, StreamBatches) else None
-
-
-def first_units(cfg, tokenizer, max_length: int, n: int) -> tuple[ExampleSet, list[list[int]]]:
-    """The first ``n`` sequences (packed units) a streamed run trains, from a fresh stream: their
-    examples, and each sequence's example indices (``sftune preview``)."""
-    stream = Stream(resolve_sources(cfg.data), tokenizer, max_length, seed=cfg.train.seed, packing=cfg.data.packing,
-                    pack_buffer=cfg.data.pack_buffer, shuffle_buffer=cfg.data.shuffle_buffer)
-    units = [stream.next_unit() for _ in range(n)]
-    starts = np.cumsum([0] + [len(u) for u in units]).tolist()
-    return ExampleSet([e for u in units for e in u]), [list(range(starts[k], starts[k + 1])) for k in range(n)]
+    return PreparedData(ExampleList(peek), None, report, None, stream.formats[0], source, max_length,
+                        stream=new_stream)

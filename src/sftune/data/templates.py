@@ -15,20 +15,6 @@ from sftune.errors import ConfigError
 _FORMATTER = string.Formatter()
 
 
-@dataclass(frozen=True)
-class Template:
-    """A format string over row columns."""
-
-    text: str
-
-    @property
-    def fields(self) -> list[str]:
-        return parse_fields(self.text)
-
-    def render(self, values: dict[str, str]) -> str:
-        return self.text.format_map(values)
-
-
 def parse_fields(text: str, what: str = "template") -> list[str]:
     """Column names a template refers to. Raises :class:`ConfigError` on malformed templates."""
     try:

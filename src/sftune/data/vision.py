@@ -38,7 +38,7 @@ import sftune.data.vision_batch as vision_batch
 from sftune.data.chat import MessagesFormat
 from sftune.data.contract import BadRow, Rendered, Sequence, Turn
 from sftune.data.images import IMAGE, base_dir, conversation, load_image
-from sftune.data.tokenize import IGNORE, Example, Tokenizer, truncate
+from sftune.data.tokenize import IGNORE, Example, RowTokenizer, truncate
 from sftune.errors import ConfigError, RowSkip
 
 MROPE_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
@@ -160,7 +160,7 @@ def _shift(pos: int, reps: list[tuple[int, int, int]]) -> int:
     return pos + sum(delta for start, _, delta in reps if start < pos)
 
 
-class VisionTokenizer(Tokenizer):
+class VisionTokenizer(RowTokenizer):
     """The tokenizer's ``datasets.map`` function for image conversations: the text path's columns
     plus ``extra_images`` (the payload per example, null for an example without images)."""
 

@@ -1,0 +1,34 @@
+"""What a config key is to the rest of sftune, declared on its field in the schema.
+
+A field's annotation carries its roles (``path: PerSource[str | None]``); :func:`sftune.config.keys_with`
+lists the keys of a role. The code that needs to know (the cluster's resume check, the data
+position's signature, the tokenization cache key) reads them from there, not from lists of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Role:
+    """A role of a config key (a marker in the field's ``Annotated`` metadata)."""
+
+    name: str
+
+
+PER_SOURCE = Role("per_source")
+"""A ``data.sources`` entry may set it for itself; it is part of a source's data signature, which
+a resume of a mixture or a stream must match (:mod:`sftune.data.position`)."""
+TOKENIZATION = Role("tokenization")
+"""It changes how rows are rendered and tokenized: part of the tokenization cache key
+(:mod:`sftune.data.pipeline`)."""
+UNTRAINED = Role("untrained")
+"""It does not change what is trained: a restart may change it and still resume (:mod:`sftune.cluster`)."""
+
+PerSource = Annotated[T, PER_SOURCE]
+Tokenizing = Annotated[T, PER_SOURCE, TOKENIZATION]
+Untrained = Annotated[T, UNTRAINED]
