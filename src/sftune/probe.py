@@ -226,10 +226,14 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
                       loss_diff=res["loss_diff"], **({"errors": res["errors"]} if res["errors"] else {}))
         if code[0] >= len(LAYOUTS):
             record["status"] = "refused"
+            alone = res["diffs"].get("per_example", 0) > TOLERANCE.get(next(lm.parameters()).dtype, 5e-2)
+            why = ("even one example per row differs from the model called alone (a body that numbers positions its "
+                   "own way, or is not causal)" if alone else
+                   "the model gives different outputs for the same example in a batch")
             raise ConfigError(
                 f"model check: no row layout reproduces {caps.model_type} run one example at a time on {n} of this "
-                f"run's examples (relative differences {_fmt(res['diffs'], res['errors'])}); the model gives "
-                "different outputs for the same example in a batch. Set model.check=off to train anyway")
+                f"run's examples (relative differences {_fmt(res['diffs'], res['errors'])}); {why}. "
+                "Set model.check=off to train anyway")
         layout, fused = LAYOUTS[code[0]], not code[1] and lm.fused
         changed = layout != candidates[0] or fused != lm.fused
         if changed and mode == "strict":
