@@ -23,10 +23,10 @@ import torch
 from sftune.config import config_to_yaml
 from sftune.errors import ConfigError, SftuneError
 from sftune.export.lineage import format_hash, lineage, write_lineage
-from sftune.export.save import resolved_config, set_generation_stops
+from sftune.export.save import resolved_config, save_final, set_generation_stops
 from sftune.inference import load_for_inference
 
-__all__ = ["check_export_target", "export_run", "resolved_config"]
+__all__ = ["check_export_target", "export_run", "resolved_config", "save_final"]  # save_final: training's (save.py)
 
 
 def check_export_target(out_dir: Path) -> None:
