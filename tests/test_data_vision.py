@@ -115,6 +115,7 @@ def _rows(processor, n=3):
     for i in range(n):
         row = conversation()
         row["messages"][1]["content"][0]["text"] = ["red", "green", "blue dot"][i % 3]
+        row["images"][0] = vm.image((56, 56), list(vm.COLOURS.values())[i % 4])  # each row its own first image
         rows.append(row)
     _, out, payloads = tokenize(processor, rows)
     return [(ex.input_ids.tolist(), ex.labels.tolist(), None, {"images": p})
