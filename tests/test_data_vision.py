@@ -216,3 +216,40 @@ def test_image_rows_in_a_mixture_and_streams_refused(vlm, tmp_path):
                                   "data.streaming": True, "train.max_steps": 2})
     with pytest.raises(ConfigError, match="streams do not carry"):
         prepare(streamed.data, tok, 256, seed=0)
+
+
+def test_parquet_with_datasets_images_and_bad_image_rows(vlm, tmp_path):
+    """Parquet keeps images as datasets Image values; a row whose image is missing is a clear error
+    naming the row and column, or with data.on_bad_row=skip a counted skip."""
+    import io
+    import json
+
+    import datasets
+
+    from sftune.data.pipeline import prepare_data
+    from sftune.errors import DataError
+
+    rows = []
+    for colour in ("red", "blue"):
+        buf = io.BytesIO()
+        vm.image((56, 56), vm.COLOURS[colour]).save(buf, format="PNG")
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image", "text": None},
+                                                               {"type": "text", "text": "Colour?"}]},
+                                  {"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+                     "images": [{"bytes": buf.getvalue(), "path": None}]})
+    ds = datasets.Dataset.from_list(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    tok = vlm_tokenizer(vlm("qwen2_vl"))
+    prepared = prepare_data(DataConfig(path=str(tmp_path / "train.parquet")), tok, 256)
+    assert prepared.report.images["images"] == 2 and len(prepared.train) == 2
+
+    data = vm.write_data(tmp_path / "j", n=3)
+    lines = data.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["images"] = ["img/nowhere.png"]
+    data.write_text("\n".join([lines[0], json.dumps(bad), lines[2]]) + "\n")
+    with pytest.raises(DataError) as e:
+        prepare_data(DataConfig(path=str(data)), tok, 256)
+    assert "row 1" in str(e.value) and "images" in str(e.value) and "nowhere.png" in str(e.value)
+    skipped = prepare_data(DataConfig(path=str(data), on_bad_row="skip"), tok, 256)
+    assert len(skipped.train) == 2 and sum(skipped.report.skipped.values()) == 1
