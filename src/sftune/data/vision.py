@@ -181,6 +181,9 @@ class VisionTokenizer(Tokenizer):
             raise BadRow(f"the rendered conversation has {n} image tokens ({fmt.image_token}) but the row gives "
                          f"{len(images)} images; its text contains the image token itself", fmt.column)
         enc = self._process(seq.text, images[:n])
+        if "text_replacement_offsets" not in enc:
+            raise ConfigError(f"{type(fmt.processor).__name__} does not report where it expands each image "
+                              "(text_replacement_offsets), so sftune cannot train images with it yet")
         offsets = enc["text_replacement_offsets"][0]
         reps = [(o["span"][0], o["span"][1], len(o["replacement"]) - (o["span"][1] - o["span"][0])) for o in offsets]
         text, last = [], 0
