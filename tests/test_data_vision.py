@@ -253,3 +253,15 @@ def test_parquet_with_datasets_images_and_bad_image_rows(vlm, tmp_path):
     assert "row 1" in str(e.value) and "images" in str(e.value) and "nowhere.png" in str(e.value)
     skipped = prepare_data(DataConfig(path=str(data), on_bad_row="skip"), tok, 256)
     assert len(skipped.train) == 2 and sum(skipped.report.skipped.values()) == 1
+
+
+def test_inference_prompt_and_reference_of_an_image_row(vlm):
+    """prompt(row): the template's text up to the last assistant turn, each image as the template
+    writes it (the processor expands it at generation); reference(row): the reply's text."""
+    processor = load_processor(str(vlm("qwen2_vl")))
+    fmt = VisionMessagesFormat(DataConfig(), processor, "messages")
+    row = conversation()
+    prompt = fmt.prompt(row)
+    want = processor.apply_chat_template(row["messages"][:3], tokenize=False, add_generation_prompt=True)
+    assert prompt == want and prompt.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    assert fmt.reference(row) == "blue" and len(fmt.images_of(row)) == 2

@@ -136,14 +136,32 @@ class VisionMessagesFormat(MessagesFormat):
                 pass
         return self._around
 
+    def messages_of(self, row: dict, *, need_assistant: bool = True) -> tuple[list[dict], int]:
+        """The row's messages with an image marker where each image goes (list-of-parts contents,
+        ``<image>`` placeholders), for training and inference prompts alike."""
+        converted, _ = conversation(row, self.column, self.images_column)
+        return super().messages_of(converted, need_assistant=need_assistant)
+
+    def reference(self, row: dict) -> str | None:
+        try:
+            converted, _ = conversation(row, self.column, self.images_column)
+        except BadRow:
+            return None
+        ref = super().reference(converted)
+        return ref.replace(IMAGE, "") if ref is not None else None
+
+    def images_of(self, row: dict) -> list:
+        """The row's images (PIL, RGB), in the order its messages place them."""
+        _, values = conversation(row, self.column, self.images_column)
+        return [load_image(v, self.base, self.images_column, k) for k, v in enumerate(values)]
+
     def render(self, row: dict) -> Rendered:
         """The messages format's sequences; ``.images`` holds the row's images (PIL, in order)."""
-        converted, values = conversation(row, self.column, self.images_column)
-        rendered = super().render(converted)
+        rendered = super().render(row)
         for seq in rendered.sequences:
             for t in seq.turns:
                 t.standalone = None  # a straddled turn is cut in place (each sequence carries its own images)
-        rendered.images = [load_image(v, self.base, self.images_column, k) for k, v in enumerate(values)]
+        rendered.images = self.images_of(row)
         return rendered
 
     def map_function(self, tokenizer, max_length: int, source: str):
