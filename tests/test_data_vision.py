@@ -265,3 +265,13 @@ def test_inference_prompt_and_reference_of_an_image_row(vlm):
     want = processor.apply_chat_template(row["messages"][:3], tokenize=False, add_generation_prompt=True)
     assert prompt == want and prompt.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
     assert fmt.reference(row) == "blue" and len(fmt.images_of(row)) == 2
+
+
+def test_dict_form_carries_the_payloads(vlm):
+    """The ``datasets.map`` dict form (what streams read) has ``extra_images`` beside each example."""
+    processor = load_processor(str(vlm("llava")))
+    fmt = VisionMessagesFormat(DataConfig(), processor, "messages")
+    text_only = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "images": []}
+    out = VisionTokenizer(fmt, 512, "t")({k: [conversation()[k], text_only[k]] for k in ("messages", "images")})
+    assert len(out["extra_images"]) == len(out["input_ids"]) == 2
+    assert vision_batch.n_images(out["extra_images"][0]) == 2 and out["extra_images"][1] is None

@@ -290,6 +290,12 @@ class VisionTokenizer(Tokenizer):
 
             raise DataError(b.message, source=self.source, row=index, column=b.column, hint=b.hint) from None
 
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        """The text path's columns plus ``extra_images`` (for readers of the dict form, such as streams)."""
+        out = super().__call__(batch)
+        out[EXTRA_COLUMN] = list(self._payloads)
+        return out
+
     def table(self, batch: dict[str, list]) -> pa.Table:
         t = super().table(batch)
         return t.append_column(EXTRA_COLUMN, pa.array(self._payloads, type=pa.binary()))
