@@ -3,6 +3,8 @@ M-RoPE, and packed == unpacked (loss and gradients) through the images collator.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -275,3 +277,16 @@ def test_dict_form_carries_the_payloads(vlm):
     out = VisionTokenizer(fmt, 512, "t")({k: [conversation()[k], text_only[k]] for k in ("messages", "images")})
     assert len(out["extra_images"]) == len(out["input_ids"]) == 2
     assert vision_batch.n_images(out["extra_images"][0]) == 2 and out["extra_images"][1] is None
+
+
+def test_max_length_below_every_prompt_counts_image_tokens(vlm, tmp_path):
+    """Every example skipped for its prompt: the error's numbers count the expanded image tokens."""
+    from sftune.data.pipeline import prepare_data
+    from sftune.errors import DataError
+
+    data = vm.write_data(tmp_path, n=3)
+    tok = vlm_tokenizer(vlm("idefics3"))
+    with pytest.raises(DataError, match=r"shortest prompt is (\d+) tokens") as e:
+        prepare_data(DataConfig(path=str(data)), tok, 40)
+    shortest = int(re.search(r"shortest prompt is (\d+) tokens", str(e.value)).group(1))
+    assert shortest > 40  # an image alone is several tiles of 4 tokens with their tags

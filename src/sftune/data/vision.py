@@ -164,6 +164,9 @@ class VisionMessagesFormat(MessagesFormat):
         rendered.images = self.images_of(row)
         return rendered
 
+    def row_tokenizer(self, max_length: int, source: str) -> "VisionTokenizer":
+        return VisionTokenizer(self, max_length, source)
+
     def map_function(self, tokenizer, max_length: int, source: str):
         return VisionTokenizer(self, max_length, source).table
 
