@@ -186,8 +186,9 @@ class VisionTokenizer(Tokenizer):
 
     def _process(self, text: str, images: list) -> dict:
         try:
+            # no special tokens added: the chat template writes its own (as apply_chat_template tokenizes)
             return self.fmt.processor(text=[text], images=images, return_text_replacement_offsets=True,
-                                      return_tensors="np", **self.fmt.image_kwargs)
+                                      return_tensors="np", add_special_tokens=False, **self.fmt.image_kwargs)
         except (ValueError, TypeError, OSError) as e:
             raise BadRow(f"the processor refused this conversation's images: {str(e).splitlines()[0]}",
                          self.fmt.images_column) from None
