@@ -33,6 +33,7 @@ import json
 import datasets
 import numpy as np
 import pyarrow as pa
+from transformers import ProcessorMixin
 
 import sftune.data.vision_batch as vision_batch
 from sftune.data.chat import MessagesFormat
@@ -87,8 +88,7 @@ class VisionMessagesFormat(MessagesFormat):
         self.base = base_dir(cfg.path)
         self.image_kwargs = image_kwargs(cfg, processor)
         self.image_token = getattr(processor, "image_token", None)
-        if not self.image_token or type(processor).replace_image_token is getattr(
-                __import__("transformers").ProcessorMixin, "replace_image_token", None):
+        if not self.image_token or type(processor).replace_image_token is ProcessorMixin.replace_image_token:
             raise ConfigError(f"{type(processor).__name__} does not say how it writes an image into the text "
                               "(no image_token / replace_image_token), so sftune cannot train images with it")
         self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
