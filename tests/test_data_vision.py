@@ -290,3 +290,17 @@ def test_max_length_below_every_prompt_counts_image_tokens(vlm, tmp_path):
         prepare_data(DataConfig(path=str(data)), tok, 40)
     shortest = int(re.search(r"shortest prompt is (\d+) tokens", str(e.value)).group(1))
     assert shortest > 40  # an image alone is several tiles of 4 tokens with their tags
+
+
+def test_a_template_that_drops_images_is_a_bad_row(vlm):
+    """A chat template that does not write image parts (a text template set by hand) would train the
+    row without its images: a clear bad row instead."""
+    processor = load_processor(str(vlm("llava")))
+    processor.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\\n{% for p in m['content'] %}"
+                                         "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\\n"
+                                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}")
+    try:
+        _, out, _ = tokenize(processor, [conversation()], on_bad_row="skip")
+        assert "chat template wrote 0 of the 2 images" in out[0][2]
+    finally:
+        processor.tokenizer.chat_template = processor.chat_template

@@ -78,7 +78,8 @@ def load_tokenizer(cfg: Config):
                                               replace_extra_special_tokens=False)
         tok.chat_template = template
     tok.padding_side = "right"
-    attach_processor(path, tok, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    attach_processor(resolve_path(cfg.model.path), tok, revision=cfg.model.revision,  # vision-language models
+                     trust_remote_code=cfg.model.trust_remote_code)
     return tok, n_added
 
 

@@ -162,6 +162,14 @@ class VisionMessagesFormat(MessagesFormat):
             for t in seq.turns:
                 t.standalone = None  # a straddled turn is cut in place (each sequence carries its own images)
         rendered.images = self.images_of(row)
+        messages, _ = self.messages_of(row)
+        last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+        placed = sum(m["content"].count(IMAGE) for m in messages[:last + 1])
+        written = max(seq.text.count(self.image_token) for seq in rendered.sequences)
+        if written < placed:
+            raise BadRow(f"the chat template wrote {written} of the {placed} images of this conversation (as "
+                         f"{self.image_token})", self.column, "use the model's own chat template, which renders "
+                         "{'type': 'image'} parts (leave data.chat_template unset)")
         return rendered
 
     def row_tokenizer(self, max_length: int, source: str) -> "VisionTokenizer":
