@@ -52,10 +52,10 @@ def _flaky(monkeypatch, when):
 
     real = CausalLMWithLoss.hidden_states
 
-    def hidden_states(self, input_ids, position_ids, doc_bounds=None):
+    def hidden_states(self, input_ids, position_ids, doc_bounds=None, *args, **kwargs):
         if when(position_ids, doc_bounds):
             raise ValueError("Sparse attention layers need an explicit 4D attention mask.\nmore text")
-        return real(self, input_ids, position_ids, doc_bounds)
+        return real(self, input_ids, position_ids, doc_bounds, *args, **kwargs)
 
     monkeypatch.setattr(CausalLMWithLoss, "hidden_states", hidden_states)
 

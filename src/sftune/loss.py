@@ -153,37 +153,41 @@ class CausalLMWithLoss(nn.Module):
         """Whether the model attends per example within a flat row (see ``sftune.attention``)."""
         return getattr(self.causal_lm.config, "_attn_implementation", None) in NAMES
 
-    def _call(self, fn, input_ids, position_ids, doc_bounds):
+    def _call(self, fn, input_ids, position_ids, doc_bounds, model_inputs=None):
+        kw = dict(model_inputs or {})  # the examples' extras (sftune.data.extras); may replace position_ids
+        kw.setdefault("position_ids", position_ids)
         if doc_bounds is not None and self.varlen:
             # per-example attention from the boundaries; no mask is built (all-ones tells
             # transformers not to derive the [T, T] block mask from the restarting positions)
             with flat_rows():
-                return fn(input_ids=input_ids, position_ids=position_ids, use_cache=False, doc_bounds=doc_bounds,
-                          attention_mask=torch.ones_like(input_ids))
-        return fn(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+                return fn(input_ids=input_ids, use_cache=False, doc_bounds=doc_bounds,
+                          attention_mask=torch.ones_like(input_ids), **kw)
+        return fn(input_ids=input_ids, use_cache=False, **kw)
 
-    def hidden_states(self, input_ids, position_ids, doc_bounds=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, position_ids, doc_bounds=None, model_inputs=None) -> torch.Tensor:
         """The body's last hidden states ``[rows, T, hidden]`` (what the fused loss reads); the logits
         for a model whose body cannot be found (:func:`sftune.capabilities.body_of`; the loss is then
         unfused), which are as much a per-token function of the input for the probe."""
         body = body_of(self.causal_lm)
         if body is None:
-            return self.logits(input_ids, position_ids, doc_bounds)
-        return self._call(body, input_ids, position_ids, doc_bounds).last_hidden_state
+            return self.logits(input_ids, position_ids, doc_bounds, model_inputs)
+        return self._call(body, input_ids, position_ids, doc_bounds, model_inputs).last_hidden_state
 
-    def logits(self, input_ids, position_ids, doc_bounds=None) -> torch.Tensor:
+    def logits(self, input_ids, position_ids, doc_bounds=None, model_inputs=None) -> torch.Tensor:
         """The model's logits ``[rows, T, vocab]``, with every transform the model applies."""
-        return self._call(self.causal_lm, input_ids, position_ids, doc_bounds).logits
+        return self._call(self.causal_lm, input_ids, position_ids, doc_bounds, model_inputs).logits
 
-    def forward(self, input_ids, position_ids, loss_index, loss_targets, doc_bounds=None, loss_weights=None):
-        """The summed (``loss_weights``: weighted) token loss of the batch."""
+    def forward(self, input_ids, position_ids, loss_index, loss_targets, doc_bounds=None, loss_weights=None,
+                model_inputs=None):
+        """The summed (``loss_weights``: weighted) token loss of the batch; ``model_inputs``: the
+        batch's further model arguments (:attr:`sftune.data.packing.Batch.model_inputs`)."""
         lm = self.causal_lm
         if self.fused:
-            hidden = self.hidden_states(input_ids, position_ids, doc_bounds)
+            hidden = self.hidden_states(input_ids, position_ids, doc_bounds, model_inputs)
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
             head = lm.get_output_embeddings()
             return linear_cross_entropy_sum(hidden, head.weight, loss_targets, head.bias, row_weights=loss_weights)
-        logits = self.logits(input_ids, position_ids, doc_bounds)
+        logits = self.logits(input_ids, position_ids, doc_bounds, model_inputs)
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, loss_index)
         if loss_weights is not None:
             return (F.cross_entropy(logits.float(), loss_targets, reduction="none") * loss_weights.float()).sum()

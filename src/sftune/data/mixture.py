@@ -122,6 +122,7 @@ class MixedSet:
         self.n_loss = self._gather(lambda p: p.n_loss)
         self.w_loss = self._gather(lambda p: p.w_loss)
         self.weighted = any(p.weighted for p in parts)
+        self.has_extras = any(getattr(p, "has_extras", False) for p in parts)
 
     def _gather(self, get) -> np.ndarray:
         values = [np.asarray(get(p)) for p in self.parts]
@@ -139,6 +140,10 @@ class MixedSet:
 
     def example_weights(self, i: int):
         return self.parts[self.source[i]].example_weights(int(self.index[i]))
+
+    def extras(self, i: int) -> dict:
+        part = self.parts[self.source[i]]
+        return part.extras(int(self.index[i])) if getattr(part, "has_extras", False) else {}
 
 
 def mixed_epoch(parts: list, weights: list[float], seed: int) -> tuple[MixedSet, np.ndarray]:

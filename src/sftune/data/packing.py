@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import sftune.data.extras as data_extras
 from sftune.data.tokenize import IGNORE
 
 
@@ -191,11 +192,17 @@ class BatchPlan:
 
     def batch(self, units: list[int], data, pad_id: int) -> "Batch":
         """Collated tensors for a micro-batch (``data.example(i)`` gives ids and labels; per-token
-        weights join them when the data has weights other than 0 and 1)."""
-        if getattr(data, "weighted", False):
-            return collate([[(*data.example(i), data.example_weights(i)) for i in row] for row in self.layout(units)],
-                           pad_id, self.bucket)
-        return collate([[data.example(i) for i in row] for row in self.layout(units)], pad_id, self.bucket)
+        weights join them when the data has weights other than 0 and 1; ``data.extras(i)`` the
+        example's other data when the set has any, :mod:`sftune.data.extras`)."""
+        weighted, extra = getattr(data, "weighted", False), getattr(data, "has_extras", False)
+
+        def one(i):
+            ex = data.example(i)
+            if not (weighted or extra):
+                return ex
+            return (*ex, data.example_weights(i) if weighted else None, *([data.extras(i)] if extra else []))
+
+        return collate([[one(i) for i in row] for row in self.layout(units)], pad_id, self.bucket)
 
     def fill(self, epoch: int = 0) -> float:
         """Real tokens / (rows x row width) over an epoch's micro-batches: 1 - padding waste."""
@@ -240,11 +247,19 @@ class Batch:
     """Per loss position weight (messages' ``weight``), or None when every weight is 1."""
     doc_bounds: tuple[int, ...] | None = None
     """Cumulative example offsets when the batch is one flat row (per-example attention), else None."""
+    model_inputs: dict = dataclasses.field(default_factory=dict)
+    """Further keyword arguments of the model's forward, from the examples' extras
+    (:mod:`sftune.data.extras`: ``pixel_values``, ...; a ``position_ids`` here replaces the one above)."""
+    loss_extras: dict = dataclasses.field(default_factory=dict)
+    """Tensors with one row per loss position (following ``loss_index``), from the examples' extras."""
 
     def to(self, device) -> "Batch":
         """The same batch with its tensors on ``device``."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        for name in ("model_inputs", "loss_extras"):
+            moved[name] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in getattr(self, name).items()}
+        return dataclasses.replace(self, **moved)
 
     def inputs(self, device) -> dict:
         """The keyword arguments of :class:`~sftune.loss.CausalLMWithLoss`, on ``device``."""
@@ -253,11 +268,17 @@ class Batch:
         kw["doc_bounds"] = self.doc_bounds
         if self.loss_weights is not None:
             kw["loss_weights"] = self.loss_weights.to(device, non_blocking=True)
+        for name in ("model_inputs", "loss_extras"):
+            if getattr(self, name):
+                kw[name] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                            for k, v in getattr(self, name).items()}
         return kw
 
 
 def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> Batch:
-    """Rows of ``(input_ids, labels)`` or ``(input_ids, labels, weights)`` examples -> a :class:`Batch`.
+    """Rows of ``(input_ids, labels)``, ``(input_ids, labels, weights)`` or ``(input_ids, labels,
+    weights, extras)`` examples -> a :class:`Batch` (``weights`` may be None; ``extras`` is the
+    example's ``{kind: payload}``, collated by each kind's collator: :mod:`sftune.data.extras`).
 
     With weights (per-token loss weights, from messages' ``weight``), ``loss_weights`` holds the
     weight of each loss position's target and ``w_loss`` their sum; without, ``loss_weights`` is
@@ -273,12 +294,13 @@ def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> Batch:
     """
     natural = max((sum(len(ex[0]) for ex in row) for row in examples), default=1) or 1
     width = bucket_width(natural, bucket)
-    weighted = any(len(ex) > 2 for row in examples for ex in row)
+    weighted = any(len(ex) > 2 and ex[2] is not None for row in examples for ex in row)
     target_w = torch.zeros((max(len(examples), 1), width), dtype=torch.float32) if weighted else None
     n = max(len(examples), 1)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     targets = torch.full((n, width), IGNORE, dtype=torch.long)
+    placed: dict[str, list[data_extras.Placed]] = {}
     for r, row in enumerate(examples):
         pos = 0
         for ex in row:
@@ -289,7 +311,11 @@ def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> Batch:
             if k > 1:
                 targets[r, pos:pos + k - 1] = torch.from_numpy(np.array(labels[1:], dtype=np.int64))
                 if weighted:
-                    target_w[r, pos:pos + k - 1] = torch.from_numpy(np.array(ex[2][1:], dtype=np.float32))
+                    w = ex[2] if len(ex) > 2 and ex[2] is not None else (np.asarray(labels) != IGNORE)
+                    target_w[r, pos:pos + k - 1] = torch.from_numpy(np.array(w[1:], dtype=np.float32))
+            if len(ex) > 3 and ex[3]:
+                for kind, payload in ex[3].items():
+                    placed.setdefault(kind, []).append(data_extras.Placed(r, pos, k, payload))
             pos += k
         # padding continues the last example's positions: no new "document" starts in the padding
         if pos < natural:
@@ -307,7 +333,7 @@ def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> Batch:
         loss_weights = torch.cat([loss_weights if weighted else torch.ones(n_loss), torch.zeros(extra)])
         loss_index = torch.cat([loss_index, torch.full((extra,), flat.numel() - 1, dtype=torch.long)])
         loss_targets = torch.cat([loss_targets, torch.zeros(extra, dtype=torch.long)])
-    return Batch(
+    batch = Batch(
         input_ids=input_ids,
         position_ids=position_ids,
         targets=targets,
@@ -320,6 +346,9 @@ def collate(examples: list[list[tuple]], pad_id: int, bucket: int = 0) -> Batch:
         doc_bounds=tuple(np.cumsum([0] + [len(ex[0]) for ex in examples[0]] + [width - natural][:width > natural])
                          .tolist()) if len(examples) == 1 and examples[0] else None,
     )
+    if placed:
+        data_extras.apply(placed, batch)
+    return batch
 
 
 class Batches:

@@ -42,6 +42,10 @@ _FEATURES = datasets.Features({
 })
 
 
+EXTRA_PREFIX = "extra_"
+"""A tokenized dataset's column ``extra_<kind>`` holds its examples' payloads of that kind."""
+
+
 class TokenizedSet:
     """Kept examples as flat token arrays (zero-copy from the Arrow cache) plus offsets."""
 
@@ -62,6 +66,11 @@ class TokenizedSet:
         self.w_loss = np.asarray(table.column("w_loss").to_numpy())[kept]
         # unit weights everywhere: the loss is a plain token mean (the fast path)
         self.weighted = bool(len(self.weights)) and not np.all((self.weights == 0) | (self.weights == 1))
+        # data beside the tokens (sftune.data.extras): a column "extra_<kind>" per kind
+        self._extra_columns = {c[len(EXTRA_PREFIX):]: table.column(c) for c in table.column_names
+                               if c.startswith(EXTRA_PREFIX)}
+        self._kept = kept
+        self.has_extras = bool(self._extra_columns)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -77,6 +86,11 @@ class TokenizedSet:
     def example_weights(self, i: int) -> np.ndarray:
         """Per-token loss weights of example ``i`` (0 where untrained)."""
         return self.weights[self.starts[i]:self.ends[i]]
+
+    def extras(self, i: int) -> dict:
+        """Example ``i``'s data beside its tokens, ``{kind: payload}`` (:mod:`sftune.data.extras`)."""
+        row = int(self._kept[i])
+        return {kind: col[row].as_py() for kind, col in self._extra_columns.items() if col[row].is_valid}
 
 
 @dataclass
