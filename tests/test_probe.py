@@ -53,10 +53,10 @@ def _flaky(monkeypatch, when):
 
     real = CausalLMWithLoss.hidden_states
 
-    def hidden_states(self, input_ids, position_ids, doc_bounds=None, model_inputs=None):
+    def hidden_states(self, input_ids, position_ids, doc_bounds=None, *args, **kwargs):
         if when(position_ids, doc_bounds):
             raise ValueError("Sparse attention layers need an explicit 4D attention mask.\nmore text")
-        return real(self, input_ids, position_ids, doc_bounds, model_inputs)
+        return real(self, input_ids, position_ids, doc_bounds, *args, **kwargs)
 
     monkeypatch.setattr(CausalLMWithLoss, "hidden_states", hidden_states)
 
