@@ -3,6 +3,8 @@ M-RoPE, and packed == unpacked (loss and gradients) through the images collator.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,7 @@ def _rows(processor, n=3):
     for i in range(n):
         row = conversation()
         row["messages"][1]["content"][0]["text"] = ["red", "green", "blue dot"][i % 3]
+        row["images"][0] = vm.image((56, 56), list(vm.COLOURS.values())[i % 4])  # each row its own first image
         rows.append(row)
     _, out, payloads = tokenize(processor, rows)
     return [(ex.input_ids.tolist(), ex.labels.tolist(), None, {"images": p})
@@ -215,3 +218,89 @@ def test_image_rows_in_a_mixture_and_streams_refused(vlm, tmp_path):
                                   "data.streaming": True, "train.max_steps": 2})
     with pytest.raises(ConfigError, match="streams do not carry"):
         prepare(streamed.data, tok, 256, seed=0)
+
+
+def test_parquet_with_datasets_images_and_bad_image_rows(vlm, tmp_path):
+    """Parquet keeps images as datasets Image values; a row whose image is missing is a clear error
+    naming the row and column, or with data.on_bad_row=skip a counted skip."""
+    import io
+    import json
+
+    import datasets
+
+    from sftune.data.pipeline import prepare_data
+    from sftune.errors import DataError
+
+    rows = []
+    for colour in ("red", "blue"):
+        buf = io.BytesIO()
+        vm.image((56, 56), vm.COLOURS[colour]).save(buf, format="PNG")
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image", "text": None},
+                                                               {"type": "text", "text": "Colour?"}]},
+                                  {"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+                     "images": [{"bytes": buf.getvalue(), "path": None}]})
+    ds = datasets.Dataset.from_list(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    tok = vlm_tokenizer(vlm("qwen2_vl"))
+    prepared = prepare_data(DataConfig(path=str(tmp_path / "train.parquet")), tok, 256)
+    assert prepared.report.images["images"] == 2 and len(prepared.train) == 2
+
+    data = vm.write_data(tmp_path / "j", n=3)
+    lines = data.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["images"] = ["img/nowhere.png"]
+    data.write_text("\n".join([lines[0], json.dumps(bad), lines[2]]) + "\n")
+    with pytest.raises(DataError) as e:
+        prepare_data(DataConfig(path=str(data)), tok, 256)
+    assert "row 1" in str(e.value) and "images" in str(e.value) and "nowhere.png" in str(e.value)
+    skipped = prepare_data(DataConfig(path=str(data), on_bad_row="skip"), tok, 256)
+    assert len(skipped.train) == 2 and sum(skipped.report.skipped.values()) == 1
+
+
+def test_inference_prompt_and_reference_of_an_image_row(vlm):
+    """prompt(row): the template's text up to the last assistant turn, each image as the template
+    writes it (the processor expands it at generation); reference(row): the reply's text."""
+    processor = load_processor(str(vlm("qwen2_vl")))
+    fmt = VisionMessagesFormat(DataConfig(), processor, "messages")
+    row = conversation()
+    prompt = fmt.prompt(row)
+    want = processor.apply_chat_template(row["messages"][:3], tokenize=False, add_generation_prompt=True)
+    assert prompt == want and prompt.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    assert fmt.reference(row) == "blue" and len(fmt.images_of(row)) == 2
+
+
+def test_dict_form_carries_the_payloads(vlm):
+    """The ``datasets.map`` dict form (what streams read) has ``extra_images`` beside each example."""
+    processor = load_processor(str(vlm("llava")))
+    fmt = VisionMessagesFormat(DataConfig(), processor, "messages")
+    text_only = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "images": []}
+    out = VisionTokenizer(fmt, 512, "t")({k: [conversation()[k], text_only[k]] for k in ("messages", "images")})
+    assert len(out["extra_images"]) == len(out["input_ids"]) == 2
+    assert vision_batch.n_images(out["extra_images"][0]) == 2 and out["extra_images"][1] is None
+
+
+def test_max_length_below_every_prompt_counts_image_tokens(vlm, tmp_path):
+    """Every example skipped for its prompt: the error's numbers count the expanded image tokens."""
+    from sftune.data.pipeline import prepare_data
+    from sftune.errors import DataError
+
+    data = vm.write_data(tmp_path, n=3)
+    tok = vlm_tokenizer(vlm("idefics3"))
+    with pytest.raises(DataError, match=r"shortest prompt is (\d+) tokens") as e:
+        prepare_data(DataConfig(path=str(data)), tok, 40)
+    shortest = int(re.search(r"shortest prompt is (\d+) tokens", str(e.value)).group(1))
+    assert shortest > 40  # an image alone is several tiles of 4 tokens with their tags
+
+
+def test_a_template_that_drops_images_is_a_bad_row(vlm):
+    """A chat template that does not write image parts (a text template set by hand) would train the
+    row without its images: a clear bad row instead."""
+    processor = load_processor(str(vlm("llava")))
+    processor.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\\n{% for p in m['content'] %}"
+                                         "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\\n"
+                                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}")
+    try:
+        _, out, _ = tokenize(processor, [conversation()], on_bad_row="skip")
+        assert "chat template wrote 0 of the 2 images" in out[0][2]
+    finally:
+        processor.tokenizer.chat_template = processor.chat_template

@@ -142,3 +142,24 @@ def test_two_ranks_equal_one_process_with_message_weights(tiny_model_dir, tmp_pa
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
     assert_same(weights(one), weights(two), 1e-5)
+
+
+def test_two_ranks_equal_one_process_with_images(vlm, tmp_path):
+    """Image rows (Qwen2-VL, M-RoPE, packed): 2 ranks x batch 2 == 1 process x batch 4."""
+    import vision_models
+
+    data = vision_models.write_data(tmp_path / "vdata", n=8)
+    over = {"data.template": None, "data.limit": None, "data.packing": True, "data.max_length": 256,
+            "train.max_steps": 2}
+    one = tmp_path / "one"
+    train(load_config("codealpaca", overrides(vlm("qwen2_vl"), data, one, **over, **{"train.batch_size": 4})))
+    two = tmp_path / "two"
+    torchrun(overrides(vlm("qwen2_vl"), data, two, **{**over, "train.batch_size": 2, "data.template": "null"}))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+    from transformers import AutoModelForImageTextToText
+
+    assert_same(*(AutoModelForImageTextToText.from_pretrained(str(o), dtype=torch.float32).state_dict()
+                  for o in (one, two)), 1e-5)

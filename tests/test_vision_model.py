@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 import vision_models as vm
@@ -47,3 +49,22 @@ def test_qwen2_vl_processor_loads_without_torchvision(vlm):
         assert getattr(processor, "video_processor", None) is None
     enc = processor(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[vm.image()], return_tensors="pt")
     assert enc["image_grid_thw"].tolist() == [[1, 2, 2]]  # 28x28 at most: one merged token
+
+
+def test_models_sftune_cannot_lay_out_are_refused(vlm):
+    """Bidirectional image attention (Gemma 3) and M-RoPE sftune does not compute: clear errors."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sftune.errors import ConfigError
+    from sftune.vision_model import _check_positions, attach_processor
+
+    path = vlm("qwen2_vl")
+    config = AutoConfig.from_pretrained(str(path))
+    processor = load_processor(str(path))
+    _check_positions(config, processor)  # Qwen2-VL: computed by sftune
+    with pytest.raises(ConfigError, match="bidirectionally"):
+        _check_positions(SimpleNamespace(model_type="gemma3", text_config=config.text_config), processor)
+    with pytest.raises(ConfigError, match="M-RoPE"):  # a processor sftune computes no M-RoPE for
+        _check_positions(SimpleNamespace(model_type="qwen3_vl", text_config=config.text_config),
+                         type("Qwen3VLProcessor", (), {})())
+    assert not attach_processor(str(path.parent / "nowhere"), AutoTokenizer.from_pretrained(str(path)))

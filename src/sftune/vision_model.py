@@ -128,12 +128,19 @@ def attach_processor(path: str, tokenizer, *, revision=None, trust_remote_code: 
     return True
 
 
+BIDIRECTIONAL_IMAGES = ("gemma3", "gemma3n", "paligemma")
+"""Model types whose image tokens attend to each other both ways (a mask built from token_type_ids)."""
+
+
 def _check_positions(config, processor) -> None:
-    """A model with multimodal rotary positions (M-RoPE) that sftune does not compute is refused:
-    its image tokens would train with the wrong positions."""
+    """Refused, rather than trained differently from inference: a model with multimodal rotary
+    positions (M-RoPE) that sftune does not compute, and one whose image tokens attend both ways."""
     from sftune.data.vision import MROPE_PROCESSORS
     from sftune.errors import ConfigError
 
+    if config.model_type in BIDIRECTIONAL_IMAGES:
+        raise ConfigError(f"{config.model_type} attends bidirectionally within each image (token_type_ids), which "
+                          "sftune does not lay out yet; this model cannot be trained on images by sftune yet")
     text = getattr(config, "text_config", None) or config
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("mrope_section") and type(processor).__name__ not in MROPE_PROCESSORS:

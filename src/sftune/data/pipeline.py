@@ -217,7 +217,8 @@ def nothing_to_learn(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConf
     if not too_long:
         return
     sample = ds.select(range(min(len(ds), 2000)))
-    out = Tokenizer(fmt, tokenizer, 10**9, on_bad_row="skip", source="")(sample.to_dict())
+    own = getattr(fmt, "row_tokenizer", None)  # a format that tokenizes its rows itself (images)
+    out = (own(10**9, "") if own else Tokenizer(fmt, tokenizer, 10**9, on_bad_row="skip", source=""))(sample.to_dict())
     firsts = [next(i for i, lab in enumerate(labels) if lab != -100) for labels, skip in
               zip(out["labels"], out["skip"]) if not skip]
     if not firsts:

@@ -33,6 +33,7 @@ import json
 import datasets
 import numpy as np
 import pyarrow as pa
+from transformers import ProcessorMixin
 
 import sftune.data.vision_batch as vision_batch
 from sftune.data.chat import MessagesFormat
@@ -87,8 +88,7 @@ class VisionMessagesFormat(MessagesFormat):
         self.base = base_dir(cfg.path)
         self.image_kwargs = image_kwargs(cfg, processor)
         self.image_token = getattr(processor, "image_token", None)
-        if not self.image_token or type(processor).replace_image_token is getattr(
-                __import__("transformers").ProcessorMixin, "replace_image_token", None):
+        if not self.image_token or type(processor).replace_image_token is ProcessorMixin.replace_image_token:
             raise ConfigError(f"{type(processor).__name__} does not say how it writes an image into the text "
                               "(no image_token / replace_image_token), so sftune cannot train images with it")
         self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
@@ -136,15 +136,44 @@ class VisionMessagesFormat(MessagesFormat):
                 pass
         return self._around
 
+    def messages_of(self, row: dict, *, need_assistant: bool = True) -> tuple[list[dict], int]:
+        """The row's messages with an image marker where each image goes (list-of-parts contents,
+        ``<image>`` placeholders), for training and inference prompts alike."""
+        converted, _ = conversation(row, self.column, self.images_column)
+        return super().messages_of(converted, need_assistant=need_assistant)
+
+    def reference(self, row: dict) -> str | None:
+        try:
+            converted, _ = conversation(row, self.column, self.images_column)
+        except BadRow:
+            return None
+        ref = super().reference(converted)
+        return ref.replace(IMAGE, "") if ref is not None else None
+
+    def images_of(self, row: dict) -> list:
+        """The row's images (PIL, RGB), in the order its messages place them."""
+        _, values = conversation(row, self.column, self.images_column)
+        return [load_image(v, self.base, self.images_column, k) for k, v in enumerate(values)]
+
     def render(self, row: dict) -> Rendered:
         """The messages format's sequences; ``.images`` holds the row's images (PIL, in order)."""
-        converted, values = conversation(row, self.column, self.images_column)
-        rendered = super().render(converted)
+        rendered = super().render(row)
         for seq in rendered.sequences:
             for t in seq.turns:
                 t.standalone = None  # a straddled turn is cut in place (each sequence carries its own images)
-        rendered.images = [load_image(v, self.base, self.images_column, k) for k, v in enumerate(values)]
+        rendered.images = self.images_of(row)
+        messages, _ = self.messages_of(row)
+        last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+        placed = sum(m["content"].count(IMAGE) for m in messages[:last + 1])
+        written = max(seq.text.count(self.image_token) for seq in rendered.sequences)
+        if written < placed:
+            raise BadRow(f"the chat template wrote {written} of the {placed} images of this conversation (as "
+                         f"{self.image_token})", self.column, "use the model's own chat template, which renders "
+                         "{'type': 'image'} parts (leave data.chat_template unset)")
         return rendered
+
+    def row_tokenizer(self, max_length: int, source: str) -> "VisionTokenizer":
+        return VisionTokenizer(self, max_length, source)
 
     def map_function(self, tokenizer, max_length: int, source: str):
         return VisionTokenizer(self, max_length, source).table
@@ -165,8 +194,9 @@ class VisionTokenizer(Tokenizer):
 
     def _process(self, text: str, images: list) -> dict:
         try:
+            # no special tokens added: the chat template writes its own (as apply_chat_template tokenizes)
             return self.fmt.processor(text=[text], images=images, return_text_replacement_offsets=True,
-                                      return_tensors="np", **self.fmt.image_kwargs)
+                                      return_tensors="np", add_special_tokens=False, **self.fmt.image_kwargs)
         except (ValueError, TypeError, OSError) as e:
             raise BadRow(f"the processor refused this conversation's images: {str(e).splitlines()[0]}",
                          self.fmt.images_column) from None
@@ -181,6 +211,9 @@ class VisionTokenizer(Tokenizer):
             raise BadRow(f"the rendered conversation has {n} image tokens ({fmt.image_token}) but the row gives "
                          f"{len(images)} images; its text contains the image token itself", fmt.column)
         enc = self._process(seq.text, images[:n])
+        if "text_replacement_offsets" not in enc:
+            raise ConfigError(f"{type(fmt.processor).__name__} does not report where it expands each image "
+                              "(text_replacement_offsets), so sftune cannot train images with it yet")
         offsets = enc["text_replacement_offsets"][0]
         reps = [(o["span"][0], o["span"][1], len(o["replacement"]) - (o["span"][1] - o["span"][0])) for o in offsets]
         text, last = [], 0
@@ -268,6 +301,12 @@ class VisionTokenizer(Tokenizer):
             from sftune.errors import DataError
 
             raise DataError(b.message, source=self.source, row=index, column=b.column, hint=b.hint) from None
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        """The text path's columns plus ``extra_images`` (for readers of the dict form, such as streams)."""
+        out = super().__call__(batch)
+        out[EXTRA_COLUMN] = list(self._payloads)
+        return out
 
     def table(self, batch: dict[str, list]) -> pa.Table:
         t = super().table(batch)
