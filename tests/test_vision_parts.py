@@ -179,3 +179,9 @@ def test_training_freezes_the_tower_and_adapts_only_the_language_model(vlm, tmp_
     train(train_config(path, data, out, **base, **{"lora.enabled": True}))
     targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
     assert targets and all(t.startswith("model.language_model.") for t in targets)
+    from sftune.data.images import IMAGE
+    from sftune.inference import load_for_inference
+
+    loaded = load_for_inference(str(out), device="cpu")  # the adapter over its image-text-to-text base
+    assert isinstance(loaded.generate([loaded.prompt_from_text(IMAGE + "hi")], images=[[vm.image()]],
+                                      max_new_tokens=2)[0], str)

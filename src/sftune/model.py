@@ -82,7 +82,7 @@ def load_tokenizer(cfg: Config):
     tok.padding_side = "right"
     vlm = attach_processor(resolve_path(cfg.model.path), tok, revision=cfg.model.revision,  # vision-language models
                            trust_remote_code=cfg.model.trust_remote_code)
-    if not vlm and not cfg.model.tokenizer:  # vision.* keys on a text model: refused before the data
+    if not vlm:  # vision.* keys on a text model: refused before the data
         refuse_on_text_model(cfg.vision, f"the model '{cfg.model.path}'")
     return tok, n_added
 

@@ -51,14 +51,15 @@ def with_images(text: str, n: int) -> str:
 
 
 def row_and_images(fmt, row: dict, base: Path | None = None) -> tuple[dict, list]:
-    """A data row as the text formats read it (image parts as markers) and its images (PIL, in
-    order); ``(row, [])`` for a format without images. ``base``: where relative paths are read from
-    (default: the format's, the training data's directory)."""
+    """A data row and its images (PIL, in the order its messages place them); ``(row, [])`` for a
+    format without images. The row is returned as given (the vision format reads image parts and
+    placeholders itself). ``base``: where relative paths are read from (default: the format's, the
+    training data's directory)."""
     if not has_images(fmt):
         return row, []
-    converted, values = conversation(row, fmt.column, fmt.images_column)
+    _, values = conversation(row, fmt.column, fmt.images_column)
     base = base if base is not None else fmt.base
-    return converted, [load_image(v, base, fmt.images_column, k) for k, v in enumerate(values)]
+    return row, [load_image(v, base, fmt.images_column, k) for k, v in enumerate(values)]
 
 
 def prompt_images(fmt, prompt: str, images: list) -> list:
@@ -202,9 +203,9 @@ def verify_image_generation(loaded, out: Path, rows: list[dict], max_new_tokens:
     image, text, where = probe_image(), "Describe the picture.", "a probe picture"
     for k, row in enumerate(rows):
         try:
-            converted, images = row_and_images(fmt, row)
-            user = next(m for m in converted[fmt.column] if m.get("role", m.get("from")) in ("user", "human"))
-            content = user.get("content", user.get("value"))
+            _, images = row_and_images(fmt, row)
+            messages, _ = fmt.messages_of(row, need_assistant=False)
+            content = next(m for m in messages if m.get("role") == "user").get("content")
         except (BadRow, StopIteration, TypeError, AttributeError, KeyError):
             continue
         if images and isinstance(content, str):

@@ -18,7 +18,7 @@ from sftune.data.tokenize import SequenceEncoder, special_prefix
 from sftune.digests import check_model
 from sftune.errors import SftuneError
 from sftune.inference import load_for_inference
-from sftune.vision_inference import has_images, row_and_images, verify_image_generation
+from sftune.vision_inference import has_images, verify_image_generation
 
 
 from sftune.export.lineage import LINEAGE, Q8_0_TOLERANCE
@@ -57,7 +57,6 @@ def _cases(fmt: Format, rows: list[dict], n: int, notes: list[str]) -> list[tupl
     cases = []
     for i, row in enumerate(rows):
         try:
-            row, _ = row_and_images(fmt, row)  # image parts as the text formats read them
             prompt = fmt.prompt(row)
             kw: dict = {}
             if hasattr(fmt, "prompt_messages"):  # chat: the row's tools and template kwargs too
