@@ -72,6 +72,9 @@ def test_lora_student_starts_where_the_full_student_starts(tiny_model_dir, teach
     assert lora[1]["loss"] == pytest.approx(full[1]["loss"], rel=1e-6)
     assert lora[2]["loss"] < lora[1]["loss"] + 1e-3
     assert (tmp_path / "lora" / "adapter_config.json").exists()
+    # a LoRA run as the teacher: base + adapter, merged
+    again = run(tiny_model_dir, qa_rows_file, tmp_path / "from_lora", tmp_path / "lora", **{"train.max_steps": 1})
+    assert again[1]["distill"]["teacher"] == str(tmp_path / "lora") and again[1]["distill_loss"] > 0
 
 
 def test_resume_is_bit_exact(dropout_model_dir, teacher_dir, qa_rows_file, tmp_path):
