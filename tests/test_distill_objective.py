@@ -41,6 +41,7 @@ def run(model_dir, data, out, teacher, **over):
     return records(out)
 
 
+@pytest.mark.slow
 def test_accumulation_is_exact_and_logged(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
     """1 x 8 == 4 x 2: same loss per step and same weights (the loss is a sum over positions divided
     by the step's count); the records carry the divergence, the CE and the teacher's CE."""
@@ -72,8 +73,12 @@ def test_lora_student_starts_where_the_full_student_starts(tiny_model_dir, teach
     assert lora[1]["loss"] == pytest.approx(full[1]["loss"], rel=1e-6)
     assert lora[2]["loss"] < lora[1]["loss"] + 1e-3
     assert (tmp_path / "lora" / "adapter_config.json").exists()
+    # a LoRA run as the teacher: base + adapter, merged
+    again = run(tiny_model_dir, qa_rows_file, tmp_path / "from_lora", tmp_path / "lora", **{"train.max_steps": 1})
+    assert again[1]["distill"]["teacher"] == str(tmp_path / "lora") and again[1]["distill_loss"] > 0
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(dropout_model_dir, teacher_dir, qa_rows_file, tmp_path):
     over = {"train.max_steps": 4, "train.save_every": 2, "train.keep_checkpoints": 5, "train.batch_size": 4}
     full = run(dropout_model_dir, qa_rows_file, tmp_path / "full", teacher_dir, **over)

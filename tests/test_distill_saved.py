@@ -165,3 +165,18 @@ def test_axolotl_columns_load_as_they_are(spec, tiny_model_dir, teacher_dir, tmp
         for key in ("loss", "distill_loss", "ce_loss"):
             assert got["columns"][step][key] == pytest.approx(got["live"][step][key], rel=1e-5, abs=1e-7), (step, key)
     assert "teacher_ce" not in got["columns"][1]  # the layout has no target log-probability
+
+
+def test_axolotl_rows_from_a_file(tiny_model_dir, teacher_dir, tmp_path):
+    """``sftune train`` on a JSONL of Axolotl KD rows: pre-tokenized rows are recognised by their
+    input_ids (completion_mask honoured) and the teacher columns ride along."""
+    from sftune.config import load_config
+
+    data = tmp_path / "kd.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in axolotl_rows(teacher_dir, 16)))
+    cfg = load_config(None, {"model.path": str(tiny_model_dir), "data.path": str(data), "train.max_steps": 1,
+                             "train.batch_size": 8, "train.log_every": 1, "data.max_length": 64,
+                             "distill.saved": "columns", "train.output_dir": str(tmp_path / "out")})
+    train(cfg)
+    rec = records(tmp_path / "out")[1]
+    assert rec["distill_loss"] > 0 and rec["distill"]["saved"] == "the dataset's columns"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from sftune.errors import SftuneError
 from sftune.console import read_metrics
-from sftune.distill.objective import DISTILL_SERIES, distill_lines
 
 
 def _plot(path: Path, title: str, ylabel: str, series: list[tuple[str, list, list]], logy: bool = False) -> None:
@@ -71,6 +70,8 @@ def build_report(run_dir: str | Path) -> Path:
            ("eval", [r["step"] for r in evals], [r["eval_loss"] for r in evals]),
            ("loss spike", [r["step"] for r in spikes], [r["spike_loss"] for r in spikes])])
     plots.append(("Loss", "loss.png"))
+    from sftune.distill.objective import DISTILL_SERIES, distill_lines  # (imports torch: only when reporting)
+
     if any("distill_loss" in r for r in train):  # a distillation run (sftune.distill): its parts and the teacher
         _plot(run / "distill.png", "Distillation", "per token", [(name, [r["step"] for r in train if key in r],
               [r[key] for r in train if key in r]) for name, key in DISTILL_SERIES])

@@ -407,6 +407,10 @@ def choose_format(cfg: DataConfig, columns: list[str], tokenizer) -> Format:
         elif "prompt" in columns and "completion" in columns:
             kind = "prompt_completion"
             cfg = cfg.model_copy(update={"prompt": "prompt", "completion": "completion"})
+        elif "input_ids" in columns and cfg.text_column not in columns:  # rows already tokenized (TRL's rule)
+            from sftune.data.pretokenized import PretokenizedFormat
+
+            return PretokenizedFormat(completion_only=True)
         else:
             kind = "text"
     if kind == "text":
