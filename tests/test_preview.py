@@ -112,7 +112,8 @@ def test_preview_shows_an_image_as_one_placeholder(vlm, tmp_path, capsys):
     assert re.search(r"\[image 56x56, 6 tokens\]What colour", out) and "<|image_pad|>" not in out
     assert re.search(r"images +│ 4 in 3 examples", out)
     code, out, err = run_cli(["preview", str(recipe), *args[1:]], capsys)
-    (seq,) = [json.loads(line) for line in out.splitlines()]  # 3 short rows packed into one sequence
+    seq = [json.loads(line) for line in out.splitlines()][0]  # step 0: the 3 short rows packed in one sequence
+    assert sorted(seq["rows"]) == [0, 1, 2]
     assert set(seq) >= {"input_ids", "labels", "position_ids", "text", "rows", "source", "images"}
     pad = seq["input_ids"][seq["images"][0]["start"] + 1]
     assert [seq["input_ids"][im["start"] + 1: im["start"] + im["tokens"] - 1].count(pad) for im in seq["images"]] == \

@@ -75,14 +75,18 @@ def test_resume_with_images_is_exact(vlm, image_data, tmp_path, no_plots):
     train(_cfg(vlm("qwen2_vl"), image_data, tmp_path / "straight", **over))
     cut = tmp_path / "cut"
     run = setup(_cfg(vlm("qwen2_vl"), image_data, cut, **over))
-    batches = run.batches
+    feed = run.feed
 
-    def interrupt_at_2(step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return batches(step)
+    class InterruptAt2:  # the run's data plan, with a Ctrl-C as step 2's batches are asked for
+        def __getattr__(self, name):
+            return getattr(feed, name)
 
-    run.batches = interrupt_at_2
+        def __call__(self, step):
+            if step == 2:
+                raise KeyboardInterrupt
+            return feed(step)
+
+    run.feed = InterruptAt2()
     assert loop(run).interrupted
     run.accelerator.end_training()
     train(_cfg(vlm("qwen2_vl"), image_data, cut, **{**over, "train.resume": True}))

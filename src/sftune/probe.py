@@ -24,6 +24,7 @@ data-parallel run lays its batches out the same way. The result goes into the da
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -114,6 +115,9 @@ def compare(lm, examples, candidates, fused: bool, device, tol: float | None = N
             logits = lm.logits(b.input_ids, None, model_inputs=extra)[0].index_select(0, b.loss_index)
             ref_loss += float(F.cross_entropy(logits.float(), b.loss_targets, reduction="sum"))
         result = {"layout": None, "fused": fused, "diffs": {}, "loss_diff": None, "errors": {}}
+        if not (math.isfinite(ref_loss) and all(bool(torch.isfinite(h).all()) for h in ref_hidden)):
+            result["nonfinite"] = True  # nothing to compare against: training's non-finite guard says so
+            return result
         norm = max(abs(ref_loss), 1.0)
         for layout in candidates:
             rows = _layout_rows(layout, examples)
@@ -218,6 +222,9 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
                                   f"alone ({_why(e)}); it cannot be trained as it is") from e
         finally:
             model.train(was)
+        if res.get("nonfinite"):
+            res = {**res, "layout": candidates[0], "fused": lm.fused}
+            record["status"] = "nonfinite"
         code = [LAYOUTS.index(res["layout"]) if res["layout"] else len(LAYOUTS), int(not res["fused"])]
         code = _agree(code, device)
         ms = 1000 * (time.perf_counter() - start)
@@ -243,7 +250,9 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
                 f"{', loss ' + format(res.get('fused_diff', 0), '.2g') if fused != lm.fused else ''}); "
                 f"model.check=auto would use the {layout} layout{'' if fused else ' and the unfused loss'}")
         what = f"{layout} layout{'' if fused else ', unfused loss'}"
-        if changed:
+        if record.get("status") == "nonfinite":
+            line = f"model check: skipped, the model's outputs are not finite on this run's examples; {what}"
+        elif changed:
             tol = TOLERANCE.get(next(lm.parameters()).dtype, 5e-2)
             bad = {k: v for k, v in res["diffs"].items() if v > tol}
             if fused != lm.fused:
@@ -254,7 +263,8 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
         else:
             line = f"model check: {what} matches the model run one example at a time"
             record["status"] = "exact"
-        line += f" ({n} examples, max diff {res['diffs'].get(layout, 0):.1e}, {ms:.0f} ms)"
+        if record["status"] != "nonfinite":
+            line += f" ({n} examples, max diff {res['diffs'].get(layout, 0):.1e}, {ms:.0f} ms)"
     if left_out:
         line += f"; left out {left_out}"
     if layout != "flat":

@@ -105,8 +105,9 @@ def find_parts(model: nn.Module) -> Parts | None:
 
 
 def refuse_on_text_model(vision, what: str = "the model") -> None:
-    """Set ``vision.*`` keys on a text model are refused (they would do nothing)."""
-    keys = set_vision_keys(vision)
+    """Set ``vision.*`` keys on a text model are refused (they would do nothing); a tower's
+    checkpointing turned off is no request (the dashboard's form sends every key)."""
+    keys = [k for k in set_vision_keys(vision) if k != "vision.gradient_checkpointing=False"]
     if keys:
         raise ConfigError(f"{', '.join(keys)}: {what} has no vision tower (it is a text-only model), so "
                           "the vision.* keys cannot apply\n  → remove them, or set model.path to an "
