@@ -47,5 +47,5 @@ def test_shortened_vision_quickstart_learns(tmp_path):
                  "eval.samples=0", f"train.output_dir={out}"]) == 0
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert metrics["exact_match_before"] <= 0.05
-    assert metrics["exact_match_after"] >= 0.25  # the colours first (half the questions); 1,000 steps: 80%
+    assert metrics["exact_match_after"] >= 0.5  # 75% measured (the colours first); 1,000 steps: 80%
     assert (out / "processor_config.json").is_file()  # the run loads as an image-text-to-text model
