@@ -56,7 +56,7 @@ def test_parts_are_found_from_the_models_own_attributes_and_cover_every_paramete
 
 @pytest.mark.parametrize("frozen", ["vision_tower", "projector", "language_model"])
 def test_a_frozen_part_gets_no_gradient_and_is_not_in_the_optimizer(vlm_dir, frozen):
-    from sftune.training import make_optimizer
+    from sftune.optim import make_optimizer
 
     path, _ = vlm_dir
     model = _model(path)
@@ -80,7 +80,7 @@ def test_freezing_everything_is_refused(vlm_dir):
 
 
 def test_per_part_learning_rates_reach_the_optimizer_and_follow_the_schedule(vlm_dir):
-    from sftune.training import make_optimizer, make_scheduler
+    from sftune.optim import make_optimizer, make_scheduler
 
     path, _ = vlm_dir
     model = _model(path)

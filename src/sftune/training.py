@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from rich.markup import escape
-from transformers import get_scheduler
 
 from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, saves_finished
 from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kwargs, resolve_resume
@@ -37,12 +35,13 @@ from sftune.eval_metrics import eval_loss, generation_eval, sample_generations
 from sftune.export.save import save_final
 from sftune.faults import NonFiniteGuard, StepBoundary
 from sftune.safeio import disk_errors, dumps
-from sftune.levers import adamw_8bit, apply_kernels, bucket_for, device_metrics, needs_checkpointing
+from sftune.levers import apply_kernels, bucket_for, device_metrics, needs_checkpointing
 from sftune.loss import CausalLMWithLoss
 from sftune.model import (add_lora, count_parameters, fast_activations, load_model, load_model_config,
                           load_tokenizer, resolve_max_length)
 from sftune.probe import choose_layout
-from sftune.vision_parts import part_groups, prepare_parts
+from sftune.optim import make_optimizer, make_scheduler
+from sftune.vision_parts import prepare_parts
 from sftune import threads as cpu_threads
 from sftune.report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
@@ -95,35 +94,6 @@ def make_accelerator(cfg: Config):
     if use_ds:
         fill_deepspeed_batch_size(accelerator, cfg.train.batch_size)
     return accelerator
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: never on biases, norm weights or other 1-D parameters."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() or ".ln_" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has a fused kernel for the device (CUDA, and CPU since torch 2.4:
-    several times faster than foreach and without its temporaries), else foreach."""
-    kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
-    groups = part_groups(param_groups(model, cfg.train.weight_decay), cfg.vision, model)  # vision.lr_*
-    if cfg.train.optimizer == "adamw_8bit":  # sftune.levers: bitsandbytes, CUDA only
-        return adamw_8bit(groups, kw, device)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=True, **kw)
-
-
-def make_scheduler(cfg: Config, optimizer, total_steps: int):
-    warmup = cfg.train.warmup_steps or int(math.ceil(cfg.train.warmup_ratio * total_steps))
-    name = {"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from sftune.config.roles import Section
 
 
-class DistillConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
+class DistillConfig(Section):
     teacher: str | None = None
     """The teacher: a model directory (or a training output directory, or a hub id) with the
     student's tokenizer. ``None``: no distillation (plain SFT). It runs frozen, without gradients,

@@ -8,7 +8,9 @@ position's signature, the tokenization cache key) reads them from there, not fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import Annotated, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 T = TypeVar("T")
 
@@ -32,3 +34,12 @@ UNTRAINED = Role("untrained")
 PerSource = Annotated[T, PER_SOURCE]
 Tokenizing = Annotated[T, PER_SOURCE, TOKENIZATION]
 Untrained = Annotated[T, UNTRAINED]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys refused, each field's docstring its documentation, and
+    :attr:`section_roles` for roles every key of the section has (``eval``: all untrained)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    section_roles: ClassVar[tuple[Role, ...]] = ()
+    """Roles of every key of the section."""

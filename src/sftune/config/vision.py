@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from sftune.config.roles import Section
 
 PARTS = ("vision_tower", "projector", "language_model")
 """The parts of an image-text-to-text model, in the order images flow through them."""
 
 
-class VisionConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
+class VisionConfig(Section):
     freeze_vision_tower: bool = False
     """Train no weight of the vision tower (image encoder): no gradient, not in the optimizer. The
     usual choice for a pretrained tower and little data; saves its gradients and optimizer states."""

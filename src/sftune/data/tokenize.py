@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from sftune.data.formats import BadRow, Format, Sequence
+from sftune.data.contract import BadRow, Format, Sequence
 from sftune.errors import DataError, RowSkip
 
 IGNORE = -100
