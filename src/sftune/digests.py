@@ -153,6 +153,13 @@ def record_model(out_dir: Path, before: dict[str, tuple]) -> Path:
     return record(out_dir, names, MODEL_MANIFEST)
 
 
+def forget_model(out_dir: Path) -> None:
+    """A run starts (or resumes) in ``out_dir``: the files of an earlier final model there are about
+    to change (its ``sftune_config.yaml`` first), so its manifest no longer describes them and goes
+    (the model is checked again once this run's final save records it)."""
+    (Path(out_dir) / MODEL_MANIFEST).unlink(missing_ok=True)
+
+
 def check_model(path: str | Path) -> None:
     """Refuse a model directory whose files differ from what the final save wrote (one clear error)."""
     from sftune.errors import SftuneError

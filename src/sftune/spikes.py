@@ -81,7 +81,8 @@ class SpikeGuard:
             return True
         values = stats.double().tolist()
         loss = values[0] / max(float(step_weight), 1e-12)
-        norm = values[1] if grad_norm is not None and len(values) > 1 else None
+        world = self.accelerator.num_processes if self.accelerator is not None else 1
+        norm = values[1] / world if grad_norm is not None and len(values) > 1 else None  # summed over ranks
         if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
             return False  # the NaN guard's business
         why = self.rule(loss, norm)
@@ -131,7 +132,7 @@ class SpikeGuard:
     def restore(self, state: dict) -> None:
         """Back to a checkpoint's state (a resume, or a rollback)."""
         step = state.get("step", 0)
-        self.history = [tuple(h) for h in state.get("spike_window", [])]
+        self.history = [tuple(h) for h in state.get("spike_window", []) if h[0] <= step]
         self.drop |= set(state.get("spike_drop", []))
         self.skipped = [s for s in state.get("spike_skipped", []) if s <= step]
         self.records = [r for r in state.get("spike_records", []) if r["step"] <= step]
@@ -157,6 +158,8 @@ def rollback(run, skipped: list[int]) -> list[int]:
     spikes.drop.add(spike)
     spikes.records += current
     run.feed.restore(state["path"], step)
+    if run.distill is not None:  # the logged divergence of the abandoned steps goes with them
+        run.distill.forget()
     if run.main:
         truncate_metrics(run.out_dir, step)
         for rec in spikes.records:

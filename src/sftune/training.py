@@ -28,6 +28,7 @@ from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kw
 from sftune.config import Config, config_to_yaml
 from sftune.data.chain import DataPlan, plan, prepare, require_steps
 from sftune.data.pipeline import PreparedData
+from sftune.digests import forget_model
 from sftune.distill import attach as attach_distillation
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
@@ -272,6 +273,7 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
         set_aside_earlier_run(out_dir)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        forget_model(out_dir)  # an earlier final model's manifest: its config is overwritten next
         (out_dir / "sftune_config.yaml").write_text(config_to_yaml(cfg))
         (out_dir / "data_report.json").write_text(dumps(data.report.to_dict(), indent=2))
     if data.report.sources:

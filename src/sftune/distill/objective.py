@@ -64,6 +64,11 @@ class Distiller:
         self._pending = add if self._pending is None else self._pending + add
         return loss
 
+    def forget(self) -> None:
+        """Drop the sums not yet logged (a rollback abandons the steps they came from)."""
+        self._pending = self._window = None
+        self._steps = 0
+
     def step_end(self, skipped: bool) -> None:
         """A step ended: its sums join the log window, unless the step was skipped (NaN guard)."""
         if self._pending is not None and not skipped:
@@ -106,6 +111,9 @@ def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
         raise ConfigError("train.compile=true is not supported with distillation yet: set train.compile=false")
     spec = Spec.of(d)
     head_rows = lm.causal_lm.get_output_embeddings().weight.shape[0]
+    if d.saved == "columns" and (cfg.data.sources or cfg.data.streaming):
+        raise ConfigError("distill.saved=columns reads the teacher columns of one in-memory source: it does not "
+                          "take data.sources or data.streaming yet; give the rows as one data.path")
     if d.saved == "columns":  # the dataset's own columns (Axolotl's KD layout, sftune.data.pretokenized)
         if "teacher" not in getattr(data.train, "extra_kinds", ()):
             raise ConfigError("distill.saved=columns but the training data carries no teacher columns: give "

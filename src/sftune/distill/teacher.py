@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sftune.attention import enable_varlen
+from sftune.capabilities import capabilities
 from sftune.distill.divergence import TeacherChunk
 from sftune.errors import ConfigError
 from sftune.loss import CausalLMWithLoss
@@ -72,8 +73,14 @@ def load_teacher(path: str, student_tokenizer, student_rows: int, device: torch.
     model.eval()
     fast_activations(model)
     model.to(device)
-    if layout == "flat":
-        enable_varlen(model)  # per-example attention from doc_bounds (else from position_ids)
+    if layout == "flat" and not enable_varlen(model):  # per-example attention from doc_bounds
+        raise ConfigError(f"distill.teacher '{path}' cannot attend per example within the student's flat rows "
+                          "(its attention implementation takes no custom kernel): give it sdpa or eager attention "
+                          "in its config.json, or run it once with sftune distill-prepare and train with distill.saved")
+    if layout is not None and layout != "flat" and layout not in capabilities(model).layouts:
+        raise ConfigError(f"distill.teacher '{path}' cannot run exactly in the student's {layout} layout (its "
+                          f"capabilities: {', '.join(capabilities(model).layouts)}): choose a teacher of a family "
+                          "that can, or use distill-prepare and distill.saved")
     lm = CausalLMWithLoss(model, fused=True, layout=layout).eval()
     head = model.get_output_embeddings()
     if not lm.fused:
