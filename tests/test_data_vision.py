@@ -198,11 +198,10 @@ def test_prepared_data_carries_images_and_reports_them(vlm, tmp_path):
                                       "tokens_per_image": {"min": 4, "mean": 4.0, "max": 4}}
 
 
-def test_image_rows_in_a_mixture_and_streams_refused(vlm, tmp_path):
+def test_image_rows_in_a_mixture(vlm, tmp_path):
     """data.sources: each source's images relative to its own file, ShareGPT beside TRL's layout."""
     from sftune.config import load_config
     from sftune.data.chain import prepare
-    from sftune.errors import ConfigError
 
     trl = vm.write_data(tmp_path / "a", n=4)
     share = vm.write_data(tmp_path / "b", n=3, layout="sharegpt")
@@ -214,10 +213,50 @@ def test_image_rows_in_a_mixture_and_streams_refused(vlm, tmp_path):
     assert data.train.has_extras and len(data.train) == 10
     counts = [vision_batch.n_images(data.train.extras(i)["images"]) for i in range(len(data.train))]
     assert sorted(counts) == [1] * 7 + [2] * 3
-    streamed = load_config(None, {"model.path": str(vlm("qwen2_vl")), "data.path": str(trl),
-                                  "data.streaming": True, "train.max_steps": 2})
-    with pytest.raises(ConfigError, match="streams do not carry"):
-        prepare(streamed.data, tok, 256, seed=0)
+    assert data.report.images["images"] == 13 and data.report.images["examples"] == 10
+
+
+def test_a_stream_of_image_rows_gives_the_in_memory_examples(vlm, tmp_path):
+    """data.streaming: each source's rows through the format's own row tokenizer (images relative to
+    its own file) give the in-memory examples (ids, labels, payload); the payload survives the
+    position's pickle, and the report counts the images trained."""
+    import pickle
+
+    from sftune.config import load_config
+    from sftune.data.chain import plan, prepare
+    from sftune.data.pipeline import prepare_data
+
+    files = [vm.write_data(tmp_path / "a", n=4), vm.write_data(tmp_path / "b", n=3, layout="sharegpt")]
+    tok = vlm_tokenizer(vlm("qwen2_vl"))
+    cfg = load_config(None, {"model.path": str(vlm("qwen2_vl")), "data.streaming": True, "data.shuffle_buffer": 1,
+                             "train.max_steps": 2, "train.batch_size": 2, "data.pack_buffer": 4,
+                             "data.sources": [{"path": str(f), "weight": 1} for f in files]})
+    data = prepare(cfg.data, tok, 256, seed=0)
+    memory = []
+    for f in files:
+        t = prepare_data(DataConfig(path=str(f), on_bad_row="error"), tok, 256).train
+        memory.append({int(t.rows[i]): (*t.example(i), t.extras(i)) for i in range(len(t))})
+    stream = data.stream()
+    examples = [stream.next_example() for _ in range(10)]
+    assert {e.source for e in examples} == {0, 1}
+    for e in examples:
+        ids, labels, extras = memory[e.source][e.row]
+        np.testing.assert_array_equal(e.ids, ids)
+        np.testing.assert_array_equal(e.labels, labels)
+        a, b = vision_batch.decode(e.extras["images"]), vision_batch.decode(extras["images"])
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    state = pickle.loads(pickle.dumps(stream.state_dict()))  # what a checkpoint saves
+    ahead = [stream.next_example() for _ in range(6)]
+    again = data.stream()
+    again.load_state_dict(state)
+    for x, y in zip(ahead, [again.next_example() for _ in range(6)]):
+        assert (x.source, x.row) == (y.source, y.row) and x.extras == y.extras and np.array_equal(x.ids, y.ids)
+    feed = plan(cfg, data, tok.pad_token_id)
+    trained = [feed.rows(step)[0] for step in range(2)]
+    n = sum(vision_batch.n_images(d.extras(i)["images"]) for d in trained for i in range(len(d)))
+    sources = feed.finish()
+    assert feed.report.images["images"] == n == sum(s["images_trained"] for s in sources) and n > 0
+    assert feed.report.images["tokens_per_image"]["max"] >= feed.report.images["tokens_per_image"]["min"] > 0
 
 
 def test_parquet_with_datasets_images_and_bad_image_rows(vlm, tmp_path):

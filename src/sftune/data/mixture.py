@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import sftune.data.vision_batch as vision_batch
 from sftune.config import DataConfig
 from sftune.data.report import DataReport
 
@@ -242,6 +243,7 @@ def merge_reports(reports: list, specs: list[SourceSpec], data: MixedSet, draws)
             rep.notes[f"{label}: {note}"] = n
             rep.note_rows[f"{label}: {note}"] = r.note_rows[note]
     rep.kept = len(data)
+    rep.images = vision_batch.combined([r.images for r in reports])  # over each source's kept examples
     rep.truncated_rows = next((r.truncated_rows for r in reports if r.truncated_rows), [])
     lengths = np.asarray(data.lengths)
     rep.total_tokens = int(lengths.sum())

@@ -7,7 +7,9 @@ global example index (:class:`~sftune.data.mixture.Mixture`: the same pure funct
 ``train.seed`` and the index as in memory), the examples tokenized but not yet packed (``CHUNK``
 rows at a time), and the packing window (``data.pack_buffer`` examples packed best-fit-decreasing,
 then shuffled). Memory and the time to the first step do not grow with the data; nothing is
-copied to Arrow.
+copied to Arrow. Each source is read in its own format with that format's row tokenizer, so
+examples carry their data beside the tokens (``extras``: a vision-language model's processed
+images, their paths relative to the source's file) through the buffers and the saved position.
 
 :meth:`StreamBatches.state_at` is the whole position (cursors, buffers, RNG states, pending
 examples and units, per-source counts) at the start of a step; it goes into every checkpoint
@@ -30,6 +32,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+import sftune.data.vision_batch as vision_batch
 from sftune.data.examples import ExampleList, StreamExample
 from sftune.data.formats import choose_format
 from sftune.data.mixture import Mixture, SourceSpec
@@ -91,13 +94,11 @@ class Stream:
         for s in specs:
             columns = peek_columns(s.cfg)
             fmt = choose_format(s.cfg, columns, tokenizer)
-            if getattr(fmt, "carries_images", False):  # sftune.data.vision: not carried by streams yet
-                raise ConfigError(f"data.streaming: {s.label} holds image conversations for a vision-language "
-                                  "model, which streams do not carry yet; train it without data.streaming")
             check_columns(SimpleNamespace(column_names=columns), fmt.columns, s.label, f"the {fmt.name} format")
             self.formats.append(fmt)
-            self.tokenizers.append(RowTokenizer(fmt, tokenizer, max_length, on_bad_row=s.cfg.on_bad_row,
-                                                source=s.label))
+            own = getattr(fmt, "row_tokenizer", None)  # a format that tokenizes its rows itself (images)
+            self.tokenizers.append(own(max_length, s.label) if own else
+                                   RowTokenizer(fmt, tokenizer, max_length, on_bad_row=s.cfg.on_bad_row, source=s.label))
         self.buffers = [ShuffleBuffer(RowReader(s.cfg, i, seed), shuffle_buffer, [seed, SHUFFLE_TAG, i])
                         for i, s in enumerate(specs)]
         self.index = 0  # the mixture's next global example index
@@ -201,6 +202,8 @@ class StreamBatches:
             c["tokens_trained"] += len(e.ids)
             c["loss_tokens_trained"] += int((e.labels != -100).sum())
             c["lengths"][len(e.ids)] = c["lengths"].get(len(e.ids), 0) + 1
+            if e.extras and e.extras.get(vision_batch.KIND):  # images: counted as the in-memory report does
+                vision_batch.count(c.setdefault("images", {}), e.extras[vision_batch.KIND])
         starts = np.cumsum([0] + [len(u) for u in units])
         plan = dataclasses.replace(self.plan, lengths=data.lengths,
                                    units=[list(range(starts[k], starts[k + 1])) for k in range(len(units))])
@@ -250,6 +253,7 @@ class StreamBatches:
                 report.skipped_rows[label + why] = list(c["skipped_rows"][why])
         report.total_tokens = sum(c["tokens_trained"] for c in counts)
         report.loss_tokens = sum(c["loss_tokens_trained"] for c in counts)
+        report.images = vision_batch.merged([c.get("images", {}) for c in counts])
         hist: dict[int, int] = {}
         for c in counts:
             for length, n in c.get("lengths", {}).items():
@@ -270,6 +274,7 @@ def source_entries(stream: Stream) -> list[dict]:
                     "skipped": dict(c["skipped"]), "skipped_rows": dict(c["skipped_rows"]), "truncated": c["truncated"],
                     "examples_trained": c["examples_trained"], "tokens_trained": c["tokens_trained"],
                     "loss_tokens_trained": c["loss_tokens_trained"],
+                    "images_trained": sum(c.get("images", {}).get("per_image", {}).values()),
                     "achieved_share": round(c["examples_trained"] / total, 4), "share_per_epoch": 0.0,
                     # rows taken / rows in a pass, once a pass has ended (0 while the first one lasts)
                     "passes": round(c["rows_read"] / cur["pass_rows"], 3) if cur.get("pass_rows") else 0,

@@ -79,7 +79,7 @@ class VisionMessagesFormat(MessagesFormat):
     """The messages format for an image-text-to-text model's processor (see the module docstring)."""
 
     carries_images = True
-    """Its examples carry images (streams refuse them until they carry extras)."""
+    """Its examples carry images (the extras kind ``"images"``), in memory and in streams alike."""
 
     def __init__(self, cfg, processor, column: str, tools_column: str | None = None):
         tok = processor.tokenizer

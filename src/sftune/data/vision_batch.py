@@ -91,11 +91,47 @@ def summary(column, kept) -> dict:
                     per_image += z[TOKENS].tolist()
                 examples += 1
             i += 1
-    if not per_image:
+    hist: dict[int, int] = {}
+    for t in per_image:
+        hist[t] = hist.get(t, 0) + 1
+    return merged([{"examples": examples, "per_image": hist}])
+
+
+def combined(figures: list[dict]) -> dict:
+    """Several reports' image figures (:func:`summary`) as one (a mixture's report)."""
+    figures = [f for f in figures if f]
+    if not figures:
         return {}
-    return {"images": len(per_image), "examples": examples, "image_tokens": int(sum(per_image)),
-            "tokens_per_image": {"min": min(per_image), "mean": round(sum(per_image) / len(per_image), 1),
-                                 "max": max(per_image)}}
+    images, tokens = sum(f["images"] for f in figures), sum(f["image_tokens"] for f in figures)
+    return {"images": images, "examples": sum(f["examples"] for f in figures), "image_tokens": tokens,
+            "tokens_per_image": {"min": min(f["tokens_per_image"]["min"] for f in figures),
+                                 "mean": round(tokens / images, 1),
+                                 "max": max(f["tokens_per_image"]["max"] for f in figures)}}
+
+
+def count(acc: dict, payload: bytes) -> None:
+    """Add one example's images to ``acc`` (``{"examples", "per_image": {tokens: images}}``, a
+    stream's per-source count): what :func:`merged` turns into the report's figures."""
+    with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+        tokens = z[TOKENS].tolist()
+    acc["examples"] = acc.get("examples", 0) + 1
+    per = acc.setdefault("per_image", {})
+    for t in tokens:
+        per[t] = per.get(t, 0) + 1
+
+
+def merged(counts: list[dict]) -> dict:
+    """The report's image figures (as :func:`summary`) over counts made by :func:`count`; {} without images."""
+    per: dict[int, int] = {}
+    for c in counts:
+        for t, n in c.get("per_image", {}).items():
+            per[t] = per.get(t, 0) + n
+    images = sum(per.values())
+    if not images:
+        return {}
+    tokens = sum(t * n for t, n in per.items())
+    return {"images": images, "examples": sum(c.get("examples", 0) for c in counts), "image_tokens": int(tokens),
+            "tokens_per_image": {"min": min(per), "mean": round(tokens / images, 1), "max": max(per)}}
 
 
 def mrope_positions(ids, image_token_id: int, grids, merge: int) -> np.ndarray:
