@@ -85,10 +85,13 @@ def cpu_seconds() -> float:
 
 
 def default_num_proc(n_rows: int) -> int | None:
-    """sftune's default ``data.num_proc`` (``sftune.data.pipeline._num_proc``)."""
+    """sftune's default ``data.num_proc`` (``sftune.data.one_source._num_proc``)."""
     try:
         from sftune.config import DataConfig
-        from sftune.data.pipeline import _num_proc
+        try:
+            from sftune.data.one_source import _num_proc
+        except ImportError:  # an older checkout: data/pipeline.py
+            from sftune.data.pipeline import _num_proc
 
         return _num_proc(DataConfig(), n_rows)
     except ImportError:

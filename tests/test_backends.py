@@ -152,7 +152,7 @@ def test_probe_falls_back_to_the_loop_when_the_kernel_is_wrong(fault, backend, m
 
 def test_flex_rows_are_bucketed(backend):
     from sftune.config import Config
-    from sftune.levers import bucket_for
+    from sftune.speedups import bucket_for
 
     model = build("llama")
     backend(model, "flex")

@@ -16,7 +16,7 @@ from sftune import DataCollatorForCompletionOnlyLM, SFTTrainer
 from sftune.compat.trl07 import EMPTY, NOT_FOUND, FunctionFormat, split_at_response
 from sftune.config import load_config
 from sftune.data.formats import choose_format
-from sftune.data.pipeline import prepare_data
+from sftune.data.one_source import prepare_data
 from sftune.data.tokenize import IGNORE, Tokenizer
 from sftune.errors import SftuneError
 from sftune.model import resolve_max_length

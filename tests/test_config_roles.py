@@ -5,10 +5,10 @@ needs them (the cluster's resume check, the data signature, the tokenization cac
 
 def test_key_roles_are_declared_once_in_the_schema():
     """Which keys are per source, change tokenization, or leave what is trained unchanged is read
-    from the schema's field declarations (sftune.cluster, sftune.data.position / pipeline read them)."""
+    from the schema's field declarations (sftune.cluster, sftune.data.position / one_source read them)."""
     from sftune.config import PER_SOURCE, TOKENIZATION, UNTRAINED, keys_with
     from sftune.config.schema import SOURCE_KEYS, SourceConfig
-    from sftune.data.pipeline import TOKENIZATION_KEYS
+    from sftune.data.one_source import TOKENIZATION_KEYS
 
     assert tuple(k.removeprefix("data.") for k in keys_with(PER_SOURCE)) == SOURCE_KEYS
     assert set(SOURCE_KEYS) <= set(SourceConfig.model_fields)

@@ -9,7 +9,7 @@ import pytest
 from conftest import write_jsonl
 from sftune.config import DataConfig, load_config
 from sftune.data.chain import prepare
-from sftune.data.pipeline import prepare_data
+from sftune.data.one_source import prepare_data
 from sftune.data.sources import load_source
 from sftune.errors import ConfigError
 

@@ -4,7 +4,7 @@ import pytest
 from datasets import Dataset
 
 from sftune.config import DataConfig
-from sftune.data.pipeline import prepare_data
+from sftune.data.one_source import prepare_data
 from sftune.data.pretokenized import PretokenizedFormat
 from sftune.data.sources import Source, with_row_index
 from sftune.data.tokenize import IGNORE

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sftune.config import DataConfig
-from sftune.data.pipeline import prepare_data
+from sftune.data.one_source import prepare_data
 from sftune.data.sources import load_source
 from sftune.errors import ConfigError, DataError
 

@@ -75,7 +75,7 @@ def test_stream_reads_a_bounded_window(tmp_path, tiny_tokenizer):
 
 
 def test_stream_equals_in_memory_on_the_same_rows(tmp_path, tiny_tokenizer):
-    from sftune.data.pipeline import prepare_data
+    from sftune.data.one_source import prepare_data
 
     path = write_jsonl(tmp_path / "d.jsonl", _rows(40))
     mem = prepare_data(DataConfig(path=str(path), template="qa"), tiny_tokenizer, 64)

@@ -368,7 +368,7 @@ def test_packed_equals_unpacked_with_tool_rows():
 def test_agent_datasets_load_as_they_are(base_tok, name):
     from pathlib import Path
 
-    from sftune.data.pipeline import prepare_data
+    from sftune.data.one_source import prepare_data
 
     tok = family_tok(base_tok, "qwen25")
     path = Path(__file__).parent / "data" / name

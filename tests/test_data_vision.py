@@ -186,7 +186,7 @@ def vlm_tokenizer(path):
 
 
 def test_prepared_data_carries_images_and_reports_them(vlm, tmp_path):
-    from sftune.data.pipeline import prepare_data
+    from sftune.data.one_source import prepare_data
 
     data = vm.write_data(tmp_path, n=6)
     tok = vlm_tokenizer(vlm("llava"))
@@ -267,7 +267,7 @@ def test_parquet_with_datasets_images_and_bad_image_rows(vlm, tmp_path):
 
     import datasets
 
-    from sftune.data.pipeline import prepare_data
+    from sftune.data.one_source import prepare_data
     from sftune.errors import DataError
 
     rows = []
@@ -320,7 +320,7 @@ def test_dict_form_carries_the_payloads(vlm):
 
 def test_max_length_below_every_prompt_counts_image_tokens(vlm, tmp_path):
     """Every example skipped for its prompt: the error's numbers count the expanded image tokens."""
-    from sftune.data.pipeline import prepare_data
+    from sftune.data.one_source import prepare_data
     from sftune.errors import DataError
 
     data = vm.write_data(tmp_path, n=3)

@@ -104,7 +104,7 @@ def test_eval_loss_stays_the_cross_entropy(tiny_model_dir, teacher_dir, qa_rows_
 
 
 def test_report_names_the_teacher(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
-    from sftune.report import build_report
+    from sftune.run_report import build_report
 
     run(tiny_model_dir, qa_rows_file, tmp_path / "r", teacher_dir, **{"train.max_steps": 1})
     text = build_report(tmp_path / "r").read_text()

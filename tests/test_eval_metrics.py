@@ -29,7 +29,7 @@ def test_eval_loss_is_the_token_mean_whatever_the_batch_size(tiny_model_dir, qa_
     import torch
 
     from sftune.config import load_config
-    from sftune.data.pipeline import prepare_data
+    from sftune.data.one_source import prepare_data
     from sftune.loss import CausalLMWithLoss
     from sftune.model import load_model, load_tokenizer
 

@@ -62,7 +62,7 @@ def test_per_token_normalisation_not_mean_of_means(tiny_model_dir, qa_file, tmp_
     from transformers import AutoModelForCausalLM
 
     from sftune.data.packing import BatchPlan
-    from sftune.data.pipeline import prepare_data
+    from sftune.data.one_source import prepare_data
     from sftune.loss import CausalLMWithLoss
     from sftune.model import load_tokenizer
 

@@ -300,7 +300,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from sftune.report import build_report
+    from sftune.run_report import build_report
     from sftune.console import console
 
     console.print(f"wrote {build_report(args.model)}", markup=False)

@@ -13,7 +13,7 @@ import torch
 from transformers import get_scheduler
 
 from sftune.config import Config
-from sftune.levers import adamw_8bit
+from sftune.speedups import adamw_8bit
 from sftune.vision_parts import part_groups
 
 
@@ -32,7 +32,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) ->
     several times faster than foreach and without its temporaries), else foreach."""
     kw = dict(lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
     groups = part_groups(param_groups(model, cfg.train.weight_decay), cfg.vision, model)  # vision.lr_*
-    if cfg.train.optimizer == "adamw_8bit":  # sftune.levers: bitsandbytes, CUDA only
+    if cfg.train.optimizer == "adamw_8bit":  # sftune.speedups: bitsandbytes, CUDA only
         return adamw_8bit(groups, kw, device)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)

@@ -22,7 +22,7 @@ from sftune.data.chain import plan, prepare
 from sftune.data.tokenize import IGNORE
 from sftune.data.vision_batch import images_of
 from sftune.errors import SftuneError
-from sftune.levers import bucket_for
+from sftune.speedups import bucket_for
 from sftune.model import load_model_config, load_tokenizer, resolve_max_length
 from sftune.console import console, out
 

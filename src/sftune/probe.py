@@ -177,109 +177,191 @@ def choose_layout(cfg, model, data, report=None, console=None, device=None, shar
     Switches the model to per-example attention when the layout is ``flat`` (and back otherwise),
     records the result in ``report`` (a DataReport) and prints the one ``model check`` line. The
     probe runs on ``device`` (the model is moved there, as training would); a model that will be
-    sharded (FSDP, ZeRO-3) may not fit one device, so there the capabilities decide alone."""
+    sharded (FSDP, ZeRO-3) may not fit one device, so there the capabilities decide alone.
+
+    The steps: the candidate layouts from the capabilities; the attention kernel for ``flat``; the
+    comparison on a few of the run's examples (falling back to the per-example loop when the kernel
+    differs); the verdict agreed across ranks; refusal, or ``strict``'s refusal of a fallback; the
+    one-line message; the record."""
     causal = unwrap_causal_lm(model)
+    caps, candidates, why_not = _candidates(cfg, model, causal)
+    mode = cfg.model.check
+    device = _on_device(model, device, sharded)
+    backend, why_backend = _choose_kernel(causal, device, caps, candidates)
+    lm = CausalLMWithLoss(model, fused=caps.fused_loss)
+    record = {"check": mode, "layout": candidates[0], "fused_loss": lm.fused, "left_out": why_not}
+    start = time.perf_counter()
+    examples = probe_examples(data.train) if mode != "off" and not sharded else []
+    if not examples:
+        layout, fused, line = _unchecked(mode, sharded, candidates[0], lm.fused, record)
+    else:
+        res, backend, why_backend = _run_probe(model, lm, causal, caps, examples, candidates, device, backend,
+                                               why_backend, record)
+        layout, fused = _agreed(res, lm.fused, device)
+        ms = 1000 * (time.perf_counter() - start)
+        _record_probe(record, examples, res, ms)
+        if layout is None:
+            _refuse(record, res, lm, caps, len(examples))
+        if mode == "strict":
+            _refuse_fallback(res, layout, fused, candidates[0], lm.fused, caps)
+        line = _probe_line(record, res, layout, fused, candidates[0], lm, len(examples), ms)
+    line += _left_out(why_not)
+    _set_attention(causal, layout, backend, record)
+    record.update(layout=layout, fused_loss=fused, line=line.replace("[yellow]", "").replace("[/]", ""))
+    _tell(report, console, record, line, layout, backend, why_backend)
+    return Choice(layout, fused, caps, line, record)
+
+
+def _candidates(cfg, model, causal) -> tuple[Capabilities, list[str], dict[str, str]]:
+    """The model's capabilities, its candidate layouts (best first) and why the others are left out;
+    ``flat`` is left out too when the model takes no custom attention implementation."""
     caps = capabilities(model, kernel=cfg.model.attn_implementation, compile=cfg.train.compile)
     candidates = list(caps.layouts)
     why_not = dict(caps.why_not)
     if "flat" in candidates and not enable_varlen(causal):
         candidates.remove("flat")
         why_not["flat"] = "the model does not accept a custom attention implementation"
-    mode = cfg.model.check
+    return caps, candidates, why_not
+
+
+def _on_device(model, device, sharded: bool):
+    """The device the probe runs on: ``device`` (the model moved there) unless the model will be
+    sharded; else where the model is."""
     if device is not None and not sharded and next(model.parameters()).device != torch.device(device):
         model.to(device)
-    device = next(model.parameters()).device
+    return next(model.parameters()).device
+
+
+def _choose_kernel(causal, device, caps, candidates) -> tuple[str, str]:
+    """The attention kernel for the ``flat`` layout (the per-example loop when ``flat`` is no
+    candidate), set on the model; with the reason for the choice."""
     backend, why_backend = choose_attention(device, caps) if "flat" in candidates else ("loop", "")
     set_backend(causal, backend)
-    lm = CausalLMWithLoss(model, fused=caps.fused_loss)
+    return backend, why_backend
+
+
+def _unchecked(mode: str, sharded: bool, layout: str, fused: bool, record: dict) -> tuple[str, bool, str]:
+    """No probe (``model.check=off``, a sharded model, no examples): the capabilities decide."""
+    why = "off" if mode == "off" else "skipped (sharded model)" if sharded else "skipped (no examples)"
+    record["status"] = "off"
+    return layout, fused, f"model check: {why}; {layout} layout from the model's capabilities"
+
+
+def _run_probe(model, lm, causal, caps, examples, candidates, device, backend: str, why_backend: str,
+               record: dict) -> tuple[dict, str, str]:
+    """:func:`compare` in eval mode; when the kernel does not reproduce the reference, again with the
+    per-example loop (the kernel's difference goes into ``record``). Returns the result and the
+    kernel used, with its reason. A reference that fails is the refusal: nothing can match it."""
+    was = model.training
+    model.eval()
+    try:
+        # flash-attention computes in half precision: judged at half-precision tolerance
+        try:
+            res = compare(lm, examples, candidates, lm.fused, device, 5e-2 if backend == "flash" else None)
+            if backend != "loop" and res["layout"] != "flat":  # the kernel differed: the per-example loop
+                failed = res["errors"].get("flat")
+                record["attention_diff"] = failed or res["diffs"].get("flat")
+                backend, why_backend = "loop", f"{backend} {'failed' if failed else 'differed'}"
+                set_backend(causal, backend)
+                res = compare(lm, examples, candidates, lm.fused, device)
+        except Exception as e:  # noqa: BLE001 - the reference itself fails: no layout can match it
+            raise ConfigError(f"model check: {caps.model_type} fails when run on one of this run's examples "
+                              f"alone ({_why(e)}); it cannot be trained as it is") from e
+    finally:
+        model.train(was)
+    if res.get("nonfinite"):
+        res = {**res, "layout": candidates[0], "fused": lm.fused}
+        record["status"] = "nonfinite"
+    return res, backend, why_backend
+
+
+def _agreed(res: dict, fused: bool, device) -> tuple[str | None, bool]:
+    """The layout (None: none matched) and loss agreed across ranks, the safest of every rank's."""
+    code = [LAYOUTS.index(res["layout"]) if res["layout"] else len(LAYOUTS), int(not res["fused"])]
+    code = _agree(code, device)
+    return (LAYOUTS[code[0]] if code[0] < len(LAYOUTS) else None), not code[1] and fused
+
+
+def _record_probe(record: dict, examples, res: dict, ms: float) -> None:
+    """What the probe ran on, how long it took and what it found."""
+    record.update(examples=len(examples), tokens=sum(len(e[0]) for e in examples), ms=round(ms, 1),
+                  diffs=res["diffs"], loss_diff=res["loss_diff"],
+                  **({"errors": res["errors"]} if res["errors"] else {}))
+
+
+def _tolerance(lm) -> float:
+    return TOLERANCE.get(next(lm.parameters()).dtype, 5e-2)
+
+
+def _refuse(record: dict, res: dict, lm, caps, n: int) -> None:
+    """No layout matched (on some rank): the clear refusal, with the likely reason."""
+    record["status"] = "refused"
+    alone = res["diffs"].get("per_example", 0) > _tolerance(lm)
+    why = ("even one example per row differs from the model called alone (a body that numbers positions its "
+           "own way, or is not causal)" if alone else
+           "the model gives different outputs for the same example in a batch")
+    raise ConfigError(
+        f"model check: no row layout reproduces {caps.model_type} run one example at a time on {n} of this "
+        f"run's examples (relative differences {_fmt(res['diffs'], res['errors'])}); {why}. "
+        "Set model.check=off to train anyway")
+
+
+def _refuse_fallback(res: dict, layout: str, fused: bool, predicted: str, predicted_fused: bool, caps) -> None:
+    """``model.check=strict``: a layout or loss other than the predicted one is refused, naming what
+    ``auto`` would use."""
+    if layout != predicted or fused != predicted_fused:
+        raise ConfigError(
+            f"model check (strict): the {predicted} layout{' with the fused loss' if predicted_fused else ''} does "
+            f"not match {caps.model_type} run one example at a time (relative differences {_fmt(res['diffs'])}"
+            f"{', loss ' + format(res.get('fused_diff', 0), '.2g') if fused != predicted_fused else ''}); "
+            f"model.check=auto would use the {layout} layout{'' if fused else ' and the unfused loss'}")
+
+
+def _probe_line(record: dict, res: dict, layout: str, fused: bool, predicted: str, lm, n: int, ms: float) -> str:
+    """The one ``model check`` line of a probe that ran (exact, fallback or non-finite); sets the
+    record's status."""
+    what = f"{layout} layout{'' if fused else ', unfused loss'}"
+    if record.get("status") == "nonfinite":
+        return f"model check: skipped, the model's outputs are not finite on this run's examples; {what}"
+    if layout != predicted or fused != lm.fused:
+        bad = {k: v for k, v in res["diffs"].items() if v > _tolerance(lm)}
+        if fused != lm.fused:
+            bad["fused loss"] = res.get("fused_diff", float("nan"))
+        line = (f"model check: [yellow]{', '.join(bad) or 'another rank'} differed[/] from the model run one "
+                f"example at a time ({_fmt(bad, res['errors'])}) → {what} (exact)")
+        record["status"] = "fallback"
+    else:
+        line = f"model check: {what} matches the model run one example at a time"
+        record["status"] = "exact"
+    return line + f" ({n} examples, max diff {res['diffs'].get(layout, 0):.1e}, {ms:.0f} ms)"
+
+
+def _left_out(why_not: dict[str, str]) -> str:
+    """``; left out flat, rows: <reason>`` (layouts grouped by reason), or nothing."""
     reasons: dict[str, list[str]] = {}
     for k, v in why_not.items():
         reasons.setdefault(v, []).append(k)
     left_out = "; ".join(f"{', '.join(ks)}: {v}" for v, ks in reasons.items())
-    record = {"check": mode, "layout": candidates[0], "fused_loss": lm.fused, "left_out": why_not}
-    start = time.perf_counter()
-    examples = probe_examples(data.train) if mode != "off" and not sharded else []
-    if not examples:
-        layout, fused = candidates[0], lm.fused
-        why = "off" if mode == "off" else "skipped (sharded model)" if sharded else "skipped (no examples)"
-        line = f"model check: {why}; {layout} layout from the model's capabilities"
-        record["status"] = "off"
-    else:
-        was = model.training
-        model.eval()
-        try:
-            # flash-attention computes in half precision: judged at half-precision tolerance
-            try:
-                res = compare(lm, examples, candidates, lm.fused, device, 5e-2 if backend == "flash" else None)
-                if backend != "loop" and res["layout"] != "flat":  # the kernel differed: the per-example loop
-                    failed = res["errors"].get("flat")
-                    record["attention_diff"] = failed or res["diffs"].get("flat")
-                    backend, why_backend = "loop", f"{backend} {'failed' if failed else 'differed'}"
-                    set_backend(causal, backend)
-                    res = compare(lm, examples, candidates, lm.fused, device)
-            except Exception as e:  # noqa: BLE001 - the reference itself fails: no layout can match it
-                raise ConfigError(f"model check: {caps.model_type} fails when run on one of this run's examples "
-                                  f"alone ({_why(e)}); it cannot be trained as it is") from e
-        finally:
-            model.train(was)
-        if res.get("nonfinite"):
-            res = {**res, "layout": candidates[0], "fused": lm.fused}
-            record["status"] = "nonfinite"
-        code = [LAYOUTS.index(res["layout"]) if res["layout"] else len(LAYOUTS), int(not res["fused"])]
-        code = _agree(code, device)
-        ms = 1000 * (time.perf_counter() - start)
-        n = len(examples)
-        record.update(examples=n, tokens=sum(len(e[0]) for e in examples), ms=round(ms, 1), diffs=res["diffs"],
-                      loss_diff=res["loss_diff"], **({"errors": res["errors"]} if res["errors"] else {}))
-        if code[0] >= len(LAYOUTS):
-            record["status"] = "refused"
-            alone = res["diffs"].get("per_example", 0) > TOLERANCE.get(next(lm.parameters()).dtype, 5e-2)
-            why = ("even one example per row differs from the model called alone (a body that numbers positions its "
-                   "own way, or is not causal)" if alone else
-                   "the model gives different outputs for the same example in a batch")
-            raise ConfigError(
-                f"model check: no row layout reproduces {caps.model_type} run one example at a time on {n} of this "
-                f"run's examples (relative differences {_fmt(res['diffs'], res['errors'])}); {why}. "
-                "Set model.check=off to train anyway")
-        layout, fused = LAYOUTS[code[0]], not code[1] and lm.fused
-        changed = layout != candidates[0] or fused != lm.fused
-        if changed and mode == "strict":
-            raise ConfigError(
-                f"model check (strict): the {candidates[0]} layout{' with the fused loss' if lm.fused else ''} does "
-                f"not match {caps.model_type} run one example at a time (relative differences {_fmt(res['diffs'])}"
-                f"{', loss ' + format(res.get('fused_diff', 0), '.2g') if fused != lm.fused else ''}); "
-                f"model.check=auto would use the {layout} layout{'' if fused else ' and the unfused loss'}")
-        what = f"{layout} layout{'' if fused else ', unfused loss'}"
-        if record.get("status") == "nonfinite":
-            line = f"model check: skipped, the model's outputs are not finite on this run's examples; {what}"
-        elif changed:
-            tol = TOLERANCE.get(next(lm.parameters()).dtype, 5e-2)
-            bad = {k: v for k, v in res["diffs"].items() if v > tol}
-            if fused != lm.fused:
-                bad["fused loss"] = res.get("fused_diff", float("nan"))
-            line = (f"model check: [yellow]{', '.join(bad) or 'another rank'} differed[/] from the model run one "
-                    f"example at a time ({_fmt(bad, res['errors'])}) → {what} (exact)")
-            record["status"] = "fallback"
-        else:
-            line = f"model check: {what} matches the model run one example at a time"
-            record["status"] = "exact"
-        if record["status"] != "nonfinite":
-            line += f" ({n} examples, max diff {res['diffs'].get(layout, 0):.1e}, {ms:.0f} ms)"
-    if left_out:
-        line += f"; left out {left_out}"
+    return f"; left out {left_out}" if left_out else ""
+
+
+def _set_attention(causal, layout: str, backend: str, record: dict) -> None:
+    """Per-example attention (with its kernel, recorded) for ``flat``; the model's own otherwise."""
     if layout != "flat":
         disable_varlen(causal)
         set_backend(causal, "loop")
     else:
         record["attention"] = backend
-    record.update(layout=layout, fused_loss=fused, line=line.replace("[yellow]", "").replace("[/]", ""))
+
+
+def _tell(report, console, record: dict, line: str, layout: str, backend: str, why_backend: str) -> None:
+    """The record into the data report; the line (and the kernel's, for ``flat``) to the console."""
     if report is not None:
         report.model_check = record
     if console is not None:
         console.print(line)
         if layout == "flat":
             console.print(attention_line(backend, why_backend), markup=False)
-    return Choice(layout, fused, caps, line, record)
 
 
 def _fmt(diffs: dict, errors: dict | None = None) -> str:

@@ -27,7 +27,7 @@ from sftune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sftune.cluster import Preempted, Preemption, end_distributed, rendezvous_kwargs, resolve_resume
 from sftune.config import Config, config_to_yaml
 from sftune.data.chain import DataPlan, plan, prepare, require_steps
-from sftune.data.pipeline import PreparedData
+from sftune.data.one_source import PreparedData
 from sftune.digests import forget_model
 from sftune.distill import attach as attach_distillation
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
@@ -36,7 +36,7 @@ from sftune.eval_metrics import eval_loss, generation_eval, sample_generations
 from sftune.export.save import save_final
 from sftune.faults import NonFiniteGuard, StepBoundary
 from sftune.safeio import disk_errors, dumps
-from sftune.levers import apply_kernels, bucket_for, device_metrics, needs_checkpointing
+from sftune.speedups import apply_kernels, bucket_for, device_metrics, needs_checkpointing
 from sftune.loss import CausalLMWithLoss
 from sftune.model import (add_lora, count_parameters, fast_activations, load_model, load_model_config,
                           load_tokenizer, resolve_max_length)
@@ -44,7 +44,7 @@ from sftune.probe import choose_layout
 from sftune.optim import make_optimizer, make_scheduler
 from sftune.vision_parts import prepare_parts
 from sftune import threads as cpu_threads
-from sftune.report import build_report
+from sftune.run_report import build_report
 from sftune.runlock import RunLock, check_output_dir, set_aside_earlier_run
 from sftune.spikes import Rollback, SpikeGuard, rollback
 from sftune.console import (MetricsLogger, console, is_main_process, quiet_third_party, training_progress,
@@ -301,7 +301,7 @@ class LogWindow:
             record["grad_norm"] = float(grad_norm)
         if skipped:
             record["skipped_steps"] = len(skipped)
-        record.update(device_metrics(run.device))  # peak GPU memory on CUDA (sftune.levers)
+        record.update(device_metrics(run.device))  # peak GPU memory on CUDA (sftune.speedups)
         if run.distill:  # divergence, cross-entropy, the teacher's own loss and time (sftune.distill)
             record.update(run.distill.record(run.accelerator, run.world))
         self.__init__(self.loss.device)

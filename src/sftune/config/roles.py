@@ -27,7 +27,7 @@ PER_SOURCE = Role("per_source")
 a resume of a mixture or a stream must match (:mod:`sftune.data.position`)."""
 TOKENIZATION = Role("tokenization")
 """It changes how rows are rendered and tokenized: part of the tokenization cache key
-(:mod:`sftune.data.pipeline`)."""
+(:mod:`sftune.data.one_source`)."""
 UNTRAINED = Role("untrained")
 """It does not change what is trained: a restart may change it and still resume (:mod:`sftune.cluster`)."""
 

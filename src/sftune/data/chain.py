@@ -5,9 +5,9 @@ else of the chain, so they cannot disagree about the data.
 
 :func:`prepare` chooses the chain's first stages from the config, resolves the sources once
 (:func:`~sftune.data.mixture.resolve_sources`) and returns a
-:class:`~sftune.data.pipeline.PreparedData` either way:
+:class:`~sftune.data.one_source.PreparedData` either way:
 
-* one source (the top-level ``data.*`` keys): :func:`sftune.data.pipeline.prepare_data`;
+* one source (the top-level ``data.*`` keys): :func:`sftune.data.one_source.prepare_data`;
 * ``data.sources``: each source through ``prepare_data`` (cached), then one epoch of the mixture
   (:mod:`sftune.data.mixture`, where the semantics are written down);
 * ``data.streaming``: the first window of the stream (:mod:`sftune.data.stream`) and the factory
@@ -27,7 +27,7 @@ from sftune.config import DataConfig
 from sftune.data.formats import Format
 from sftune.data.mixture import fill_trained, mix_prepared, resolve_sources
 from sftune.data.packing import Batches, BatchPlan
-from sftune.data.pipeline import PreparedData, describe_plan, prepare_data
+from sftune.data.one_source import PreparedData, describe_plan, prepare_data
 from sftune.data.position import restore_position, save_position, signature
 from sftune.data.sources import Source
 from sftune.data.stream import StreamBatches, prepare_stream

@@ -1,6 +1,6 @@
 """The example-set interface every stage after tokenization reads, and the streamed example.
 
-Three sets implement :class:`ExampleSet`: :class:`~sftune.data.pipeline.TokenizedSet` (one
+Three sets implement :class:`ExampleSet`: :class:`~sftune.data.one_source.TokenizedSet` (one
 source, memory-mapped from the Arrow cache), :class:`~sftune.data.mixture.MixedSet` (one epoch of
 a mixture, drawn over several tokenized sets) and :class:`ExampleList` (examples held in a list:
 a stream's window or step). The batch plan, the probe, eval loss, preview and the per-source

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sftune.config.schema import SOURCE_KEYS
 from sftune.data.mixture import SourceSpec
-from sftune.data.pipeline import tokenizer_signature
+from sftune.data.one_source import tokenizer_signature
 from sftune.errors import DataError
 
 FILE = "data_position.pkl"

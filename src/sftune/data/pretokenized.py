@@ -72,7 +72,7 @@ class PretokenizedFormat(Format):
         return TEACHER_FEATURE if set(TEACHER_COLUMNS) <= set(columns) else {}
 
     def map_function(self, tokenizer, max_length: int, source: str):
-        """The ``datasets.map`` function (batched) that :func:`sftune.data.pipeline.tokenize_split` runs."""
+        """The ``datasets.map`` function (batched) that :func:`sftune.data.one_source.tokenize_split` runs."""
         ends = set(self.stop_ids(tokenizer))
         completion_only = self.completion_only
 

@@ -37,7 +37,7 @@ from sftune.data.examples import ExampleList, StreamExample
 from sftune.data.formats import choose_format
 from sftune.data.mixture import Mixture, SourceSpec
 from sftune.data.packing import best_fit_decreasing
-from sftune.data.pipeline import EXTRA_PREFIX, PreparedData
+from sftune.data.one_source import EXTRA_PREFIX, PreparedData
 from sftune.data.readers import RowReader, peek_columns
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns

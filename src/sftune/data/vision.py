@@ -102,7 +102,7 @@ class VisionMessagesFormat(MessagesFormat):
         self._around: tuple[str, str] | None = None
 
     def extra_features(self, columns: list[str]) -> dict:
-        """The ``extra_<kind>`` columns this format fills (:func:`sftune.data.pipeline.tokenize_split`)."""
+        """The ``extra_<kind>`` columns this format fills (:func:`sftune.data.one_source.tokenize_split`)."""
         return {EXTRA_COLUMN: datasets.Value("binary")}
 
     # -- the template sees list-of-parts contents, images where the markers are

@@ -1,4 +1,5 @@
-"""The data pipeline end to end: source rows -> formatted segments -> ids + labels -> a report.
+"""One source end to end, cached: source rows -> formatted segments -> ids + labels -> a report.
+(The run's data, one source, a mixture or a stream, is :mod:`sftune.data.chain`.)
 
 ``prepare_data`` runs every stage and returns the tokenized train and eval sets as
 :class:`TokenizedSet` (flat, memory-mapped token arrays) plus the :class:`DataReport`.

@@ -1,4 +1,4 @@
-"""GPU levers that can be checked on a CPU: bucketed row widths change no result, the optional
+"""Speed and memory options (sftune.speedups) that can be checked on a CPU: bucketed row widths change no result, the optional
 extras refuse clearly, ``gradient_checkpointing=auto`` is unchanged on CPU, peak memory reaches
 the report. (Their GPU effects are measured by bench/gpu.py.)"""
 
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from sftune import levers
+from sftune import speedups
 from sftune.config import Config
 from sftune.data.packing import bucket_width, collate
 from sftune.errors import ConfigError
@@ -55,26 +55,26 @@ def test_bucket_padding_changes_no_result(layout):
 
 
 def test_bucket_auto_follows_compile():
-    assert levers.bucket_for(Config()) == 0
-    assert levers.bucket_for(Config.model_validate({"train": {"compile": True}})) == 128
-    assert levers.bucket_for(Config.model_validate({"train": {"compile": True, "bucket": 64}})) == 64
+    assert speedups.bucket_for(Config()) == 0
+    assert speedups.bucket_for(Config.model_validate({"train": {"compile": True}})) == 128
+    assert speedups.bucket_for(Config.model_validate({"train": {"compile": True, "bucket": 64}})) == 64
 
 
 def test_adamw_8bit_refuses_clearly_on_cpu():
     params = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
     with pytest.raises(ConfigError, match="adamw_8bit"):
-        levers.adamw_8bit(params, {"lr": 1e-3}, torch.device("cpu"))
+        speedups.adamw_8bit(params, {"lr": 1e-3}, torch.device("cpu"))
 
 
 def test_liger_refuses_clearly(monkeypatch):
     model = build("llama")
-    assert levers.apply_kernels("none", model) is model
+    assert speedups.apply_kernels("none", model) is model
     if importlib.util.find_spec("liger_kernel") is None:
         with pytest.raises(ConfigError, match="pip install"):
-            levers.apply_kernels("liger", model, "cpu")
+            speedups.apply_kernels("liger", model, "cpu")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
     with pytest.raises(ConfigError, match="CUDA"):
-        levers.apply_kernels("liger", model, "cpu")
+        speedups.apply_kernels("liger", model, "cpu")
 
 
 def test_checkpointing_auto_unchanged_on_cpu(monkeypatch):
@@ -83,20 +83,20 @@ def test_checkpointing_auto_unchanged_on_cpu(monkeypatch):
 
     mc = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8)
     old = 4 * (8 * 2048 * 512 * 34 + 8 * 8 * 2048 * 2048 * 5) * 2
-    assert levers.activation_bytes(mc, 8 * 2048, 8, 2048, torch.device("cpu")) == old
+    assert speedups.activation_bytes(mc, 8 * 2048, 8, 2048, torch.device("cpu")) == old
     cfg = Config.model_validate({"train": {"batch_size": 8}})
-    monkeypatch.setattr("sftune.levers.available_bytes", lambda d: int(old / 0.6) + 1)
-    assert not levers.needs_checkpointing(cfg, mc, 2048, "cpu")
-    monkeypatch.setattr("sftune.levers.available_bytes", lambda d: int(old / 0.6) - 1000)
-    assert levers.needs_checkpointing(cfg, mc, 2048, "cpu")
+    monkeypatch.setattr("sftune.speedups.available_bytes", lambda d: int(old / 0.6) + 1)
+    assert not speedups.needs_checkpointing(cfg, mc, 2048, "cpu")
+    monkeypatch.setattr("sftune.speedups.available_bytes", lambda d: int(old / 0.6) - 1000)
+    assert speedups.needs_checkpointing(cfg, mc, 2048, "cpu")
     # on a GPU in bf16 with fused attention kernels the same batch needs far less
-    assert levers.activation_bytes(mc, 8 * 2048, 8, 2048, torch.device("cuda"), "bf16", True) < old / 4
+    assert speedups.activation_bytes(mc, 8 * 2048, 8, 2048, torch.device("cuda"), "bf16", True) < old / 4
 
 
 def test_peak_memory_reaches_the_report(tmp_path):
-    from sftune.report import build_report
+    from sftune.run_report import build_report
 
-    assert levers.device_metrics("cpu") == {}
+    assert speedups.device_metrics("cpu") == {}
     recs = [{"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 10.0, "peak_mem_gib": 3.5},
             {"step": 2, "loss": 1.5, "lr": 1e-3, "tokens_per_s": 10.0, "peak_mem_gib": 4.25}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))

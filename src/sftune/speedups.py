@@ -1,4 +1,4 @@
-"""GPU speed and memory levers, each optional: 8-bit AdamW, Liger kernels, bucketed row lengths, the
+"""Speed and memory options, each optional: 8-bit AdamW, Liger kernels, bucketed row lengths, the
 activation estimate behind ``gradient_checkpointing=auto``, and peak GPU memory in the metrics.
 
 Liger: sftune keeps its own fused lm_head + cross-entropy (``sftune.loss``) and takes only Liger's

@@ -1,4 +1,4 @@
-"""Unit tests of sftune.data.pipeline: prepare_data runs every stage (train and held-out eval split,
+"""Unit tests of sftune.data.one_source: prepare_data runs every stage (train and held-out eval split,
 each with its report), every skip is counted, an all-skipped split is refused with the numbers, and
 the tokenization cache key follows the tokenizer."""
 
@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from sftune.config import load_config
-from sftune.data.pipeline import prepare_data, tokenizer_signature
+from sftune.data.one_source import prepare_data, tokenizer_signature
 from sftune.errors import DataError
 from sftune.model import load_tokenizer
 

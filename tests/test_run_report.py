@@ -1,11 +1,11 @@
-"""Unit tests of sftune.report: report.md from a run directory (plots, sample order and labels)."""
+"""Unit tests of sftune.run_report: report.md from a run directory (plots, sample order and labels)."""
 
 import json
 
 
 def test_report_order_labels_and_eos_wording(tmp_path):
     from sftune.data.report import DataReport
-    from sftune.report import build_report
+    from sftune.run_report import build_report
     from sftune.console import console
 
     recs = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "tokens_per_s": 100.0} for s in (1, 2)]
@@ -26,7 +26,7 @@ def test_report_order_labels_and_eos_wording(tmp_path):
 
 
 def test_throughput_plot_label(tmp_path, monkeypatch):
-    import sftune.report as report
+    import sftune.run_report as report
 
     labels = []
     monkeypatch.setattr(report, "_plot", lambda path, title, ylabel, series, logy=False: labels.append(ylabel))
@@ -37,7 +37,7 @@ def test_throughput_plot_label(tmp_path, monkeypatch):
 
 def test_loss_spikes_are_counted_and_plotted(tmp_path, monkeypatch):
     """A ``spike`` record (sftune.spikes): a section with its step, loss, rule and action; a point on the loss plot."""
-    import sftune.report as report
+    import sftune.run_report as report
 
     plotted = {}
     monkeypatch.setattr(report, "_plot", lambda path, title, ylabel, series, logy=False: plotted.update(

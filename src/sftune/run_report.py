@@ -1,4 +1,5 @@
-"""The run report: ``output_dir/report.md`` with PNG plots, rebuilt any time by ``sftune report RUN``.
+"""The run report: ``output_dir/report.md`` with PNG plots, rebuilt any time by ``sftune report RUN``
+(the data report is :mod:`sftune.data.report`).
 
 Everything comes from the files a run writes: ``metrics.jsonl`` (train and eval records, sample
 generations), ``data_report.json`` (kept / skipped / truncated) and ``final_metrics.json``.
