@@ -224,7 +224,7 @@ def test_a_stream_of_image_rows_gives_the_in_memory_examples(vlm, tmp_path):
 
     from sftune.config import load_config
     from sftune.data.chain import plan, prepare
-    from sftune.data.pipeline import prepare_data
+    from sftune.data.one_source import prepare_data
 
     files = [vm.write_data(tmp_path / "a", n=4), vm.write_data(tmp_path / "b", n=3, layout="sharegpt")]
     tok = vlm_tokenizer(vlm("qwen2_vl"))
