@@ -17,7 +17,7 @@ from sftune.compat.trl07 import EMPTY, NOT_FOUND, FunctionFormat, split_at_respo
 from sftune.config import load_config
 from sftune.data.formats import choose_format
 from sftune.data.one_source import prepare_data
-from sftune.data.tokenize import IGNORE, Tokenizer
+from sftune.data.tokenize import IGNORE, RowTokenizer
 from sftune.errors import SftuneError
 from sftune.model import resolve_max_length
 
@@ -166,7 +166,7 @@ def test_split_never_misses_the_template(tiny_tokenizer, instruction, output):
     text = qa_func({"instruction": [instruction], "output": [output]})[0]
     cut = text.rindex(" ### Answer:") + len(" ### Answer:")
     assert fmt({"instruction": instruction, "output": output}).segments == [(text[:cut], False), (text[cut:], True)]
-    out = Tokenizer(fmt, tiny_tokenizer, 10_000, on_bad_row="error", source="t")(
+    out = RowTokenizer(fmt, tiny_tokenizer, 10_000, on_bad_row="error", source="t")(
         {"instruction": [instruction], "output": [output], "__row__": [0]})
     assert out["skip"] == [""]
     labels = [t for t in out["labels"][0] if t != IGNORE]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from sftune.config import DataConfig
 from sftune.data.formats import MessagesFormat, PromptCompletionFormat
-from sftune.data.tokenize import IGNORE, Tokenizer, special_prefix
+from sftune.data.tokenize import IGNORE, RowTokenizer, special_prefix
 
 from conftest import shared_file
 
@@ -186,7 +186,7 @@ def check_conversation(tok, name, conv, train_on="all_assistant"):
     template, turn_text, stable = TEMPLATES[name]
     tok.chat_template = template
     fmt = MessagesFormat(DataConfig(train_on=train_on), tok, "messages")
-    out = Tokenizer(fmt, tok, 100_000, on_bad_row="error", source="test")({"messages": [conv]})
+    out = RowTokenizer(fmt, tok, 100_000, on_bad_row="error", source="test")({"messages": [conv]})
     assert out["skip"] == [""] * len(out["skip"]), out["skip"]
     targets = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
     if train_on == "last_assistant":
@@ -261,7 +261,7 @@ def test_property_arbitrary_text(tok, contents, name):
 
 
 def check_prompt_completion(tok, fmt, rows):
-    out = Tokenizer(fmt, tok, 100_000, on_bad_row="skip", source="test")(
+    out = RowTokenizer(fmt, tok, 100_000, on_bad_row="skip", source="test")(
         {k: [r.get(k) for r in rows] for k in rows[0]})
     checked = 0
     for row, ids, labels, skip in zip(rows, out["input_ids"], out["labels"], out["skip"]):

@@ -20,7 +20,7 @@ import template_zoo as Z
 from test_data_chat_templates import build, decode, runs
 from sftune.config import DataConfig
 from sftune.data.chat import MessagesFormat
-from sftune.data.tokenize import Tokenizer
+from sftune.data.tokenize import RowTokenizer
 
 _TOKENIZERS: dict = {}
 
@@ -54,7 +54,7 @@ def check(style: Z.Style, tmp_dir, packed: bool = False) -> int:
     tok.chat_template = Z.template(style)
     fmt = MessagesFormat(DataConfig(), tok, "messages", "tools")
     rows = {"messages": [c for c, _ in Z.CONVERSATIONS.values()], "tools": [t for _, t in Z.CONVERSATIONS.values()]}
-    out = Tokenizer(fmt, tok, 100_000, on_bad_row="error", source=style.name)(rows)
+    out = RowTokenizer(fmt, tok, 100_000, on_bad_row="error", source=style.name)(rows)
     assert not any(out["skip"]), (style.name, out["skip"])
     if packed:
         from test_data_tools import assert_packed_equals_unpacked

@@ -7,14 +7,14 @@ from hypothesis import strategies as st
 from sftune.config import DataConfig
 from sftune.data.formats import MessagesFormat, PromptCompletionFormat, TextFormat
 from sftune.data.templates import CHATML
-from sftune.data.tokenize import IGNORE, Example, Tokenizer, special_prefix, truncate
+from sftune.data.tokenize import IGNORE, Example, RowTokenizer, special_prefix, truncate
 from sftune.errors import RowSkip
 
 from conftest import shared_file
 
 
 def run(fmt, tok, rows, max_length=256, on_bad_row="error"):
-    fn = Tokenizer(fmt, tok, max_length, on_bad_row=on_bad_row, source="test")
+    fn = RowTokenizer(fmt, tok, max_length, on_bad_row=on_bad_row, source="test")
     cols = {k: [r.get(k) for r in rows] for k in rows[0]}
     return fn(cols)
 
@@ -178,7 +178,7 @@ def per_row(fmt, tok, rows, max_length):
     """The reference: one row at a time, every tokenization through the transformers call."""
     from sftune.data.tokenize import SequenceEncoder
 
-    fn = Tokenizer(fmt, tok, max_length, on_bad_row="skip", source="test")
+    fn = RowTokenizer(fmt, tok, max_length, on_bad_row="skip", source="test")
     fn.encoder = SequenceEncoder(tok, add_bos=fmt.add_bos, fast=False)
     out = {}
     for i, row in enumerate(rows):
@@ -190,7 +190,7 @@ def per_row(fmt, tok, rows, max_length):
 def check_fast_equals_per_row(fmt, tok, rows, max_length):
     import numpy as np
 
-    fn = Tokenizer(fmt, tok, max_length, on_bad_row="skip", source="test")
+    fn = RowTokenizer(fmt, tok, max_length, on_bad_row="skip", source="test")
     assert fn.encoder.backend is not None  # the fast path is the one under test
     batch = {**{k: [r.get(k) for r in rows] for k in rows[0]}, "__row__": list(range(len(rows)))}
     want = per_row(fmt, tok, rows, max_length)

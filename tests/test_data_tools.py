@@ -26,7 +26,7 @@ from test_data_chat_templates import build as build_tokenizer, decode, runs
 from sftune.config import DataConfig
 from sftune.data.chat import MessagesFormat
 from sftune.data.tools import CONVERTED
-from sftune.data.tokenize import Tokenizer
+from sftune.data.tokenize import RowTokenizer
 from sftune.errors import DataError
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start|>", "<|end|>", "<|return|>", "<|call|>",
@@ -182,7 +182,7 @@ def expected_turn(tok, family, conv, i):
 def tokenize_rows(tok, rows, **cfg):
     fmt = MessagesFormat(DataConfig(**cfg), tok, "messages", "tools")
     batch = {k: [r.get(k) for r in rows] for k in ("messages", "tools")}
-    return fmt, Tokenizer(fmt, tok, 100_000, on_bad_row="error", source="test")(batch)
+    return fmt, RowTokenizer(fmt, tok, 100_000, on_bad_row="error", source="test")(batch)
 
 
 def check(tok, family, conv, **cfg):
@@ -298,7 +298,7 @@ def test_template_that_drops_tool_calls_is_an_error(base_tok):
     with pytest.raises(DataError, match=r"drops tool call 0 \('get_weather'\) of message 1"):
         tokenize_rows(tok, [{"messages": SINGLE, "tools": TOOLS}])
     fmt = MessagesFormat(DataConfig(on_bad_row="skip"), tok, "messages", "tools")
-    out = Tokenizer(fmt, tok, 10_000, on_bad_row="skip", source="t")({"messages": [SINGLE, UNUSED],
+    out = RowTokenizer(fmt, tok, 10_000, on_bad_row="skip", source="t")({"messages": [SINGLE, UNUSED],
                                                                        "tools": [TOOLS, TOOLS]})
     assert out["skip"][0].startswith("bad row: the chat template drops") and out["skip"][1] == ""
 
@@ -306,7 +306,7 @@ def test_template_that_drops_tool_calls_is_an_error(base_tok):
 def test_refused_rows_follow_on_bad_row(base_tok):
     tok = family_tok(base_tok, "llama31")
     fmt = MessagesFormat(DataConfig(), tok, "messages", "tools")
-    out = Tokenizer(fmt, tok, 10_000, on_bad_row="skip", source="t")({"messages": [PARALLEL, SINGLE],
+    out = RowTokenizer(fmt, tok, 10_000, on_bad_row="skip", source="t")({"messages": [PARALLEL, SINGLE],
                                                                        "tools": [TOOLS, TOOLS]})
     assert "only supports single tool-calls" in out["skip"][0] and out["skip"][-1] == ""
 

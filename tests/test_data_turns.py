@@ -18,7 +18,7 @@ from test_data_chat_templates import build, decode, runs
 from sftune.config import DataConfig
 from sftune.data.chat import MessagesFormat
 from sftune.data.contract import BadRow
-from sftune.data.tokenize import Tokenizer
+from sftune.data.tokenize import RowTokenizer
 from sftune.data.tools import CONVERTED
 from sftune.errors import ConfigError, DataError
 
@@ -48,7 +48,7 @@ def trained(tok, conv, tools=None, agent=None, **cfg) -> dict[int, str]:
     """Turn index -> its trained text, checking each context is the inference prompt (its ids) of
     the conversation as an agent loop passes it (``agent``, default ``conv``)."""
     fmt = MessagesFormat(DataConfig(**cfg), tok, "messages", "tools")
-    out = Tokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")({"messages": [conv], "tools": [tools]})
+    out = RowTokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")({"messages": [conv], "tools": [tools]})
     targets = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
     prompts = {i: tok(tok.apply_chat_template((agent or conv)[:i], tools=tools, tokenize=False, add_generation_prompt=True),
                       add_special_tokens=False)["input_ids"] for i in targets}
@@ -85,11 +85,18 @@ def test_1_a_turn_keeps_its_first_characters(style):
     assert got[1] in (want, want.replace("▁", " "))
 
 
-THINK_CHATML = (
-    "{% for m in messages %}{% if m.role == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
-    "{% for c in m.tool_calls or [] %}{{ '<tool_call>\n' + c.function | tojson + '\n</tool_call>' }}{% endfor %}"
-    "{{ m.content or '' }}{{ '<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% endif %}")
+def chatml_tools(tool_message: str = "", prefill: str = "") -> str:
+    """A ChatML tool template (calls as ``<tool_call>`` JSON). ``tool_message``: a Jinja branch for
+    tool messages (default: written like any other message); ``prefill``: what the generation
+    prompt writes after the assistant header."""
+    return ("{% for m in messages %}{% if m.role == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+            "{% for c in m.tool_calls or [] %}{{ '<tool_call>\n' + c.function | tojson + '\n</tool_call>' }}"
+            "{% endfor %}{{ m.content or '' }}{{ '<|im_end|>\n' }}" + tool_message +
+            "{% else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n" + prefill + "' }}{% endif %}")
+
+
+THINK_CHATML = chatml_tools(prefill="<think>\n\n</think>\n\n")
 
 
 @pytest.mark.parametrize("tags", ["plain", "added"])
@@ -114,13 +121,9 @@ def test_2_an_answer_after_stripped_reasoning_is_trained(style):
     assert trained(tok, conv)[1] in ("\n\nThe answer is 42.<｜end▁of▁sentence｜>", "\n\nThe answer is 42.<｜end of sentence｜>")
 
 
-NEWLINE_CHATML = (  # a tool message ends "\n<|im_end|>" when more follows, "<|im_end|>" when it is last
-    "{% for m in messages %}{% if m.role == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
-    "{% for c in m.tool_calls or [] %}{{ '<tool_call>\n' + c.function | tojson + '\n</tool_call>' }}{% endfor %}"
-    "{{ m.content or '' }}{{ '<|im_end|>\n' }}{% elif m.role == 'tool' %}{{ '<|im_start|>tool\n' + m.content }}"
-    "{% if not loop.last %}{{ '\n' }}{% endif %}{{ '<|im_end|>\n' }}"
-    "{% else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+NEWLINE_CHATML = chatml_tools(  # a tool message ends "\n<|im_end|>" when more follows, "<|im_end|>" when it is last
+    tool_message="{% elif m.role == 'tool' %}{{ '<|im_start|>tool\n' + m.content }}"
+                 "{% if not loop.last %}{{ '\n' }}{% endif %}{{ '<|im_end|>\n' }}")
 
 
 @pytest.mark.parametrize("prefill", ["", "<think>\n"])
@@ -198,13 +201,13 @@ def test_6_arguments_in_the_templates_own_syntax(style):
     tok = tokenizer(style, ["<start>", "<end>", "<q>", "<call>", "</call>"], OWN_SYNTAX, "<end>")
     fmt = MessagesFormat(DataConfig(), tok, "messages", "tools")
     rows = {"messages": [TOOL_CONV], "tools": [TOOLS]}
-    out = Tokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")(rows)
+    out = RowTokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")(rows)
     assert CONVERTED not in out["note"][0]
     assert trained(tok, TOOL_CONV, TOOLS)[1] == "<call>call:get_weather{city:<q>Paris<q>}</call><end>"
     # a JSON string such a template cannot write is parsed, and the report says so
     conv = copy.deepcopy(TOOL_CONV)
     conv[1]["tool_calls"][0]["function"]["arguments"] = json.dumps({"city": "Paris"})
-    out = Tokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")({"messages": [conv], "tools": [TOOLS]})
+    out = RowTokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")({"messages": [conv], "tools": [TOOLS]})
     assert CONVERTED in out["note"][0]
 
 
@@ -221,7 +224,7 @@ def test_arguments_a_template_writes_as_python_repr_are_dumped():
     tok = tokenizer("bytelevel", ["<|im_start|>", "<|im_end|>"], REPR, "<|im_end|>")
     fmt = MessagesFormat(DataConfig(), tok, "messages", "tools")
     assert arguments_forms(lambda m, t: tok.apply_chat_template(m, tools=t, tokenize=False)) == (False, True)
-    out = Tokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")({"messages": [TOOL_CONV], "tools": [TOOLS]})
+    out = RowTokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")({"messages": [TOOL_CONV], "tools": [TOOLS]})
     assert CONVERTED in out["note"][0]
     agent = copy.deepcopy(TOOL_CONV)
     agent[1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Paris"}'
@@ -236,7 +239,7 @@ def test_arguments_in_the_rows_form_where_the_template_takes_both():
     conv = copy.deepcopy(TOOL_CONV)
     conv[1]["tool_calls"][0]["function"]["arguments"] = '{"city":"Paris"}'
     fmt = MessagesFormat(DataConfig(), tok, "messages", "tools")
-    out = Tokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")({"messages": [conv], "tools": [TOOLS]})
+    out = RowTokenizer(fmt, tok, 100_000, on_bad_row="error", source="t")({"messages": [conv], "tools": [TOOLS]})
     assert CONVERTED not in out["note"][0]
     assert trained(tok, conv, TOOLS)[1] == 'get_weather({"city":"Paris"})<|im_end|>'
 

@@ -57,7 +57,7 @@ def test_generation_from_images_is_batched_exactly(style, llava_dir, qwen_dir):
 
 
 def test_eval_prompts_carry_their_images(llava_dir, tmp_path):
-    from sftune.evaluate import generation_examples
+    from sftune.eval_metrics import generation_examples
 
     loaded = load_for_inference(str(llava_dir), device="cpu")
     loaded.fmt.base = tmp_path

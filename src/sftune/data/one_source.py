@@ -30,7 +30,7 @@ from sftune.data.formats import Format, choose_format
 from sftune.data.packing import BatchPlan
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns, load_source
-from sftune.data.tokenize import RowTokenizer
+from sftune.data.tokenize import RowTokenizer, row_tokenizer
 from sftune.digests import SIDECAR, sidecar_check, write_sidecar
 from sftune.errors import DataError
 
@@ -275,9 +275,7 @@ def nothing_to_learn(ds: datasets.Dataset, fmt: Format, tokenizer, cfg: DataConf
     if not too_long:
         return
     sample = ds.select(range(min(len(ds), 2000)))
-    own = getattr(fmt, "row_tokenizer", None)  # a format that tokenizes its rows itself (images)
-    out = (own(10**9, "") if own else RowTokenizer(fmt, tokenizer, 10**9, on_bad_row="skip", source=""))(
-        sample.to_dict())
+    out = row_tokenizer(fmt, tokenizer, 10**9, on_bad_row="skip", source="")(sample.to_dict())
     firsts = [next(i for i, lab in enumerate(labels) if lab != -100) for labels, skip in
               zip(out["labels"], out["skip"]) if not skip]
     if not firsts:

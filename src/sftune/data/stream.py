@@ -41,7 +41,7 @@ from sftune.data.one_source import EXTRA_PREFIX, PreparedData
 from sftune.data.readers import RowReader, peek_columns
 from sftune.data.report import DataReport
 from sftune.data.sources import Source, check_columns
-from sftune.data.tokenize import RowTokenizer
+from sftune.data.tokenize import row_tokenizer
 from sftune.errors import ConfigError
 
 CHUNK = 64
@@ -96,9 +96,8 @@ class Stream:
             fmt = choose_format(s.cfg, columns, tokenizer)
             check_columns(SimpleNamespace(column_names=columns), fmt.columns, s.label, f"the {fmt.name} format")
             self.formats.append(fmt)
-            own = getattr(fmt, "row_tokenizer", None)  # a format that tokenizes its rows itself (images)
-            self.tokenizers.append(own(max_length, s.label) if own else
-                                   RowTokenizer(fmt, tokenizer, max_length, on_bad_row=s.cfg.on_bad_row, source=s.label))
+            self.tokenizers.append(row_tokenizer(fmt, tokenizer, max_length, on_bad_row=s.cfg.on_bad_row,
+                                                 source=s.label))
         self.buffers = [ShuffleBuffer(RowReader(s.cfg, i, seed), shuffle_buffer, [seed, SHUFFLE_TAG, i])
                         for i, s in enumerate(specs)]
         self.index = 0  # the mixture's next global example index

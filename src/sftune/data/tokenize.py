@@ -355,3 +355,12 @@ class RowTokenizer:
 
 Tokenizer = RowTokenizer
 """The earlier name (it tokenizes rows; it is not a tokenizer): kept for code written against it."""
+
+
+def row_tokenizer(fmt: Format, tokenizer, max_length: int, *, on_bad_row: str, source: str):
+    """The function that tokenizes a batch of ``fmt``'s rows (a dict of lists): the format's own
+    (image conversations: :meth:`sftune.data.vision.VisionMessagesFormat.row_tokenizer`, which
+    follows its own ``data.on_bad_row``), else a :class:`RowTokenizer`."""
+    own = getattr(fmt, "row_tokenizer", None)
+    return own(max_length, source) if own else RowTokenizer(fmt, tokenizer, max_length, on_bad_row=on_bad_row,
+                                                             source=source)

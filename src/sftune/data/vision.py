@@ -78,9 +78,6 @@ def _parts(text: str) -> list[dict]:
 class VisionMessagesFormat(MessagesFormat):
     """The messages format for an image-text-to-text model's processor (see the module docstring)."""
 
-    carries_images = True
-    """Its examples carry images (the extras kind ``"images"``), in memory and in streams alike."""
-
     def __init__(self, cfg, processor, column: str, tools_column: str | None = None):
         tok = processor.tokenizer
         if getattr(processor, "chat_template", None) and not getattr(tok, "chat_template", None):

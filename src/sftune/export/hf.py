@@ -26,11 +26,11 @@ from sftune.config import config_to_yaml
 from sftune.digests import model_snapshot, record_model
 from sftune.errors import ConfigError, SftuneError
 from sftune.export.lineage import format_hash, lineage, write_lineage
-from sftune.export.save import resolved_config, save_final, set_generation_stops
+from sftune.export.save import resolved_config, set_generation_stops
 from sftune.inference import load_for_inference
 from sftune.vision_inference import save_processor
 
-__all__ = ["check_export_target", "export_run", "resolved_config", "save_final"]  # save_final: training's (save.py)
+__all__ = ["check_export_target", "export_run", "resolved_config"]
 
 
 def check_export_target(out_dir: Path) -> None:
