@@ -1,12 +1,20 @@
 """Does distillation help? The offline quickstart, a smaller student, the same steps with and without a teacher.
 
-1. The teacher: ``sftune train quickstart`` (the recipe as shipped; reused when ``--teacher`` exists).
-2. The student: the quickstart GPT-2 at a quarter of the width and half the depth (from scratch).
-3. The student trains ``--steps`` steps twice, plain SFT and distilled from the teacher
-   (``distill.teacher=<teacher> distill.alpha=...``), same data order, seed and schedule; held-out exact
-   match (200 unseen words) is printed side by side and written to ``distill_quickstart_results.json``.
+1. The teacher: ``sftune train quickstart`` (the recipe as shipped, 4 layers x 128; reused when
+   ``--teacher`` exists), trained on ``--teacher-data``.
+2. The student: the quickstart GPT-2 at half the depth and two heads (2 layers x 128), from scratch.
+3. For each student data set (``--data``) and each step budget (``--steps``) the student trains twice,
+   plain SFT and distilled from the teacher (``distill.teacher=<teacher> distill.alpha=...``), with
+   the same data, data order, seed and schedule; held-out exact match (200 unseen words, always
+   clean) is printed side by side and written to ``bench/distill_quickstart_results.json``.
 
-    python bench/distill_quickstart.py --steps 600
+The data sets: ``builtin:quickstart`` (deterministic tasks: the teacher's distribution is nearly the
+data's one-hot token, so there is little to add) and ``builtin:quickstart-noisy`` (the same with one
+training answer in five wrong, as real data has mistakes: the teacher's distribution says what the
+right answer is where the data's token is wrong).
+
+    python bench/distill_quickstart.py                                  # clean and noisy, 500 and 1000 steps
+    python bench/distill_quickstart.py --teacher-data builtin:quickstart-noisy --teacher runs/teacher-noisy
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "src" / "sftune" / "assets" / "quickstart"
+RESULTS = Path(__file__).parent / "distill_quickstart_results.json"
 
 
 def sftune(*args: str) -> None:
@@ -39,49 +48,53 @@ def student_dir(out: Path, n_layer: int, n_embd: int) -> Path:
 
 def exact_match(run: Path) -> dict:
     m = json.loads((run / "final_metrics.json").read_text())
-    return {k: m.get(k) for k in ("exact_match_before", "exact_match_after", "contains_match_after", "eval_loss")}
+    return {k: m.get(k) for k in ("exact_match_after", "eval_loss")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="runs/distill_quickstart")
     ap.add_argument("--teacher", default=None, help="a trained quickstart run (default: train one in --work)")
+    ap.add_argument("--teacher-data", default="builtin:quickstart")
     ap.add_argument("--teacher-steps", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--data", nargs="+", default=["builtin:quickstart", "builtin:quickstart-noisy"])
+    ap.add_argument("--steps", type=int, nargs="+", default=[500, 1000])
+    ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--n-layer", type=int, default=2)
-    ap.add_argument("--n-embd", type=int, default=64)
+    ap.add_argument("--n-embd", type=int, default=128)
     args = ap.parse_args()
     work = Path(args.work)
     teacher = Path(args.teacher) if args.teacher else work / "teacher"
-    times = {}
     if not (teacher / "final_metrics.json").exists():
-        t = time.time()
-        sftune("train", "quickstart", f"train.output_dir={teacher}", f"train.max_steps={args.teacher_steps}",
-               "eval.samples=0")
-        times["teacher_s"] = round(time.time() - t, 1)
+        sftune("train", "quickstart", f"data.path={args.teacher_data}", f"train.output_dir={teacher}",
+               f"train.max_steps={args.teacher_steps}", "eval.samples=0")
     student = student_dir(work / "student_config", args.n_layer, args.n_embd)
-    common = [f"model.path={student}", "model.from_scratch=true", f"train.max_steps={args.steps}", "eval.samples=0",
-              f"train.warmup_steps={min(50, args.steps // 10)}"]
-    runs = {"sft": work / "student_sft", "distill": work / "student_distill"}
-    t = time.time()
-    sftune("train", "quickstart", *common, f"train.output_dir={runs['sft']}")
-    times["sft_s"] = round(time.time() - t, 1)
-    t = time.time()
-    sftune("train", "quickstart", *common, f"train.output_dir={runs['distill']}", f"distill.teacher={teacher}",
-           f"distill.alpha={args.alpha}", f"distill.temperature={args.temperature}")
-    times["distill_s"] = round(time.time() - t, 1)
-    result = {"teacher": {"run": str(teacher), **exact_match(teacher)},
-              "student": {"n_layer": args.n_layer, "n_embd": args.n_embd, "steps": args.steps},
-              "sft": exact_match(runs["sft"]),
-              "distill": {"alpha": args.alpha, "temperature": args.temperature, **exact_match(runs["distill"])},
-              "seconds": times}
-    print(f"held-out exact match after {args.steps} steps (student {args.n_layer} layers x {args.n_embd}): "
-          f"plain SFT {100 * result['sft']['exact_match_after']:.1f}%  |  distilled (alpha {args.alpha}) "
-          f"{100 * result['distill']['exact_match_after']:.1f}%  |  teacher "
-          f"{100 * result['teacher']['exact_match_after']:.1f}%")
-    (Path(__file__).parent / "distill_quickstart_results.json").write_text(json.dumps(result, indent=2) + "\n")
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    lines = []
+    for data in args.data:
+        for steps in args.steps:
+            common = [f"model.path={student}", "model.from_scratch=true", f"data.path={data}",
+                      f"train.max_steps={steps}", "eval.samples=0", f"train.warmup_steps={min(50, steps // 10)}"]
+            row = {"data": data, "steps": steps, "teacher": {"run": str(teacher), "data": args.teacher_data,
+                                                               **exact_match(teacher)},
+                   "student": {"n_layer": args.n_layer, "n_embd": args.n_embd},
+                   "alpha": args.alpha, "temperature": args.temperature}
+            for name, extra in (("sft", []), ("distill", [f"distill.teacher={teacher}", f"distill.alpha={args.alpha}",
+                                                          f"distill.temperature={args.temperature}"])):
+                out = work / f"{data.split(':')[-1]}_{steps}_{name}"
+                t = time.time()
+                sftune("train", "quickstart", *common, *extra, f"train.output_dir={out}")
+                row[name] = {**exact_match(out), "seconds": round(time.time() - t, 1)}
+            key = (f"{data}, {steps} steps, student {args.n_layer}x{args.n_embd}, alpha {args.alpha}, "
+                   f"T {args.temperature}, teacher on {args.teacher_data}")
+            results[key] = row
+            lines.append(f"{data:26} {steps:5} steps: plain SFT {100 * row['sft']['exact_match_after']:5.1f}%  |  "
+                         f"distilled {100 * row['distill']['exact_match_after']:5.1f}%")
+            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"held-out exact match, student {args.n_layer} layers x {args.n_embd} (teacher "
+          f"{100 * exact_match(teacher)['exact_match_after']:.1f}%, trained on {args.teacher_data}):")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from sftune.cli import main
-from sftune.quickstart import TASKS, make_dataset
+from sftune.quickstart import TASKS, make_dataset, make_noisy_dataset
 
 
 def test_generated_data_is_deterministic_and_held_out():
@@ -17,6 +17,26 @@ def test_generated_data_is_deterministic_and_held_out():
     assert set(a["train"]["word"]).isdisjoint(a["test"]["word"])
     for row in a["test"]:
         assert row["output"] == TASKS[row["task"]](row["word"])
+
+
+def test_noisy_data_has_one_wrong_answer_in_five_and_a_clean_held_out_split():
+    noisy, clean = make_noisy_dataset(), make_dataset()
+    assert noisy["train"]["instruction"] == clean["train"]["instruction"]
+    assert noisy["test"]["output"] == clean["test"]["output"]  # held out: clean
+    wrong = [r for r in noisy["train"] if not r["correct"]]
+    assert 0.18 < len(wrong) / len(noisy["train"]) < 0.22
+    for row in noisy["train"]:
+        right = TASKS[row["task"]](row["word"])
+        assert (row["output"] == right) == row["correct"] and len(row["output"]) == len(right)
+    assert make_noisy_dataset()["train"]["output"] == noisy["train"]["output"]  # deterministic
+
+
+def test_noisy_builtin_loads_by_name():
+    from sftune.config import DataConfig
+    from sftune.data.sources import load_source
+
+    src = load_source(DataConfig(path="builtin:quickstart-noisy", eval_split="test"))
+    assert "correct" in src.train.column_names and len(src.eval) == 200
 
 
 @pytest.fixture(scope="module")

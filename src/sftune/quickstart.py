@@ -6,6 +6,11 @@ exact match on it measures whether the model learned the task format *and* the f
 whether it stops at EOS by itself. ``sftune train quickstart`` reports it before and after
 training.
 
+``builtin:quickstart-noisy`` is the same data with one training answer in five wrong (random
+letters of the right length and case, as a careless annotator or a weak generator writes them);
+the held-out split stays clean. It is where a teacher's distribution shows what the data's token
+cannot: the distillation demonstration (``bench/distill_quickstart.py``, the README).
+
 ``python -m sftune.quickstart --write-assets`` regenerates the shipped tokenizer and model config.
 """
 
@@ -23,6 +28,8 @@ TASKS = {
 TRAIN_ROWS = 20000
 TEST_ROWS = 200
 SEED = 1234
+NOISE = 0.2
+"""``builtin:quickstart-noisy``: the share of training answers replaced by a wrong one."""
 
 
 def _word(rng: random.Random) -> str:
@@ -50,6 +57,26 @@ def make_dataset(train_rows: int = TRAIN_ROWS, test_rows: int = TEST_ROWS, seed:
     test = make_rows(test_rows, random.Random(seed + 1), exclude=seen)
     return datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
                                  "test": datasets.Dataset.from_list(test)})
+
+
+def make_noisy_dataset(noise: float = NOISE, seed: int = SEED):
+    """:func:`make_dataset` with about ``noise`` of the training answers wrong (column ``correct``
+    says which); the held-out split is unchanged."""
+    import datasets
+
+    ds = make_dataset(seed=seed)
+    rng = random.Random(seed + 2)
+    rows = []
+    for row in ds["train"]:
+        row = dict(row, correct=True)
+        if rng.random() < noise:
+            letters = string.ascii_uppercase if row["output"].isupper() else string.ascii_lowercase
+            wrong = row["output"]
+            while wrong == row["output"]:
+                wrong = "".join(rng.choice(letters) for _ in row["output"])
+            row.update(output=wrong, correct=False)
+        rows.append(row)
+    return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": ds["test"]})
 
 
 def write_assets(target: Path) -> None:

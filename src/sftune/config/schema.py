@@ -110,7 +110,8 @@ class LoraConfig(_Section):
 class DataConfig(_Section):
     path: PerSource[str] = "imdb"
     """Hub dataset id, a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a directory of
-    them, or ``builtin:quickstart`` (the generated quickstart tasks)."""
+    them, or ``builtin:quickstart`` (the generated quickstart tasks; ``builtin:quickstart-noisy``: the
+    same with one training answer in five wrong, for the distillation demonstration)."""
 
     name: PerSource[str | None] = None
     """Hub dataset configuration name, when the dataset has several."""

@@ -264,10 +264,11 @@ def _load(cfg: DataConfig) -> tuple[datasets.DatasetDict | dict, str]:
         from sftune import quickstart, quickstart_vision
 
         name = cfg.path.split(":", 1)[1]
-        makers = {"quickstart": quickstart.make_dataset, "quickstart-vision": quickstart_vision.make_dataset}
+        makers = {"quickstart": quickstart.make_dataset, "quickstart-noisy": quickstart.make_noisy_dataset,
+                  "quickstart-vision": quickstart_vision.make_dataset}
         if name not in makers:
             raise DataError(f"unknown built-in dataset '{cfg.path}'",
-                            hint="the built-in datasets are builtin:quickstart and builtin:quickstart-vision")
+                            hint="the built-in datasets are " + ", ".join(f"builtin:{m}" for m in makers))
         return makers[name](), cfg.path
     path = Path(cfg.path).expanduser()
     if path.exists():
