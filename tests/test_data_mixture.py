@@ -139,3 +139,23 @@ def test_preview_json_has_the_source_in_training_order(tiny_model_dir, two_sourc
     assert len(seqs) == 12
     assert {s["source"] for s in seqs} == {"qa", str(text)}
     assert all(("Question" in s["text"]) == (s["source"] == "qa") for s in seqs)
+
+
+def test_a_source_gaining_extras_after_mixing_shows_through():
+    """A source's set may gain a kind after the mixture is built (a teacher's saved rows,
+    sftune.distill.saved): the mixture asks its sources at each batch and routes each draw's payload."""
+    from types import SimpleNamespace
+
+    from sftune.data.mixture import MixedSet
+
+    def part(n):
+        ones = np.ones(n, dtype=np.int64)
+        return SimpleNamespace(lengths=ones, rows=np.arange(n), n_loss=ones, w_loss=ones * 1.0, weighted=False,
+                               has_extras=False, extras=lambda i: {"teacher": i})
+
+    a, b = part(2), part(3)
+    mixed = MixedSet([a, b], [1, 0, 1, 1], [2, 1, 2, 0])
+    assert not mixed.has_extras
+    b.has_extras = True
+    assert mixed.has_extras
+    assert [mixed.extras(i) for i in range(4)] == [{"teacher": 2}, {}, {"teacher": 2}, {"teacher": 0}]

@@ -24,9 +24,12 @@ class DistillConfig(Section):
     saved: str | None = None
     """A directory written by ``sftune distill-prepare``: the teacher's top-k token ids and
     log-probabilities at every trained position of this run's data, read instead of running the
-    teacher (the saved path). Needs ``distill.top_k`` equal to or below the saved k. ``columns``: the
-    training data itself carries them (pre-tokenized rows in Axolotl's KD layout: ``target_token_ids``,
-    ``target_logprobs``, optionally ``target_mask``, one row per input position)."""
+    teacher (the saved path). Needs ``distill.top_k`` equal to or below the saved k. With
+    ``data.sources`` the rows are saved per source and found by each source's tokenized examples, so
+    the mixture's weights, seed and epochs may change without preparing again; ``data.streaming`` is
+    not supported (use the live teacher). ``columns``: the training data itself carries them
+    (pre-tokenized rows in Axolotl's KD layout: ``target_token_ids``, ``target_logprobs``, optionally
+    ``target_mask``, one row per input position; with ``data.sources``, every source)."""
 
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     """The divergence between the teacher's distribution p and the student's q at each trained

@@ -129,7 +129,12 @@ class MixedSet:
         self.n_loss = self._gather(lambda p: p.n_loss)
         self.w_loss = self._gather(lambda p: p.w_loss)
         self.weighted = any(p.weighted for p in parts)
-        self.has_extras = any(p.has_extras for p in parts)
+
+    @property
+    def has_extras(self) -> bool:
+        """Whether some source's examples carry extras (asked at each batch: a source may gain a kind
+        after the mixture is built, such as a teacher's saved rows, :mod:`sftune.distill.saved`)."""
+        return any(p.has_extras for p in self.parts)
 
     def _gather(self, get) -> np.ndarray:
         values = [np.asarray(get(p)) for p in self.parts]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from sftune.distill.divergence import Spec, TeacherChunk, distill_loss_sum
-from sftune.distill.saved import attach_saved  # also registers the "teacher" kind's collator (sftune.data.extras)
+from sftune.distill.saved import KIND, attach_saved, source_sets  # registers the teacher kind's collator (data.extras)
 from sftune.errors import ConfigError
 
 
@@ -111,13 +111,15 @@ def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
         raise ConfigError("train.compile=true is not supported with distillation yet: set train.compile=false")
     spec = Spec.of(d)
     head_rows = lm.causal_lm.get_output_embeddings().weight.shape[0]
-    if d.saved == "columns" and (cfg.data.sources or cfg.data.streaming):
-        raise ConfigError("distill.saved=columns reads the teacher columns of one in-memory source: it does not "
-                          "take data.sources or data.streaming yet; give the rows as one data.path")
+    if d.saved == "columns" and cfg.data.streaming:
+        raise ConfigError("distill.saved=columns reads the teacher columns of in-memory data: data.streaming is not "
+                          "supported with them yet (set data.streaming=false)")
     if d.saved == "columns":  # the dataset's own columns (Axolotl's KD layout, sftune.data.pretokenized)
-        if "teacher" not in getattr(data.train, "extra_kinds", ()):
-            raise ConfigError("distill.saved=columns but the training data carries no teacher columns: give "
-                              "pre-tokenized rows with target_token_ids and target_logprobs (Axolotl's KD layout)")
+        lacking = [label for label, part in source_sets(data) if KIND not in getattr(part, "extra_kinds", ())]
+        if lacking:
+            raise ConfigError(f"distill.saved=columns but the training data carries no teacher columns (source "
+                              f"{', '.join(map(repr, lacking))}): give pre-tokenized rows with target_token_ids "
+                              "and target_logprobs (Axolotl's KD layout)")
         if d.top_k_tail == "bucket" and d.temperature != 1:
             raise ConfigError("distill.top_k_tail=bucket on saved log-probabilities needs distill.temperature=1")
         described, teacher = {"teacher": d.teacher, "how": "saved", "saved": "the dataset's columns", "saved_k": "k"}, None

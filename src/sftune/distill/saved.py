@@ -9,6 +9,15 @@ the logs). Shards of ``distill.prepare_shard_size`` examples are Arrow datasets
 a rerun skips the finished shards. ``manifest.json`` records the teacher, k and a fingerprint of the
 tokenized data; training refuses saved rows made for other data.
 
+A mixture (``data.sources``) tokenizes each source on its own before drawing from it, so the rows
+are written per source: ``sources/NN-<name>/`` holds one source's ``manifest.json`` and shards (a
+one-source saved directory), and the top ``manifest.json`` lists the sources with their
+fingerprints. Training finds each source's rows by its fingerprint and attaches them to that
+source's tokenized set; the mixture passes them through, so every drawn example (in any pass,
+order, weight or seed of the mixture) carries its own rows, and one prepared directory serves any
+weights. Streams (``data.streaming``) are refused: a stream's examples are tokenized in a window
+and do not index a source's kept examples (rows keyed by the source's row number would fit them).
+
 :func:`attach_saved` adds the rows to the run's tokenized set as the ``teacher`` kind of the data
 seam (:mod:`sftune.data.extras`); :func:`collate_teacher` turns a micro-batch's payloads into
 ``Batch.loss_extras`` (``teacher_ids``, ``teacher_logprobs`` ``[n_loss, k]``, ``teacher_valid``,
@@ -25,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -86,50 +96,104 @@ def _shards(out: Path, n: int, size: int) -> list[Path]:
     return [out / "shards" / f"shard-{s:05d}" for s in range(math.ceil(n / size))]
 
 
+def source_sets(data) -> list[tuple[str, object]]:
+    """``(label, tokenized set)`` of each source of the run's prepared data, in ``data.sources`` order
+    (one source: itself). The saved rows belong to these sets: the mixture only draws from them."""
+    parts = getattr(data.train, "parts", None)
+    if parts is None:
+        return [(data.report.source, data.train)]
+    return [(entry["label"], part) for entry, part in zip(data.report.sources, parts)]
+
+
+def _source_dir(i: int, label: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(label.rstrip("/")).name or label).strip("._")[:60] or "source"
+    return f"sources/{i:02d}-{name}"
+
+
+def _check_manifest(mpath: Path, manifest: dict) -> None:
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        if {k: old.get(k) for k in manifest} != manifest:
+            diff = [k for k in manifest if old.get(k) != manifest[k]]
+            raise ConfigError(f"{mpath.parent} holds saved teacher rows made with other settings ({', '.join(diff)} "
+                              "differ): give another --out, or delete it")
+
+
 def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     """``sftune distill-prepare``: run ``distill.teacher`` over the run's training examples once and
-    write their top-k rows to ``out_dir`` (resumable). Returns the manifest."""
-    import datasets
+    write their top-k rows to ``out_dir`` (resumable). Returns the manifest.
 
+    One source: ``out_dir`` holds ``manifest.json`` and ``shards/``. A mixture (``data.sources``):
+    each source's kept examples, tokenized on their own as training tokenizes them, get such a
+    directory under ``out_dir/sources/NN-<name>/``, listed with their fingerprints in
+    ``out_dir/manifest.json``; the rows do not depend on the weights, the seed or the order of the
+    mixture (training finds each source's rows by its fingerprint)."""
     from sftune.data.chain import prepare
-    from sftune.data.packing import collate
     from sftune.distill.teacher import load_teacher
     from sftune.model import load_model_config, load_tokenizer, resolve_max_length
 
     d = cfg.distill
     if not d.teacher:
         raise ConfigError("sftune distill-prepare needs distill.teacher=DIR (the teacher to run)")
-    if cfg.data.sources or cfg.data.streaming:
-        raise ConfigError("sftune distill-prepare reads one source: data.sources and data.streaming are not supported "
-                          "for saved teacher rows yet (use the live teacher: distill.teacher without distill.saved)")
+    if cfg.data.streaming:
+        raise ConfigError("sftune distill-prepare reads in-memory data: data.streaming is not supported for saved "
+                          "teacher rows yet (use the live teacher: distill.teacher without distill.saved, or "
+                          "data.streaming=false)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, _ = load_tokenizer(cfg)
     max_length = resolve_max_length(cfg, tokenizer, load_model_config(cfg))
     data = prepare(cfg.data, tokenizer, max_length, seed=cfg.train.seed)
     teacher = load_teacher(d.teacher, tokenizer, len(tokenizer), device, d.teacher_dtype, "per_example")
-    train = data.train
     out = Path(out_dir)
-    manifest = {"version": VERSION, "teacher": teacher.path, "k": d.prepare_top_k, "examples": len(train),
-                "shard_size": d.prepare_shard_size, "fingerprint": data_fingerprint(train),
-                "vocab": len(tokenizer), "max_length": max_length}
-    mpath = out / "manifest.json"
-    if mpath.exists():
-        old = json.loads(mpath.read_text())
-        if {k: old.get(k) for k in manifest} != manifest:
-            diff = [k for k in manifest if old.get(k) != manifest[k]]
-            raise ConfigError(f"{out} holds saved teacher rows made with other settings ({', '.join(diff)} differ): "
-                              "give another --out, or delete it")
+    head = {"version": VERSION, "teacher": teacher.path, "k": d.prepare_top_k}
+    tail = {"shard_size": d.prepare_shard_size, "vocab": len(tokenizer), "max_length": max_length}
+    sets = source_sets(data)
+    if not cfg.data.sources:
+        train = sets[0][1]
+        manifest = {**head, "examples": len(train), **tail, "fingerprint": data_fingerprint(train)}
+        _check_manifest(out / "manifest.json", manifest)
+        _write_source(train, out, manifest, teacher, tokenizer, device, console)
+        return manifest
+    entries, dirs = [], {}
+    for i, (label, train) in enumerate(sets):
+        fp = data_fingerprint(train)
+        dirs.setdefault(fp, _source_dir(i, label))  # a source listed twice is run once
+        entries.append({"label": label, "dir": dirs[fp], "examples": len(train), "fingerprint": fp})
+    manifest = {**head, **tail, "sources": entries}
+    _check_manifest(out / "manifest.json", manifest)
     out.mkdir(parents=True, exist_ok=True)
-    mpath.write_text(json.dumps(manifest, indent=2))
-    k = min(d.prepare_top_k, len(tokenizer))
-    shards = _shards(out, len(train), d.prepare_shard_size)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    written = set()
+    for (label, train), entry in zip(sets, entries):
+        if entry["dir"] in written:
+            continue
+        written.add(entry["dir"])
+        if console is not None:
+            console.print(f"source {label}: {len(train)} examples", markup=False)
+        one = {**head, "examples": len(train), **tail, "fingerprint": entry["fingerprint"]}
+        _check_manifest(out / entry["dir"] / "manifest.json", one)
+        _write_source(train, out / entry["dir"], one, teacher, tokenizer, device, console)
+    return manifest
+
+
+def _write_source(train, out: Path, manifest: dict, teacher, tokenizer, device, console) -> None:
+    """One tokenized set's rows: ``out/manifest.json`` and ``out/shards/shard-NNNNN`` (finished shards skipped)."""
+    import datasets
+
+    from sftune.data.packing import collate
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    size = manifest["shard_size"]
+    k = min(manifest["k"], len(tokenizer))
+    shards = _shards(out, len(train), size)
     done = 0
     for s, path in enumerate(shards):
         if path.exists():
             done += 1
             continue
         rows = {"ids": [], "logprobs": [], "target": []}
-        lo, hi = s * d.prepare_shard_size, min(len(train), (s + 1) * d.prepare_shard_size)
+        lo, hi = s * size, min(len(train), (s + 1) * size)
         for g in range(lo, hi, PREPARE_BATCH):
             examples = [train.example(i) for i in range(g, min(hi, g + PREPARE_BATCH))]
             batch = collate([[ex] for ex in examples], tokenizer.pad_token_id or 0)
@@ -160,38 +224,64 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     if console is not None:
         console.print(f"saved the teacher's top {k} at every trained position of {len(train)} examples to {out} "
                       f"({len(shards)} shards, {done} already there)", markup=False)
-    return manifest
 
 
-def attach_saved(saved: str, data, tokenizer) -> tuple[int, dict]:
-    """Add the saved rows in ``saved`` to ``data.train`` as the ``teacher`` kind; ``(k, description)``."""
-    import datasets
-    import pyarrow as pa
-
-    out = Path(saved)
+def _read_manifest(out: Path, saved: str) -> dict:
     mpath = out / "manifest.json"
     if not mpath.exists():
         raise ConfigError(f"distill.saved={saved} holds no saved top-k (no manifest.json): write it with "
                           "sftune distill-prepare RECIPE distill.teacher=DIR --out DIR")
-    manifest = json.loads(mpath.read_text())
-    train = data.train
-    if not hasattr(train, "add_extra") or data.signature is not None:
-        raise ConfigError("distill.saved reads one tokenized source: data.sources and data.streaming are not "
-                          "supported with saved teacher rows yet (use the live teacher)")
+    return json.loads(mpath.read_text())
+
+
+def attach_saved(saved: str, data, tokenizer) -> tuple[int, dict]:
+    """Add the saved rows in ``saved`` to the run's training examples as the ``teacher`` kind:
+    ``(k, description)``. A mixture's rows go to each source's tokenized set (found by its
+    fingerprint), so every drawn example, in any pass or order, carries its own rows."""
+    out = Path(saved)
+    manifest = _read_manifest(out, saved)
+    if getattr(data, "stream", None) is not None:
+        raise ConfigError("distill.saved reads in-memory data: data.streaming is not supported with saved teacher "
+                          "rows yet (use the live teacher, or data.streaming=false)")
+    if not all(hasattr(part, "add_extra") for _, part in source_sets(data)):
+        raise ConfigError("distill.saved needs the training data tokenized by sftune (data.path or data.sources)")
     if manifest["vocab"] != len(tokenizer):
         raise ConfigError(f"distill.saved={saved} was prepared with a {manifest['vocab']}-token tokenizer; this run's "
                           f"has {len(tokenizer)}: prepare it with the student's tokenizer")
-    if manifest["fingerprint"] != data_fingerprint(train) or manifest["examples"] != len(train):
-        raise ConfigError(f"distill.saved={saved} was prepared for other data (the tokenized examples differ: data, "
-                          "tokenizer, format or max_length changed): rerun sftune distill-prepare with this config")
+    entries = manifest.get("sources") or [{"label": None, "dir": ".", "examples": manifest["examples"],
+                                           "fingerprint": manifest["fingerprint"]}]
+    sets = source_sets(data)
+    for label, train in sets:
+        fp = data_fingerprint(train)
+        entry = next((e for e in entries if e["fingerprint"] == fp and e["examples"] == len(train)), None)
+        if entry is None and len(sets) == 1 and "sources" not in manifest:
+            raise ConfigError(f"distill.saved={saved} was prepared for other data (the tokenized examples differ: "
+                              "data, tokenizer, format or max_length changed): rerun sftune distill-prepare with "
+                              "this config")
+        if entry is None:
+            made = ", ".join(repr(e["label"]) for e in entries) if "sources" in manifest else "one other source"
+            raise ConfigError(f"distill.saved={saved} was prepared for other data: none of its sources ({made}) has "
+                              f"the tokenized examples of this run's source {label!r} (its data, tokenizer, format "
+                              "or max_length changed): rerun sftune distill-prepare with this config")
+        one = _read_manifest(out / entry["dir"], saved)
+        if one["k"] != manifest["k"] or one["fingerprint"] != fp:
+            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} does not match its manifest.json: "
+                              "rerun sftune distill-prepare with another --out")
+        train.add_extra(KIND, _load_rows(out / entry["dir"], one, saved), by_example=True)
+    k = manifest["k"]
+    return k, {"teacher": manifest["teacher"], "how": "saved", "saved": str(out), "saved_k": k}
+
+
+def _load_rows(out: Path, manifest: dict, saved: str):
+    """One source's saved rows, one Arrow struct per kept example (``ids``, ``logprobs``, ``target``)."""
+    import datasets
+    import pyarrow as pa
+
     shards = _shards(out, manifest["examples"], manifest["shard_size"])
     missing = [p.name for p in shards if not p.exists()]
     if missing:
-        raise ConfigError(f"distill.saved={saved} is incomplete ({len(missing)} of {len(shards)} shards missing, "
-                          f"e.g. {missing[0]}): rerun sftune distill-prepare with the same --out to finish it")
+        raise ConfigError(f"distill.saved={saved} is incomplete ({len(missing)} of {len(shards)} shards of {out} "
+                          f"missing, e.g. {missing[0]}): rerun sftune distill-prepare with the same --out to finish it")
     table = datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in shards]).with_format("arrow")[:]
-    column = pa.StructArray.from_arrays([table.column(c).combine_chunks() for c in ("ids", "logprobs", "target")],
-                                        names=["ids", "logprobs", "target"])
-    train.add_extra(KIND, column, by_example=True)
-    k = manifest["k"]
-    return k, {"teacher": manifest["teacher"], "how": "saved", "saved": str(out), "saved_k": k}
+    return pa.StructArray.from_arrays([table.column(c).combine_chunks() for c in ("ids", "logprobs", "target")],
+                                      names=["ids", "logprobs", "target"])
