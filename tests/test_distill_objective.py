@@ -112,8 +112,6 @@ def test_report_names_the_teacher(tiny_model_dir, teacher_dir, qa_rows_file, tmp
 
 
 def test_refusals(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
-    with pytest.raises(ConfigError, match="train.compile"):
-        run(tiny_model_dir, qa_rows_file, tmp_path / "c", teacher_dir, **{"train.compile": True})
     with pytest.raises(ConfigError, match="saved top-k"):
         run(tiny_model_dir, qa_rows_file, tmp_path / "s", teacher_dir, **{"distill.saved": str(tmp_path / "none")})
 

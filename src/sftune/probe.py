@@ -41,6 +41,11 @@ from sftune.errors import ConfigError
 from sftune.loss import CausalLMWithLoss
 from sftune.model import unwrap_causal_lm
 
+PADDED = "padded"
+"""Not a training layout: one example per row, padded right, called without ``position_ids`` (the
+model numbers positions itself, as in the reference): how ``sftune distill-prepare`` runs a teacher,
+which :func:`compare` takes as a candidate too."""
+
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 """Relative tolerance per dtype (fp32 rounding gives ~1e-6); half precision gets 5e-2."""
 
@@ -89,7 +94,7 @@ def _rel_diff(h: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _layout_rows(layout: str, examples):
-    return [[e] for e in examples] if layout == "per_example" else [list(examples)]
+    return [[e] for e in examples] if layout in ("per_example", PADDED) else [list(examples)]
 
 
 def _loss(lm, b, doc_bounds, fused: bool) -> float:
@@ -122,6 +127,8 @@ def compare(lm, examples, candidates, fused: bool, device, tol: float | None = N
         for layout in candidates:
             rows = _layout_rows(layout, examples)
             b = _batch(rows, device)
+            if layout == PADDED:
+                b.position_ids = None
             doc_bounds = b.doc_bounds if layout == "flat" else None
             try:
                 hidden = lm.hidden_states(b.input_ids, b.position_ids, doc_bounds, b.model_inputs or None).float()

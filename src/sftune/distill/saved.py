@@ -38,7 +38,8 @@ from sftune.errors import ConfigError
 KIND = "teacher"
 VERSION = 1
 PREPARE_BATCH = 16
-"""Examples per teacher forward in ``sftune distill-prepare`` (one per row, padded right)."""
+"""Examples per teacher forward in ``sftune distill-prepare`` (one per row, padded right, without
+``position_ids``: the model numbers positions itself, as when called alone; checked at load)."""
 
 
 def data_fingerprint(train) -> str:
@@ -95,6 +96,7 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     from sftune.data.packing import collate
     from sftune.distill.teacher import load_teacher
     from sftune.model import load_model_config, load_tokenizer, resolve_max_length
+    from sftune.probe import PADDED, probe_examples
 
     d = cfg.distill
     if not d.teacher:
@@ -106,7 +108,8 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     tokenizer, _ = load_tokenizer(cfg)
     max_length = resolve_max_length(cfg, tokenizer, load_model_config(cfg))
     data = prepare(cfg.data, tokenizer, max_length, seed=cfg.train.seed)
-    teacher = load_teacher(d.teacher, tokenizer, len(tokenizer), device, d.teacher_dtype, "per_example")
+    teacher = load_teacher(d.teacher, tokenizer, len(tokenizer), device, d.teacher_dtype, PADDED,
+                           probe_examples(data.train), cfg.model.check)  # checked as it runs here
     train = data.train
     out = Path(out_dir)
     manifest = {"version": VERSION, "teacher": teacher.path, "k": d.prepare_top_k, "examples": len(train),
