@@ -111,6 +111,7 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     teacher = load_teacher(d.teacher, tokenizer, len(tokenizer), device, d.teacher_dtype, PADDED,
                            probe_examples(data.train), cfg.model.check)  # checked as it runs here
     train = data.train
+    per = PREPARE_BATCH if teacher.lm.fused else 1  # its own logits: [one example's positions, vocab] at a time
     out = Path(out_dir)
     manifest = {"version": VERSION, "teacher": teacher.path, "k": d.prepare_top_k, "examples": len(train),
                 "shard_size": d.prepare_shard_size, "fingerprint": data_fingerprint(train),
@@ -133,8 +134,8 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
             continue
         rows = {"ids": [], "logprobs": [], "target": []}
         lo, hi = s * d.prepare_shard_size, min(len(train), (s + 1) * d.prepare_shard_size)
-        for g in range(lo, hi, PREPARE_BATCH):
-            examples = [train.example(i) for i in range(g, min(hi, g + PREPARE_BATCH))]
+        for g in range(lo, hi, per):
+            examples = [train.example(i) for i in range(g, min(hi, g + per))]
             batch = collate([[ex] for ex in examples], tokenizer.pad_token_id or 0)
             chunk = teacher.rows({**batch.inputs(device), "doc_bounds": None, "model_inputs": None})
             got = {"ids": [], "logprobs": [], "target": []}

@@ -89,14 +89,19 @@ def load_teacher(path: str, student_tokenizer, student_rows: int, device: torch.
                           f"capabilities: {', '.join(capabilities(model).layouts)}): choose a teacher of a family "
                           "that can, or use distill-prepare and distill.saved")
     lm = CausalLMWithLoss(model, fused=True, layout=layout).eval()
-    head = model.get_output_embeddings()
-    if not lm.fused:
+    if not lm.fused and layout != PADDED:
         raise ConfigError(f"distill.teacher '{path}' transforms its logits after the output layer (softcapping or "
-                          "scaling) or has no plain linear head: sftune's chunked distillation needs a linear head")
-    perm = vocab_map(student_tokenizer, tok, student_rows, head.weight.shape[0])
+                          "scaling) or has no plain linear head: sftune's chunked live distillation needs a linear "
+                          "head; run it once with sftune distill-prepare (its own logits) and train with distill.saved")
+    perm = vocab_map(student_tokenizer, tok, student_rows, _vocab_rows(model))
     teacher = LiveTeacher(lm, perm, path, name)
     teacher.check = check_teacher(lm, list(examples), layout, path, check)
     return teacher
+
+
+def _vocab_rows(model) -> int:
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
 
 
 def check_teacher(lm: CausalLMWithLoss, examples: list, layout: str | None, path: str, mode: str = "auto") -> dict:
@@ -104,14 +109,17 @@ def check_teacher(lm: CausalLMWithLoss, examples: list, layout: str | None, path
     ``layout`` (the student's, or ``padded``) and its head's cross-entropy equal the teacher called
     the plain transformers way, one example at a time, on ``examples`` (the student's probe
     examples: a few of this run's own). A mismatch is refused: the teacher has no layout to fall
-    back to, it must see the student's rows. ``mode`` is ``model.check`` (``off`` skips). Returns
-    the record (``distill.teacher_check`` in the first metrics record's ``distill``)."""
+    back to, it must see the student's rows. In ``padded`` rows (distill-prepare) a head the probe
+    finds is not the plain linear layer the chunked path reads (RoBERTa's transform before its
+    decoder, softcapping) is allowed: the teacher's own logits are used (``lm.fused`` set False),
+    one example per forward. ``mode`` is ``model.check`` (``off`` skips). Returns the record (the
+    ``check`` of the ``distill`` description in the first metrics record)."""
     if mode == "off" or not examples or layout is None:
         return {"status": "off"}
     was = lm.training
     lm.eval()
     try:
-        res = compare(lm, examples, [layout], True, next(lm.parameters()).device)
+        res = compare(lm, examples, [layout], lm.fused, next(lm.parameters()).device)
     except Exception as e:  # noqa: BLE001 - the reference itself fails: a refusal, never a traceback
         raise ConfigError(f"distill.teacher '{path}' fails when run on one of this run's examples alone "
                           f"({type(e).__name__}: {e})"[:400]) from e
@@ -123,7 +131,9 @@ def check_teacher(lm: CausalLMWithLoss, examples: list, layout: str | None, path
         raise ConfigError(f"distill.teacher '{path}' gives non-finite outputs on {n} of this run's examples run one "
                           f"at a time (in {dtype}): it cannot teach (in half precision, try distill.teacher_dtype="
                           "float32)")
-    if res["layout"] is None or not res["fused"]:
+    if res["layout"] == PADDED and not res["fused"]:
+        lm.fused = False  # its own logits: the head's cross-entropy matched the reference's
+    elif res["layout"] is None or not res["fused"]:
         what = (f"the student's {layout} layout" if layout != PADDED else
                 "one example per row, padded (as sftune distill-prepare runs it)")
         diffs = {**res["diffs"], **({"head": res["fused_diff"]} if "fused_diff" in res else {})}
@@ -135,8 +145,8 @@ def check_teacher(lm: CausalLMWithLoss, examples: list, layout: str | None, path
             f"outputs in {what} as run one example at a time on {n} of this run's examples (relative differences "
             f"{_fmt(diffs, res['errors'])}; a body that numbers positions its own way or attends across examples): "
             f"its distribution would be wrong. {todo[0].upper() + todo[1:]}")
-    return {"status": "exact", "layout": layout, "examples": n, "max_diff": res["diffs"][layout]}
-
+    return {"status": "exact", "layout": layout, "examples": n, "max_diff": res["diffs"][layout],
+            **({} if lm.fused else {"logits": "the model's own (its head is not one linear layer)"})}
 
 
 class LiveTeacher:
@@ -174,18 +184,20 @@ class LiveTeacher:
         cuda = kw["input_ids"].device.type == "cuda"
         with torch.no_grad():
             positions = None if self.lm.layout == PADDED else kw["position_ids"]  # padded: the model numbers them
-            hidden = self.lm.hidden_states(kw["input_ids"], positions, kw.get("doc_bounds"), kw.get("model_inputs"))
+            args = (kw["input_ids"], positions, kw.get("doc_bounds"), kw.get("model_inputs"))
+            # unfused (distill-prepare only, one example per forward): the model's own logits at the loss positions
+            hidden = self.lm.hidden_states(*args) if self.lm.fused else self.lm.logits(*args)
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, kw["loss_index"])
         if cuda:
             torch.cuda.synchronize(hidden.device)
         self.seconds += time.perf_counter() - start
-        head = self.lm.causal_lm.get_output_embeddings()
+        head = self.lm.causal_lm.get_output_embeddings() if self.lm.fused else None
         targets, perm = kw["loss_targets"], self.perm
         acc = torch.promote_types(torch.float32, hidden.dtype)
 
         def chunk(s: int, e: int) -> TeacherChunk:
             with torch.no_grad():
-                t = F.linear(hidden[s:e], head.weight, head.bias).to(acc)
+                t = (hidden[s:e] if head is None else F.linear(hidden[s:e], head.weight, head.bias)).to(acc)
                 if perm is not None:
                     t = t[:, perm]
                 ce = torch.logsumexp(t, -1) - t.gather(1, targets[s:e, None]).squeeze(1)
