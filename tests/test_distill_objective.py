@@ -126,6 +126,7 @@ def test_report_names_the_teacher(tiny_model_dir, teacher_dir, qa_rows_file, tmp
     run(tiny_model_dir, qa_rows_file, tmp_path / "r", teacher_dir, **{"train.max_steps": 1})
     text = build_report(tmp_path / "r").read_text()
     assert "## Distillation" in text and str(teacher_dir) in text and "teacher time" in text
+    assert "matches itself run alone in the flat layout" in text  # the teacher's model check
 
 
 def test_refusals(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):

@@ -159,7 +159,10 @@ def describe_line(d: dict) -> str:
     """One line: what the run distils from and how (the console and report.md)."""
     loss = d["loss"] + (f" (beta {d['beta']})" if d["loss"] == "jsd" else "")
     vocab = f"top {d['top_k']}, {d['top_k_tail']}" if d.get("top_k") else "full vocabulary"
-    how = (f"live, {d.get('dtype')}, {d.get('parameters', 0):,} parameters, {d.get('weights_mb')} MB"
+    check = d.get("check") or {}
+    checked = (f", matches itself run alone in the {check['layout']} layout" if check.get("status") == "exact" else
+               ", model check off" if check else "")
+    how = (f"live, {d.get('dtype')}, {d.get('parameters', 0):,} parameters, {d.get('weights_mb')} MB{checked}"
            if d.get("how") == "live" else f"saved top-{d.get('saved_k')} from {d.get('saved')}")
     return (f"distillation: {loss} from {d.get('teacher') or 'a teacher'} ({how}); alpha {d['alpha']}, "
             f"temperature {d['temperature']}, {vocab}")
