@@ -180,3 +180,41 @@ def test_axolotl_rows_from_a_file(tiny_model_dir, teacher_dir, tmp_path):
     train(cfg)
     rec = records(tmp_path / "out")[1]
     assert rec["distill_loss"] > 0 and rec["distill"]["saved"] == "the dataset's columns"
+
+
+def test_a_teacher_refused_live_is_prepared_exactly(tiny_model_dir, qa_rows_file, tiny_tokenizer, tmp_path):
+    """A RoBERTa-style teacher (it numbers positions itself, and its head transforms the body's output):
+    the live run refuses it, naming distill-prepare; distill-prepare runs it one example per row,
+    padded, as plain transformers does, so its saved top-k equal the model's own log-probabilities
+    on each example alone; training reads them."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    from sftune.data.chain import prepare
+    from sftune.distill.saved import prepare_saved
+    from test_distill_teacher import roberta_dir
+
+    teacher = roberta_dir(tmp_path / "roberta", tiny_tokenizer)
+    over = {**BASE, "data.limit": 8, "distill.teacher": str(teacher), "distill.prepare_top_k": 8}
+    with pytest.raises(ConfigError, match="student's flat layout.*distill-prepare"):
+        train(train_config(tiny_model_dir, qa_rows_file, tmp_path / "live", **over))
+    cfg = train_config(tiny_model_dir, qa_rows_file, tmp_path / "unused", **over)
+    out = tmp_path / "saved"
+    prepare_saved(cfg, str(out))
+    saved = datasets.concatenate_datasets([datasets.load_from_disk(str(p))
+                                           for p in sorted((out / "shards").iterdir())])
+    train_set = prepare(cfg.data, tiny_tokenizer, 64, seed=cfg.train.seed).train
+    plain = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float64).eval()
+    for i in range(len(train_set)):
+        ids, labels = train_set.example(i)
+        with torch.no_grad():
+            logits = plain(torch.tensor([list(ids)])).logits[0, :-1]
+        keep = torch.tensor(list(labels[1:])) != -100
+        top = torch.log_softmax(logits[keep], -1).topk(8, -1)
+        row = saved[i]
+        assert torch.equal(torch.tensor(row["ids"]), top.indices), i
+        torch.testing.assert_close(torch.tensor(row["logprobs"], dtype=torch.float64), top.values, rtol=0, atol=1e-5)
+    over.pop("distill.teacher")
+    train(train_config(tiny_model_dir, qa_rows_file, tmp_path / "s", **over, **{"distill.saved": str(out)}))
+    r = records(tmp_path / "s")
+    assert r[1]["distill"]["how"] == "saved" and r[2]["distill_loss"] > 0 and r[2]["teacher_ce"] > 0

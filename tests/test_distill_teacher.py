@@ -111,3 +111,59 @@ def test_packed_equals_unpacked_equals_the_reference(spec, tiny_model_dir, teach
     for layout, value in losses.items():
         assert value == pytest.approx(ref, rel=1e-6), layout
         assert torch.allclose(grads[layout], grads["per_example"], rtol=1e-6, atol=1e-9), layout
+
+
+def roberta_dir(path, tokenizer):
+    """A RoBERTa-style decoder: it numbers positions itself from ``padding_idx + 1``, so given sftune's
+    ``position_ids`` it differs in every row layout (the student's probe refuses it as a model)."""
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    torch.manual_seed(0)
+    RobertaForCausalLM(RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=260, is_decoder=True, pad_token_id=1, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_teacher_dir(tmp_path_factory, tiny_tokenizer):
+    from test_model_families import _cfg
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama_teacher")
+    AutoModelForCausalLM.from_config(_cfg("llama", len(tiny_tokenizer))).save_pretrained(str(path))
+    tiny_tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_teacher_that_matches_passes_the_check_in_every_layout(family, teacher_dir, llama_teacher_dir,
+                                                                 tiny_tokenizer):
+    """The student's probe, run on the teacher in the student's layout (and distill-prepare's padded
+    rows): GPT-2 and Llama give the outputs of the plain model called one example at a time."""
+    path = str(teacher_dir if family == "gpt2" else llama_teacher_dir)
+    for layout in ("flat", "rows", "per_example", "padded"):
+        t = load_teacher(path, tiny_tokenizer, len(tiny_tokenizer), torch.device("cpu"), "float32", layout, EXAMPLES)
+        assert t.check["status"] == "exact" and t.check["layout"] == layout and t.check["examples"] == 3, layout
+        assert t.check["max_diff"] < 1e-4 and t.describe()["check"] == t.check
+
+
+def test_a_teacher_that_numbers_positions_its_own_way_is_refused(tmp_path, tiny_tokenizer):
+    """RoBERTa-style positions: refused in the student's layouts, naming the teacher, the layout and
+    what to do; distill-prepare's padded rows (the model numbers positions itself) pass, with the
+    model's own logits (RoBERTa's head transforms the body's output before its linear decoder: the
+    probe finds that the chunked head is not the model's, 2e-3 apart here)."""
+    path = str(roberta_dir(tmp_path / "roberta", tiny_tokenizer))
+    for layout in ("flat", "per_example"):  # its capabilities (rows: its masks do not read position_ids)
+        with pytest.raises(ConfigError) as e:
+            load_teacher(path, tiny_tokenizer, len(tiny_tokenizer), torch.device("cpu"), "float32", layout, EXAMPLES)
+        msg = str(e.value)
+        assert path in msg and "roberta" in msg and f"the student's {layout} layout" in msg, msg
+        assert "another family" in msg and "distill-prepare" in msg and "distill.saved" in msg, msg
+    t = load_teacher(path, tiny_tokenizer, len(tiny_tokenizer), torch.device("cpu"), "float32", "padded", EXAMPLES)
+    assert t.check["status"] == "exact" and "logits" in t.check and not t.lm.fused
+    off = load_teacher(path, tiny_tokenizer, len(tiny_tokenizer), torch.device("cpu"), "float32", "per_example",
+                       EXAMPLES, check="off")  # model.check=off: the user's call, as for the student
+    assert off.check == {"status": "off"}

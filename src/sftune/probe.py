@@ -41,6 +41,11 @@ from sftune.errors import ConfigError
 from sftune.loss import CausalLMWithLoss
 from sftune.model import unwrap_causal_lm
 
+PADDED = "padded"
+"""Not a training layout: one example per row, padded right, called without ``position_ids`` (the
+model numbers positions itself, as in the reference): how ``sftune distill-prepare`` runs a teacher,
+which :func:`compare` takes as a candidate too."""
+
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 """Relative tolerance per dtype (fp32 rounding gives ~1e-6); half precision gets 5e-2."""
 
@@ -89,7 +94,7 @@ def _rel_diff(h: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _layout_rows(layout: str, examples):
-    return [[e] for e in examples] if layout == "per_example" else [list(examples)]
+    return [[e] for e in examples] if layout in ("per_example", PADDED) else [list(examples)]
 
 
 def _loss(lm, b, doc_bounds, fused: bool) -> float:
@@ -122,6 +127,8 @@ def compare(lm, examples, candidates, fused: bool, device, tol: float | None = N
         for layout in candidates:
             rows = _layout_rows(layout, examples)
             b = _batch(rows, device)
+            if layout == PADDED:
+                b.position_ids = None
             doc_bounds = b.doc_bounds if layout == "flat" else None
             try:
                 hidden = lm.hidden_states(b.input_ids, b.position_ids, doc_bounds, b.model_inputs or None).float()
@@ -302,7 +309,7 @@ def _refuse(record: dict, res: dict, lm, caps, n: int) -> None:
            "the model gives different outputs for the same example in a batch")
     raise ConfigError(
         f"model check: no row layout reproduces {caps.model_type} run one example at a time on {n} of this "
-        f"run's examples (relative differences {_fmt(res['diffs'], res['errors'])}); {why}. "
+        f"run's examples (relative differences {format_diffs(res['diffs'], res['errors'])}); {why}. "
         "Set model.check=off to train anyway")
 
 
@@ -312,7 +319,7 @@ def _refuse_fallback(res: dict, layout: str, fused: bool, predicted: str, predic
     if layout != predicted or fused != predicted_fused:
         raise ConfigError(
             f"model check (strict): the {predicted} layout{' with the fused loss' if predicted_fused else ''} does "
-            f"not match {caps.model_type} run one example at a time (relative differences {_fmt(res['diffs'])}"
+            f"not match {caps.model_type} run one example at a time (relative differences {format_diffs(res['diffs'])}"
             f"{', loss ' + format(res.get('fused_diff', 0), '.2g') if fused != predicted_fused else ''}); "
             f"model.check=auto would use the {layout} layout{'' if fused else ' and the unfused loss'}")
 
@@ -328,7 +335,7 @@ def _probe_line(record: dict, res: dict, layout: str, fused: bool, predicted: st
         if fused != lm.fused:
             bad["fused loss"] = res.get("fused_diff", float("nan"))
         line = (f"model check: [yellow]{', '.join(bad) or 'another rank'} differed[/] from the model run one "
-                f"example at a time ({_fmt(bad, res['errors'])}) → {what} (exact)")
+                f"example at a time ({format_diffs(bad, res['errors'])}) → {what} (exact)")
         record["status"] = "fallback"
     else:
         line = f"model check: {what} matches the model run one example at a time"
@@ -364,7 +371,7 @@ def _tell(report, console, record: dict, line: str, layout: str, backend: str, w
             console.print(attention_line(backend, why_backend), markup=False)
 
 
-def _fmt(diffs: dict, errors: dict | None = None) -> str:
+def format_diffs(diffs: dict, errors: dict | None = None) -> str:
     """``flat 0.31, rows 1e-07``; a candidate that raised shows its reason instead of ``inf``."""
     errors = errors or {}
     shown = [f"{k} failed ({errors[k]})" if k in errors else f"{k} {v:.2g}" for k, v in diffs.items()]

@@ -19,7 +19,9 @@ class DistillConfig(Section):
     student's tokenizer. ``None``: no distillation (plain SFT). It runs frozen, without gradients,
     on the same packed batches as the student (the live path), unless ``distill.saved`` is set. Its
     vocabulary must be the student's (a teacher whose tokens map one to one onto the student's,
-    in another order, is remapped; any other difference is refused)."""
+    in another order, is remapped; any other difference is refused). The live teacher goes through
+    the start-up model check in the student's row layout (``model.check``; ``off`` skips): one
+    whose outputs differ there is refused (``sftune distill-prepare`` and ``distill.saved`` take it)."""
 
     saved: str | None = None
     """A directory written by ``sftune distill-prepare``: the teacher's top-k token ids and

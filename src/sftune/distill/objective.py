@@ -21,6 +21,7 @@ import torch
 from sftune.distill.divergence import Spec, TeacherChunk, distill_loss_sum
 from sftune.distill.saved import KIND, attach_saved, source_sets  # registers the teacher kind's collator (data.extras)
 from sftune.errors import ConfigError
+from sftune.probe import probe_examples
 
 
 def saved_rows(extras: dict, n: int):
@@ -49,7 +50,12 @@ class Distiller:
         self._pending = self._window = None
         self._told, self._steps = False, 0
 
+    @torch.compiler.disable
     def __call__(self, lm, hidden, head, kw: dict) -> torch.Tensor:
+        """The loss sum of the batch. Never traced by ``torch.compile`` (``train.compile``): the
+        compiled student body hands its hidden states across a graph break to this eager code, so
+        the teacher's timing, the logged sums and the chunked divergence's custom autograd run
+        as they do without compile (and nothing here is a guard that would recompile)."""
         if hidden.shape[0] == 0:  # no loss position here (an empty micro-batch): nothing to ask the teacher
             teacher = None
         elif self.teacher is not None:
@@ -107,8 +113,6 @@ def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
         raise ConfigError("distillation needs sftune's fused loss on the loss positions, and this model runs the "
                           "unfused one (its logits are transformed after the output layer, or the model check "
                           "fell back): this model cannot be a distillation student in sftune")
-    if cfg.train.compile:
-        raise ConfigError("train.compile=true is not supported with distillation yet: set train.compile=false")
     spec = Spec.of(d)
     head_rows = lm.causal_lm.get_output_embeddings().weight.shape[0]
     if d.saved == "columns" and cfg.data.streaming:
@@ -137,7 +141,10 @@ def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
     else:
         from sftune.distill.teacher import load_teacher
 
-        teacher = load_teacher(d.teacher, tokenizer, head_rows, device, d.teacher_dtype, lm.layout)
+        teacher = load_teacher(d.teacher, tokenizer, head_rows, device, d.teacher_dtype, lm.layout,
+                               probe_examples(data.train), cfg.model.check)  # the student's probe examples
+        if cfg.train.compile:  # its body on its own (the divergence stays eager: see Distiller.__call__)
+            teacher.compile()
         described = teacher.describe()
     described.update(loss=d.loss, beta=d.beta, temperature=d.temperature, alpha=d.alpha, top_k=spec.top_k,
                      top_k_tail=d.top_k_tail if spec.top_k else None)
@@ -154,7 +161,10 @@ def describe_line(d: dict) -> str:
     """One line: what the run distils from and how (the console and report.md)."""
     loss = d["loss"] + (f" (beta {d['beta']})" if d["loss"] == "jsd" else "")
     vocab = f"top {d['top_k']}, {d['top_k_tail']}" if d.get("top_k") else "full vocabulary"
-    how = (f"live, {d.get('dtype')}, {d.get('parameters', 0):,} parameters, {d.get('weights_mb')} MB"
+    check = d.get("check") or {}
+    checked = (f", matches itself run alone in the {check['layout']} layout" if check.get("status") == "exact" else
+               ", model check off" if check else "")
+    how = (f"live, {d.get('dtype')}, {d.get('parameters', 0):,} parameters, {d.get('weights_mb')} MB{checked}"
            if d.get("how") == "live" else f"saved top-{d.get('saved_k')} from {d.get('saved')}")
     return (f"distillation: {loss} from {d.get('teacher') or 'a teacher'} ({how}); alpha {d['alpha']}, "
             f"temperature {d['temperature']}, {vocab}")

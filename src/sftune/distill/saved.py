@@ -48,7 +48,8 @@ from sftune.errors import ConfigError
 KIND = "teacher"
 VERSION = 1
 PREPARE_BATCH = 16
-"""Examples per teacher forward in ``sftune distill-prepare`` (one per row, padded right)."""
+"""Examples per teacher forward in ``sftune distill-prepare`` (one per row, padded right, without
+``position_ids``: the model numbers positions itself, as when called alone; checked at load)."""
 
 
 def data_fingerprint(train) -> str:
@@ -131,6 +132,7 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     from sftune.data.chain import prepare
     from sftune.distill.teacher import load_teacher
     from sftune.model import load_model_config, load_tokenizer, resolve_max_length
+    from sftune.probe import PADDED, probe_examples
 
     d = cfg.distill
     if not d.teacher:
@@ -143,7 +145,8 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     tokenizer, _ = load_tokenizer(cfg)
     max_length = resolve_max_length(cfg, tokenizer, load_model_config(cfg))
     data = prepare(cfg.data, tokenizer, max_length, seed=cfg.train.seed)
-    teacher = load_teacher(d.teacher, tokenizer, len(tokenizer), device, d.teacher_dtype, "per_example")
+    teacher = load_teacher(d.teacher, tokenizer, len(tokenizer), device, d.teacher_dtype, PADDED,
+                           probe_examples(data.train), cfg.model.check)  # checked as it runs here
     out = Path(out_dir)
     head = {"version": VERSION, "teacher": teacher.path, "k": d.prepare_top_k}
     tail = {"shard_size": d.prepare_shard_size, "vocab": len(tokenizer), "max_length": max_length}
@@ -185,6 +188,7 @@ def _write_source(train, out: Path, manifest: dict, teacher, tokenizer, device, 
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     size = manifest["shard_size"]
+    per = PREPARE_BATCH if teacher.lm.fused else 1  # its own logits: [one example's positions, vocab] at a time
     k = min(manifest["k"], len(tokenizer))
     shards = _shards(out, len(train), size)
     done = 0
@@ -194,8 +198,8 @@ def _write_source(train, out: Path, manifest: dict, teacher, tokenizer, device, 
             continue
         rows = {"ids": [], "logprobs": [], "target": []}
         lo, hi = s * size, min(len(train), (s + 1) * size)
-        for g in range(lo, hi, PREPARE_BATCH):
-            examples = [train.example(i) for i in range(g, min(hi, g + PREPARE_BATCH))]
+        for g in range(lo, hi, per):
+            examples = [train.example(i) for i in range(g, min(hi, g + per))]
             batch = collate([[ex] for ex in examples], tokenizer.pad_token_id or 0)
             chunk = teacher.rows({**batch.inputs(device), "doc_bounds": None, "model_inputs": None})
             got = {"ids": [], "logprobs": [], "target": []}
