@@ -2,7 +2,8 @@
 
 1. The teacher: ``sftune train quickstart`` (the recipe as shipped, 4 layers x 128; reused when
    ``--teacher`` exists), trained on ``--teacher-data``.
-2. The student: the quickstart GPT-2 at half the depth and two heads (2 layers x 128), from scratch.
+2. The student: ``builtin:quickstart-small``, the quickstart GPT-2 at half the depth with two heads
+   (2 layers x 128), from scratch.
 3. For each student data set (``--data``) and each step budget (``--steps``) the student trains twice,
    plain SFT and distilled from the teacher (``distill.teacher=<teacher> distill.alpha=...``), with
    the same data, data order, seed and schedule; held-out exact match (200 unseen words, always
@@ -21,29 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSET = ROOT / "src" / "sftune" / "assets" / "quickstart"
 RESULTS = Path(__file__).parent / "distill_quickstart_results.json"
 
 
 def sftune(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "sftune", *args], check=True)
-
-
-def student_dir(out: Path, n_layer: int, n_embd: int) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((ASSET / "config.json").read_text())
-    cfg.update(n_layer=n_layer, n_embd=n_embd, n_head=2)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ASSET / name, out / name)
-    return out
 
 
 def exact_match(run: Path) -> dict:
@@ -61,24 +49,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[500, 1000])
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--n-layer", type=int, default=2)
-    ap.add_argument("--n-embd", type=int, default=128)
+    ap.add_argument("--student", default="builtin:quickstart-small", help="the student's model (from scratch)")
     args = ap.parse_args()
     work = Path(args.work)
     teacher = Path(args.teacher) if args.teacher else work / "teacher"
     if not (teacher / "final_metrics.json").exists():
         sftune("train", "quickstart", f"data.path={args.teacher_data}", f"train.output_dir={teacher}",
                f"train.max_steps={args.teacher_steps}", "eval.samples=0")
-    student = student_dir(work / "student_config", args.n_layer, args.n_embd)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     lines = []
     for data in args.data:
         for steps in args.steps:
-            common = [f"model.path={student}", "model.from_scratch=true", f"data.path={data}",
+            common = [f"model.path={args.student}", "model.from_scratch=true", f"data.path={data}",
                       f"train.max_steps={steps}", "eval.samples=0", f"train.warmup_steps={min(50, steps // 10)}"]
             row = {"data": data, "steps": steps, "teacher": {"run": str(teacher), "data": args.teacher_data,
                                                                **exact_match(teacher)},
-                   "student": {"n_layer": args.n_layer, "n_embd": args.n_embd},
+                   "student": args.student,
                    "alpha": args.alpha, "temperature": args.temperature}
             for name, extra in (("sft", []), ("distill", [f"distill.teacher={teacher}", f"distill.alpha={args.alpha}",
                                                           f"distill.temperature={args.temperature}"])):
@@ -86,13 +72,13 @@ def main() -> None:
                 t = time.time()
                 sftune("train", "quickstart", *common, *extra, f"train.output_dir={out}")
                 row[name] = {**exact_match(out), "seconds": round(time.time() - t, 1)}
-            key = (f"{data}, {steps} steps, student {args.n_layer}x{args.n_embd}, alpha {args.alpha}, "
+            key = (f"{data}, {steps} steps, student {args.student}, alpha {args.alpha}, "
                    f"T {args.temperature}, teacher on {args.teacher_data}")
             results[key] = row
             lines.append(f"{data:26} {steps:5} steps: plain SFT {100 * row['sft']['exact_match_after']:5.1f}%  |  "
                          f"distilled {100 * row['distill']['exact_match_after']:5.1f}%")
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"held-out exact match, student {args.n_layer} layers x {args.n_embd} (teacher "
+    print(f"held-out exact match, student {args.student} (teacher "
           f"{100 * exact_match(teacher)['exact_match_after']:.1f}%, trained on {args.teacher_data}):")
     print("\n".join(lines))
 

@@ -39,6 +39,20 @@ def test_noisy_builtin_loads_by_name():
     assert "correct" in src.train.column_names and len(src.eval) == 200
 
 
+def test_small_builtin_model_is_the_quickstart_at_half_depth_with_the_same_tokenizer():
+    from pathlib import Path
+
+    from sftune.model import resolve_path
+
+    big, small = Path(resolve_path("builtin:quickstart")), Path(resolve_path("builtin:quickstart-small"))
+    a, b = (json.loads((d / "config.json").read_text()) for d in (big, small))
+    assert (b["n_layer"], b["n_head"], b["n_embd"]) == (2, 2, 128) and a["n_layer"] == 4
+    assert {k: v for k, v in a.items() if k not in ("n_layer", "n_head")} == \
+        {k: v for k, v in b.items() if k not in ("n_layer", "n_head")}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (big / name).read_text() == (small / name).read_text()
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs") / "run"

@@ -79,8 +79,10 @@ def make_noisy_dataset(noise: float = NOISE, seed: int = SEED):
     return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": ds["test"]})
 
 
-def write_assets(target: Path) -> None:
-    """Write the byte-level tokenizer (256 bytes + ``<|endoftext|>``) and the tiny model config."""
+def write_assets(target: Path, n_layer: int = 4, n_head: int = 4) -> None:
+    """Write the byte-level tokenizer (256 bytes + ``<|endoftext|>``) and the tiny model config
+    (``builtin:quickstart``: 4 layers x 128; ``builtin:quickstart-small``, the distillation
+    demonstration's student: 2 layers x 128 with 2 heads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2Config, PreTrainedTokenizerFast
 
@@ -97,7 +99,7 @@ def write_assets(target: Path) -> None:
                                    unk_token=None, model_max_length=128, clean_up_tokenization_spaces=False)
     target.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(target))
-    config = GPT2Config(vocab_size=257, n_positions=128, n_embd=128, n_layer=4, n_head=4,
+    config = GPT2Config(vocab_size=257, n_positions=128, n_embd=128, n_layer=n_layer, n_head=n_head,
                         bos_token_id=256, eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     config.save_pretrained(str(target))
 
@@ -118,6 +120,7 @@ if __name__ == "__main__":
     import sys
 
     if "--write-assets" in sys.argv:
-        dest = Path(__file__).parent / "assets" / "quickstart"
-        write_assets(dest)
-        print(f"wrote {dest}")
+        assets = Path(__file__).parent / "assets"
+        write_assets(assets / "quickstart")
+        write_assets(assets / "quickstart-small", n_layer=2, n_head=2)
+        print(f"wrote {assets / 'quickstart'} and {assets / 'quickstart-small'}")
