@@ -317,12 +317,13 @@ def attach_saved(saved: str, data, tokenizer) -> tuple[int, dict]:
     if manifest["vocab"] != len(tokenizer):
         raise ConfigError(f"distill.saved={saved} was prepared with a {manifest['vocab']}-token tokenizer; this run's "
                           f"has {len(tokenizer)}: prepare it with the student's tokenizer")
-    if manifest["max_length"] != data.max_length:
-        raise ConfigError(f"distill.saved={saved} was prepared with max_length {manifest['max_length']}; this run's "
-                          f"is {data.max_length}: prepare it with this config")
     if getattr(data, "stream", None) is not None:
+        if manifest["max_length"] != data.max_length:
+            raise ConfigError(f"distill.saved={saved} was prepared for other data (max_length {manifest['max_length']}"
+                              f"; this run's is {data.max_length}): rerun sftune distill-prepare with this config")
         _attach_streamed(saved, out, manifest, data)
-        return manifest["k"], {"teacher": manifest["teacher"], "how": "saved", "saved": str(out), "saved_k": manifest["k"]}
+        k = manifest["k"]
+        return k, {"teacher": manifest["teacher"], "how": "saved", "saved": str(out), "saved_k": k}
     if manifest.get("streamed"):
         raise ConfigError(f"distill.saved={saved} was prepared from a stream (data.streaming=true): train with "
                           "data.streaming=true, or prepare it again without streaming")

@@ -180,8 +180,9 @@ class SavedRows:
         if i >= len(keys) or keys[i] != key:
             return None
         ids, lps = table.column("ids")[i].values, table.column("logprobs")[i].values
-        payload = {"ids": ids.flatten().to_numpy().astype(np.int32).reshape(len(ids), -1),
-                   "logprobs": np.array(lps.flatten().to_numpy(), dtype=np.float32).reshape(len(lps), -1),
+        shape = (len(ids), -1) if len(ids) else (0, 0)  # an example whose only label is its first token: no rows
+        payload = {"ids": ids.flatten().to_numpy().astype(np.int32).reshape(shape),
+                   "logprobs": np.array(lps.flatten().to_numpy(), dtype=np.float32).reshape(shape),
                    "target": np.array(table.column("target")[i].values.to_numpy(), dtype=np.float32)}
         return table.column("check")[i].as_py(), payload
 
@@ -189,18 +190,19 @@ class SavedRows:
 def lookup(saved: str, kind: str, labels: list[str], files: list[list[str]], rows: list[SavedRows]):
     """The stream's lookup (``example -> {kind: payload}``): each example's saved rows, after its hash
     is checked against the saved example's; a clear error at the first example they do not fit."""
-    again = "the data, its files, tokenizer, format or max_length changed: rerun sftune distill-prepare with this config"
+    again = "the data, its files, tokenizer, format or max_length changed: rerun sftune distill-prepare"
 
     def find(e) -> dict:
         got = rows[e.source].get(row_key(e.file, e.row, e.part))
         if got is None:
-            raise ConfigError(f"distill.saved={saved} holds no teacher rows for {where(labels[e.source], files[e.source], e)}"
-                              f": it was prepared for other data ({again})")
+            place = where(labels[e.source], files[e.source], e)
+            raise ConfigError(f"distill.saved={saved} holds no teacher rows for {place}: it was prepared for other "
+                              f"data ({again} with this config)")
         check, payload = got
         if check != check_of(e.ids, e.labels):
-            raise ConfigError(f"distill.saved={saved} was prepared for other data: "
-                              f"{where(labels[e.source], files[e.source], e)} has other tokens than the example "
-                              f"saved for it ({again})")
+            place = where(labels[e.source], files[e.source], e)
+            raise ConfigError(f"distill.saved={saved} was prepared for other data: {place} has other tokens than the "
+                              f"example saved for it ({again} with this config)")
         return {kind: payload}
 
     return find
