@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 import sftune.data.extras as data_extras
+import sftune.distill.saved_stream as saved_stream  # not "from sftune.distill import": the package imports this module
 from sftune.data.tokenize import IGNORE
-from sftune.distill import saved_stream
 from sftune.errors import ConfigError
 
 KIND = "teacher"
