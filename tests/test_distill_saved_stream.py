@@ -46,9 +46,12 @@ def text_dir(tmp_path_factory):
 
 
 def mixture(qa, text, w_text=1.0):
+    """qa (16 rows a pass), stories (two files) and qa again with 8 rows a pass (its rows: the first qa's)."""
     return {"data.sources": [{"path": str(qa), "template": "qa", "label": "qa", "limit": 16},
                              {"path": str(text), "format": "text", "weight": w_text, "on_bad_row": "skip",
-                              "label": "stories"}], "data.template": None}
+                              "label": "stories"},
+                             {"path": str(qa), "template": "qa", "label": "short qa", "limit": 8, "weight": 0.5}],
+            "data.template": None}
 
 
 def prepare(tmp_path_factory, name, model_dir, data_file, over) -> tuple[Path, list[str]]:
@@ -101,8 +104,9 @@ def test_prepare_keys_rows_by_file_and_row(saved_one, saved_mix):
     assert len(keys) <= len(kept) + 4  # the rows too long for 64 tokens are skipped: their numbers are not keys
     mix, _ = saved_mix
     top = json.loads((mix / "manifest.json").read_text())
-    qa, text = top["sources"]
-    assert (qa["dir"], text["dir"]) == ("sources/00-qa", "sources/01-stories")
+    qa, text, short = top["sources"]
+    assert (qa["dir"], text["dir"], short["dir"]) == ("sources/00-qa", "sources/01-stories", "sources/00-qa")
+    assert json.loads((mix / qa["dir"] / "manifest.json").read_text())["limit"] == 16  # the longer pass
     stories = json.loads((mix / text["dir"] / "manifest.json").read_text())
     assert stories["files"] == ["train-00000.jsonl", "train-00001.jsonl"]
     text_keys = [k for k, _, _ in shard_rows(mix / text["dir"])]

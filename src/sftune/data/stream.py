@@ -311,13 +311,13 @@ def prepare_stream(cfg, tokenizer, max_length: int, seed: int, specs: list[Sourc
                         stream=new_stream, lookups=lookups)
 
 
-def first_pass(stream: Stream, s: int, cursor: dict | None = None, *, whole: bool = False):
+def first_pass(stream: Stream, s: int, cursor: dict | None = None, *, limit: int | None | str = "own"):
     """Source ``s``'s first pass in its files' order (no shuffle, no mixture), from ``cursor`` (a
     reader's, inside that pass): ``(kept examples, reader cursor after it)`` per row, tokenized as
     the stream tokenizes them (``CHUNK`` rows together). ``sftune distill-prepare`` reads a stream so.
-    ``whole``: past the source's ``limit``."""
+    ``limit``: rows in the pass (``"own"``: the source's ``data.limit``; None: all)."""
     cfg = stream.specs[s].cfg
-    reader = RowReader(cfg.model_copy(update={"limit": None}) if whole else cfg, s, stream.seed, cursor)
+    reader = RowReader(cfg if limit == "own" else cfg.model_copy(update={"limit": limit}), s, stream.seed, cursor)
     ended = False
     while not ended:
         rows, cursors = [], []

@@ -238,11 +238,13 @@ def _prepare_streamed(cfg, data, out: Path, head: dict, teacher, tokenizer, devi
     """``prepare_saved`` over a stream: each source's first pass, keyed by row (:mod:`.saved_stream`)."""
     stream = data.stream()
     k = min(head["k"], len(tokenizer))
-    entries, dirs = [], {}
+    entries, dirs, limits = [], {}, {}
     for i, spec in enumerate(stream.specs):
         fp = saved_stream.fingerprint(stream, i)
         dirs.setdefault(fp, _source_dir(i, spec.label) if cfg.data.sources else ".")
         entries.append({"label": spec.label, "dir": dirs[fp], "fingerprint": fp})
+        longest = limits.get(fp, 0)  # a source listed twice with two limits: the longer pass serves both
+        limits[fp] = None if spec.cfg.limit is None or longest is None else max(longest, spec.cfg.limit)
     if cfg.data.sources:
         manifest = {**head, "sources": entries}
         _check_manifest(out / "manifest.json", manifest)
@@ -253,13 +255,13 @@ def _prepare_streamed(cfg, data, out: Path, head: dict, teacher, tokenizer, devi
         if entry["dir"] in written:
             continue
         written.add(entry["dir"])
-        one = {**head, "fingerprint": entry["fingerprint"], "limit": spec.cfg.limit,
-               "files": saved_stream.file_names(spec)}
+        limit = limits[entry["fingerprint"]]
+        one = {**head, "fingerprint": entry["fingerprint"], "limit": limit, "files": saved_stream.file_names(spec)}
         _check_manifest(out / entry["dir"] / "manifest.json", one)
         (out / entry["dir"]).mkdir(parents=True, exist_ok=True)
         (out / entry["dir"] / "manifest.json").write_text(json.dumps(one, indent=2))
         saved_stream.write_source(stream, i, out / entry["dir"], head["shard_size"],
-                                  lambda exs: _teacher_rows(exs, teacher, tokenizer, device, k), console)
+                                  lambda exs: _teacher_rows(exs, teacher, tokenizer, device, k), console, limit)
     return manifest if cfg.data.sources else one
 
 

@@ -73,7 +73,7 @@ def fingerprint(stream, s: int) -> str:
     is still checked when looked up."""
     h = hashlib.sha256(json.dumps(file_names(stream.specs[s])).encode())
     seen = 0
-    for examples, _ in first_pass(stream, s, whole=True):
+    for examples, _ in first_pass(stream, s, limit=None):
         for e in examples:
             h.update(f"{e.file},{e.row},{e.part},{check_of(e.ids, e.labels)};".encode())
             seen += 1
@@ -89,10 +89,11 @@ def where(label: str, files: list[str], e) -> str:
     return f"source {label!r}, row {e.row}{file}{part}"
 
 
-def write_source(stream, s: int, out: Path, shard_size: int, teacher_rows, console=None) -> dict:
-    """Source ``s``'s first pass: its examples' keys, hashes and teacher rows (``teacher_rows(examples)``:
-    ``{"ids", "logprobs", "target"}``, one list per example) in shards under ``out``; resumes after
-    the last finished shard. Returns ``done.json``'s content."""
+def write_source(stream, s: int, out: Path, shard_size: int, teacher_rows, console=None, limit="own") -> dict:
+    """Source ``s``'s first pass (``limit`` rows: see :func:`~sftune.data.stream.first_pass`): its
+    examples' keys, hashes and teacher rows (``teacher_rows(examples)``: ``{"ids", "logprobs",
+    "target"}``, one list per example) in shards under ``out``; resumes after the last finished
+    shard. Returns ``done.json``'s content."""
     import datasets
 
     if (out / DONE).exists():
@@ -134,7 +135,7 @@ def write_source(stream, s: int, out: Path, shard_size: int, teacher_rows, conso
 
     files = file_names(stream.specs[s])
     pending, cursor = [], infos[-1]["cursor"] if infos else None
-    for examples, cursor in first_pass(stream, s, cursor):
+    for examples, cursor in first_pass(stream, s, cursor, limit=limit):
         for e in examples:
             if e.extras:
                 raise ConfigError(f"{where(label, files, e)} carries {', '.join(e.extras)} beside its tokens: "
