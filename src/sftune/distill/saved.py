@@ -129,7 +129,8 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     each source's kept examples, tokenized on their own as training tokenizes them, get such a
     directory under ``out_dir/sources/NN-<name>/``, listed with their fingerprints in
     ``out_dir/manifest.json``; the rows do not depend on the weights, the seed or the order of the
-    mixture (training finds each source's rows by its fingerprint)."""
+    mixture (training finds each source's rows by its fingerprint). A stream (``data.streaming``):
+    the same layout, each source's first pass keyed by row (:mod:`sftune.distill.saved_stream`)."""
     from sftune.data.chain import prepare
     from sftune.distill.teacher import load_teacher
     from sftune.model import load_model_config, load_tokenizer, resolve_max_length
@@ -277,16 +278,21 @@ def _attach_streamed(saved: str, out: Path, manifest: dict, data) -> None:
     entries = manifest.get("sources") or [{"label": None, "dir": ".", "fingerprint": manifest["fingerprint"]}]
     rows, files = [], []
     for i, spec in enumerate(stream.specs):
+        # one source to one directory: no fingerprint (its examples are checked one by one, naming the first
+        # that differs); a mixture finds each source's directory by its fingerprint
         fp = saved_stream.fingerprint(stream, i) if len(entries) > 1 or len(stream.specs) > 1 else None
         entry = entries[0] if fp is None else next((e for e in entries if e["fingerprint"] == fp), None)
-        if entry is None:  # one source to one directory: its examples are checked one by one instead
+        if entry is None:
             made = ", ".join(repr(e["label"]) for e in entries) if "sources" in manifest else "one other source"
             raise ConfigError(f"distill.saved={saved} was prepared for other data: none of its sources ({made}) "
                               f"starts with the examples of this run's streamed source {spec.label!r} (its files, "
                               "data, tokenizer, format or max_length changed): rerun sftune distill-prepare with "
                               "this config")
         one = _read_manifest(out / entry["dir"], saved)
-        if one["k"] != manifest["k"] or (one["limit"] is not None and (spec.cfg.limit or 1 << 62) > one["limit"]):
+        if one["k"] != manifest["k"] or one.get("fingerprint") != entry["fingerprint"]:
+            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} does not match its manifest.json: "
+                              "rerun sftune distill-prepare with another --out")
+        if one["limit"] is not None and (spec.cfg.limit or 1 << 62) > one["limit"]:
             raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} holds the first {one['limit']} rows of "
                               f"source {spec.label!r}, and this run reads {spec.cfg.limit or 'all its'} rows a pass: "
                               "prepare it with this data.limit")
