@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sftune.cli import main
-from sftune.distill.saved_stream import check_of, row_key
+from sftune.distill.saved_stream import HEAD, check_of, row_key
 from sftune.errors import ConfigError
 from sftune.training import train
 
@@ -187,12 +187,27 @@ def test_resume_mid_stream_is_bit_exact(saved_mix, dropout_model_dir, qa_rows_fi
 
 
 def test_other_data_is_refused_at_the_first_example_that_differs(saved_one, tiny_model_dir, qa_rows_file, tmp_path):
+    """Checked as each example is batched, and each source's first examples and the first window at start-up."""
     out, _ = saved_one
+    more = {**ONE, "train.max_steps": 8}
     rows = [dict(r) for r in QA_ROWS]
-    rows[21]["output"] = "other " * 3  # past the examples that identify the source: found when looked up
+    assert sorted(k >> 10 for k, _, _ in shard_rows(out))[HEAD - 1] < 21
+    rows[21]["output"] = "other " * 3  # past the first examples (checked at start-up): found when batched
     changed = write_jsonl(tmp_path / "qa.jsonl", rows)
     with pytest.raises(ConfigError, match=r"other data: source '.*qa.jsonl', row 21 has other tokens"):
-        train(train_config(tiny_model_dir, changed, tmp_path / "a", **ONE, **{"distill.saved": str(out)}))
+        train(train_config(tiny_model_dir, changed, tmp_path / "a", **more, **{"distill.saved": str(out)}))
+    rows = [dict(r) for r in QA_ROWS]
+    rows[2]["output"] = "other " * 3  # among the first examples: refused at start-up, before a step
+    with pytest.raises(ConfigError, match=r"other data: source '.*qa.jsonl', row 2 has other tokens"):
+        train(train_config(tiny_model_dir, write_jsonl(tmp_path / "qa.jsonl", rows), tmp_path / "a1", **more,
+                           **{"distill.saved": str(out)}))
+    assert not (tmp_path / "a1" / "metrics.jsonl").exists() or not records(tmp_path / "a1")
+    skipped = sorted(set(range(24)) - {k >> 10 for k, _, _ in shard_rows(out)})  # too long when prepared
+    rows = [dict(r) for r in QA_ROWS]
+    rows[skipped[-1]] = {"instruction": "short", "output": "now"}  # kept now, and nothing was saved for it
+    changed = write_jsonl(tmp_path / "qa.jsonl", rows)
+    with pytest.raises(ConfigError, match=rf"holds no teacher rows for source '.*qa.jsonl', row {skipped[-1]}:"):
+        train(train_config(tiny_model_dir, changed, tmp_path / "a2", **more, **{"distill.saved": str(out)}))
     with pytest.raises(ConfigError, match=r"holds the first 24 rows of source .* reads all its rows"):
         train(train_config(tiny_model_dir, qa_rows_file, tmp_path / "b", **{**ONE, "data.limit": None},
                            **{"distill.saved": str(out)}))
@@ -259,3 +274,18 @@ def test_a_stream_gives_each_key_the_tokens_of_its_first_pass(tmp_path, tiny_tok
         assert first[e.source][(e.file, e.row, e.part)] == check_of(e.ids, e.labels)
         seen.add((e.source, e.file, e.row, e.part))
     assert s.buffers[0].reader.cursor["pass"] >= 2 and len(seen) == len(first[0]) + len(first[1])
+
+
+def test_prepare_refuses_examples_with_images(tmp_path, monkeypatch):
+    """A streamed example carrying images cannot get a text teacher's rows: refused, naming it."""
+    import numpy as np
+
+    import sftune.distill.saved_stream as saved_stream
+    from sftune.data.examples import StreamExample
+
+    e = StreamExample(np.arange(4), np.arange(4), None, 0, 7, {"images": ["a.png"]}, 1, 0)
+    monkeypatch.setattr(saved_stream, "first_pass", lambda *a, **kw: iter([([e], {"in_pass": 8})]))
+    monkeypatch.setattr(saved_stream, "file_names", lambda spec: ["a.jsonl", "b.jsonl"])
+    stream = type("S", (), {"specs": [type("Spec", (), {"label": "pics"})()]})()
+    with pytest.raises(ConfigError, match="source 'pics', row 7 of b.jsonl carries images"):
+        saved_stream.write_source(stream, 0, tmp_path, 5, None)

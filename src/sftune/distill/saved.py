@@ -302,7 +302,10 @@ def _attach_streamed(saved: str, out: Path, manifest: dict, data) -> None:
         done = json.loads((out / entry["dir"] / saved_stream.DONE).read_text())
         rows.append(saved_stream.SavedRows(out / entry["dir"], done, manifest["k"]))
         files.append(one["files"])
-    data.lookups.append(saved_stream.lookup(saved, KIND, [s.label for s in stream.specs], files, rows))
+    find = saved_stream.lookup(saved, KIND, [s.label for s in stream.specs], files, rows)
+    for i in range(len(stream.specs)):
+        saved_stream.check_head(stream, i, find)
+    data.lookups.append(find)
     data.train = ExampleList(data.train.items, data.lookups)
     for i in range(len(data.train)):  # the first window: a saved directory for other data is refused here
         data.train.extras(i)

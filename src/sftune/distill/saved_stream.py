@@ -18,7 +18,9 @@ memory but the shards' first keys. A resumed stream needs nothing new.
 
 Training looks each example up when its micro-batch is collated (:func:`lookup`); an example
 whose key is missing, or whose tokens hash differently from the saved example's, is refused at
-once, naming its source, file and row: the rows are for other data.
+once, naming its source, file and row: the rows are for other data. Each source's first examples
+and the stream's first window are looked up at start-up (:func:`check_head`), so a directory made
+with another tokenizer, format or max_length is refused before the first step.
 """
 
 from __future__ import annotations
@@ -80,6 +82,19 @@ def fingerprint(stream, s: int) -> str:
         if seen >= HEAD:
             break
     return h.hexdigest()[:32]
+
+
+def check_head(stream, s: int, find) -> None:
+    """Look source ``s``'s first :data:`HEAD` kept examples up with ``find`` (a :func:`lookup`): rows
+    for other data (another tokenizer, format or max_length, changed first rows) are refused at
+    start-up, naming the first example that differs."""
+    seen = 0
+    for examples, _ in first_pass(stream, s):
+        for e in examples:
+            find(e)
+            seen += 1
+        if seen >= HEAD:
+            return
 
 
 def where(label: str, files: list[str], e) -> str:
