@@ -191,11 +191,13 @@ def test_other_data_is_refused_at_the_first_example_that_differs(saved_one, tiny
     out, _ = saved_one
     more = {**ONE, "train.max_steps": 8}
     rows = [dict(r) for r in QA_ROWS]
-    assert sorted(k >> 10 for k, _, _ in shard_rows(out))[HEAD - 1] < 21
-    rows[21]["output"] = "other " * 3  # past the first examples (checked at start-up): found when batched
+    kept = sorted(k >> 10 for k, _, _ in shard_rows(out))
+    assert kept[HEAD - 1] < kept[-1]
+    rows[kept[-1]]["output"] = "other " * 3  # past the first examples (checked at start-up): found when batched
     changed = write_jsonl(tmp_path / "qa.jsonl", rows)
-    with pytest.raises(ConfigError, match=r"other data: source '.*qa.jsonl', row 21 has other tokens"):
+    with pytest.raises(ConfigError, match=rf"other data: source '.*qa.jsonl', row {kept[-1]} has other tokens"):
         train(train_config(tiny_model_dir, changed, tmp_path / "a", **more, **{"distill.saved": str(out)}))
+    assert records(tmp_path / "a")  # it trained the steps before that example
     rows = [dict(r) for r in QA_ROWS]
     rows[2]["output"] = "other " * 3  # among the first examples: refused at start-up, before a step
     with pytest.raises(ConfigError, match=r"other data: source '.*qa.jsonl', row 2 has other tokens"):
