@@ -120,6 +120,7 @@ def test_prepare_resumes_by_shard(saved_mix, monkeypatch):
     shards = sorted((d / "shards").iterdir())
     assert len(shards) == 3  # 12 examples, at least 5 a shard, each ending at a row
     shutil.rmtree(shards[-1])
+    shutil.copytree(shards[0], d / "shards" / "shard-00003")  # a stale shard after the missing one: dropped
     (d / "done.json").unlink()
     (d / "shards" / "shard-00002.tmp").mkdir()  # a shard cut short is written again
     kept = {p: p.stat().st_mtime_ns for p in shards[:-1]}
@@ -136,6 +137,7 @@ def test_prepare_resumes_by_shard(saved_mix, monkeypatch):
     assert main(args) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items()) and shards[-1].exists()
     assert not (d / "shards" / "shard-00002.tmp").exists() and (d / "done.json").exists()
+    assert sorted(p.name for p in (d / "shards").iterdir()) == [p.name for p in shards]
     assert shard_rows(d) == before
     cursors = [c for i, c in starts if i == 1 and c is not None]  # the stories' rows: after the 2nd shard's last
     assert len(cursors) == 1 and cursors[0]["in_pass"] == json.loads((shards[1] / "shard.json").read_text())[

@@ -121,6 +121,9 @@ def write_source(stream, s: int, out: Path, shard_size: int, teacher_rows, conso
         if not (path / SHARD_INFO).exists():
             break
         infos.append(json.loads((path / SHARD_INFO).read_text()))
+    for path in shards.iterdir():  # after the first missing shard (or cut short): written again, identically
+        if not path.name.startswith("shard-") or path.name[6:11] >= f"{len(infos):05d}":
+            shutil.rmtree(path)
     already = len(infos)
     label = stream.specs[s].label
 
@@ -176,6 +179,9 @@ class SavedRows:
     def __init__(self, out: Path, done: dict, k: int):
         self.out, self.k = out, k
         self.first = np.asarray([f for f, _ in done["shards"]], dtype=np.int64)
+        if np.any(np.diff(self.first) <= 0):
+            raise ConfigError(f"{out}/{DONE} lists its shards out of order: rerun sftune distill-prepare with "
+                              "another --out")
         self._tables: dict[int, tuple] = {}
 
     def _table(self, n: int):
