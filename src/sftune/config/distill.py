@@ -28,8 +28,10 @@ class DistillConfig(Section):
     log-probabilities at every trained position of this run's data, read instead of running the
     teacher (the saved path). Needs ``distill.top_k`` equal to or below the saved k. With
     ``data.sources`` the rows are saved per source and found by each source's tokenized examples, so
-    the mixture's weights, seed and epochs may change without preparing again; ``data.streaming`` is
-    not supported (use the live teacher). ``columns``: the training data itself carries them
+    the mixture's weights, seed and epochs may change without preparing again. With
+    ``data.streaming`` (prepared with it too) the rows are keyed by each example's file, row and part
+    and checked against a hash of its tokens as it is looked up: any seed, weights or resume; rows for
+    other data are refused at the first example that differs. ``columns``: the training data itself carries them
     (pre-tokenized rows in Axolotl's KD layout: ``target_token_ids``, ``target_logprobs``, optionally
     ``target_mask``, one row per input position; with ``data.sources``, every source)."""
 

@@ -57,19 +57,25 @@ class StreamExample(NamedTuple):
     """Its row number in that source."""
     extras: dict[str, Any] | None = None
     """Its data beside the tokens, ``{kind: payload}`` (None for text)."""
+    file: int = 0
+    """The index of its row's file among the source's files (0: one file, a hub dataset)."""
+    part: int = 0
+    """Which of its row's examples it is (a row can give several), from 0."""
 
 
 class ExampleList:
-    """A list of :class:`StreamExample` behind the :class:`ExampleSet` interface."""
+    """A list of :class:`StreamExample` behind the :class:`ExampleSet` interface. ``lookups``:
+    functions ``example -> {kind: payload}`` whose data joins each example's extras when asked
+    (a saved teacher's rows, found by the example's source and row: :mod:`sftune.distill.saved`)."""
 
-    def __init__(self, examples: list[StreamExample]):
-        self.items = examples
+    def __init__(self, examples: list[StreamExample], lookups=()):
+        self.items, self.lookups = examples, tuple(lookups)
         self.lengths = np.asarray([len(e.ids) for e in examples], dtype=np.int64)
         self.rows = np.asarray([e.row for e in examples], dtype=np.int64)
         self.source = np.asarray([e.source for e in examples], dtype=np.int64)
         self.n_loss = np.asarray([int((e.labels != -100).sum()) for e in examples], dtype=np.int64)
         self.weighted = any(e.weights is not None for e in examples)
-        self.has_extras = any(e.extras for e in examples)
+        self.has_extras = bool(self.lookups) or any(e.extras for e in examples)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -82,4 +88,7 @@ class ExampleList:
         return e.weights if e.weights is not None else (e.labels != -100).astype(np.float32)
 
     def extras(self, i: int) -> dict:
-        return dict(self.items[i].extras or {})
+        out = dict(self.items[i].extras or {})
+        for lookup in self.lookups:
+            out.update(lookup(self.items[i]))
+        return out

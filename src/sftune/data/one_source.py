@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -137,6 +137,9 @@ class PreparedData:
     stream: Callable[[], Any] | None = None
     """A streamed run's fresh :class:`~sftune.data.stream.Stream` of its examples (None in memory:
     ``train`` is then the whole data)."""
+    lookups: list = field(default_factory=list)
+    """A streamed run's functions ``example -> {kind: payload}`` whose data joins its examples'
+    extras when batched (:class:`~sftune.data.examples.ExampleList`): its streams share this list."""
 
 
 def tokenizer_signature(tokenizer) -> str:

@@ -1,7 +1,7 @@
 """Row readers for streaming: one source's rows in order, read lazily, resumable by cursor.
 
 A :class:`RowReader` walks a source's files (one file, a directory's files of ``data.split``, or a
-glob) and yields ``(row, row_number)``; its :attr:`cursor` says where it stands, and a reader
+glob) and yields ``(row, row_number, file_index)``; its :attr:`cursor` says where it stands, and a reader
 built with that cursor continues from there without reading what came before:
 
 * JSON lines: the byte offset of the next line (``seek``);
@@ -70,6 +70,7 @@ class RowReader:
         self.files = stream_files(cfg)
         self.cursor = dict(cursor or {"pass": 0, "file": 0, "offset": 0, "row": 0, "read": 0, "in_pass": 0})
         self._it = None
+        self._file = 0  # the open file's index in ``files`` (0: a hub dataset)
 
     def _order(self, p: int) -> list[int]:
         n = len(self.files)
@@ -80,7 +81,8 @@ class RowReader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[dict, int]:
+    def __next__(self) -> tuple[dict, int, int]:
+        """``(row, its number in its file, the file's index in files)``."""
         while True:  # past empty files and the ends of passes (a pass without rows raises in _new_pass)
             if self._it is None:
                 self._it = self._open()
@@ -101,7 +103,7 @@ class RowReader:
             c["in_pass"] += 1
             for col in self.cfg.remove_columns:
                 row.pop(col, None)
-            return row, number
+            return row, number, self._file
 
     def _end_of_file(self) -> None:
         c = self.cursor
@@ -120,7 +122,8 @@ class RowReader:
         c = self.cursor
         if self.files is None:
             return self._hub(c["in_pass"])
-        path = self.files[self._order(c["pass"])[c["file"]]]
+        self._file = self._order(c["pass"])[c["file"]]
+        path = self.files[self._file]
         kind = KINDS[Path(path).suffix.lower()]
         if kind in ("jsonl", "json"):
             with open(path, "rb") as f:
@@ -190,6 +193,6 @@ class RowReader:
 
 def peek_columns(cfg: DataConfig) -> list[str]:
     """The columns of a streamed source's first row."""
-    row, _ = next(RowReader(cfg, 0, 0))
+    row = next(RowReader(cfg, 0, 0))[0]
     return [c for c in row if c not in cfg.remove_columns]
 

@@ -80,14 +80,16 @@ class Stream:
     """The chain up to packed units (lists of :class:`~sftune.data.examples.StreamExample`)."""
 
     @classmethod
-    def for_run(cls, specs: list[SourceSpec], cfg, tokenizer, max_length: int, seed: int) -> "Stream":
+    def for_run(cls, specs: list[SourceSpec], cfg, tokenizer, max_length: int, seed: int,
+                lookups: list | None = None) -> "Stream":
         """A fresh stream of a run's sources, with ``cfg``'s (``data.*``) packing and buffers."""
         return cls(specs, tokenizer, max_length, seed=seed, packing=cfg.packing, pack_buffer=cfg.pack_buffer,
-                   shuffle_buffer=cfg.shuffle_buffer)
+                   shuffle_buffer=cfg.shuffle_buffer, lookups=lookups)
 
     def __init__(self, specs: list[SourceSpec], tokenizer, max_length: int, *, seed: int, packing: bool,
-                 pack_buffer: int, shuffle_buffer: int):
+                 pack_buffer: int, shuffle_buffer: int, lookups: list | None = None):
         self.specs, self.max_length, self.seed = specs, max_length, seed
+        self.lookups = lookups if lookups is not None else []  # ExampleList's lookups, shared with PreparedData
         self.packing, self.pack_buffer, self.shuffle_buffer = packing, pack_buffer, shuffle_buffer
         self.mixture = Mixture([s.weight for s in specs], seed)
         self.formats, self.tokenizers = [], []
@@ -113,33 +115,41 @@ class Stream:
         rows = [self.buffers[s].next() for s in sources]
         out_by_pos: dict[int, list] = {}
         for s in np.unique(sources).tolist():
-            pos = np.flatnonzero(sources == s).tolist()
-            keys = list(dict.fromkeys(k for p in pos for k in rows[p][0]))
-            batch = {k: [rows[p][0].get(k) for p in pos] for k in keys}
-            batch["__row__"] = pos
-            out = self.tokenizers[s](batch)
-            c = self.counts[s]
-            c["rows_read"] += len(pos)
-            for k, p in enumerate(out["row"]):
-                row_no = rows[p][1]
-                if out["skip"][k]:
-                    why = out["skip"][k]
-                    c["skipped"][why] = c["skipped"].get(why, 0) + 1
-                    c["skipped_rows"].setdefault(why, [])
-                    if len(c["skipped_rows"][why]) < 5:
-                        c["skipped_rows"][why].append(row_no)
-                    continue
-                c["kept"] += 1
-                c["truncated"] += bool(out["truncated"][k])
-                w = np.asarray(out["weights"][k], dtype=np.float32)
-                weights = None if np.all((w == 0) | (w == 1)) else w
-                extras = {key[len(EXTRA_PREFIX):]: out[key][k] for key in out
-                          if key.startswith(EXTRA_PREFIX) and out[key][k] is not None}
-                out_by_pos.setdefault(p, []).append(StreamExample(np.asarray(out["input_ids"][k], dtype=np.int32),
-                                                            np.asarray(out["labels"][k], dtype=np.int32), weights,
-                                                            s, row_no, extras or None))
+            out_by_pos.update(self.tokenize_rows(s, rows, np.flatnonzero(sources == s).tolist()))
         for p in sorted(out_by_pos):
             self.pending.extend(out_by_pos[p])
+
+    def tokenize_rows(self, s: int, rows: list, pos: list[int]) -> dict[int, list[StreamExample]]:
+        """Source ``s``'s rows ``rows[p]`` (``(row, number, file)``) for ``p`` in ``pos``, tokenized
+        together: each position's kept examples (skips counted in ``counts[s]``)."""
+        keys = list(dict.fromkeys(k for p in pos for k in rows[p][0]))
+        batch = {k: [rows[p][0].get(k) for p in pos] for k in keys}
+        batch["__row__"] = pos
+        out = self.tokenizers[s](batch)
+        c = self.counts[s]
+        c["rows_read"] += len(pos)
+        out_by_pos: dict[int, list] = {}
+        for k, p in enumerate(out["row"]):
+            row_no = rows[p][1]
+            if out["skip"][k]:
+                why = out["skip"][k]
+                c["skipped"][why] = c["skipped"].get(why, 0) + 1
+                c["skipped_rows"].setdefault(why, [])
+                if len(c["skipped_rows"][why]) < 5:
+                    c["skipped_rows"][why].append(row_no)
+                continue
+            c["kept"] += 1
+            c["truncated"] += bool(out["truncated"][k])
+            w = np.asarray(out["weights"][k], dtype=np.float32)
+            weights = None if np.all((w == 0) | (w == 1)) else w
+            extras = {key[len(EXTRA_PREFIX):]: out[key][k] for key in out
+                      if key.startswith(EXTRA_PREFIX) and out[key][k] is not None}
+            file = rows[p][2] if len(rows[p]) > 2 else 0  # a position saved before rows named their file: 0
+            mine = out_by_pos.setdefault(p, [])
+            mine.append(StreamExample(np.asarray(out["input_ids"][k], dtype=np.int32),
+                                      np.asarray(out["labels"][k], dtype=np.int32), weights, s, row_no, extras or None,
+                                      file, len(mine)))
+        return out_by_pos
 
     def next_example(self) -> StreamExample:
         """The next tokenized example, in the mixture's order (before packing)."""
@@ -194,7 +204,7 @@ class StreamBatches:
         units = [self.stream.next_unit() for _ in range(self.plan.step_units)]
         self.next_step = step + 1
         examples = [e for u in units for e in u]
-        data = ExampleList(examples)
+        data = ExampleList(examples, self.stream.lookups)  # a lookup asks only for this rank's examples
         for e in examples:  # per-source accounting of what is trained (every rank counts the whole step)
             c = self.stream.counts[e.source]
             c["examples_trained"] += 1
@@ -287,7 +297,8 @@ def prepare_stream(cfg, tokenizer, max_length: int, seed: int, specs: list[Sourc
     factory of the run's fresh streams (training's, preview's)."""
     if cfg.eval_split is not None:
         raise ConfigError("data.eval_split is not supported with data.streaming=true yet: set data.eval_split=null")
-    new_stream = functools.partial(Stream.for_run, specs, cfg, tokenizer, max_length, seed)
+    lookups: list = []  # filled by distill.saved (sftune.distill.saved), read by every stream of the run
+    new_stream = functools.partial(Stream.for_run, specs, cfg, tokenizer, max_length, seed, lookups)
     stream = new_stream()
     peek = [stream.next_example() for _ in range(min(PEEK, cfg.pack_buffer))]
     report = DataReport(source=", ".join(s.label for s in specs) + " (streamed)",
@@ -297,4 +308,26 @@ def prepare_stream(cfg, tokenizer, max_length: int, seed: int, specs: list[Sourc
     report.sources = source_entries(stream)
     source = Source(train=None, eval=None, name=specs[0].label, rows_read=0)
     return PreparedData(ExampleList(peek), None, report, None, stream.formats[0], source, max_length,
-                        stream=new_stream)
+                        stream=new_stream, lookups=lookups)
+
+
+def first_pass(stream: Stream, s: int, cursor: dict | None = None, *, limit: int | None | str = "own"):
+    """Source ``s``'s first pass in its files' order (no shuffle, no mixture), from ``cursor`` (a
+    reader's, inside that pass): ``(kept examples, reader cursor after it)`` per row, tokenized as
+    the stream tokenizes them (``CHUNK`` rows together). ``sftune distill-prepare`` reads a stream so.
+    ``limit``: rows in the pass (``"own"``: the source's ``data.limit``; None: all)."""
+    cfg = stream.specs[s].cfg
+    reader = RowReader(cfg if limit == "own" else cfg.model_copy(update={"limit": limit}), s, stream.seed, cursor)
+    ended = False
+    while not ended:
+        rows, cursors = [], []
+        while len(rows) < CHUNK:
+            row = next(reader)
+            if reader.cursor["pass"] > 0:
+                ended = True
+                break
+            rows.append(row)
+            cursors.append(dict(reader.cursor))
+        got = stream.tokenize_rows(s, rows, list(range(len(rows)))) if rows else {}
+        for p, cur in enumerate(cursors):
+            yield got.get(p, []), cur

@@ -15,8 +15,9 @@ one-source saved directory), and the top ``manifest.json`` lists the sources wit
 fingerprints. Training finds each source's rows by its fingerprint and attaches them to that
 source's tokenized set; the mixture passes them through, so every drawn example (in any pass,
 order, weight or seed of the mixture) carries its own rows, and one prepared directory serves any
-weights. Streams (``data.streaming``) are refused: a stream's examples are tokenized in a window
-and do not index a source's kept examples (rows keyed by the source's row number would fit them).
+weights. A stream (``data.streaming``, one source or several) keys its rows by each example's
+source file, row and part instead, checked per example by a hash of its tokens
+(:mod:`sftune.distill.saved_stream`); the directories are laid out the same way.
 
 :func:`attach_saved` adds the rows to the run's tokenized set as the ``teacher`` kind of the data
 seam (:mod:`sftune.data.extras`); :func:`collate_teacher` turns a micro-batch's payloads into
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 import sftune.data.extras as data_extras
+import sftune.distill.saved_stream as saved_stream  # not "from sftune.distill import": the package imports this module
 from sftune.data.tokenize import IGNORE
 from sftune.errors import ConfigError
 
@@ -128,7 +130,8 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     each source's kept examples, tokenized on their own as training tokenizes them, get such a
     directory under ``out_dir/sources/NN-<name>/``, listed with their fingerprints in
     ``out_dir/manifest.json``; the rows do not depend on the weights, the seed or the order of the
-    mixture (training finds each source's rows by its fingerprint)."""
+    mixture (training finds each source's rows by its fingerprint). A stream (``data.streaming``):
+    the same layout, each source's first pass keyed by row (:mod:`sftune.distill.saved_stream`)."""
     from sftune.data.chain import prepare
     from sftune.distill.teacher import load_teacher
     from sftune.model import load_model_config, load_tokenizer, resolve_max_length
@@ -137,10 +140,6 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     d = cfg.distill
     if not d.teacher:
         raise ConfigError("sftune distill-prepare needs distill.teacher=DIR (the teacher to run)")
-    if cfg.data.streaming:
-        raise ConfigError("sftune distill-prepare reads in-memory data: data.streaming is not supported for saved "
-                          "teacher rows yet (use the live teacher: distill.teacher without distill.saved, or "
-                          "data.streaming=false)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, _ = load_tokenizer(cfg)
     max_length = resolve_max_length(cfg, tokenizer, load_model_config(cfg))
@@ -150,6 +149,9 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     out = Path(out_dir)
     head = {"version": VERSION, "teacher": teacher.path, "k": d.prepare_top_k}
     tail = {"shard_size": d.prepare_shard_size, "vocab": len(tokenizer), "max_length": max_length}
+    if data.stream is not None:
+        return _prepare_streamed(cfg, data, out, {**head, **tail, "streamed": True}, teacher, tokenizer, device,
+                                 console)
     sets = source_sets(data)
     if not cfg.data.sources:
         train = sets[0][1]
@@ -183,12 +185,9 @@ def _write_source(train, out: Path, manifest: dict, teacher, tokenizer, device, 
     """One tokenized set's rows: ``out/manifest.json`` and ``out/shards/shard-NNNNN`` (finished shards skipped)."""
     import datasets
 
-    from sftune.data.packing import collate
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     size = manifest["shard_size"]
-    per = PREPARE_BATCH if teacher.lm.fused else 1  # its own logits: [one example's positions, vocab] at a time
     k = min(manifest["k"], len(tokenizer))
     shards = _shards(out, len(train), size)
     done = 0
@@ -196,26 +195,8 @@ def _write_source(train, out: Path, manifest: dict, teacher, tokenizer, device, 
         if path.exists():
             done += 1
             continue
-        rows = {"ids": [], "logprobs": [], "target": []}
         lo, hi = s * size, min(len(train), (s + 1) * size)
-        for g in range(lo, hi, per):
-            examples = [train.example(i) for i in range(g, min(hi, g + per))]
-            batch = collate([[ex] for ex in examples], tokenizer.pad_token_id or 0)
-            chunk = teacher.rows({**batch.inputs(device), "doc_bounds": None, "model_inputs": None})
-            got = {"ids": [], "logprobs": [], "target": []}
-            for a in range(0, batch.n_loss, 256):
-                c = chunk(a, min(batch.n_loss, a + 256))
-                top = torch.log_softmax(c.logits.float(), -1).topk(k, -1)  # sorted, most likely first
-                got["ids"].append(top.indices.int().cpu())
-                got["logprobs"].append(top.values.cpu())
-                got["target"].append((-c.ce.float()).cpu())
-            got = {key: torch.cat(v) for key, v in got.items()}
-            start = 0
-            for ids, labels in examples:  # each example's loss positions, in order (as collate finds them)
-                n = int((np.asarray(labels[1:]) != IGNORE).sum())
-                for key in rows:
-                    rows[key].append(got[key][start:start + n].tolist())
-                start += n
+        rows = _teacher_rows([train.example(i) for i in range(lo, hi)], teacher, tokenizer, device, k)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         datasets.Dataset.from_dict(rows, features=datasets.Features({
@@ -228,6 +209,110 @@ def _write_source(train, out: Path, manifest: dict, teacher, tokenizer, device, 
     if console is not None:
         console.print(f"saved the teacher's top {k} at every trained position of {len(train)} examples to {out} "
                       f"({len(shards)} shards, {done} already there)", markup=False)
+
+
+def _teacher_rows(examples: list, teacher, tokenizer, device, k: int) -> dict[str, list]:
+    """The teacher's top-k ids and log-probabilities and the target's log-probability at each loss
+    position of each ``(ids, labels)`` example, in order: one list per example and column."""
+    from sftune.data.packing import collate
+
+    rows = {"ids": [], "logprobs": [], "target": []}
+    per = PREPARE_BATCH if teacher.lm.fused else 1  # its own logits: [one example's positions, vocab] at a time
+    for g in range(0, len(examples), per):
+        group = [(ex[0], ex[1]) for ex in examples[g:g + per]]
+        batch = collate([[ex] for ex in group], tokenizer.pad_token_id or 0)
+        chunk = teacher.rows({**batch.inputs(device), "doc_bounds": None, "model_inputs": None})
+        got = {"ids": [], "logprobs": [], "target": []}
+        for a in range(0, batch.n_loss, 256):
+            c = chunk(a, min(batch.n_loss, a + 256))
+            top = torch.log_softmax(c.logits.float(), -1).topk(k, -1)  # sorted, most likely first
+            got["ids"].append(top.indices.int().cpu())
+            got["logprobs"].append(top.values.cpu())
+            got["target"].append((-c.ce.float()).cpu())
+        got = {key: torch.cat(v) for key, v in got.items()}
+        start = 0
+        for ids, labels in group:  # each example's loss positions, in order (as collate finds them)
+            n = int((np.asarray(labels[1:]) != IGNORE).sum())
+            for key in rows:
+                rows[key].append(got[key][start:start + n].tolist())
+            start += n
+    return rows
+
+
+def _prepare_streamed(cfg, data, out: Path, head: dict, teacher, tokenizer, device, console) -> dict:
+    """``prepare_saved`` over a stream: each source's first pass, keyed by row (:mod:`.saved_stream`)."""
+    stream = data.stream()
+    k = min(head["k"], len(tokenizer))
+    entries, dirs, limits = [], {}, {}
+    for i, spec in enumerate(stream.specs):
+        fp = saved_stream.fingerprint(stream, i)
+        dirs.setdefault(fp, _source_dir(i, spec.label) if cfg.data.sources else ".")
+        entries.append({"label": spec.label, "dir": dirs[fp], "fingerprint": fp})
+        longest = limits.get(fp, 0)  # a source listed twice with two limits: the longer pass serves both
+        limits[fp] = None if spec.cfg.limit is None or longest is None else max(longest, spec.cfg.limit)
+    if cfg.data.sources:
+        manifest = {**head, "sources": entries}
+        _check_manifest(out / "manifest.json", manifest)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    written = set()
+    for i, (spec, entry) in enumerate(zip(stream.specs, entries)):
+        if entry["dir"] in written:
+            continue
+        written.add(entry["dir"])
+        limit = limits[entry["fingerprint"]]
+        one = {**head, "fingerprint": entry["fingerprint"], "limit": limit, "files": saved_stream.file_names(spec)}
+        _check_manifest(out / entry["dir"] / "manifest.json", one)
+        (out / entry["dir"]).mkdir(parents=True, exist_ok=True)
+        (out / entry["dir"] / "manifest.json").write_text(json.dumps(one, indent=2))
+        saved_stream.write_source(stream, i, out / entry["dir"], head["shard_size"],
+                                  lambda exs: _teacher_rows(exs, teacher, tokenizer, device, k), console, limit)
+    return manifest if cfg.data.sources else one
+
+
+def _attach_streamed(saved: str, out: Path, manifest: dict, data) -> None:
+    """``attach_saved`` for a stream: each source's rows (found by fingerprint in a mixture) become a
+    lookup of its streams' batches; the first window is looked up now (a mismatch shows at once)."""
+    from sftune.data.examples import ExampleList
+
+    if not manifest.get("streamed"):
+        raise ConfigError(f"distill.saved={saved} was prepared from in-memory data, and this run streams "
+                          "(data.streaming=true): prepare it with data.streaming=true, or train without streaming")
+    stream = data.stream()
+    entries = manifest.get("sources") or [{"label": None, "dir": ".", "fingerprint": manifest["fingerprint"]}]
+    rows, files = [], []
+    for i, spec in enumerate(stream.specs):
+        # one source to one directory: no fingerprint (its examples are checked one by one, naming the first
+        # that differs); a mixture finds each source's directory by its fingerprint
+        fp = saved_stream.fingerprint(stream, i) if len(entries) > 1 or len(stream.specs) > 1 else None
+        entry = entries[0] if fp is None else next((e for e in entries if e["fingerprint"] == fp), None)
+        if entry is None:
+            made = ", ".join(repr(e["label"]) for e in entries) if "sources" in manifest else "one other source"
+            raise ConfigError(f"distill.saved={saved} was prepared for other data: none of its sources ({made}) "
+                              f"starts with the examples of this run's streamed source {spec.label!r} (its files, "
+                              "data, tokenizer, format or max_length changed): rerun sftune distill-prepare with "
+                              "this config")
+        one = _read_manifest(out / entry["dir"], saved)
+        if one["k"] != manifest["k"] or one.get("fingerprint") != entry["fingerprint"]:
+            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} does not match its manifest.json: "
+                              "rerun sftune distill-prepare with another --out")
+        if one["limit"] is not None and (spec.cfg.limit or 1 << 62) > one["limit"]:
+            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} holds the first {one['limit']} rows of "
+                              f"source {spec.label!r}, and this run reads {spec.cfg.limit or 'all its'} rows a pass: "
+                              "prepare it with this data.limit")
+        if not (out / entry["dir"] / saved_stream.DONE).exists():
+            raise ConfigError(f"distill.saved={saved} is incomplete (source {spec.label!r} was not finished in "
+                              f"{out / entry['dir']}): rerun sftune distill-prepare with the same --out to finish it")
+        done = json.loads((out / entry["dir"] / saved_stream.DONE).read_text())
+        rows.append(saved_stream.SavedRows(out / entry["dir"], done, manifest["k"]))
+        files.append(one["files"])
+    find = saved_stream.lookup(saved, KIND, [s.label for s in stream.specs], files, rows)
+    for i in range(len(stream.specs)):
+        saved_stream.check_head(stream, i, find)
+    data.lookups.append(find)
+    data.train = ExampleList(data.train.items, data.lookups)
+    for i in range(len(data.train)):  # the first window: a saved directory for other data is refused here
+        data.train.extras(i)
 
 
 def _read_manifest(out: Path, saved: str) -> dict:
@@ -244,14 +329,21 @@ def attach_saved(saved: str, data, tokenizer) -> tuple[int, dict]:
     fingerprint), so every drawn example, in any pass or order, carries its own rows."""
     out = Path(saved)
     manifest = _read_manifest(out, saved)
-    if getattr(data, "stream", None) is not None:
-        raise ConfigError("distill.saved reads in-memory data: data.streaming is not supported with saved teacher "
-                          "rows yet (use the live teacher, or data.streaming=false)")
-    if not all(hasattr(part, "add_extra") for _, part in source_sets(data)):
-        raise ConfigError("distill.saved needs the training data tokenized by sftune (data.path or data.sources)")
     if manifest["vocab"] != len(tokenizer):
         raise ConfigError(f"distill.saved={saved} was prepared with a {manifest['vocab']}-token tokenizer; this run's "
                           f"has {len(tokenizer)}: prepare it with the student's tokenizer")
+    if getattr(data, "stream", None) is not None:
+        if manifest["max_length"] != data.max_length:
+            raise ConfigError(f"distill.saved={saved} was prepared for other data (max_length {manifest['max_length']}"
+                              f"; this run's is {data.max_length}): rerun sftune distill-prepare with this config")
+        _attach_streamed(saved, out, manifest, data)
+        k = manifest["k"]
+        return k, {"teacher": manifest["teacher"], "how": "saved", "saved": str(out), "saved_k": k}
+    if manifest.get("streamed"):
+        raise ConfigError(f"distill.saved={saved} was prepared from a stream (data.streaming=true): train with "
+                          "data.streaming=true, or prepare it again without streaming")
+    if not all(hasattr(part, "add_extra") for _, part in source_sets(data)):
+        raise ConfigError("distill.saved needs the training data tokenized by sftune (data.path or data.sources)")
     entries = manifest.get("sources") or [{"label": None, "dir": ".", "examples": manifest["examples"],
                                            "fingerprint": manifest["fingerprint"]}]
     sets = source_sets(data)
