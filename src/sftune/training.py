@@ -29,7 +29,7 @@ from sftune.config import Config, config_to_yaml
 from sftune.data.chain import DataPlan, plan, prepare, require_steps
 from sftune.data.one_source import PreparedData
 from sftune.digests import forget_model
-from sftune.distill import attach as attach_distillation
+from sftune.distill import attach as attach_distillation, step_batches
 from sftune.distributed import fill_deepspeed_batch_size, is_sharded, whole_root
 from sftune.errors import ConfigError
 from sftune.eval_metrics import eval_loss, generation_eval, sample_generations
@@ -337,7 +337,7 @@ def loop(run: Run, skipped=()) -> LoopResult:
             for step in range(run.start_step, run.total_steps):
                 boundary.begin(step)
                 threads.begin()
-                micro_batches = run.feed(step)
+                micro_batches = step_batches(run, step)  # the data's; on-policy: the student's (sftune.distill)
                 # The normaliser: the loss weight of the whole step, over every micro-batch and rank (a
                 # plain token count unless messages carry weights). Each micro-batch's backward takes
                 # loss_sum / normaliser, so 1x8, 4x2 and 2 ranks x 4 give the same gradients; dividing

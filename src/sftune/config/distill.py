@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sftune.config.roles import Section
 
@@ -79,6 +79,35 @@ class DistillConfig(Section):
     prepare_top_k: int = Field(64, ge=1)
     """``sftune distill-prepare``: how many of the teacher's most likely tokens to save per trained
     position (with their log-probabilities at temperature 1)."""
+
+    on_policy: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    """On-policy distillation (GKD's ``lmbda``): the share of optimizer steps whose completions the
+    student writes itself; the teacher scores the student's tokens. On such a step each example
+    keeps its tokens before its last trained span as the prompt (earlier trained spans become
+    untrained context), the student samples a completion (``distill.sample_temperature``, at most
+    ``distill.max_new_tokens`` tokens, ending at the format's stop token), and only the generated
+    tokens are trained. Which steps is a fixed function of ``train.seed`` and the step, so a resume
+    is exact. 0: off (the data's completions only); 1: every step. Needs the live
+    ``distill.teacher`` (saved rows are for the data's tokens); generation is one example at a time."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    """On-policy steps: the most tokens the student generates per example (also capped so prompt and
+    completion fit ``data.max_length``)."""
+
+    sample_temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    """On-policy steps: the temperature the student samples its completions at (separate from
+    ``distill.temperature``, which is the loss's). 1: the student's own distribution; 0: greedy."""
+
+    @model_validator(mode="after")
+    def _on_policy_needs_a_live_teacher(self):
+        if self.on_policy > 0 and self.saved:
+            raise ValueError(f"distill.on_policy={self.on_policy} needs the live teacher: the saved rows of "
+                             f"distill.saved={self.saved} score the data's tokens, not the student's generations; "
+                             "unset distill.saved (keep distill.teacher) or set distill.on_policy=0")
+        if self.on_policy > 0 and not self.teacher:
+            raise ValueError(f"distill.on_policy={self.on_policy} needs distill.teacher (the model that scores the "
+                             "student's generations)")
+        return self
 
     @property
     def enabled(self) -> bool:

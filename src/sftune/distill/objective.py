@@ -10,7 +10,9 @@ perplexity stay comparable with plain SFT).
 The loop's records get ``distill_loss`` (the divergence per loss token), ``ce_loss`` (the student's
 cross-entropy on the data's tokens), ``teacher_ce`` (the teacher's own cross-entropy on the same
 tokens: the reference line; live teacher, or saved data with the target's log-probability) and
-``teacher_s_per_step`` (time in the live teacher's body, per optimizer step); the first record also carries
+``teacher_s_per_step`` (time in the live teacher's body, per optimizer step); with ``distill.on_policy``
+(:mod:`sftune.distill.on_policy`) also ``on_policy_steps`` (steps since the last record whose completions the
+student wrote) and ``generated_len`` (their mean completion length). The first record also carries
 ``distill``: which teacher, how, its dtype and size (read by ``report.md``).
 """
 
@@ -44,8 +46,8 @@ def saved_rows(extras: dict, n: int):
 class Distiller:
     """The loss model's ``objective`` (see the module docstring); keeps the logged sums."""
 
-    def __init__(self, spec: Spec, teacher=None, described: dict | None = None):
-        self.spec, self.teacher = spec, teacher
+    def __init__(self, spec: Spec, teacher=None, described: dict | None = None, on_policy=None):
+        self.spec, self.teacher, self.on_policy = spec, teacher, on_policy
         self.described = dict(described or {})
         self._pending = self._window = None
         self._told, self._steps = False, 0
@@ -74,6 +76,8 @@ class Distiller:
         """Drop the sums not yet logged (a rollback abandons the steps they came from)."""
         self._pending = self._window = None
         self._steps = 0
+        if self.on_policy is not None:
+            self.on_policy.forget()
 
     def step_end(self, skipped: bool) -> None:
         """A step ended: its sums join the log window, unless the step was skipped (NaN guard)."""
@@ -81,6 +85,8 @@ class Distiller:
             self._window = self._pending if self._window is None else self._window + self._pending
         self._pending = None
         self._steps += 1
+        if self.on_policy is not None:
+            self.on_policy.step_end(skipped)
 
     def record(self, accelerator, world: int) -> dict:
         """The window's figures for a metrics record (reduced over ranks), then a fresh window."""
@@ -88,7 +94,9 @@ class Distiller:
         stats = self._window if self._window is not None else torch.zeros(5, dtype=torch.float64, device=device)
         secs = self.teacher.take_seconds() if self.teacher is not None else 0.0
         steps, self._steps = max(self._steps, 1), 0
-        stats = torch.cat([stats.to(device), torch.tensor([secs / steps, 1.0], dtype=torch.float64, device=device)])
+        made = self.on_policy.take() if self.on_policy is not None else []  # on-policy steps, examples, tokens
+        stats = torch.cat([stats.to(device), torch.tensor([secs / steps, 1.0, *made], dtype=torch.float64,
+                                                          device=device)])
         if world > 1:
             stats = accelerator.reduce(stats, reduction="sum")
         self._window = None
@@ -98,6 +106,10 @@ class Distiller:
             out["teacher_ce"] = float(stats[2] / stats[3])
         if self.teacher is not None:
             out["teacher_s_per_step"] = round(float(stats[5] / stats[6]), 4)  # mean over ranks
+        if made:  # every rank counts each on-policy step once
+            out["on_policy_steps"] = int(round(float(stats[7] / stats[6])))
+            if float(stats[8]) > 0:
+                out["generated_len"] = round(float(stats[9] / stats[8]), 2)
         if not self._told:
             out["distill"], self._told = self.described, True
         return out
@@ -150,11 +162,27 @@ def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
                      top_k_tail=d.top_k_tail if spec.top_k else None)
     if d.saved == "columns" and spec.top_k is None:
         described.update(top_k="all given", top_k_tail=d.top_k_tail)
-    distiller = Distiller(spec, teacher, described)
+    distiller = Distiller(spec, teacher, described, on_policy=on_policy(cfg, data, tokenizer, described))
     lm.objective = distiller
     if console is not None:
         console.print(describe_line(described), markup=False)
     return distiller
+
+
+def on_policy(cfg, data, tokenizer, described: dict):
+    """The run's :class:`~sftune.distill.on_policy.OnPolicy` (None when ``distill.on_policy`` is 0),
+    after refusing what it cannot do exactly (sharded engines, data with images)."""
+    d = cfg.distill
+    if d.on_policy <= 0:
+        return None
+    from sftune.distill.on_policy import OnPolicy, refuse_sharded
+
+    refuse_sharded(False, False)
+    if data.train.has_extras:
+        raise ConfigError("distill.on_policy: the training data carries more than tokens (images): on-policy "
+                          "generation is for text only; set distill.on_policy=0")
+    described.update(on_policy=d.on_policy, max_new_tokens=d.max_new_tokens, sample_temperature=d.sample_temperature)
+    return OnPolicy(d.on_policy, cfg.train.seed, d.max_new_tokens, d.sample_temperature, data.fmt.stop_ids(tokenizer))
 
 
 def describe_line(d: dict) -> str:
@@ -166,8 +194,10 @@ def describe_line(d: dict) -> str:
                ", model check off" if check else "")
     how = (f"live, {d.get('dtype')}, {d.get('parameters', 0):,} parameters, {d.get('weights_mb')} MB{checked}"
            if d.get("how") == "live" else f"saved top-{d.get('saved_k')} from {d.get('saved')}")
+    policy = (f"; on-policy {d['on_policy']} of the steps (the student samples at temperature "
+              f"{d['sample_temperature']}, up to {d['max_new_tokens']} tokens)" if d.get("on_policy") else "")
     return (f"distillation: {loss} from {d.get('teacher') or 'a teacher'} ({how}); alpha {d['alpha']}, "
-            f"temperature {d['temperature']}, {vocab}")
+            f"temperature {d['temperature']}, {vocab}{policy}")
 
 
 DISTILL_SERIES = (("divergence", "distill_loss"), ("student CE", "ce_loss"), ("teacher CE (reference)", "teacher_ce"))
