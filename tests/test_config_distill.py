@@ -17,7 +17,9 @@ def test_off_by_default_and_on_with_a_teacher_or_saved_rows():
 @pytest.mark.parametrize("key,value", [("distill.beta", 1.5), ("distill.beta", -0.1), ("distill.alpha", 2),
                                        ("distill.temperature", 0), ("distill.top_k", 0), ("distill.loss", "kl"),
                                        ("distill.top_k_tail", "drop"), ("distill.teacher_dtype", "int8"),
-                                       ("distill.prepare_top_k", 0)])
+                                       ("distill.prepare_top_k", 0), ("distill.on_policy", 1.5),
+                                       ("distill.on_policy", -0.1), ("distill.max_new_tokens", 0),
+                                       ("distill.sample_temperature", -1)])
 def test_out_of_range_is_refused(key, value):
     with pytest.raises((ConfigError, ValueError)):
         load_config(None, {key: value})
@@ -26,7 +28,8 @@ def test_out_of_range_is_refused(key, value):
 def test_every_key_is_documented_and_listed():
     keys = {k: desc for k, _, desc in describe_keys() if k.startswith("distill.")}
     assert {"distill.teacher", "distill.saved", "distill.loss", "distill.beta", "distill.temperature",
-            "distill.alpha", "distill.top_k", "distill.top_k_tail", "distill.teacher_dtype"} <= set(keys)
+            "distill.alpha", "distill.top_k", "distill.top_k_tail", "distill.teacher_dtype", "distill.on_policy",
+            "distill.max_new_tokens", "distill.sample_temperature"} <= set(keys)
     assert all(len(desc) > 20 for desc in keys.values())
 
 

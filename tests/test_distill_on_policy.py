@@ -1,0 +1,246 @@
+"""On-policy distillation: off is the data exactly; on, every trained token is the student's own
+sample (its cached sampler equals a plain one, greedy equals ``generate``), the teacher scores exactly
+those tokens (the float64 reference), the step choice is fixed by the seed, 1x8 == 4x2, resume is
+bit-exact, and what cannot be made right is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sftune.distill.on_policy import chosen, example_seed, prompt_end, refuse_sharded, rewrite, step_batches
+from sftune.errors import ConfigError
+from sftune.training import loop, setup, train
+
+from conftest import build_model_dir, train_config
+from test_distill_divergence import ref_div, ref_probs
+
+pytestmark = pytest.mark.usefixtures("no_plots")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_tokenizer):
+    return build_model_dir(tmp_path_factory.mktemp("teacher"), tiny_tokenizer, n_embd=48, n_layer=3)
+
+
+def config(model_dir, data, out, teacher, **over):
+    return train_config(model_dir, data, out, **{"distill.teacher": str(teacher), "train.max_steps": 2,
+                                                 "data.max_length": 64, "distill.max_new_tokens": 12, **over})
+
+
+def records(out) -> dict:
+    return {m["step"]: m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m}
+
+
+def examples(batch) -> list[tuple[list[int], list[int]]]:
+    """The batch's trained examples as (ids, targets), split where the positions restart."""
+    out = []
+    for r in range(batch.input_ids.shape[0]):
+        pos = batch.position_ids[r].tolist()
+        starts = [j for j, p in enumerate(pos) if p == 0] + [len(pos)]
+        for a, b in zip(starts, starts[1:]):
+            ids, tgt = batch.input_ids[r, a:b].tolist(), batch.targets[r, a:b].tolist()
+            if any(t != -100 for t in tgt):
+                out.append((ids, tgt))
+    return out
+
+
+def plain_sample(model, prompt, budget, stops, temperature, seed):
+    """Sampling without a KV cache: the whole sequence again for every token."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = list(prompt)
+    for _ in range(budget):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+        tok = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)) if temperature \
+            else int(logits.argmax())
+        seq.append(tok)
+        if tok in stops:
+            break
+    return seq[len(prompt):]
+
+
+def test_the_step_choice_is_a_function_of_seed_and_step():
+    picks = [chosen(0.5, 42, s) for s in range(400)]
+    assert picks == [chosen(0.5, 42, s) for s in range(400)] and 0.4 < sum(picks) / 400 < 0.6
+    assert picks != [chosen(0.5, 43, s) for s in range(400)]
+    assert not any(chosen(0.0, 42, s) for s in range(50)) and all(chosen(1.0, 42, s) for s in range(50))
+    assert len({example_seed(42, 3, i) for i in range(100)} | {example_seed(42, 4, 0)}) == 101
+    ig = -100
+    assert prompt_end(np.array([5, ig, 7, 8, ig, ig, 3, 4, ig])) == (6, 8)  # the last span; earlier ones context
+    assert prompt_end(np.array([5, 6, 7])) == (1, 3)  # all trained: the first token is the prompt
+    assert prompt_end(np.array([5, ig, ig])) is None
+
+
+def test_off_is_the_data_exactly(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    run = setup(config(tiny_model_dir, qa_rows_file, tmp_path / "off", teacher_dir,
+                       **{"distill.on_policy": 0.0, "distill.max_new_tokens": 3}))
+    assert run.distill.on_policy is None
+    for step in (0, 1):
+        for a, b in zip(step_batches(run, step), run.feed(step)):
+            for f in dataclasses.fields(a):
+                x, y = getattr(a, f.name), getattr(b, f.name)
+                assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_trained_token_is_the_students(temperature, tiny_model_dir, teacher_dir, qa_rows_file, tmp_path,
+                                             tiny_tokenizer):
+    """Labels are the student's sample (the cached sampler equals sampling the whole sequence again
+    with the same seed; greedy equals transformers' generate), the prompt is untrained, and the
+    step's loss weight counts the generated tokens."""
+    run = setup(config(tiny_model_dir, qa_rows_file, tmp_path / "on", teacher_dir,
+                       **{"distill.on_policy": 1.0, "distill.sample_temperature": temperature}))
+    data, micro = run.feed.rows(0)
+    batches = step_batches(run, 0)
+    got = sorted(ex for mb in batches for ex in examples(mb))
+    stops = set(run.data.fmt.stop_ids(tiny_tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    want, generated = [], 0
+    for i in (i for rows in micro for row in rows for i in row):
+        ids, labels = data.example(i)
+        start, _ = prompt_end(np.asarray(labels))
+        prompt = [int(t) for t in ids[:start]]
+        budget = min(12, 64 - start)  # data.max_length
+        new = plain_sample(model, prompt, budget, stops, temperature, example_seed(run.cfg.train.seed, 0, i))
+        if not temperature:
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=budget, do_sample=False,
+                                 eos_token_id=sorted(stops), pad_token_id=0)[0, len(prompt):].tolist()
+            assert new == out[:len(new)] and (len(new) == budget or new[-1] in stops)
+        want.append((prompt + new, [-100] * (start - 1) + new + [-100]))
+        generated += len(new)
+    assert got == sorted(want)
+    assert sum(mb.w_loss for mb in batches) == generated == sum(mb.n_loss for mb in batches)
+    assert [mb.real_tokens for mb in step_batches(run, 0)] == [mb.real_tokens for mb in batches]  # deterministic
+
+
+def test_the_teacher_scores_exactly_the_generated_tokens(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    """A float64 student and teacher: the on-policy step's loss equals the reference divergence and
+    CE written from their definitions on each generated sequence alone, and the loop logs it."""
+    from sftune.distill.divergence import Spec
+
+    over = {"distill.on_policy": 1.0, "distill.loss": "jsd", "distill.beta": 0.3, "distill.alpha": 0.7,
+            "distill.temperature": 1.5, "distill.sample_temperature": 1.3, "train.max_steps": 1,
+            "model.check": "off"}  # the probe's tolerance is for float32 models
+    student = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float64)
+    run = setup(config(tiny_model_dir, qa_rows_file, tmp_path / "ref", teacher_dir, **over), model=student)
+    run.distill.teacher.lm.double()
+    batches = step_batches(run, 0)
+    spec = Spec("jsd", 0.3, 1.5, 0.7)
+    s = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float64)
+    t = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float64)
+    total = n = 0.0
+    for ids, tgt in (ex for mb in batches for ex in examples(mb)):
+        with torch.no_grad():
+            zs, zt = s(torch.tensor([ids])).logits[0], t(torch.tensor([ids])).logits[0]
+        keep = torch.tensor(tgt) != -100
+        div = ref_div(*ref_probs(zs[keep], zt[keep], spec), spec)
+        ce = torch.nn.functional.cross_entropy(zs[keep], torch.tensor(tgt)[keep], reduction="none")
+        total, n = total + float((0.7 * div + 0.3 * ce).sum()), n + int(keep.sum())
+    run.lm.train()
+    with torch.no_grad():
+        loss = sum(float(run.lm(**mb.inputs("cpu"))) for mb in batches) / sum(mb.w_loss for mb in batches)
+    assert loss == pytest.approx(total / n, rel=1e-9)
+    run.distill.forget()
+    loop(run)
+    run.logger.close()
+    rec = records(tmp_path / "ref")[1]
+    assert rec["loss"] == pytest.approx(total / n, rel=1e-9) and rec["on_policy_steps"] == 1
+    assert rec["generated_len"] == pytest.approx(n / sum(len(examples(mb)) for mb in batches), abs=0.01)
+
+
+def test_accumulation_is_exact(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    """1 x 8 == 4 x 2 with every step on-policy: each example is generated alone, so the same tokens."""
+    a = train(config(tiny_model_dir, qa_rows_file, tmp_path / "a", teacher_dir,
+                     **{"distill.on_policy": 1.0, "train.batch_size": 8}))
+    b = train(config(tiny_model_dir, qa_rows_file, tmp_path / "b", teacher_dir,
+                     **{"distill.on_policy": 1.0, "train.batch_size": 2, "train.grad_accum": 4}))
+    ra, rb = records(a.output_dir), records(b.output_dir)
+    for step in (1, 2):
+        assert ra[step]["generated_len"] == rb[step]["generated_len"] and ra[step]["loss_tokens"] == rb[step]["loss_tokens"]
+        for key in ("loss", "distill_loss", "teacher_ce"):
+            assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-6), (step, key)
+
+
+def test_resume_is_bit_exact(dropout_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    over = {"train.max_steps": 4, "train.save_every": 2, "train.keep_checkpoints": 5, "train.batch_size": 4,
+            "distill.on_policy": 0.5, "train.seed": 7}
+    assert [chosen(0.5, 7, s) for s in range(4)] == [True, False, True, False]  # both kinds after the cut
+    train(config(dropout_model_dir, qa_rows_file, tmp_path / "full", teacher_dir, **over))
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000002", cut / "checkpoints" / "step-0000002")
+    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l).get("step", 99) <= 2) + "\n")
+    train(config(dropout_model_dir, qa_rows_file, cut, teacher_dir, **over, **{"train.resume": True}))
+    full, resumed = records(tmp_path / "full"), records(cut)
+    assert [full[s]["on_policy_steps"] for s in (1, 2, 3, 4)] == [1, 0, 1, 0]
+    for step in (3, 4):
+        assert resumed[step]["loss"] == full[step]["loss"] and resumed[step].get("generated_len") == \
+            full[step].get("generated_len")
+    from safetensors.torch import load_file
+
+    wf, wc = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
+
+
+class Rows:
+    """An example set of given (ids, labels, weights, extras)."""
+
+    def __init__(self, *examples):
+        self.items = examples
+        self.weighted = any(e[2] is not None for e in examples)
+        self.has_extras = any(e[3] for e in examples)
+        self.rows, self.source = np.arange(len(examples)), np.zeros(len(examples), dtype=np.int64)
+
+    def example(self, i):
+        return np.asarray(self.items[i][0]), np.asarray(self.items[i][1])
+
+    def example_weights(self, i):
+        return np.asarray(self.items[i][2], dtype=np.float32)
+
+    def extras(self, i):
+        return self.items[i][3]
+
+
+def test_weights_carry_over_or_are_refused(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    ig, kw = -100, dict(seed=0, max_new=4, max_length=64, temperature=1.0, stops=set())
+    data = Rows(([5, 6, 7, 8, 9, 10], [ig, 6, ig, ig, 9, 10], [0, 1, 0, 0, 2.5, 2.5], {}),
+                ([5, 6, 7, 8], [ig, ig, 7, 8], [0, 0, 1, 3], {}),
+                ([5, 6, 7], [ig, 6, 7], [0, 1, 1], {"image": [1]}))
+    ex, n = rewrite(model, data, 0, 0, **kw)
+    assert n == 4 and list(ex.ids[:4]) == [5, 6, 7, 8] and list(ex.labels[:4]) == [ig] * 4
+    assert list(ex.weights) == [0, 0, 0, 0, 2.5, 2.5, 2.5, 2.5] and list(ex.labels[4:]) == list(ex.ids[4:])
+    with pytest.raises(ConfigError, match="several loss weights"):
+        rewrite(model, data, 1, 0, **kw)
+    with pytest.raises(ConfigError, match="text only"):
+        rewrite(model, data, 2, 0, **kw)
+
+
+def test_refusals(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="needs the live teacher"):
+        config(tiny_model_dir, qa_rows_file, tmp_path, teacher_dir, **{"distill.on_policy": 0.5,
+                                                                        "distill.saved": str(tmp_path)})
+    with pytest.raises(ConfigError, match="needs distill.teacher"):
+        train_config(tiny_model_dir, qa_rows_file, tmp_path, **{"distill.on_policy": 1})
+    with pytest.raises(ConfigError, match="FSDP or DeepSpeed"):
+        refuse_sharded(True, False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="FSDP or DeepSpeed"):
+        refuse_sharded(False, False)
+    from sftune.distill.objective import on_policy
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    cfg = config(tiny_model_dir, qa_rows_file, tmp_path, teacher_dir, **{"distill.on_policy": 1})
+    with pytest.raises(ConfigError, match="images"):
+        on_policy(cfg, SimpleNamespace(train=SimpleNamespace(has_extras=True)), None, {})
