@@ -189,6 +189,9 @@ def test_resume_is_bit_exact(dropout_model_dir, teacher_dir, qa_rows_file, tmp_p
             full[step].get("generated_len")
     from safetensors.torch import load_file
 
+    from sftune.run_report import build_report
+
+    assert "| on-policy | 2 steps trained on the student's own completions" in build_report(cut).read_text()
     wf, wc = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
     assert all(torch.equal(wf[k], wc[k]) for k in wf)
 

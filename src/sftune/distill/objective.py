@@ -215,6 +215,11 @@ def distill_lines(train: list[dict]) -> list[str]:
     secs = [r["teacher_s_per_step"] for r in train if "teacher_s_per_step" in r]
     if secs:
         rows.append(("teacher time", f"{sum(secs) / len(secs):.3f} s per optimizer step (mean over the records)"))
+    steps = [r["on_policy_steps"] for r in train if "on_policy_steps" in r]
+    if steps:
+        lens = [r["generated_len"] for r in train if "generated_len" in r]
+        mean = f", {sum(lens) / len(lens):.1f} tokens per completion (mean over the records)" if lens else ""
+        rows.append(("on-policy", f"{sum(steps)} steps trained on the student's own completions{mean}"))
     if told.get("weights_mb") is not None:
         rows.append(("teacher memory", f"{told['weights_mb']} MB of weights ({told.get('dtype')}); its logits are "
                                        "made chunk by chunk (never [tokens, vocab])"))
