@@ -158,17 +158,34 @@ def test_the_teacher_scores_exactly_the_generated_tokens(tiny_model_dir, teacher
     assert rec["generated_len"] == pytest.approx(n / sum(len(examples(mb)) for mb in batches), abs=0.01)
 
 
-def test_accumulation_is_exact(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "stream"])
+def test_accumulation_is_exact(streaming, tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
     """1 x 8 == 4 x 2 with every step on-policy: each example is generated alone, so the same tokens."""
-    a = train(config(tiny_model_dir, qa_rows_file, tmp_path / "a", teacher_dir,
-                     **{"distill.on_policy": 1.0, "train.batch_size": 8}))
-    b = train(config(tiny_model_dir, qa_rows_file, tmp_path / "b", teacher_dir,
-                     **{"distill.on_policy": 1.0, "train.batch_size": 2, "train.grad_accum": 4}))
+    over = {"distill.on_policy": 1.0, "data.streaming": streaming}
+    a = train(config(tiny_model_dir, qa_rows_file, tmp_path / "a", teacher_dir, **over, **{"train.batch_size": 8}))
+    b = train(config(tiny_model_dir, qa_rows_file, tmp_path / "b", teacher_dir, **over,
+                     **{"train.batch_size": 2, "train.grad_accum": 4}))
     ra, rb = records(a.output_dir), records(b.output_dir)
     for step in (1, 2):
         assert ra[step]["generated_len"] == rb[step]["generated_len"] and ra[step]["loss_tokens"] == rb[step]["loss_tokens"]
         for key in ("loss", "distill_loss", "teacher_ce"):
             assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-6), (step, key)
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_one_process(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    """2 ranks x 2 x 2 == 1 process x 4 x 2: each rank generates its own examples, seeded by their index."""
+    from test_distributed import overrides, torchrun
+
+    spec = {"distill.teacher": str(teacher_dir), "distill.on_policy": 1.0, "distill.max_new_tokens": 12,
+            "train.max_steps": 2, "data.max_length": 64, "train.grad_accum": 2, "train.max_grad_norm": 1e9}
+    train(train_config(tiny_model_dir, qa_rows_file, tmp_path / "one", **spec, **{"train.batch_size": 4}))
+    torchrun(overrides(tiny_model_dir, qa_rows_file, tmp_path / "two", **spec, **{"train.batch_size": 2}))
+    a, b = records(tmp_path / "one"), records(tmp_path / "two")
+    for step in (1, 2):
+        assert a[step]["generated_len"] == b[step]["generated_len"] and a[step]["on_policy_steps"] == 1
+        for key in ("loss", "distill_loss", "teacher_ce"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
 
 
 def test_resume_is_bit_exact(dropout_model_dir, teacher_dir, qa_rows_file, tmp_path):
