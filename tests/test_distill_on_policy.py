@@ -172,6 +172,16 @@ def test_accumulation_is_exact(streaming, tiny_model_dir, teacher_dir, qa_rows_f
             assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-6), (step, key)
 
 
+def test_lora_student_samples_as_the_full_student(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    """LoRA's B starts at 0: the same completions and the same step-1 loss as the full student."""
+    over = {"distill.on_policy": 1.0, "train.max_steps": 1}
+    full = records(train(config(tiny_model_dir, qa_rows_file, tmp_path / "full", teacher_dir, **over)).output_dir)
+    lora = records(train(config(tiny_model_dir, qa_rows_file, tmp_path / "lora", teacher_dir, **over,
+                                **{"lora.enabled": True, "lora.r": 4, "lora.dropout": 0.0})).output_dir)
+    assert lora[1]["generated_len"] == full[1]["generated_len"]
+    assert lora[1]["loss"] == pytest.approx(full[1]["loss"], rel=1e-6)
+
+
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
     """2 ranks x 2 x 2 == 1 process x 4 x 2: each rank generates its own examples, seeded by their index."""

@@ -164,9 +164,7 @@ class OnPolicy:
         finally:
             for m, mode in modes:
                 m.training = mode
-        local = ExampleList([ex for ex, _ in made])
-        if data.weighted and not local.weighted:  # every batch of a weighted run carries loss weights
-            local.weighted = True
+        local = ExampleList([ex for ex, _ in made])  # weighted like data: rewrite keeps weights of a weighted set
         layout = BatchPlan(local.lengths, [[j] for j in range(len(made))], 1, 1, plan.max_length, plan.seed, False,
                            plan.mode, plan.attn_weight, plan.bucket)
         out, j = [], 0
