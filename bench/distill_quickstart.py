@@ -16,6 +16,7 @@ right answer is where the data's token is wrong).
 
     python bench/distill_quickstart.py                                  # clean and noisy, 500 and 1000 steps
     python bench/distill_quickstart.py --teacher-data builtin:quickstart-noisy --teacher runs/teacher-noisy
+    python bench/distill_quickstart.py --steps 500 --on-policy 0.5       # on-policy distillation (GKD's lmbda)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[500, 1000])
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--on-policy", type=float, default=0.0, help="distill.on_policy of the distilled run (0: off)")
     ap.add_argument("--student", default="builtin:quickstart-small", help="the student's model (from scratch)")
     args = ap.parse_args()
     work = Path(args.work)
@@ -65,15 +67,18 @@ def main() -> None:
             row = {"data": data, "steps": steps, "teacher": {"run": str(teacher), "data": args.teacher_data,
                                                                **exact_match(teacher)},
                    "student": args.student,
-                   "alpha": args.alpha, "temperature": args.temperature}
+                   "alpha": args.alpha, "temperature": args.temperature, "on_policy": args.on_policy}
+            policy = [f"distill.on_policy={args.on_policy}", "distill.max_new_tokens=16"] if args.on_policy else []
             for name, extra in (("sft", []), ("distill", [f"distill.teacher={teacher}", f"distill.alpha={args.alpha}",
-                                                          f"distill.temperature={args.temperature}"])):
-                out = work / f"{data.split(':')[-1]}_{steps}_{name}"
+                                                          f"distill.temperature={args.temperature}", *policy])):
+                tag = f"_onpolicy{args.on_policy}" if policy and name == "distill" else ""
+                out = work / f"{data.split(':')[-1]}_{steps}_{name}{tag}"
                 t = time.time()
                 sftune("train", "quickstart", *common, *extra, f"train.output_dir={out}")
                 row[name] = {**exact_match(out), "seconds": round(time.time() - t, 1)}
             key = (f"{data}, {steps} steps, student {args.student}, alpha {args.alpha}, "
-                   f"T {args.temperature}, teacher on {args.teacher_data}")
+                   f"T {args.temperature}, teacher on {args.teacher_data}"
+                   + (f", on-policy {args.on_policy}" if args.on_policy else ""))
             results[key] = row
             lines.append(f"{data:26} {steps:5} steps: plain SFT {100 * row['sft']['exact_match_after']:5.1f}%  |  "
                          f"distilled {100 * row['distill']['exact_match_after']:5.1f}%")
