@@ -42,15 +42,17 @@ def records(out) -> dict:
 
 
 def examples(batch) -> list[tuple[list[int], list[int]]]:
-    """The batch's trained examples as (ids, targets), split where the positions restart."""
+    """The batch's trained examples as (ids, targets), split where the positions restart, each up to
+    its last trained token (every on-policy example ends with its completion)."""
     out = []
     for r in range(batch.input_ids.shape[0]):
         pos = batch.position_ids[r].tolist()
         starts = [j for j, p in enumerate(pos) if p == 0] + [len(pos)]
         for a, b in zip(starts, starts[1:]):
             ids, tgt = batch.input_ids[r, a:b].tolist(), batch.targets[r, a:b].tolist()
-            if any(t != -100 for t in tgt):
-                out.append((ids, tgt))
+            trained = [j for j, t in enumerate(tgt) if t != -100]
+            if trained:  # up to the last trained token (a padded row's padding continues its last example)
+                out.append((ids[:trained[-1] + 2], tgt[:trained[-1] + 2]))
     return out
 
 
@@ -123,6 +125,20 @@ def test_every_trained_token_is_the_students(temperature, tiny_model_dir, teache
     assert [mb.real_tokens for mb in step_batches(run, 0)] == [mb.real_tokens for mb in batches]  # deterministic
 
 
+def test_every_row_layout_holds_the_same_completions(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    """The completions are collated in the run's layout (flat, rows, one example per row), the same
+    examples and loss weight in each."""
+    run = setup(config(tiny_model_dir, qa_rows_file, tmp_path / "lay", teacher_dir, **{"distill.on_policy": 1.0}))
+    seen = {}
+    for mode in ("flat", "rows", "per_example"):
+        run.feed.plan = dataclasses.replace(run.feed.plan, mode=mode)
+        batches = step_batches(run, 0)
+        seen[mode] = (sorted(ex for mb in batches for ex in examples(mb)), sum(mb.w_loss for mb in batches))
+        rows = [mb.input_ids.shape[0] for mb in batches]
+        assert rows == [1] * len(batches) if mode == "flat" else sum(rows) > len(batches)
+    assert seen["flat"] == seen["rows"] == seen["per_example"]
+
+
 def test_the_teacher_scores_exactly_the_generated_tokens(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
     """A float64 student and teacher: the on-policy step's loss equals the reference divergence and
     CE written from their definitions on each generated sequence alone, and the loop logs it."""
@@ -158,10 +174,11 @@ def test_the_teacher_scores_exactly_the_generated_tokens(tiny_model_dir, teacher
     assert rec["generated_len"] == pytest.approx(n / sum(len(examples(mb)) for mb in batches), abs=0.01)
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "stream"])
-def test_accumulation_is_exact(streaming, tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+@pytest.mark.parametrize("data", [{}, {"data.streaming": True}, {"data.packing": True}],
+                         ids=["memory", "stream", "packed"])
+def test_accumulation_is_exact(data, tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
     """1 x 8 == 4 x 2 with every step on-policy: each example is generated alone, so the same tokens."""
-    over = {"distill.on_policy": 1.0, "data.streaming": streaming}
+    over = {"distill.on_policy": 1.0, **data}
     a = train(config(tiny_model_dir, qa_rows_file, tmp_path / "a", teacher_dir, **over, **{"train.batch_size": 8}))
     b = train(config(tiny_model_dir, qa_rows_file, tmp_path / "b", teacher_dir, **over,
                      **{"train.batch_size": 2, "train.grad_accum": 4}))
