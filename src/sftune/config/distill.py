@@ -88,7 +88,8 @@ class DistillConfig(Section):
     ``distill.max_new_tokens`` tokens, ending at the format's stop token), and only the generated
     tokens are trained. Which steps is a fixed function of ``train.seed`` and the step, so a resume
     is exact. 0: off (the data's completions only); 1: every step. Needs the live
-    ``distill.teacher`` (saved rows are for the data's tokens); generation is one example at a time."""
+    ``distill.teacher`` (saved rows are for the data's tokens) and ``distill.alpha=1`` (no
+    cross-entropy on the student's own samples); generation is one example at a time."""
 
     max_new_tokens: int = Field(128, ge=1)
     """On-policy steps: the most tokens the student generates per example (also capped so prompt and
@@ -104,6 +105,10 @@ class DistillConfig(Section):
             raise ValueError(f"distill.on_policy={self.on_policy} needs the live teacher: the saved rows of "
                              f"distill.saved={self.saved} score the data's tokens, not the student's generations; "
                              "unset distill.saved (keep distill.teacher) or set distill.on_policy=0")
+        if self.on_policy > 0 and self.alpha < 1:
+            raise ValueError(f"distill.on_policy={self.on_policy} needs distill.alpha=1 (got {self.alpha}): on an "
+                             "on-policy step the cross-entropy term would train the student on its own samples "
+                             "(GKD's objective is the divergence alone); set distill.alpha=1 or distill.on_policy=0")
         if self.on_policy > 0 and not self.teacher:
             raise ValueError(f"distill.on_policy={self.on_policy} needs distill.teacher (the model that scores the "
                              "student's generations)")
