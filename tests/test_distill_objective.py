@@ -154,6 +154,33 @@ def test_two_ranks_equal_one_process(tiny_model_dir, teacher_dir, qa_rows_file, 
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("packing", [False, True])
+def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, teacher_dir, tmp_path, packing):
+    """FSDP2 full shard of the student (2 ranks x batch 2) with a live teacher == 1 process x batch
+    4: the teacher runs whole on each rank (frozen, not a submodule, so not sharded) on that rank's
+    rows, and the divergence reads the student's gathered head like the cross-entropy does."""
+    from conftest import write_jsonl
+    from test_fsdp import ROWS, assert_fsdp, finish, launch, overrides
+
+    from sftune.config import load_config
+
+    data = write_jsonl(tmp_path / "qa.jsonl", ROWS)
+    spec = {"distill.teacher": str(teacher_dir), "distill.loss": "jsd", "distill.beta": 0.3, "distill.alpha": 0.7,
+            "distill.top_k": 20, "data.packing": packing, "train.max_grad_norm": 1e9}
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = launch(overrides(tiny_model_dir, data, two, **spec), wait=False)
+    train(load_config("codealpaca", overrides(tiny_model_dir, data, one, **spec, **{"train.batch_size": 4})))
+    assert_fsdp(finish(proc))
+    a, b = records(one), records(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        for key in ("loss", "distill_loss", "ce_loss", "teacher_ce"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+    wa, wb = weights(one), weights(two)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
 def test_an_empty_micro_batch_asks_no_teacher():
     """A rank's empty micro-batch (a partial last step) has no saved rows and needs no teacher run."""
     from sftune.distill.divergence import Spec
