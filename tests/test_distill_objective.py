@@ -181,6 +181,20 @@ def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, teacher_dir, tmp_path,
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+def test_a_bfloat16_teacher_teaches_what_the_float32_one_does(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    """distill.teacher_dtype=bfloat16 (auto's choice on a GPU), here on CPU: the teacher passes its
+    check at half precision's tolerance, its logits enter the divergence in float32, and the step
+    losses stay within bfloat16's rounding of the float32 teacher's."""
+    run(tiny_model_dir, qa_rows_file, tmp_path / "f32", teacher_dir)
+    run(tiny_model_dir, qa_rows_file, tmp_path / "bf16", teacher_dir, **{"distill.teacher_dtype": "bfloat16"})
+    a, b = records(tmp_path / "f32"), records(tmp_path / "bf16")
+    assert b[1]["distill"]["dtype"] == "bfloat16" and b[1]["distill"]["check"]["status"] == "exact"
+    for step in (1, 2):
+        for key in ("loss", "distill_loss", "teacher_ce"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=3e-2), (step, key)
+    assert b[1]["teacher_ce"] != a[1]["teacher_ce"]  # the teacher did run in bfloat16
+
+
 def test_an_empty_micro_batch_asks_no_teacher():
     """A rank's empty micro-batch (a partial last step) has no saved rows and needs no teacher run."""
     from sftune.distill.divergence import Spec
