@@ -292,3 +292,16 @@ def test_refusals(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path, monkeypat
     cfg = config(tiny_model_dir, qa_rows_file, tmp_path, teacher_dir, **{"distill.on_policy": 1})
     with pytest.raises(ConfigError, match="images"):
         on_policy(cfg, SimpleNamespace(train=SimpleNamespace(has_extras=True)), None, {})
+    with pytest.raises(ConfigError, match="FSDP or DeepSpeed"):  # the engine, told at setup: before any step
+        on_policy(cfg, SimpleNamespace(train=SimpleNamespace(has_extras=False)), None, {}, sharded=True)
+
+
+def test_each_source_stops_at_its_own_formats_stop_tokens(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path):
+    """A mixture's examples end their completions at their own source's stop tokens, not the first's."""
+    from sftune.distill.objective import on_policy
+
+    cfg = config(tiny_model_dir, qa_rows_file, tmp_path, teacher_dir, **{"distill.on_policy": 1})
+    fmt = lambda *ids: SimpleNamespace(stop_ids=lambda tok: list(ids))  # noqa: E731
+    data = SimpleNamespace(train=SimpleNamespace(has_extras=False), fmt=fmt(1), formats=[fmt(1), fmt(2, 3)])
+    assert on_policy(cfg, data, None, {}).stops == [{1}, {2, 3}]
+    assert on_policy(cfg, SimpleNamespace(train=data.train, fmt=fmt(5), formats=[]), None, {}).stops == [{5}]

@@ -167,3 +167,7 @@ def test_a_teacher_that_numbers_positions_its_own_way_is_refused(tmp_path, tiny_
     off = load_teacher(path, tiny_tokenizer, len(tiny_tokenizer), torch.device("cpu"), "float32", "per_example",
                        EXAMPLES, check="off")  # model.check=off: the user's call, as for the student
     assert off.check == {"status": "off"}
+    # distill-prepare's padded rows are checked whatever model.check says: the check decides the head
+    prep = load_teacher(path, tiny_tokenizer, len(tiny_tokenizer), torch.device("cpu"), "float32", "padded",
+                        EXAMPLES, check="off")
+    assert prep.check["status"] == "exact" and not prep.lm.fused

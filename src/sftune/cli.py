@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tokenize the recipe's data as training will, run distill.teacher over it and "
                                    "write the teacher's top distill.prepare_top_k token ids and log-probabilities at "
                                    "every trained position to --out (sharded Arrow; a rerun skips finished shards; "
-                                   "data.sources: one directory per source under OUT/sources). "
+                                   "data.sources: one directory per source under OUT/sources; data.streaming: each "
+                                   "source's first pass, keyed by file and row). "
                                    "Train with distill.saved=OUT.")
     _add_recipe_args(p)
     p.add_argument("--out", required=True, help="directory for the saved top-k rows")

@@ -243,7 +243,8 @@ def setup(cfg: Config, *, model=None, tokenizer=None, source=None, fmt=None, sin
 
     # loss model, optimizer, schedule; then the engine (DDP, FSDP, DeepSpeed) wraps them
     lm = CausalLMWithLoss(model, fused=choice.fused, layout=choice.layout)
-    distill = attach_distillation(cfg, lm, tokenizer, data, device, console if main else None)  # sftune.distill
+    sharded = is_sharded(accelerator) or accelerator.distributed_type == DistributedType.DEEPSPEED
+    distill = attach_distillation(cfg, lm, tokenizer, data, device, console if main else None, sharded)  # sftune.distill
     if cfg.train.compile:
         lm.compile(dynamic=True)
     optimizer = make_optimizer(cfg, lm, device)

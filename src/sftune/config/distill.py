@@ -21,7 +21,9 @@ class DistillConfig(Section):
     vocabulary must be the student's (a teacher whose tokens map one to one onto the student's,
     in another order, is remapped; any other difference is refused). The live teacher goes through
     the start-up model check in the student's row layout (``model.check``; ``off`` skips): one
-    whose outputs differ there is refused (``sftune distill-prepare`` and ``distill.saved`` take it)."""
+    whose outputs differ there is refused (``sftune distill-prepare`` and ``distill.saved`` take
+    it). ``sftune distill-prepare`` always checks: the check decides whether the teacher's head is
+    the plain linear layer or its own logits are needed."""
 
     saved: str | None = None
     """A directory written by ``sftune distill-prepare``: the teacher's top-k token ids and

@@ -20,7 +20,8 @@ from sftune.config.vision import VisionConfig
 class ModelConfig(_Section):
     path: str = "distilgpt2"
     """Hub id (``distilgpt2``), a local model directory, or ``builtin:quickstart`` (the tiny model
-    shipped with sftune)."""
+    shipped with sftune; ``builtin:quickstart-small``: half its depth, the distillation
+    demonstration's student)."""
 
     tokenizer: str | None = None
     """Tokenizer to load, when it differs from ``model.path``."""

@@ -49,7 +49,8 @@ def prepare(cfg: DataConfig, tokenizer, max_length: int, *, source: Source | Non
     else:
         prepared = [prepare_data(spec.cfg, tokenizer, max_length) for spec in specs]
         train, eval_set, report, eval_report = mix_prepared(prepared, specs, seed)
-        data = PreparedData(train, eval_set, report, eval_report, prepared[0].fmt, prepared[0].source, max_length)
+        data = PreparedData(train, eval_set, report, eval_report, prepared[0].fmt, prepared[0].source, max_length,
+                            formats=[p.fmt for p in prepared])
     data.signature = signature(specs, tokenizer, max_length, cfg, seed)
     return data
 

@@ -137,6 +137,9 @@ class PreparedData:
     stream: Callable[[], Any] | None = None
     """A streamed run's fresh :class:`~sftune.data.stream.Stream` of its examples (None in memory:
     ``train`` is then the whole data)."""
+    formats: list = field(default_factory=list)
+    """Every source's :class:`~sftune.data.formats.Format`, in ``data.sources`` order (a mixture's or a
+    stream's; empty for one source: ``fmt``). ``fmt`` is the first."""
     lookups: list = field(default_factory=list)
     """A streamed run's functions ``example -> {kind: payload}`` whose data joins its examples'
     extras when batched (:class:`~sftune.data.examples.ExampleList`): its streams share this list."""

@@ -308,6 +308,7 @@ def prepare_stream(cfg, tokenizer, max_length: int, seed: int, specs: list[Sourc
     report.sources = source_entries(stream)
     source = Source(train=None, eval=None, name=specs[0].label, rows_read=0)
     return PreparedData(ExampleList(peek), None, report, None, stream.formats[0], source, max_length,
+                        formats=list(stream.formats),
                         stream=new_stream, lookups=lookups)
 
 

@@ -8,7 +8,7 @@ the live teacher or reads the saved top-k (:mod:`sftune.distill.saved`), and set
 perplexity stay comparable with plain SFT).
 
 The loop's records get ``distill_loss`` (the divergence per loss token), ``ce_loss`` (the student's
-cross-entropy on the data's tokens), ``teacher_ce`` (the teacher's own cross-entropy on the same
+cross-entropy on the data's tokens: on an on-policy step, the student's own), ``teacher_ce`` (the teacher's own cross-entropy on the same
 tokens: the reference line; live teacher, or saved data with the target's log-probability) and
 ``teacher_s_per_step`` (time in the live teacher's body, per optimizer step); with ``distill.on_policy``
 (:mod:`sftune.distill.on_policy`) also ``on_policy_steps`` (steps since the last record whose completions the
@@ -115,9 +115,10 @@ class Distiller:
         return out
 
 
-def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
+def attach(cfg, lm, tokenizer, data, device, console=None, sharded: bool = False) -> Distiller | None:
     """Set the run's distillation objective on ``lm`` (a :class:`~sftune.loss.CausalLMWithLoss`),
-    or ``None`` when ``distill`` is off. Refuses what it cannot compute exactly."""
+    or ``None`` when ``distill`` is off. Refuses what it cannot compute exactly (``sharded``: the
+    run's engine is FSDP or DeepSpeed)."""
     d = cfg.distill
     if not d.enabled:
         return None
@@ -162,14 +163,14 @@ def attach(cfg, lm, tokenizer, data, device, console=None) -> Distiller | None:
                      top_k_tail=d.top_k_tail if spec.top_k else None)
     if d.saved == "columns" and spec.top_k is None:
         described.update(top_k="all given", top_k_tail=d.top_k_tail)
-    distiller = Distiller(spec, teacher, described, on_policy=on_policy(cfg, data, tokenizer, described))
+    distiller = Distiller(spec, teacher, described, on_policy=on_policy(cfg, data, tokenizer, described, sharded))
     lm.objective = distiller
     if console is not None:
         console.print(describe_line(described), markup=False)
     return distiller
 
 
-def on_policy(cfg, data, tokenizer, described: dict):
+def on_policy(cfg, data, tokenizer, described: dict, sharded: bool = False):
     """The run's :class:`~sftune.distill.on_policy.OnPolicy` (None when ``distill.on_policy`` is 0),
     after refusing what it cannot do exactly (sharded engines, data with images)."""
     d = cfg.distill
@@ -177,12 +178,13 @@ def on_policy(cfg, data, tokenizer, described: dict):
         return None
     from sftune.distill.on_policy import OnPolicy, refuse_sharded
 
-    refuse_sharded(False, False)
+    refuse_sharded(sharded, False)  # at setup, before any step (also by the launch environment)
     if data.train.has_extras:
         raise ConfigError("distill.on_policy: the training data carries more than tokens (images): on-policy "
                           "generation is for text only; set distill.on_policy=0")
     described.update(on_policy=d.on_policy, max_new_tokens=d.max_new_tokens, sample_temperature=d.sample_temperature)
-    return OnPolicy(d.on_policy, cfg.train.seed, d.max_new_tokens, d.sample_temperature, data.fmt.stop_ids(tokenizer))
+    stops = [f.stop_ids(tokenizer) for f in (data.formats or [data.fmt])]  # each source's own (by source index)
+    return OnPolicy(d.on_policy, cfg.train.seed, d.max_new_tokens, d.sample_temperature, stops)
 
 
 def describe_line(d: dict) -> str:

@@ -10,7 +10,7 @@ takes the same examples (``run.feed.rows(step)``) and rewrites each one:
 * the student, in eval mode and without gradients, samples a completion one token at a time with a
   KV cache (:func:`sample`): softmax of its logits at ``distill.sample_temperature`` (0: greedy),
   drawn by a CPU ``torch.Generator`` seeded from (seed, step, example index), at most
-  ``distill.max_new_tokens`` tokens and no further than ``data.max_length``, ending at the format's
+  ``distill.max_new_tokens`` tokens and no further than ``data.max_length``, ending at its source's format's
   stop token (kept and trained, as TRL's GKD keeps the first EOS);
 * the generated tokens are the trained labels (each with the weight of the span it replaces, when
   messages carry weights), and the examples are collated again in the run's row layout
@@ -139,9 +139,10 @@ class OnPolicy:
     """The on-policy part of a distillation run: which steps, their batches, and the logged counts
     (on-policy steps, generated examples and tokens) of the steps not yet logged."""
 
-    def __init__(self, share: float, seed: int, max_new: int, temperature: float, stops):
+    def __init__(self, share: float, seed: int, max_new: int, temperature: float, stops: list):
         self.share, self.seed, self.max_new, self.temperature = share, seed, max_new, temperature
-        self.stops = set(int(s) for s in stops)
+        self.stops = [set(int(s) for s in ids) for ids in stops]
+        """Each source's stop tokens (its format's), by source index."""
         self._pending = self._window = None
 
     def chosen(self, step: int) -> bool:
@@ -159,7 +160,8 @@ class OnPolicy:
         try:
             with run.accelerator.autocast():
                 made = [rewrite(model, data, i, step, seed=self.seed, max_new=self.max_new,
-                                max_length=plan.max_length, temperature=self.temperature, stops=self.stops)
+                                max_length=plan.max_length, temperature=self.temperature,
+                                stops=self.stops[int(data.source[i])])
                         for i in order]
         finally:
             for m, mode in modes:

@@ -112,9 +112,11 @@ def check_teacher(lm: CausalLMWithLoss, examples: list, layout: str | None, path
     back to, it must see the student's rows. In ``padded`` rows (distill-prepare) a head the probe
     finds is not the plain linear layer the chunked path reads (RoBERTa's transform before its
     decoder, softcapping) is allowed: the teacher's own logits are used (``lm.fused`` set False),
-    one example per forward. ``mode`` is ``model.check`` (``off`` skips). Returns the record (the
-    ``check`` of the ``distill`` description in the first metrics record)."""
-    if mode == "off" or not examples or layout is None:
+    one example per forward. ``mode`` is ``model.check``: ``off`` skips the live teacher's check
+    (the user's call, as for the student), never distill-prepare's, which decides from it whether
+    the head is the plain linear layer (cheap: a few examples). Returns the record (the ``check``
+    of the ``distill`` description in the first metrics record)."""
+    if (mode == "off" and layout != PADDED) or not examples or layout is None:
         return {"status": "off"}
     was = lm.training
     lm.eval()
@@ -137,13 +139,16 @@ def check_teacher(lm: CausalLMWithLoss, examples: list, layout: str | None, path
         what = (f"the student's {layout} layout" if layout != PADDED else
                 "one example per row, padded (as sftune distill-prepare runs it)")
         diffs = {**res["diffs"], **({"head": res["fused_diff"]} if "fused_diff" in res else {})}
+        why = ("a body that numbers positions its own way or attends across examples" if res["layout"] is None else
+               "its output layer is not the one linear layer sftune's chunked distillation reads: it transforms "
+               "or scales the body's output")
         todo = ("choose a teacher of another family" if layout == PADDED else
                 "choose a teacher of another family, or run this one once with sftune distill-prepare (one example "
                 "per row, positions numbered by the model itself) and train with distill.saved")
         raise ConfigError(
             f"distill.teacher '{path}' ({getattr(lm.causal_lm.config, 'model_type', '?')}) does not give the same "
             f"outputs in {what} as run one example at a time on {n} of this run's examples (relative differences "
-            f"{format_diffs(diffs, res['errors'])}; a body that numbers positions its own way or attends across examples): "
+            f"{format_diffs(diffs, res['errors'])}; {why}): "
             f"its distribution would be wrong. {todo[0].upper() + todo[1:]}")
     return {"status": "exact", "layout": layout, "examples": n, "max_diff": res["diffs"][layout],
             **({} if lm.fused else {"logits": "the model's own (its head is not one linear layer)"})}
