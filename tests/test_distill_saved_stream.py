@@ -310,7 +310,8 @@ FILES = {**STREAM, "data.limit": 4, "data.shuffle_buffer": 4, "data.pack_buffer"
 @pytest.fixture(scope="module")
 def saved_files(tiny_model_dir, teacher_dir, tmp_path_factory):
     d = three_files(tmp_path_factory.mktemp("files") / "parts")
-    return d, prepare(tmp_path_factory, "saved_files", tiny_model_dir, d, {**FILES, "distill.teacher": str(teacher_dir)})[0]
+    over = {**FILES, "distill.teacher": str(teacher_dir)}
+    return d, prepare(tmp_path_factory, "saved_files", tiny_model_dir, d, over)[0]
 
 
 def test_a_limit_with_several_files_saves_every_row_a_pass_can_read(tmp_path, tiny_tokenizer):
@@ -379,3 +380,6 @@ def test_a_source_whose_files_changed_is_refused_at_start_up(saved_files, tiny_m
     (fewer / "c.jsonl").unlink()
     with pytest.raises(ConfigError, match=r"other files of source .*\(missing: c.jsonl;"):
         train(train_config(tiny_model_dir, fewer, tmp_path / "b", **FILES, **{"distill.saved": str(out)}))
+    with pytest.raises(ConfigError, match=r"holds the first 4 rows of each file of source .* reads all its rows"):
+        train(train_config(tiny_model_dir, d, tmp_path / "c", **{**FILES, "data.limit": None},
+                           **{"distill.saved": str(out)}))

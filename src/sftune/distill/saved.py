@@ -129,7 +129,7 @@ def _start_dir(out: Path, manifest: dict) -> None:
 def _refuse_extras(sets: list) -> None:
     """A text teacher's rows for examples that carry other data (images) would ignore it: refused."""
     for label, train in sets:
-        if not getattr(train, "has_extras", False):
+        if not getattr(train, "has_extras", False) or set(getattr(train, "extra_kinds", ("?",))) <= {KIND}:
             continue
         for i in range(len(train)):
             other = sorted(set(train.extras(i)) - {KIND})
@@ -316,9 +316,10 @@ def _attach_streamed(saved: str, out: Path, manifest: dict, data) -> None:
                               "rerun sftune distill-prepare with another --out")
         _check_files(saved, spec, one["files"])
         if one["limit"] is not None and (spec.cfg.limit or 1 << 62) > one["limit"]:
-            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} holds the first {one['limit']} rows of "
-                              f"source {spec.label!r}, and this run reads {spec.cfg.limit or 'all its'} rows a pass: "
-                              "prepare it with this data.limit")
+            each = " of each file" * (len(one["files"]) > 1)
+            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} holds the first {one['limit']} rows{each} "
+                              f"of source {spec.label!r}, and this run reads {spec.cfg.limit or 'all its'} rows a "
+                              "pass: prepare it with this data.limit")
         if not (out / entry["dir"] / saved_stream.DONE).exists():
             raise ConfigError(f"distill.saved={saved} is incomplete (source {spec.label!r} was not finished in "
                               f"{out / entry['dir']}): rerun sftune distill-prepare with the same --out to finish it")
