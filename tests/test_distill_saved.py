@@ -218,3 +218,31 @@ def test_a_teacher_refused_live_is_prepared_exactly(tiny_model_dir, qa_rows_file
     train(train_config(tiny_model_dir, qa_rows_file, tmp_path / "s", **over, **{"distill.saved": str(out)}))
     r = records(tmp_path / "s")
     assert r[1]["distill"]["how"] == "saved" and r[2]["distill_loss"] > 0 and r[2]["teacher_ce"] > 0
+
+
+def test_prepare_refuses_examples_with_images(tiny_model_dir, qa_rows_file, tmp_path, monkeypatch):
+    """In-memory data whose examples carry images (or any kind but the teacher's) cannot get a text
+    teacher's rows: refused before the teacher loads, naming the source and example."""
+    import types
+
+    import numpy as np
+
+    import sftune.data.chain as chain
+    from sftune.distill.saved import prepare_saved
+
+    class Pics:  # a tokenized set whose example 1 carries an image
+        has_extras, rows = True, np.array([4, 7])
+
+        def __len__(self):
+            return 2
+
+        def extras(self, i):
+            return {"images": ["a.png"]} if i else {}
+
+    data = types.SimpleNamespace(train=Pics(), stream=None, report=types.SimpleNamespace(source="pics"))
+    monkeypatch.setattr(chain, "prepare", lambda *a, **kw: data)
+    cfg = train_config(tiny_model_dir, qa_rows_file, tmp_path / "unused", **BASE,
+                       **{"distill.teacher": str(tmp_path / "no-teacher")})
+    with pytest.raises(ConfigError, match=r"source 'pics', example 1 \(row 7\) carries images beside its tokens"):
+        prepare_saved(cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -288,8 +288,98 @@ def test_prepare_refuses_examples_with_images(tmp_path, monkeypatch):
     from sftune.data.examples import StreamExample
 
     e = StreamExample(np.arange(4), np.arange(4), None, 0, 7, {"images": ["a.png"]}, 1, 0)
-    monkeypatch.setattr(saved_stream, "first_pass", lambda *a, **kw: iter([([e], {"in_pass": 8})]))
+    monkeypatch.setattr(saved_stream, "saved_pass", lambda *a, **kw: iter([([e], {"in_pass": 8})]))
     monkeypatch.setattr(saved_stream, "file_names", lambda spec: ["a.jsonl", "b.jsonl"])
     stream = type("S", (), {"specs": [type("Spec", (), {"label": "pics"})()]})()
     with pytest.raises(ConfigError, match="source 'pics', row 7 of b.jsonl carries images"):
         saved_stream.write_source(stream, 0, tmp_path, 5, None)
+
+
+def three_files(d: Path, names=("a", "b", "c")) -> Path:
+    """A source of three files of 5 short qa rows each (every row kept)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        write_jsonl(d / f"{name}.jsonl", [{"instruction": f"{name} q{i} " * (1 + i % 3), "output": f"{name} a{i} " * (
+            1 + i % 2)} for i in range(5)])
+    return d
+
+
+FILES = {**STREAM, "data.limit": 4, "data.shuffle_buffer": 4, "data.pack_buffer": 4}
+
+
+@pytest.fixture(scope="module")
+def saved_files(tiny_model_dir, teacher_dir, tmp_path_factory):
+    d = three_files(tmp_path_factory.mktemp("files") / "parts")
+    over = {**FILES, "distill.teacher": str(teacher_dir)}
+    return d, prepare(tmp_path_factory, "saved_files", tiny_model_dir, d, over)[0]
+
+
+def test_a_limit_with_several_files_saves_every_row_a_pass_can_read(tmp_path, tiny_tokenizer):
+    """Pass 0 reads the first ``limit`` rows in file order; later passes order the files anew, so they
+    read other files' first rows: prepare saves each file's first ``limit`` rows (keys in order), and
+    every example of any pass (any seed) finds its key with its first tokens. A resumed prepare
+    (cursor mid-file or at a file's limit) reads the same rows on."""
+    from sftune.config import load_config
+    from sftune.data.mixture import resolve_sources
+    from sftune.data.stream import Stream, first_pass
+    from sftune.distill.saved_stream import saved_pass
+
+    cfg = load_config(None, {"data.path": str(three_files(tmp_path / "parts")), "data.template": "qa",
+                             "data.limit": 4, "data.streaming": True})
+
+    def stream(seed=0):
+        return Stream(resolve_sources(cfg.data), tiny_tokenizer, 64, seed=seed, packing=False, pack_buffer=4,
+                      shuffle_buffer=4)
+
+    full = list(saved_pass(stream(), 0))
+    saved = {(e.file, e.row, e.part): check_of(e.ids, e.labels) for exs, _ in full for e in exs}
+    assert list(saved) == [(f, r, 0) for f in range(3) for r in range(4)] and full[-1][1]["in_pass"] == 12
+    keys = [row_key(*k) for k in saved]
+    assert keys == sorted(keys)
+    pass0 = {(e.file, e.row, e.part) for exs, _ in first_pass(stream(), 0) for e in exs}
+    assert pass0 == {(0, r, 0) for r in range(4)}  # the first 4 rows of the concatenation: file a's
+    for at in (3, 5):  # resumed at file a's limit (on to file b) and inside file b
+        assert [[(e.file, e.row) for e in exs] for exs, _ in saved_pass(stream(), 0, full[at][1])] == [
+            [(e.file, e.row) for e in exs] for exs, _ in full[at + 1:]]
+    seen = set()
+    for seed in (0, 1, 2):
+        s = stream(seed)
+        for _ in range(40):
+            e = s.next_example()
+            assert saved[(e.file, e.row, e.part)] == check_of(e.ids, e.labels)
+            seen.add((e.file, e.row, e.part))
+        assert s.buffers[0].reader.cursor["pass"] >= 5
+    assert seen - pass0 and {f for f, _, _ in seen} == {0, 1, 2}  # later passes read rows pass 0 never reads
+
+
+def test_saved_equals_live_with_a_limit_and_several_files(saved_files, tiny_model_dir, teacher_dir, tmp_path):
+    d, out = saved_files
+    assert json.loads((out / "done.json").read_text())["rows"] == 12
+    assert json.loads((out / "manifest.json").read_text())["files"] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    over = {**FILES, "train.max_steps": 4, "train.seed": 5}
+    train(train_config(tiny_model_dir, d, tmp_path / "live", **over, **{"distill.teacher": str(teacher_dir)}))
+    train(train_config(tiny_model_dir, d, tmp_path / "saved", **over, **{"distill.saved": str(out)}))
+    a, b = records(tmp_path / "live"), records(tmp_path / "saved")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        for key in ("loss", "distill_loss", "ce_loss", "teacher_ce"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+    report = json.loads((tmp_path / "saved" / "data_report.json").read_text())
+    assert max(s["passes"] for s in report["sources"]) > 2
+
+
+def test_a_source_whose_files_changed_is_refused_at_start_up(saved_files, tiny_model_dir, tmp_path):
+    """One source has no fingerprint: its file list is compared, naming what was added or is missing."""
+    d, out = saved_files
+    more = shutil.copytree(d, tmp_path / "more")
+    three_files(more, names=("ab",))  # sorts between a and b: b's and c's keys would shift
+    with pytest.raises(ConfigError, match=r"other files of source .*\(added: ab.jsonl;"):
+        train(train_config(tiny_model_dir, more, tmp_path / "a", **FILES, **{"distill.saved": str(out)}))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    fewer = shutil.copytree(d, tmp_path / "fewer")
+    (fewer / "c.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"other files of source .*\(missing: c.jsonl;"):
+        train(train_config(tiny_model_dir, fewer, tmp_path / "b", **FILES, **{"distill.saved": str(out)}))
+    with pytest.raises(ConfigError, match=r"holds the first 4 rows of each file of source .* reads all its rows"):
+        train(train_config(tiny_model_dir, d, tmp_path / "c", **{**FILES, "data.limit": None},
+                           **{"distill.saved": str(out)}))

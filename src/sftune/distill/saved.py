@@ -47,7 +47,7 @@ import sftune.distill.saved_stream as saved_stream  # not "from sftune.distill i
 from sftune.data.tokenize import IGNORE
 from sftune.errors import ConfigError
 
-KIND = "teacher"
+KIND = saved_stream.KIND
 VERSION = 1
 PREPARE_BATCH = 16
 """Examples per teacher forward in ``sftune distill-prepare`` (one per row, padded right, without
@@ -113,13 +113,39 @@ def _source_dir(i: int, label: str) -> str:
     return f"sources/{i:02d}-{name}"
 
 
-def _check_manifest(mpath: Path, manifest: dict) -> None:
+def _start_dir(out: Path, manifest: dict) -> None:
+    """Write ``out/manifest.json``, after refusing a directory that holds rows made with other settings."""
+    mpath = out / "manifest.json"
     if mpath.exists():
         old = json.loads(mpath.read_text())
         if {k: old.get(k) for k in manifest} != manifest:
             diff = [k for k in manifest if old.get(k) != manifest[k]]
-            raise ConfigError(f"{mpath.parent} holds saved teacher rows made with other settings ({', '.join(diff)} "
+            raise ConfigError(f"{out} holds saved teacher rows made with other settings ({', '.join(diff)} "
                               "differ): give another --out, or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    mpath.write_text(json.dumps(manifest, indent=2))
+
+
+def _refuse_extras(sets: list) -> None:
+    """A text teacher's rows for examples that carry other data (images) would ignore it: refused."""
+    for label, train in sets:
+        if not getattr(train, "has_extras", False) or set(getattr(train, "extra_kinds", ("?",))) <= {KIND}:
+            continue
+        for i in range(len(train)):
+            other = sorted(set(train.extras(i)) - {KIND})
+            if other:
+                rows = getattr(train, "rows", None)
+                row = f" (row {int(rows[i])})" if rows is not None and i < len(rows) else ""
+                raise ConfigError(f"source {label!r}, example {i}{row} carries {', '.join(other)} beside its tokens: "
+                                  "sftune distill-prepare runs a text teacher over the tokens alone (use the live "
+                                  "teacher: distill.teacher without distill.saved)")
+
+
+def _other_data(saved: str, manifest: dict, entries: list, what: str) -> ConfigError:
+    """The refusal of a run's source that none of the saved sources matches (``what``: why, in words)."""
+    made = ", ".join(repr(e["label"]) for e in entries) if "sources" in manifest else "one other source"
+    return ConfigError(f"distill.saved={saved} was prepared for other data: none of its sources ({made}) {what}: "
+                       "rerun sftune distill-prepare with this config")
 
 
 def prepare_saved(cfg, out_dir: str, console=None) -> dict:
@@ -144,6 +170,8 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     tokenizer, _ = load_tokenizer(cfg)
     max_length = resolve_max_length(cfg, tokenizer, load_model_config(cfg))
     data = prepare(cfg.data, tokenizer, max_length, seed=cfg.train.seed)
+    if data.stream is None:
+        _refuse_extras(source_sets(data))  # a stream's examples are checked as they are read
     teacher = load_teacher(d.teacher, tokenizer, len(tokenizer), device, d.teacher_dtype, PADDED,
                            probe_examples(data.train), cfg.model.check)  # checked as it runs here
     out = Path(out_dir)
@@ -156,7 +184,7 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
     if not cfg.data.sources:
         train = sets[0][1]
         manifest = {**head, "examples": len(train), **tail, "fingerprint": data_fingerprint(train)}
-        _check_manifest(out / "manifest.json", manifest)
+        _start_dir(out, manifest)
         _write_source(train, out, manifest, teacher, tokenizer, device, console)
         return manifest
     entries, dirs = [], {}
@@ -165,9 +193,7 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
         dirs.setdefault(fp, _source_dir(i, label))  # a source listed twice is run once
         entries.append({"label": label, "dir": dirs[fp], "examples": len(train), "fingerprint": fp})
     manifest = {**head, **tail, "sources": entries}
-    _check_manifest(out / "manifest.json", manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _start_dir(out, manifest)
     written = set()
     for (label, train), entry in zip(sets, entries):
         if entry["dir"] in written:
@@ -176,17 +202,16 @@ def prepare_saved(cfg, out_dir: str, console=None) -> dict:
         if console is not None:
             console.print(f"source {label}: {len(train)} examples", markup=False)
         one = {**head, "examples": len(train), **tail, "fingerprint": entry["fingerprint"]}
-        _check_manifest(out / entry["dir"] / "manifest.json", one)
+        _start_dir(out / entry["dir"], one)
         _write_source(train, out / entry["dir"], one, teacher, tokenizer, device, console)
     return manifest
 
 
 def _write_source(train, out: Path, manifest: dict, teacher, tokenizer, device, console) -> None:
-    """One tokenized set's rows: ``out/manifest.json`` and ``out/shards/shard-NNNNN`` (finished shards skipped)."""
+    """One tokenized set's rows in ``out/shards/shard-NNNNN`` (finished shards skipped; :func:`_start_dir` wrote
+    ``out/manifest.json``)."""
     import datasets
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     size = manifest["shard_size"]
     k = min(manifest["k"], len(tokenizer))
     shards = _shards(out, len(train), size)
@@ -252,9 +277,7 @@ def _prepare_streamed(cfg, data, out: Path, head: dict, teacher, tokenizer, devi
         limits[fp] = None if spec.cfg.limit is None or longest is None else max(longest, spec.cfg.limit)
     if cfg.data.sources:
         manifest = {**head, "sources": entries}
-        _check_manifest(out / "manifest.json", manifest)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _start_dir(out, manifest)
     written = set()
     for i, (spec, entry) in enumerate(zip(stream.specs, entries)):
         if entry["dir"] in written:
@@ -262,9 +285,7 @@ def _prepare_streamed(cfg, data, out: Path, head: dict, teacher, tokenizer, devi
         written.add(entry["dir"])
         limit = limits[entry["fingerprint"]]
         one = {**head, "fingerprint": entry["fingerprint"], "limit": limit, "files": saved_stream.file_names(spec)}
-        _check_manifest(out / entry["dir"] / "manifest.json", one)
-        (out / entry["dir"]).mkdir(parents=True, exist_ok=True)
-        (out / entry["dir"] / "manifest.json").write_text(json.dumps(one, indent=2))
+        _start_dir(out / entry["dir"], one)
         saved_stream.write_source(stream, i, out / entry["dir"], head["shard_size"],
                                   lambda exs: _teacher_rows(exs, teacher, tokenizer, device, k), console, limit)
     return manifest if cfg.data.sources else one
@@ -287,32 +308,48 @@ def _attach_streamed(saved: str, out: Path, manifest: dict, data) -> None:
         fp = saved_stream.fingerprint(stream, i) if len(entries) > 1 or len(stream.specs) > 1 else None
         entry = entries[0] if fp is None else next((e for e in entries if e["fingerprint"] == fp), None)
         if entry is None:
-            made = ", ".join(repr(e["label"]) for e in entries) if "sources" in manifest else "one other source"
-            raise ConfigError(f"distill.saved={saved} was prepared for other data: none of its sources ({made}) "
-                              f"starts with the examples of this run's streamed source {spec.label!r} (its files, "
-                              "data, tokenizer, format or max_length changed): rerun sftune distill-prepare with "
-                              "this config")
+            raise _other_data(saved, manifest, entries, f"starts with the examples of this run's streamed source "
+                              f"{spec.label!r} (its files, data, tokenizer, format or max_length changed)")
         one = _read_manifest(out / entry["dir"], saved)
         if one["k"] != manifest["k"] or one.get("fingerprint") != entry["fingerprint"]:
             raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} does not match its manifest.json: "
                               "rerun sftune distill-prepare with another --out")
+        _check_files(saved, spec, one["files"])
         if one["limit"] is not None and (spec.cfg.limit or 1 << 62) > one["limit"]:
-            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} holds the first {one['limit']} rows of "
-                              f"source {spec.label!r}, and this run reads {spec.cfg.limit or 'all its'} rows a pass: "
-                              "prepare it with this data.limit")
+            each = " of each file" * (len(one["files"]) > 1)
+            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} holds the first {one['limit']} rows{each} "
+                              f"of source {spec.label!r}, and this run reads {spec.cfg.limit or 'all its'} rows a "
+                              "pass: prepare it with this data.limit")
         if not (out / entry["dir"] / saved_stream.DONE).exists():
             raise ConfigError(f"distill.saved={saved} is incomplete (source {spec.label!r} was not finished in "
                               f"{out / entry['dir']}): rerun sftune distill-prepare with the same --out to finish it")
         done = json.loads((out / entry["dir"] / saved_stream.DONE).read_text())
-        rows.append(saved_stream.SavedRows(out / entry["dir"], done, manifest["k"]))
+        rows.append(saved_stream.SavedRows(out / entry["dir"], done))
         files.append(one["files"])
-    find = saved_stream.lookup(saved, KIND, [s.label for s in stream.specs], files, rows)
+    find = saved_stream.lookup(saved, [s.label for s in stream.specs], files, rows)
     for i in range(len(stream.specs)):
         saved_stream.check_head(stream, i, find)
     data.lookups.append(find)
     data.train = ExampleList(data.train.items, data.lookups)
     for i in range(len(data.train)):  # the first window: a saved directory for other data is refused here
         data.train.extras(i)
+
+
+def _check_files(saved: str, spec, files: list[str]) -> None:
+    """A source's saved rows are keyed by each file's place among its files: other files are refused."""
+    now = saved_stream.file_names(spec)
+    if now == files:
+        return
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    added, gone = [f for f in now if f not in files], [f for f in files if f not in now]
+    what = "; ".join([f"added: {some(added)}"] * bool(added) + [f"missing: {some(gone)}"] * bool(gone)) \
+        or "the same files in another order"
+    raise ConfigError(f"distill.saved={saved} was prepared for other files of source {spec.label!r} ({what}; its "
+                      "rows are keyed by each file's place among the source's files): rerun sftune distill-prepare "
+                      "with this config")
 
 
 def _read_manifest(out: Path, saved: str) -> dict:
@@ -355,10 +392,8 @@ def attach_saved(saved: str, data, tokenizer) -> tuple[int, dict]:
                               "data, tokenizer, format or max_length changed): rerun sftune distill-prepare with "
                               "this config")
         if entry is None:
-            made = ", ".join(repr(e["label"]) for e in entries) if "sources" in manifest else "one other source"
-            raise ConfigError(f"distill.saved={saved} was prepared for other data: none of its sources ({made}) has "
-                              f"the tokenized examples of this run's source {label!r} (its data, tokenizer, format "
-                              "or max_length changed): rerun sftune distill-prepare with this config")
+            raise _other_data(saved, manifest, entries, f"has the tokenized examples of this run's source {label!r} "
+                              "(its data, tokenizer, format or max_length changed)")
         one = _read_manifest(out / entry["dir"], saved)
         if one["k"] != manifest["k"] or one["fingerprint"] != fp:
             raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} does not match its manifest.json: "

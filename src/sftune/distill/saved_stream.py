@@ -4,9 +4,11 @@ A stream tokenizes a window at a time, in a shuffled and mixed order, so its exa
 numbered like a tokenized set's. Each streamed example knows where it came from
 (:class:`~sftune.data.examples.StreamExample`: its source, the index of its file among the
 source's files, its row in that file, and which of the row's examples it is), and that is the
-key of its saved rows: ``sftune distill-prepare`` reads each source's first pass in file order
-(:func:`sftune.data.stream.first_pass`, tokenized as the stream tokenizes) and writes, per kept
-example, its key, a 64-bit hash of its token ids and labels (``check``) and the teacher's rows.
+key of its saved rows: ``sftune distill-prepare`` reads, in file order, every row of each source
+that a pass can read (:func:`saved_pass`: its first pass; with ``data.limit`` and several files,
+each file's first ``limit`` rows, as later passes order the files anew), tokenized as the stream
+tokenizes, and writes, per kept example, its key, a 64-bit hash of its token ids and labels
+(``check``) and the teacher's rows.
 
 Shards (``shards/shard-NNNNN``, Arrow, written to a temporary name and renamed) hold at least
 ``distill.prepare_shard_size`` examples and end at a row; each carries ``shard.json`` (its first
@@ -33,9 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sftune.data.stream import first_pass
+from sftune.data.readers import RowReader, stream_files
+from sftune.data.stream import CHUNK, first_pass
 from sftune.errors import ConfigError
 
+KIND = "teacher"
+"""The data seam's kind of a teacher's rows (:mod:`sftune.data.extras`)."""
 FILE_BITS, ROW_BITS, PART_BITS = 20, 33, 10
 """A key is ``file << 43 | row << 10 | part``: up to 2^20 files, 2^33 rows per file, 2^10 examples per row."""
 HEAD = 16
@@ -84,6 +89,44 @@ def fingerprint(stream, s: int) -> str:
     return h.hexdigest()[:32]
 
 
+def saved_pass(stream, s: int, cursor: dict | None = None, limit: int | None | str = "own"):
+    """Every row of source ``s`` that a pass can read, in file order, tokenized as the stream tokenizes
+    them: ``(kept examples, reader cursor after it)`` per row, from ``cursor`` (one of these cursors).
+    ``limit``: rows a pass (``"own"``: the source's ``data.limit``; None: all).
+
+    Without a limit, or with one file, that is the first pass. A pass with a limit reads the first
+    ``limit`` rows of its files, and the passes after the first order the files anew
+    (:class:`~sftune.data.readers.RowReader`), so any file's first ``min(limit, its rows)`` rows can
+    be read: those, file after file (keys still grow)."""
+    cfg = stream.specs[s].cfg
+    limit = cfg.limit if limit == "own" else limit
+    files = stream_files(cfg) if limit is not None else None
+    if files is None or len(files) < 2:
+        yield from first_pass(stream, s, cursor, limit=limit)
+        return
+    free = cfg.model_copy(update={"limit": None})
+    reader = RowReader(free, s, stream.seed, cursor)
+    rows, cursors, ended = [], [], False
+    while not ended:
+        c = reader.cursor
+        if c["row"] >= limit:  # this file's first ``limit`` rows are read: the next file's (the reader's own cursor)
+            if c["file"] + 1 >= len(files):
+                ended = True
+            else:
+                reader = RowReader(free, s, stream.seed, {**c, "file": c["file"] + 1, "offset": 0, "row": 0})
+        if not ended:
+            row = next(reader)
+            ended = reader.cursor["pass"] > 0
+        if not ended:
+            rows.append(row)
+            cursors.append(dict(reader.cursor))
+        if rows and (ended or len(rows) == CHUNK):
+            got = stream.tokenize_rows(s, rows, list(range(len(rows))))
+            for p, cur in enumerate(cursors):
+                yield got.get(p, []), cur
+            rows, cursors = [], []
+
+
 def check_head(stream, s: int, find) -> None:
     """Look source ``s``'s first :data:`HEAD` kept examples up with ``find`` (a :func:`lookup`): rows
     for other data (another tokenizer, format or max_length, changed first rows) are refused at
@@ -105,7 +148,7 @@ def where(label: str, files: list[str], e) -> str:
 
 
 def write_source(stream, s: int, out: Path, shard_size: int, teacher_rows, console=None, limit="own") -> dict:
-    """Source ``s``'s first pass (``limit`` rows: see :func:`~sftune.data.stream.first_pass`): its
+    """Source ``s``'s rows that a pass can read (``limit`` rows a pass: see :func:`saved_pass`): its
     examples' keys, hashes and teacher rows (``teacher_rows(examples)``: ``{"ids", "logprobs",
     "target"}``, one list per example) in shards under ``out``; resumes after the last finished
     shard. Returns ``done.json``'s content."""
@@ -153,7 +196,7 @@ def write_source(stream, s: int, out: Path, shard_size: int, teacher_rows, conso
 
     files = file_names(stream.specs[s])
     pending, cursor = [], infos[-1]["cursor"] if infos else None
-    for examples, cursor in first_pass(stream, s, cursor, limit=limit):
+    for examples, cursor in saved_pass(stream, s, cursor, limit):
         for e in examples:
             if e.extras:
                 raise ConfigError(f"{where(label, files, e)} carries {', '.join(e.extras)} beside its tokens: "
@@ -176,8 +219,8 @@ def write_source(stream, s: int, out: Path, shard_size: int, teacher_rows, conso
 class SavedRows:
     """One streamed source's saved rows, found by key; a shard is opened (memory-mapped) when first needed."""
 
-    def __init__(self, out: Path, done: dict, k: int):
-        self.out, self.k = out, k
+    def __init__(self, out: Path, done: dict):
+        self.out = out
         self.first = np.asarray([f for f, _ in done["shards"]], dtype=np.int64)
         if np.any(np.diff(self.first) <= 0):
             raise ConfigError(f"{out}/{DONE} lists its shards out of order: rerun sftune distill-prepare with "
@@ -209,8 +252,8 @@ class SavedRows:
         return table.column("check")[i].as_py(), payload
 
 
-def lookup(saved: str, kind: str, labels: list[str], files: list[list[str]], rows: list[SavedRows]):
-    """The stream's lookup (``example -> {kind: payload}``): each example's saved rows, after its hash
+def lookup(saved: str, labels: list[str], files: list[list[str]], rows: list[SavedRows]):
+    """The stream's lookup (``example -> {"teacher": payload}``): each example's saved rows, after its hash
     is checked against the saved example's; a clear error at the first example they do not fit."""
     again = "the data, its files, tokenizer, format or max_length changed: rerun sftune distill-prepare"
 
@@ -225,6 +268,6 @@ def lookup(saved: str, kind: str, labels: list[str], files: list[list[str]], row
             place = where(labels[e.source], files[e.source], e)
             raise ConfigError(f"distill.saved={saved} was prepared for other data: {place} has other tokens than the "
                               f"example saved for it ({again} with this config)")
-        return {kind: payload}
+        return {KIND: payload}
 
     return find
