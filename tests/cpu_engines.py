@@ -23,6 +23,7 @@ engines for MULTI_CPU itself, the patch is a no-op.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -62,8 +63,20 @@ def enable_engines_on_cpu() -> None:
     AcceleratorState.__init__ = __init__
 
 
+def leave(code: int) -> None:
+    """Exit with ``code`` without the interpreter's teardown. On these CPU stand-in ranks, gloo's
+    threads behind FSDP2's device-mesh groups now and then abort the process while Python tears
+    down (``terminate called without an active exception``, SIGABRT), after the run has trained,
+    saved, written its report and destroyed its process groups (``sftune.cluster.end_distributed``):
+    the run's result is complete, only the exit status would lie. Nothing of sftune's is left
+    running by then (``train()`` returns after every save has finished)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     enable_engines_on_cpu()
     from sftune.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]) or 0)
