@@ -4,10 +4,6 @@ and the set-ups it refuses."""
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,6 +11,7 @@ from sftune.errors import ConfigError
 from sftune.training import train
 
 from conftest import build_model_dir, train_config
+from distill_helpers import cut_at_step_2, records, weights
 
 pytestmark = pytest.mark.usefixtures("no_plots")
 
@@ -22,17 +19,6 @@ pytestmark = pytest.mark.usefixtures("no_plots")
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tiny_tokenizer):
     return build_model_dir(tmp_path_factory.mktemp("teacher"), tiny_tokenizer, n_embd=48, n_layer=3)
-
-
-def records(out) -> dict:
-    return {m["step"]: m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if "loss" in m}
-
-
-def weights(out) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(out) / "model.safetensors"))
 
 
 def run(model_dir, data, out, teacher, **over):
@@ -83,10 +69,7 @@ def test_resume_is_bit_exact(dropout_model_dir, teacher_dir, qa_rows_file, tmp_p
     over = {"train.max_steps": 4, "train.save_every": 2, "train.keep_checkpoints": 5, "train.batch_size": 4}
     full = run(dropout_model_dir, qa_rows_file, tmp_path / "full", teacher_dir, **over)
     cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000002", cut / "checkpoints" / "step-0000002")
-    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    (cut / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l).get("step", 99) <= 2) + "\n")
+    cut_at_step_2(tmp_path / "full", cut)
     resumed = run(dropout_model_dir, qa_rows_file, cut, teacher_dir, **over, **{"train.resume": True})
     for step in (3, 4):
         assert resumed[step]["loss"] == full[step]["loss"] and resumed[step]["ce_loss"] == full[step]["ce_loss"]

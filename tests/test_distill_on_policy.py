@@ -6,9 +6,6 @@ bit-exact, and what cannot be made right is refused."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +18,7 @@ from sftune.errors import ConfigError
 from sftune.training import loop, setup, train
 
 from conftest import build_model_dir, train_config
+from distill_helpers import cut_at_step_2, records, weights
 from test_distill_divergence import ref_div, ref_probs
 
 pytestmark = pytest.mark.usefixtures("no_plots")
@@ -34,11 +32,6 @@ def teacher_dir(tmp_path_factory, tiny_tokenizer):
 def config(model_dir, data, out, teacher, **over):
     return train_config(model_dir, data, out, **{"distill.teacher": str(teacher), "train.max_steps": 2,
                                                  "data.max_length": 64, "distill.max_new_tokens": 12, **over})
-
-
-def records(out) -> dict:
-    return {m["step"]: m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if "loss" in m}
 
 
 def examples(batch) -> list[tuple[list[int], list[int]]]:
@@ -220,22 +213,17 @@ def test_resume_is_bit_exact(dropout_model_dir, teacher_dir, qa_rows_file, tmp_p
     assert [chosen(0.5, 7, s) for s in range(4)] == [True, False, True, False]  # both kinds after the cut
     train(config(dropout_model_dir, qa_rows_file, tmp_path / "full", teacher_dir, **over))
     cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000002", cut / "checkpoints" / "step-0000002")
-    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    (cut / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l).get("step", 99) <= 2) + "\n")
+    cut_at_step_2(tmp_path / "full", cut)
     train(config(dropout_model_dir, qa_rows_file, cut, teacher_dir, **over, **{"train.resume": True}))
     full, resumed = records(tmp_path / "full"), records(cut)
     assert [full[s]["on_policy_steps"] for s in (1, 2, 3, 4)] == [1, 0, 1, 0]
     for step in (3, 4):
         assert resumed[step]["loss"] == full[step]["loss"] and resumed[step].get("generated_len") == \
             full[step].get("generated_len")
-    from safetensors.torch import load_file
-
     from sftune.run_report import build_report
 
     assert "| on-policy | 2 steps trained on the student's own completions" in build_report(cut).read_text()
-    wf, wc = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    wf, wc = weights(tmp_path / "full"), weights(cut)
     assert all(torch.equal(wf[k], wc[k]) for k in wf)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from sftune.errors import ConfigError
 from sftune.training import train
 
 from conftest import build_model_dir, train_config
+from distill_helpers import prepare_saved, records
 
 pytestmark = pytest.mark.usefixtures("no_plots")
 
@@ -32,21 +32,8 @@ def teacher_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def saved_dir(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path_factory):
     """The CLI on a recipe file (this run's config): the teacher's top 400 (= the vocabulary), 5 per shard."""
-    from sftune.config import config_to_yaml
-
-    out = tmp_path_factory.mktemp("saved")
-    cfg = train_config(tiny_model_dir, qa_rows_file, out / "unused", **BASE, **{
-        "distill.teacher": str(teacher_dir), "distill.prepare_top_k": 400, "distill.prepare_shard_size": 5})
-    recipe = out.parent / f"{out.name}.yaml"
-    recipe.write_text(config_to_yaml(cfg))
-    args = ["distill-prepare", str(recipe), "--out", str(out)]
-    assert main(args) == 0
-    return out, args
-
-
-def records(out) -> dict:
-    return {m["step"]: m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if "loss" in m}
+    return prepare_saved(tmp_path_factory, "saved", tiny_model_dir, qa_rows_file,
+                         {**BASE, "distill.teacher": str(teacher_dir)})
 
 
 def test_prepare_is_sharded_and_resumable(saved_dir, capsys):

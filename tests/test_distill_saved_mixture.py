@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from sftune.errors import ConfigError
 from sftune.training import train
 
 from conftest import build_model_dir, train_config, write_jsonl
+from distill_helpers import cut_at_step_2, prepare_saved, records, weights
 
 pytestmark = pytest.mark.usefixtures("no_plots")
 
@@ -43,21 +43,8 @@ def sources(qa, text, w_qa=1.0, w_text=1.0, qa_limit=16):
 @pytest.fixture(scope="module")
 def saved_mix(tiny_model_dir, teacher_dir, qa_rows_file, text_file, tmp_path_factory):
     """distill-prepare on a two-source recipe: the teacher's top 400 (= the vocabulary), 5 per shard."""
-    from sftune.config import config_to_yaml
-
-    out = tmp_path_factory.mktemp("saved_mix")
-    cfg = train_config(tiny_model_dir, qa_rows_file, out / "unused", **BASE, **sources(qa_rows_file, text_file), **{
-        "distill.teacher": str(teacher_dir), "distill.prepare_top_k": 400, "distill.prepare_shard_size": 5})
-    recipe = out.parent / f"{out.name}.yaml"
-    recipe.write_text(config_to_yaml(cfg))
-    args = ["distill-prepare", str(recipe), "--out", str(out)]
-    assert main(args) == 0
-    return out, args
-
-
-def records(out) -> dict:
-    return {m["step"]: m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if "loss" in m}
+    return prepare_saved(tmp_path_factory, "saved_mix", tiny_model_dir, qa_rows_file,
+                         {**BASE, **sources(qa_rows_file, text_file), "distill.teacher": str(teacher_dir)})
 
 
 def test_prepare_writes_each_source_and_resumes(saved_mix):
@@ -135,23 +122,18 @@ def test_a_one_source_directory_is_refused_for_a_mixture(saved_mix, tiny_model_d
 
 
 def test_resume_is_bit_exact(saved_mix, dropout_model_dir, qa_rows_file, text_file, tmp_path):
-    from safetensors.torch import load_file
-
     out, _ = saved_mix
     over = {**BASE, **sources(qa_rows_file, text_file, w_text=2.0), "train.max_steps": 4, "train.save_every": 2,
             "train.keep_checkpoints": 5, "distill.saved": str(out), "distill.alpha": 0.5, "distill.top_k": 20}
     train(train_config(dropout_model_dir, qa_rows_file, tmp_path / "full", **over))
     cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000002", cut / "checkpoints" / "step-0000002")
-    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    (cut / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l).get("step", 99) <= 2) + "\n")
+    cut_at_step_2(tmp_path / "full", cut)
     train(train_config(dropout_model_dir, qa_rows_file, cut, **over, **{"train.resume": True}))
     full, resumed = records(tmp_path / "full"), records(cut)
     for step in (3, 4):
         for key in ("loss", "distill_loss", "ce_loss", "teacher_ce"):
             assert resumed[step][key] == full[step][key], (step, key)
-    wf, wc = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    wf, wc = weights(tmp_path / "full"), weights(cut)
     assert all(torch.equal(wf[k], wc[k]) for k in wf)
 
 

@@ -20,6 +20,7 @@ from sftune.errors import ConfigError
 from sftune.training import train
 
 from conftest import QA_ROWS, build_model_dir, train_config, write_jsonl
+from distill_helpers import cut_at_step_2, prepare_saved, records, weights
 
 pytestmark = pytest.mark.usefixtures("no_plots")
 
@@ -54,34 +55,16 @@ def mixture(qa, text, w_text=1.0):
             "data.template": None}
 
 
-def prepare(tmp_path_factory, name, model_dir, data_file, over) -> tuple[Path, list[str]]:
-    from sftune.config import config_to_yaml
-
-    out = tmp_path_factory.mktemp(name)
-    cfg = train_config(model_dir, data_file, out / "unused", **over, **{
-        "distill.prepare_top_k": 400, "distill.prepare_shard_size": 5})
-    recipe = out.parent / f"{out.name}.yaml"
-    recipe.write_text(config_to_yaml(cfg))
-    args = ["distill-prepare", str(recipe), "--out", str(out), f"distill.teacher={over['distill.teacher']}"]
-    assert main(args) == 0
-    return out, args
-
-
 @pytest.fixture(scope="module")
 def saved_one(tiny_model_dir, teacher_dir, qa_rows_file, tmp_path_factory):
-    return prepare(tmp_path_factory, "saved_one", tiny_model_dir, qa_rows_file,
-                   {**ONE, "distill.teacher": str(teacher_dir)})
+    return prepare_saved(tmp_path_factory, "saved_one", tiny_model_dir, qa_rows_file,
+                         {**ONE, "distill.teacher": str(teacher_dir)})
 
 
 @pytest.fixture(scope="module")
 def saved_mix(tiny_model_dir, teacher_dir, qa_rows_file, text_dir, tmp_path_factory):
-    return prepare(tmp_path_factory, "saved_mix", tiny_model_dir, qa_rows_file,
-                   {**STREAM, **mixture(qa_rows_file, text_dir), "distill.teacher": str(teacher_dir)})
-
-
-def records(out) -> dict:
-    return {m["step"]: m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if "loss" in m}
+    return prepare_saved(tmp_path_factory, "saved_mix", tiny_model_dir, qa_rows_file,
+                         {**STREAM, **mixture(qa_rows_file, text_dir), "distill.teacher": str(teacher_dir)})
 
 
 def shard_rows(d: Path) -> list[tuple]:
@@ -168,23 +151,18 @@ def test_saved_equals_live_on_a_stream(case, saved_one, saved_mix, tiny_model_di
 
 
 def test_resume_mid_stream_is_bit_exact(saved_mix, dropout_model_dir, qa_rows_file, text_dir, tmp_path):
-    from safetensors.torch import load_file
-
     out, _ = saved_mix
     over = {**STREAM, **mixture(qa_rows_file, text_dir, w_text=2.0), "train.max_steps": 4, "train.save_every": 2,
             "train.keep_checkpoints": 5, "distill.saved": str(out), "distill.alpha": 0.5, "distill.top_k": 20}
     train(train_config(dropout_model_dir, qa_rows_file, tmp_path / "full", **over))
     cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000002", cut / "checkpoints" / "step-0000002")
-    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    (cut / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l).get("step", 99) <= 2) + "\n")
+    cut_at_step_2(tmp_path / "full", cut)
     train(train_config(dropout_model_dir, qa_rows_file, cut, **over, **{"train.resume": True}))
     full, resumed = records(tmp_path / "full"), records(cut)
     for step in (3, 4):
         for key in ("loss", "distill_loss", "ce_loss", "teacher_ce"):
             assert resumed[step][key] == full[step][key], (step, key)
-    wf, wc = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    wf, wc = weights(tmp_path / "full"), weights(cut)
     assert all(torch.equal(wf[k], wc[k]) for k in wf)
 
 
@@ -311,7 +289,7 @@ FILES = {**STREAM, "data.limit": 4, "data.shuffle_buffer": 4, "data.pack_buffer"
 def saved_files(tiny_model_dir, teacher_dir, tmp_path_factory):
     d = three_files(tmp_path_factory.mktemp("files") / "parts")
     over = {**FILES, "distill.teacher": str(teacher_dir)}
-    return d, prepare(tmp_path_factory, "saved_files", tiny_model_dir, d, over)[0]
+    return d, prepare_saved(tmp_path_factory, "saved_files", tiny_model_dir, d, over)[0]
 
 
 def test_a_limit_with_several_files_saves_every_row_a_pass_can_read(tmp_path, tiny_tokenizer):

@@ -149,8 +149,8 @@ class OnPolicy:
         return chosen(self.share, self.seed, step)
 
     def batches(self, run, step: int) -> list:
-        """Step ``step``'s micro-batches with the student's completions (see the module docstring)."""
-        refuse_sharded(run.sharded, run.deepspeed)
+        """Step ``step``'s micro-batches with the student's completions (see the module docstring);
+        sharded engines were refused at setup (:func:`refuse_sharded`)."""
         data, micro = run.feed.rows(step)
         plan: BatchPlan = run.feed.plan
         model = run.model()

@@ -310,10 +310,7 @@ def _attach_streamed(saved: str, out: Path, manifest: dict, data) -> None:
         if entry is None:
             raise _other_data(saved, manifest, entries, f"starts with the examples of this run's streamed source "
                               f"{spec.label!r} (its files, data, tokenizer, format or max_length changed)")
-        one = _read_manifest(out / entry["dir"], saved)
-        if one["k"] != manifest["k"] or one.get("fingerprint") != entry["fingerprint"]:
-            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} does not match its manifest.json: "
-                              "rerun sftune distill-prepare with another --out")
+        one = _source_manifest(out, entry, manifest, saved)
         _check_files(saved, spec, one["files"])
         if one["limit"] is not None and (spec.cfg.limit or 1 << 62) > one["limit"]:
             each = " of each file" * (len(one["files"]) > 1)
@@ -352,6 +349,15 @@ def _check_files(saved: str, spec, files: list[str]) -> None:
                       "with this config")
 
 
+def _source_manifest(out: Path, entry: dict, manifest: dict, saved: str) -> dict:
+    """The manifest of the source directory ``entry`` names, refused unless it is the one listed."""
+    one = _read_manifest(out / entry["dir"], saved)
+    if one["k"] != manifest["k"] or one.get("fingerprint") != entry["fingerprint"]:
+        raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} does not match its manifest.json: "
+                          "rerun sftune distill-prepare with another --out")
+    return one
+
+
 def _read_manifest(out: Path, saved: str) -> dict:
     mpath = out / "manifest.json"
     if not mpath.exists():
@@ -374,8 +380,14 @@ def attach_saved(saved: str, data, tokenizer) -> tuple[int, dict]:
             raise ConfigError(f"distill.saved={saved} was prepared for other data (max_length {manifest['max_length']}"
                               f"; this run's is {data.max_length}): rerun sftune distill-prepare with this config")
         _attach_streamed(saved, out, manifest, data)
-        k = manifest["k"]
-        return k, {"teacher": manifest["teacher"], "how": "saved", "saved": str(out), "saved_k": k}
+    else:
+        _attach_in_memory(saved, out, manifest, data)
+    k = manifest["k"]
+    return k, {"teacher": manifest["teacher"], "how": "saved", "saved": str(out), "saved_k": k}
+
+
+def _attach_in_memory(saved: str, out: Path, manifest: dict, data) -> None:
+    """``attach_saved`` for in-memory data: each source's rows (found by fingerprint) join its tokenized set."""
     if manifest.get("streamed"):
         raise ConfigError(f"distill.saved={saved} was prepared from a stream (data.streaming=true): train with "
                           "data.streaming=true, or prepare it again without streaming")
@@ -394,13 +406,8 @@ def attach_saved(saved: str, data, tokenizer) -> tuple[int, dict]:
         if entry is None:
             raise _other_data(saved, manifest, entries, f"has the tokenized examples of this run's source {label!r} "
                               "(its data, tokenizer, format or max_length changed)")
-        one = _read_manifest(out / entry["dir"], saved)
-        if one["k"] != manifest["k"] or one["fingerprint"] != fp:
-            raise ConfigError(f"distill.saved={saved}: {out / entry['dir']} does not match its manifest.json: "
-                              "rerun sftune distill-prepare with another --out")
+        one = _source_manifest(out, entry, manifest, saved)  # entry's fingerprint is fp
         train.add_extra(KIND, _load_rows(out / entry["dir"], one, saved), by_example=True)
-    k = manifest["k"]
-    return k, {"teacher": manifest["teacher"], "how": "saved", "saved": str(out), "saved_k": k}
 
 
 def _load_rows(out: Path, manifest: dict, saved: str):
