@@ -163,3 +163,27 @@ def test_two_ranks_equal_one_process_with_images(vlm, tmp_path):
 
     assert_same(*(AutoModelForImageTextToText.from_pretrained(str(o), dtype=torch.float32).state_dict()
                   for o in (one, two)), 1e-5)
+
+
+def test_the_model_goes_before_the_process_group(tiny_model_dir, data_file, tmp_path):
+    """The end of a 2-rank run frees the DDP model while the process group is up, then destroys the
+    group (``sftune.cluster.end_distributed``). When the group went first (accelerate's
+    ``end_training``), the DDP reducer outlived it and its destructor, run when ``train`` returned,
+    joined a gloo thread that waited for the GIL: an occasional hang after the run had finished."""
+    script = tmp_path / "spy.py"
+    script.write_text(
+        "import sys, torch.distributed as dist, sftune.training as T\n"
+        "from sftune.config import load_config\n"
+        "seen, end = [], T.end_distributed\n"
+        "def spy(run):\n"
+        "    seen.append(dist.is_initialized())\n"
+        "    end(run)\n"
+        "    seen.append(dist.is_initialized())\n"
+        "T.end_distributed = spy\n"
+        f"T.train(load_config('codealpaca', {overrides(tiny_model_dir, data_file, tmp_path / 'out', **{'train.batch_size': 2, 'train.max_steps': 2})!r}))\n"
+        "assert seen == [True, False], seen\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + os.getpid() % 1000), str(script)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]

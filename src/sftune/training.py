@@ -444,7 +444,6 @@ def finish(run: Run, result: LoopResult) -> TrainResult:
         (out_dir / "final_metrics.json").write_text(dumps(metrics, indent=2))
         report = build_report(out_dir)
         console.print(f"saved to [bold]{escape(str(out_dir))}[/] (report: {escape(str(report))})")
-    run.accelerator.end_training()
     return TrainResult(str(out_dir), run.total_steps, result.last_loss, metrics)
 
 
