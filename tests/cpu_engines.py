@@ -66,10 +66,12 @@ def enable_engines_on_cpu() -> None:
 def leave(code: int) -> None:
     """Exit with ``code`` without the interpreter's teardown. On these CPU stand-in ranks, gloo's
     threads behind FSDP2's device-mesh groups now and then abort the process while Python tears
-    down (``terminate called without an active exception``, SIGABRT), after the run has trained,
-    saved, written its report and destroyed its process groups (``sftune.cluster.end_distributed``):
-    the run's result is complete, only the exit status would lie. Nothing of sftune's is left
-    running by then (``train()`` returns after every save has finished)."""
+    down (``terminate called without an active exception``, SIGABRT), after the run had trained,
+    saved and written its report: the run's result was complete, only the exit status lied. That
+    was seen while accelerate's ``end_training`` destroyed the groups before the model was freed,
+    which also hung DDP runs now and then; ``sftune.cluster.end_distributed`` now frees the model
+    first, and this exit stays as a guard. Nothing of sftune's is left running by then
+    (``train()`` returns after every save has finished)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
