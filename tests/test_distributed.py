@@ -37,10 +37,11 @@ def overrides(model_dir, data_file, out, **over):
     return base
 
 
-def torchrun(over: dict, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(over: dict, nproc: int = 2, script: Path | None = None) -> subprocess.CompletedProcess:
+    """``sftune train codealpaca`` with the ``over`` overrides (or ``script``) on ``nproc`` CPU ranks."""
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(29500 + os.getpid() % 1000), "-m", "sftune", "train", "codealpaca"]
-    args += [f"{k}={v}" for k, v in over.items()]
+            str(29500 + os.getpid() % 1000)]
+    args += [str(script)] if script else ["-m", "sftune", "train", "codealpaca", *(f"{k}={v}" for k, v in over.items())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -182,8 +183,4 @@ def test_the_model_goes_before_the_process_group(tiny_model_dir, data_file, tmp_
         "T.end_distributed = spy\n"
         f"T.train(load_config('codealpaca', {overrides(tiny_model_dir, data_file, tmp_path / 'out', **{'train.batch_size': 2, 'train.max_steps': 2})!r}))\n"
         "assert seen == [True, False], seen\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29500 + os.getpid() % 1000), str(script)], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun({}, script=script)
