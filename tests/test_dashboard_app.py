@@ -168,8 +168,9 @@ def test_chat_streams_with_the_training_format(tmp_path):
     with client.stream("POST", "/api/chat", json={"run": "chat", "message": "reverse abc", "max_new_tokens": 6}) as r:
         assert r.status_code == 200
         assert json.loads(r.headers["x-prompt"]) == "Q: reverse abc\nA:"  # the run's training template
-        text = "".join(r.iter_text())
-    assert text.strip()  # an untrained model: some text, cut at 6 tokens
+        pieces = list(r.iter_text())
+    assert "".join(pieces).strip()  # an untrained model: some text, cut at 6 tokens
+    assert len(pieces) >= 2  # streamed: a piece per generated token, not the whole reply at the end
     with client.stream("POST", "/api/chat", json={"run": "chat", "message": "reverse abc", "max_new_tokens": 6,
                                                   "base": True}) as r:
         assert r.status_code == 200 and "".join(r.iter_text()).strip()

@@ -178,7 +178,8 @@ def test_dashboard_in_a_browser(server, page, tmp_path):
         assert page.inner_text("#panel-run .msg.user") == "upper abcd"
         assert not page.locator(".msg.assistant.error").count(), page.inner_text("main")
         base = page.locator("#panel-base .msg.assistant")
-        assert base.inner_text().strip() and int(base.get_attribute("data-chunks")) >= 2  # arrived in pieces
+        assert base.inner_text().strip()  # the server sends it a piece per token (test_dashboard_app.py); how
+        # many pieces a browser's reader gets depends on timing: a loaded machine hands it all in one read
         page.screenshot(path=str(shots / "4-chat.png"), full_page=True)
         mark("chat")
 
