@@ -1,5 +1,5 @@
 """Helpers the distillation tests share: a run's step records and final weights, a saved top-k
-directory written through the CLI, and a run cut at its step-2 checkpoint to resume from."""
+directory written through the CLI, and a run resumed from its step-2 checkpoint."""
 
 from __future__ import annotations
 
@@ -38,6 +38,23 @@ def prepare_saved(tmp_path_factory, name: str, model_dir, data_file, over: dict)
     args = ["distill-prepare", str(recipe), "--out", str(out), f"distill.teacher={over['distill.teacher']}"]
     assert main(args) == 0
     return out, args
+
+
+def resumed_at_step_2(config, tmp_path: Path) -> tuple[dict, dict]:
+    """Train ``config(out, **more)`` (a function of the output directory) to the end in ``full``, then
+    again in ``cut`` from the step-2 checkpoint; assert the final weights are bit-identical. Returns
+    both runs' step records (``full``, ``cut``)."""
+    import torch
+
+    from sftune.training import train
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(config(full))
+    cut_at_step_2(full, cut)
+    train(config(cut, **{"train.resume": True}))
+    wf, wc = weights(full), weights(cut)
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
+    return records(full), records(cut)
 
 
 def cut_at_step_2(full: Path, cut: Path) -> None:
